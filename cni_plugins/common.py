@@ -1,0 +1,38 @@
+"""Small pieces the plugins share: opening the host and pod namespaces, config fields."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from k8snetlab import cni
+from k8snetlab.cni import CNIError
+from k8snetlab.netutil import Netns
+
+
+def host_ns() -> Netns:
+    """The namespace the plugin runs in: the node's (the runtime put us there)."""
+    return Netns(None, "node")
+
+
+def pod_ns(args: Any) -> Netns:
+    if not os.path.exists(args.netns):
+        raise CNIError(cni.ERR_UNKNOWN_CONTAINER, f"network namespace {args.netns} does not exist")
+    return Netns(args.netns, f"pod {args.args.get('K8S_POD_NAME', args.container_id[:12])}")
+
+
+def pod_ns_if_exists(args: Any) -> Netns | None:
+    """For DEL: the pod's namespace may already be gone, which is fine."""
+    if not args.netns or not os.path.exists(args.netns):
+        return None
+    try:
+        return Netns(args.netns, "pod")
+    except Exception:
+        return None
+
+
+def field(conf: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+    value = conf.get(key, default)
+    if value is not None and not isinstance(value, kind):
+        raise CNIError(cni.ERR_INVALID_CONFIG, f"network config field {key!r} must be a {kind.__name__}")
+    return value

@@ -1,0 +1,141 @@
+"""``k8snetlab``: the command line.
+
+    k8snetlab up FILE [--cni TYPE] [--cli]   start a cluster, print it, hold it until Ctrl-C
+    k8snetlab clean                          remove what killed runs left (only the testbed's)
+    k8snetlab compare A.csv B.csv            two experiment runs side by side, with ratios
+    k8snetlab modes                          the CNI types and their options
+
+Only this module (and the experiments' ``main``) prints and picks exit codes: 0 success,
+1 a failure during a run, 2 bad input (file, option, missing tool, not root) with one line
+naming the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from typing import Any, Callable, Sequence
+
+from .errors import K8sNetLabError, NotRoot, SpecError, ToolMissing, KernelFeatureMissing
+
+log = logging.getLogger("k8snetlab")
+
+BAD_INPUT = (SpecError, ToolMissing, NotRoot, KernelFeatureMissing)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
+
+
+def sigterm_as_interrupt() -> None:
+    """SIGTERM tears the cluster down like Ctrl-C does."""
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
+def guarded(fn: Callable[[], int], prog: str = "k8snetlab") -> int:
+    """Run ``fn``; turn our errors into one line on stderr and an exit status."""
+    try:
+        return fn()
+    except BAD_INPUT as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except K8sNetLabError as e:
+        print(f"{prog}: failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; everything was torn down", file=sys.stderr)
+        return 130
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from .cluster import Cluster
+    from .proc import require_root
+    from . import spec
+    s = spec.load(args.file, cni=args.cni)
+    require_root()
+    sigterm_as_interrupt()
+    with Cluster(s) as c:
+        print("\n".join(c.describe()))
+        print(f"up in {c.timings['start_s']:.2f} s; state in {c.state.path if c.state else '?'}")
+        if args.cli:
+            c.cli()
+        else:
+            print("holding the cluster; press Ctrl-C to tear it down", flush=True)
+            threading.Event().wait()
+    print("cluster stopped and removed")
+    return 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    from .cleanup import clean
+    from .proc import require_root
+    require_root("k8snetlab clean")
+    report = clean()
+    for line in report.lines():
+        print(f"removed {line}")
+    if report.empty():
+        print("nothing to clean")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from . import results
+    a, b = results.read_rows(args.a), results.read_rows(args.b)
+    rows = results.compare(a, b)
+    headers = ["mode", "datapath", "scenario", "metric", "unit", "A", "B", "B/A"]
+    table = [[r.get("mode"), r.get("datapath"), r.get("scenario"), r.get("metric"), r.get("unit"),
+              r.get("a"), r.get("b"), r.get("ratio")] for r in rows]
+    print(f"A = {args.a}\nB = {args.b}")
+    print(results.format_table(headers, table))
+    return 0
+
+
+def cmd_modes(args: argparse.Namespace) -> int:
+    import dataclasses
+    from .modes import MODES
+    for name in MODES.names():
+        mode = MODES.get(name)
+        print(f"{name}: {(mode.__doc__ or '').strip().splitlines()[0]}")
+        for f in dataclasses.fields(mode.Options):
+            key = f.metadata.get("key") or f.name
+            choices = f.metadata.get("choices")
+            extra = f" ({'|'.join(choices)})" if choices else ""
+            print(f"    {key}: default {f.default!r}{extra}  {f.metadata.get('help', '')}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="k8snetlab", description="An emulated Kubernetes cluster network.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start a cluster and hold it until Ctrl-C")
+    up.add_argument("file", help="cluster file (topologies/*.yaml)")
+    up.add_argument("--cni", help="override cni.type (bridge, host-gw, ipip, ...)")
+    up.add_argument("--cli", action="store_true", help="open the Mininet CLI (pod names are hosts)")
+    up.set_defaults(fn=cmd_up)
+    cl = sub.add_parser("clean", help="remove what killed runs left behind")
+    cl.set_defaults(fn=cmd_clean)
+    cmp_ = sub.add_parser("compare", help="compare two experiment CSV files")
+    cmp_.add_argument("a")
+    cmp_.add_argument("b")
+    cmp_.set_defaults(fn=cmd_compare)
+    md = sub.add_parser("modes", help="list CNI types and their options")
+    md.set_defaults(fn=cmd_modes)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    setup_logging(args.verbose)
+    return guarded(lambda: args.fn(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,485 @@
+"""The emulated cluster: Mininet underlay, node agents, pod sandboxes wired by CNI.
+
+``Cluster.start()`` (also ``with Cluster.from_file(path, cni="ipip") as c:``):
+
+1. builds the underlay with Mininet: one Linux bridge per subnet (no controller), a host per
+   node (``eth0`` on its subnet) and per router (forwarding on, static routes between subnets);
+2. starts the mode's node agent on every node (sysctls, VTEP or BPF programs, routes to the
+   other nodes' pod CIDRs), like flanneld / calico-node;
+3. for every pod: schedules it (``nodeName``, ``nodeSelector``, else the least loaded node),
+   creates its sandbox (a Mininet host without links) and runs the node's CNI network config
+   list with ``CNI_NETNS`` pointing at the sandbox's namespace, exactly as a kubelet would;
+   ADDs run concurrently; then starts the pod's containers.
+
+``stop()`` undoes all of it in reverse: containers, CNI DEL per pod, node agents, Mininet,
+the state directory. It runs from ``__exit__`` and so after an exception or Ctrl-C too;
+whatever a ``kill -9`` leaves is found by ``k8snetlab clean`` (see :mod:`k8snetlab.cleanup`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import os
+import dataclasses
+import secrets
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from mininet.log import setLogLevel
+from mininet.net import Mininet
+from mininet.nodelib import LinuxBridge
+
+from . import cleanup, manifests, naming, proc, spec as specmod
+from .cni import INVOKERS, CNIRuntime, NetworkConfigList, RuntimeConf
+from .errors import K8sNetLabError, SpecError
+from .manifests import PodSpec, Workload
+from .modes import MODES, Mode
+from .netutil import Netns
+from .pod import NetnsHost, NodeHost, Pod, RouterHost
+from .spec import ClusterSpec, NodeSpec
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BASE_TOOLS = ("ip", "mnexec", "brctl", "ifconfig")
+
+
+class Cluster:
+    """One emulated cluster. Not thread-safe: drive it from one thread."""
+
+    def __init__(self, spec: ClusterSpec):
+        self.spec = spec
+        self.mode: Mode = MODES.get(spec.cni.type)(self, spec.cni.options)
+        self.net: Mininet | None = None
+        self.state: cleanup.StateDir | None = None
+        self.nodes: dict[str, NodeHost] = {}
+        self.routers: dict[str, RouterHost] = {}
+        self.pods: dict[str, Pod] = {}
+        self.timings: dict[str, float] = {}
+        self._netconfs: dict[str, NetworkConfigList] = {}
+        self._runtimes: dict[str, CNIRuntime] = {}
+        self._peers: set[tuple[str, str]] = set()
+        self._switches: dict[str, Any] = {}
+        self._gone: dict[str, NodeHost] = {}     # nodes that left, until their routes are gone
+        self._started = False
+
+    @classmethod
+    def from_file(cls, path: str | Path, cni: str | None = None) -> "Cluster":
+        return cls(specmod.load(path, cni=cni))
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def __enter__(self) -> "Cluster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def start(self) -> "Cluster":
+        proc.require_root()
+        proc.require(*BASE_TOOLS, *self.mode.tools)
+        t0 = time.monotonic()
+        setLogLevel("error")
+        self.state = cleanup.StateDir.create(self.spec.name)
+        self._started = True
+        try:
+            self._write_cni_bin()
+            self._build_underlay()
+            self.timings["underlay_s"] = time.monotonic() - t0
+            self._start_node_agents()
+            self.timings["agents_s"] = time.monotonic() - t0 - self.timings["underlay_s"]
+            t1 = time.monotonic()
+            self._add_pods(self.spec.pods())
+            self.timings["pods_s"] = time.monotonic() - t1
+        except BaseException:
+            self.stop()
+            raise
+        self.timings["start_s"] = time.monotonic() - t0
+        log.info("cluster %s up (%s, %d nodes, %d pods) in %.2f s", self.spec.name, self.spec.cni.type,
+                 len(self.nodes), len(self.pods), self.timings["start_s"])
+        return self
+
+    def stop(self) -> None:
+        """Tear everything down; safe to call twice and after a failed start."""
+        if not self._started:
+            return
+        self._started = False
+        t0 = time.monotonic()
+        errors: list[str] = []
+
+        def attempt(what: str, fn: Any, *args: Any) -> None:
+            try:
+                fn(*args)
+            except Exception as e:  # keep going: the rest must be removed too
+                errors.append(f"{what}: {e}")
+                log.warning("teardown: %s: %s", what, e)
+
+        for pod in list(self.pods.values()):
+            attempt(f"stop containers of {pod.name}", pod.stop_containers)
+        self._parallel([(self._cni_del, p) for p in self.pods.values() if p.result is not None],
+                       errors, "CNI DEL")
+        for node in self.nodes.values():
+            attempt(f"stop node agent on {node.name}", self.mode.stop_node, node)
+        if self.net is not None:
+            attempt("stop processes in testbed namespaces", self._kill_namespace_processes)
+            attempt("stop Mininet", self.net.stop)
+        if self.state is not None:
+            attempt("remove state", self.state.remove)
+        self.pods.clear()
+        self.nodes.clear()
+        self.routers.clear()
+        self.net = None
+        self.timings["stop_s"] = time.monotonic() - t0
+        if errors:
+            log.warning("teardown finished with %d problem(s); 'k8snetlab clean' removes leftovers", len(errors))
+
+    # -- underlay ---------------------------------------------------------------------------------
+    def _record(self, pid: int, what: str) -> None:
+        if self.state is not None:
+            self.state.record_pid(pid, what)
+
+    def _new_host(self, name: str, cls: type, **params: Any) -> Any:
+        assert self.net is not None and self.state is not None
+        host = self.net.addHost(name, cls=cls, **params)
+        host.on_popen = self._record
+        self.state.record_pid(host.pid, f"{cls.__name__} {name}")
+        self.state.record_netns(host.pid, name)
+        return host
+
+    def _build_underlay(self) -> None:
+        assert self.state is not None
+        self.net = Mininet(topo=None, build=False, controller=None, switch=LinuxBridge,
+                           autoSetMacs=False, waitConnected=False, inNamespace=False)
+        ports: dict[str, int] = {}
+        for i, s in enumerate(self.spec.underlay.subnets, start=1):
+            sw_name = naming.switch_name(self.state.index, i)
+            self._switches[s.name] = self.net.addSwitch(sw_name, dpid=f"{self.state.index:04x}{i:012x}")
+            ports[s.name] = 0
+        for n in self.spec.nodes:
+            self._add_node_host(n, ports)
+        for r in self.spec.underlay.routers:
+            router = self._new_host(r.name, RouterHost, ip=None)
+            self.routers[r.name] = router
+            for k, (subnet, ip) in enumerate(r.interfaces):
+                ports[subnet] += 1
+                sw = self._switches[subnet]
+                plen = self.spec.underlay.subnet(subnet).cidr.prefixlen
+                self.net.addLink(router, sw, intfName1=f"eth{k}",
+                                 intfName2=naming.switch_port(sw.name, ports[subnet]),
+                                 params1={"ip": f"{ip}/{plen}"})
+        self.net.build()
+        for sw in self._switches.values():
+            self.state.record_pid(sw.pid, f"switch shell {sw.name}")
+        self.net.start()
+        for node in self.nodes.values():
+            self._node_defaults(node)
+        self._route_underlay()
+
+    def _add_node_host(self, n: NodeSpec, ports: dict[str, int]) -> NodeHost:
+        assert self.net is not None and self.state is not None
+        subnet = self.spec.underlay.subnet(n.subnet)
+        host = self._new_host(n.name, NodeHost, spec=n, state_dir=self.state.node_dir(n.name),
+                              ip=f"{n.ip}/{subnet.cidr.prefixlen}")
+        ports[n.subnet] = ports.get(n.subnet, 0) + 1
+        sw = self._switches[n.subnet]
+        self.net.addLink(host, sw, intfName1=naming.NODE_UPLINK,
+                         intfName2=naming.switch_port(sw.name, ports[n.subnet]))
+        self.nodes[n.name] = host
+        return host
+
+    def _node_defaults(self, node: NodeHost) -> None:
+        """A default route (Calico's proxy ARP needs one; on a flat L2 it points at the wire)."""
+        subnet = self.spec.underlay.subnet(node.spec.subnet)
+        with Netns(node.netns, node.name) as ns:
+            ns.link_up("lo")
+            if subnet.gateway is not None:
+                ns.add_route("default", gateway=str(subnet.gateway), dev=naming.NODE_UPLINK)
+            else:
+                ns.add_route("default", dev=naming.NODE_UPLINK)
+
+    def _route_underlay(self) -> None:
+        """Static routes between subnets through the routers (shortest path by hops)."""
+        if not self.routers:
+            return
+        subnets = {s.name: s for s in self.spec.underlay.subnets}
+        on = {r.name: [s for s, _ in r.interfaces] for r in self.spec.underlay.routers}
+        addr = {(r.name, s): str(ip) for r in self.spec.underlay.routers for s, ip in r.interfaces}
+        for r in self.spec.underlay.routers:
+            # BFS over subnets starting from the router's own; remember the first hop
+            first: dict[str, str | None] = {s: None for s in on[r.name]}
+            queue = deque(on[r.name])
+            while queue:
+                s = queue.popleft()
+                for other, its in on.items():
+                    if other == r.name or s not in its:
+                        continue
+                    for nxt in its:
+                        if nxt not in first:
+                            first[nxt] = first[s] or addr[(other, s)]
+                            queue.append(nxt)
+            with Netns(self.routers[r.name].netns, r.name) as ns:
+                ns.set_sysctl("net.ipv4.ip_forward", 1)
+                for s, hop in first.items():
+                    if hop is not None:
+                        ns.add_route(str(subnets[s].cidr), gateway=hop)
+
+    # -- node agents ------------------------------------------------------------------------------
+    def _start_node_agents(self) -> None:
+        if not self.nodes:
+            return
+        self.mode.prepare(next(iter(self.nodes.values())))
+        for node in self.nodes.values():
+            self._start_node(node)
+        self.sync_routes()
+
+    def _start_node(self, node: NodeHost) -> None:
+        assert self.state is not None
+        with Netns(node.netns, node.name) as ns:
+            self.mode.start_node(node, ns)
+        conf = self.mode.netconf(node)
+        self._netconfs[node.name] = conf
+        netd = node.state_dir / "net.d"
+        netd.mkdir(exist_ok=True)
+        (netd / f"10-{conf.name}.conflist").write_text(json.dumps(conf.to_dict(), indent=2) + "\n")
+        invoker = INVOKERS[self.spec.cni.invoke]()
+        self._runtimes[node.name] = CNIRuntime(node.netns, node.state_dir / "results", invoker)
+
+    def sync_routes(self) -> None:
+        """Program every node's routes to every other node's pod CIDR (what flanneld does on a
+        node-list change); remove those of nodes that left."""
+        want = {(a, b) for a in self.nodes for b in self.nodes if a != b}
+        for a, b in sorted(self._peers - want):
+            if a in self.nodes:
+                with Netns(self.nodes[a].netns, a) as ns:
+                    self.mode.remove_peer(self.nodes[a], ns, self._gone[b])
+            self._peers.discard((a, b))
+        for a in self.nodes:
+            todo = [b for b in self.nodes if (a, b) in want - self._peers]
+            if not todo:
+                continue
+            with Netns(self.nodes[a].netns, a) as ns:
+                for b in todo:
+                    self.mode.add_peer(self.nodes[a], ns, self.nodes[b])
+                    self._peers.add((a, b))
+
+    def add_node(self, name: str, ip: str, subnet: str | None = None, pod_cidr: str | None = None) -> NodeHost:
+        """A node joins: underlay link, node agent, and every node's routes are updated."""
+        assert self.net is not None and self.state is not None
+        data = {"name": name, "ip": ip, **({"subnet": subnet} if subnet else {}),
+                **({"podCIDR": pod_cidr} if pod_cidr else {})}
+        raw_nodes = [{"name": n.name, "ip": str(n.ip), "subnet": n.subnet, "podCIDR": str(n.pod_cidr)}
+                     for n in self.spec.nodes] + [data]
+        new_spec = _respec_nodes(self.spec, raw_nodes)
+        n = new_spec.node(name)
+        ports = {s: len([i for i in sw.intfList() if i.name != "lo"]) for s, sw in self._switches.items()}
+        host = self._add_node_host(n, ports)
+        link = self.net.links[-1]
+        sw = self._switches[n.subnet]
+        proc.run(["brctl", "addif", sw.name, link.intf2.name])
+        proc.run(["ip", "link", "set", link.intf2.name, "up"])
+        host.configDefault()  # addresses the node's eth0 (Mininet's params1)
+        self.spec = new_spec
+        self._node_defaults(host)
+        self._start_node(host)
+        self.sync_routes()
+        return host
+
+    def remove_node(self, name: str) -> None:
+        """A node leaves: its pods are deleted, every node forgets its routes."""
+        node = self.nodes.get(name)
+        if node is None:
+            raise K8sNetLabError(f"no node {name!r}")
+        for pod in [p for p in self.pods.values() if p.node_name == name]:
+            self.delete_pod(pod.name)
+        self.mode.stop_node(node)
+        self._gone[name] = self.nodes.pop(name)
+        self.sync_routes()
+        assert self.net is not None
+        for intf in list(node.intfList()):
+            if intf.link:
+                self.net.delLink(intf.link)
+        self.net.delHost(node)
+
+    # -- pods -------------------------------------------------------------------------------------
+    def schedule(self, pod: PodSpec) -> str:
+        if pod.node_name:
+            if pod.node_name not in self.nodes:
+                raise SpecError(f"pod {pod.name}: nodeName {pod.node_name!r} is not a node")
+            return pod.node_name
+        load = {n: 0 for n in self.nodes}
+        for p in self.pods.values():
+            if p.node_name in load:
+                load[p.node_name] += 1
+        candidates = [n for n, host in self.nodes.items()
+                      if all(host.spec.labels.get(k) == v for k, v in pod.node_selector.items())]
+        if not candidates:
+            raise SpecError(f"pod {pod.name}: no node matches nodeSelector {pod.node_selector}")
+        return min(candidates, key=lambda n: (load[n], list(self.nodes).index(n)))
+
+    def add_pod(self, manifest: dict[str, Any] | PodSpec | Workload) -> list[Pod]:
+        """Add the pod(s) of a manifest (dict), a PodSpec or a Workload; return them."""
+        if isinstance(manifest, dict):
+            manifest = manifests.parse_workload(manifest, "manifest")
+        pods = manifest.pods() if isinstance(manifest, Workload) else [manifest]
+        for p in pods:
+            if p.name in self.pods or p.name in self.nodes or p.name in self.routers:
+                raise SpecError(f"pod name {p.name!r} is already taken")
+        return self._add_pods(pods)
+
+    def _add_pods(self, specs: list[PodSpec]) -> list[Pod]:
+        assert self.state is not None
+        pods = []
+        for ps in specs:
+            node_name = self.schedule(ps)
+            pod = self._new_host(ps.name, Pod, spec=ps, ip=None)
+            pod.node_name = node_name
+            pod.container_id = secrets.token_hex(32)
+            self.pods[ps.name] = pod
+            with Netns(pod.netns, ps.name) as ns:
+                ns.link_up("lo")   # what the runtime's loopback plugin does
+            pods.append(pod)
+        errors: list[str] = []
+        self._parallel([(self._cni_add, p) for p in pods], errors, "CNI ADD")
+        if errors:
+            for p in pods:  # a failed batch leaves none of its pods behind
+                if p.name in self.pods:
+                    self.delete_pod(p.name)
+            raise K8sNetLabError(errors[0])
+        logs = self.state.path / "logs"
+        logs.mkdir(exist_ok=True)
+        for pod in pods:
+            for c in pod.spec.containers:
+                pod.start_container(c, logs)
+        return pods
+
+    def _runtime_conf(self, pod: Pod) -> RuntimeConf:
+        s = pod.spec
+        return RuntimeConf(pod.container_id, pod.netns, naming.POD_IFNAME,
+                           {"IgnoreUnknown": "1", "K8S_POD_NAMESPACE": s.namespace,
+                            "K8S_POD_NAME": s.name, "K8S_POD_INFRA_CONTAINER_ID": pod.container_id})
+
+    def _cni_add(self, pod: Pod) -> None:
+        node = pod.node_name or ""
+        try:
+            result = self._runtimes[node].add(self._netconfs[node], self._runtime_conf(pod))
+        except K8sNetLabError as e:
+            raise K8sNetLabError(f"CNI ADD of pod {pod.name} on {node} failed: {e}") from None
+        cidr = result.sandbox_ip(naming.POD_IFNAME)
+        if cidr is None:
+            raise K8sNetLabError(f"CNI ADD of pod {pod.name} returned no address")
+        pod.result = result
+        pod.attach_interface(naming.POD_IFNAME, cidr)
+
+    def _cni_del(self, pod: Pod) -> None:
+        node = pod.node_name or ""
+        if node in self._runtimes:
+            self._runtimes[node].delete(self._netconfs[node], self._runtime_conf(pod))
+        pod.result = None
+
+    def check_pod(self, name: str) -> None:
+        """CNI CHECK for one pod (raises CNIError when its wiring is not as ADD left it)."""
+        pod = self.pods[name]
+        node = pod.node_name or ""
+        self._runtimes[node].check(self._netconfs[node], self._runtime_conf(pod))
+
+    def delete_pod(self, name: str) -> None:
+        pod = self.pods.get(name)
+        if pod is None:
+            raise K8sNetLabError(f"no pod {name!r}: pods are {', '.join(sorted(self.pods)) or '(none)'}")
+        pod.stop_containers()
+        try:
+            if pod.result is not None:
+                self._cni_del(pod)
+        finally:
+            self._kill_in(pod)
+            del self.pods[name]
+            assert self.net is not None
+            self.net.delHost(pod)
+
+    def _parallel(self, jobs: list[tuple[Any, Any]], errors: list[str], what: str) -> None:
+        if not jobs:
+            return
+        workers = min(8, len(jobs))
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="cni") as ex:
+            futs = {ex.submit(fn, arg): arg for fn, arg in jobs}
+            for f in concurrent.futures.as_completed(futs):
+                e = f.exception()
+                if e is not None:
+                    errors.append(str(e))
+                    log.warning("%s for %s: %s", what, futs[f].name, e)
+
+    # -- processes --------------------------------------------------------------------------------
+    def _kill_in(self, host: NetnsHost) -> None:
+        """Stop every process in a host's namespace except its shell (Mininet stops that)."""
+        try:
+            ino = os.stat(host.netns).st_ino
+        except OSError:
+            return
+        for pid in cleanup.processes_in_netns({ino}):
+            if pid != host.pid:
+                cleanup.kill_pid(pid, proc.start_time(pid), grace=0.5)
+
+    def _kill_namespace_processes(self) -> None:
+        hosts = [*self.pods.values(), *self.nodes.values(), *self.routers.values()]
+        inodes, shells = set(), set()
+        for h in hosts:
+            try:
+                inodes.add(os.stat(h.netns).st_ino)
+                shells.add(h.pid)
+            except OSError:
+                continue
+        for pid in cleanup.processes_in_netns(inodes):
+            if pid not in shells:
+                cleanup.kill_pid(pid, proc.start_time(pid), grace=0.5)
+
+    # -- conveniences ----------------------------------------------------------------------------
+    def pod_ips(self) -> dict[str, str]:
+        return {n: p.ip or "" for n, p in self.pods.items()}
+
+    def describe(self) -> list[str]:
+        lines = [f"cluster {self.spec.name}: cni {self.spec.cni.type} (datapath {self.mode.datapath}, "
+                 f"pod MTU {self.mode.mtu})"]
+        for n in self.nodes.values():
+            lines.append(f"  node {n.name:<10} {n.spec.ip!s:<16} podCIDR {n.spec.pod_cidr}")
+            for p in sorted((p for p in self.pods.values() if p.node_name == n.name), key=lambda p: p.name):
+                cont = ", ".join(p.containers) or "-"
+                lines.append(f"    pod {p.name:<14} {p.ip or '?':<16} containers: {cont}")
+        for r in self.routers.values():
+            lines.append(f"  router {r.name}")
+        return lines
+
+    def cli(self) -> None:
+        from mininet.cli import CLI
+        assert self.net is not None
+        CLI(self.net)
+
+    # -- CNI plugin executables -------------------------------------------------------------------
+    def _write_cni_bin(self) -> None:
+        """Our plugins as CNI executables named by type, in this cluster's CNI_PATH."""
+        from cni_plugins import _MODULES
+        assert self.state is not None
+        self.state.cni_bin.mkdir(parents=True, exist_ok=True)
+        for ptype, module in _MODULES.items():
+            path = self.state.cni_bin / ptype
+            path.write_text(f"#!{sys.executable}\n"
+                            "import sys\n"
+                            f"sys.path.insert(0, {str(REPO_ROOT)!r})\n"
+                            f"import {module} as plugin\n"
+                            "from cni_plugins import skel\n"
+                            "skel.main(plugin)\n")
+            path.chmod(0o755)
+
+
+def _respec_nodes(spec: ClusterSpec, raw_nodes: list[dict[str, Any]]) -> ClusterSpec:
+    """Re-validate the cluster with another node list (for add_node)."""
+    nodes = specmod._parse_nodes(raw_nodes, spec.underlay, spec.network, spec.source)
+    new = dataclasses.replace(spec, nodes=nodes)
+    specmod._check_addresses(new)
+    MODES.get(new.cni.type).validate(new)
+    return new
+

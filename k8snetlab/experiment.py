@@ -1,0 +1,99 @@
+"""What every experiment shares: its options, progress line, exit codes, and scenarios.
+
+Every experiment takes ``--topology``, ``--out``, ``--quick`` and ``--repeat`` (plus its own
+options), validates everything before it creates anything, runs the modes it compares
+*interleaved* (round 1: A B, round 2: A B, ...) so that drift of a shared machine hits all
+modes alike, writes one tidy CSV (:mod:`k8snetlab.results`) and prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .cli import guarded, setup_logging, sigterm_as_interrupt
+
+DEFAULT_TOPOLOGY = str(Path(__file__).resolve().parent.parent / "topologies" / "three_nodes.yaml")
+
+
+def parser(description: str, default_repeat: int = 3) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--topology", default=DEFAULT_TOPOLOGY, help="cluster file (default: %(default)s)")
+    p.add_argument("--out", default="results", help="directory for the CSV (and plots); default %(default)s")
+    p.add_argument("--quick", action="store_true", help="a short smoke run (about a minute on 2 cores)")
+    p.add_argument("--repeat", type=int, default=default_repeat, help="interleaved rounds (default %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+class Progress:
+    """One self-overwriting progress line on a terminal; plain lines otherwise."""
+
+    def __init__(self, total: int, stream=sys.stderr):
+        self.total, self.done, self.stream = total, 0, stream
+        self.t0 = time.monotonic()
+        self.tty = stream.isatty()
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        pct = 100 * self.done // max(1, self.total)
+        bar = "#" * (pct // 5) + "." * (20 - pct // 5)
+        line = f"[{bar}] {self.done}/{self.total} {time.monotonic() - self.t0:5.0f}s {what}"
+        if self.tty:
+            self.stream.write("\r" + line[:110].ljust(110))
+            if self.done == self.total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def main(run: Callable[[argparse.Namespace], int], p: argparse.ArgumentParser,
+         argv: Sequence[str] | None = None) -> int:
+    args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
+    setup_logging(args.verbose)
+    sigterm_as_interrupt()
+    prog = os.path.basename(sys.argv[0]) or "experiment"
+    return guarded(lambda: run(args), prog)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One side of a measurement: a name, a namespace path and an address."""
+    name: str
+    netns: str
+    ip: str
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str          # node-to-node, pod-same-node, pod-cross-node
+    src: Endpoint
+    dst: Endpoint
+
+
+def standard_scenarios(cluster) -> list[Scenario]:
+    """The three paths the foundation experiments compare, chosen the same way in every
+    cluster built from one file: the first two nodes, the first pods on them."""
+    nodes = list(cluster.nodes.values())
+    if len(nodes) < 2:
+        from .errors import SpecError
+        raise SpecError(f"{cluster.spec.source}: the experiment needs at least two nodes")
+    n1, n2 = nodes[0], nodes[1]
+    on = lambda n: sorted((p for p in cluster.pods.values() if p.node_name == n.name), key=lambda p: p.name)
+    p1, p2 = on(n1), on(n2)
+    if len(p1) < 2 or not p2:
+        from .errors import SpecError
+        raise SpecError(f"{cluster.spec.source}: the experiment needs two pods on {n1.name} and one on "
+                        f"{n2.name}: give the workloads more replicas")
+    ep = lambda h: Endpoint(h.name, h.netns, h.ip)
+    return [Scenario("node-to-node", ep(n1), ep(n2)),
+            Scenario("pod-same-node", ep(p1[0]), ep(p1[1])),
+            Scenario("pod-cross-node", ep(p1[0]), ep(p2[0]))]

@@ -1,0 +1,180 @@
+"""Kubernetes manifests the testbed understands: Pod, Deployment, ReplicationController.
+
+They are read in Kubernetes' own schema (``apiVersion``, ``kind``, ``metadata``, ``spec``,
+``spec.template``, ``containers[].command/args/ports``, ``nodeName``, ``nodeSelector``) and
+expanded into :class:`PodSpec` objects, one per replica. Replicas are named
+``<controller>-<index>`` (``web-0``, ``web-1``...) so that experiments and tests can name
+pods before they exist. ``image`` is kept for display only: a container here is a process
+in the pod's network namespace running ``command`` + ``args``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import SpecError
+
+NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+WORKLOAD_KINDS = ("Pod", "Deployment", "ReplicationController")
+
+
+@dataclass(frozen=True)
+class ContainerPort:
+    container_port: int
+    name: str = ""
+    protocol: str = "TCP"
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    name: str
+    image: str = ""
+    command: tuple[str, ...] = ()
+    args: tuple[str, ...] = ()
+    ports: tuple[ContainerPort, ...] = ()
+
+    @property
+    def argv(self) -> list[str]:
+        return [*self.command, *self.args]
+
+
+@dataclass(frozen=True)
+class PodSpec:
+    name: str
+    namespace: str = "default"
+    labels: dict[str, str] = field(default_factory=dict, hash=False)
+    containers: tuple[ContainerSpec, ...] = ()
+    node_name: str | None = None
+    node_selector: dict[str, str] = field(default_factory=dict, hash=False)
+    owner: str | None = None  # "Deployment/web"
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Workload:
+    kind: str
+    name: str
+    namespace: str
+    replicas: int
+    template: PodSpec
+    selector: dict[str, str] = field(default_factory=dict, hash=False)
+
+    def pods(self, replicas: int | None = None) -> list[PodSpec]:
+        if self.kind == "Pod":
+            return [self.template]
+        n = self.replicas if replicas is None else replicas
+        return [PodSpec(f"{self.name}-{i}", self.namespace, dict(self.template.labels),
+                        self.template.containers, self.template.node_name,
+                        dict(self.template.node_selector), f"{self.kind}/{self.name}")
+                for i in range(n)]
+
+
+def _map(d: Any, where: str) -> dict[str, Any]:
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise SpecError(f"{where}: must be a mapping")
+    return d
+
+
+def _str_map(d: Any, where: str) -> dict[str, str]:
+    d = _map(d, where)
+    for k, v in d.items():
+        if not isinstance(k, str) or not isinstance(v, (str, int, float, bool)):
+            raise SpecError(f"{where}: keys and values must be strings")
+    return {k: str(v) for k, v in d.items()}
+
+
+def _name(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value) or len(value) > 63:
+        raise SpecError(f"{where}: {value!r} is not a valid Kubernetes name "
+                        "(lower-case letters, digits and '-', at most 63 characters)")
+    return value
+
+
+def _containers(spec: dict[str, Any], where: str) -> tuple[ContainerSpec, ...]:
+    items = spec.get("containers")
+    if not isinstance(items, list) or not items:
+        raise SpecError(f"{where}.containers: a pod needs at least one container")
+    out, seen = [], set()
+    for i, c in enumerate(items):
+        cw = f"{where}.containers[{i}]"
+        c = _map(c, cw)
+        name = _name(c.get("name"), f"{cw}.name")
+        if name in seen:
+            raise SpecError(f"{cw}.name: duplicate container name {name!r}")
+        seen.add(name)
+        for key in ("command", "args"):
+            v = c.get(key, [])
+            if not isinstance(v, list) or not all(isinstance(x, (str, int, float)) for x in v):
+                raise SpecError(f"{cw}.{key}: must be a list of strings")
+        ports = []
+        for j, p in enumerate(c.get("ports") or []):
+            p = _map(p, f"{cw}.ports[{j}]")
+            cp = p.get("containerPort")
+            if not isinstance(cp, int) or not 1 <= cp <= 65535:
+                raise SpecError(f"{cw}.ports[{j}].containerPort: must be a port number 1-65535")
+            proto = p.get("protocol", "TCP")
+            if proto not in ("TCP", "UDP", "SCTP"):
+                raise SpecError(f"{cw}.ports[{j}].protocol: must be TCP, UDP or SCTP")
+            ports.append(ContainerPort(cp, str(p.get("name", "")), proto))
+        out.append(ContainerSpec(name, str(c.get("image", "")), tuple(map(str, c.get("command", []))),
+                                 tuple(map(str, c.get("args", []))), tuple(ports)))
+    return tuple(out)
+
+
+def _pod_spec(name: str, namespace: str, labels: dict[str, str], spec: Any, where: str) -> PodSpec:
+    spec = _map(spec, where)
+    node = spec.get("nodeName")
+    if node is not None and not isinstance(node, str):
+        raise SpecError(f"{where}.nodeName: must be a node name")
+    return PodSpec(name, namespace, labels, _containers(spec, where), node,
+                   _str_map(spec.get("nodeSelector"), f"{where}.nodeSelector"))
+
+
+def parse_workload(doc: Any, where: str) -> Workload:
+    """One manifest (a YAML document) -> Workload; SpecError names the offending key."""
+    doc = _map(doc, where)
+    kind = doc.get("kind")
+    if kind not in WORKLOAD_KINDS:
+        raise SpecError(f"{where}.kind: {kind!r} is not a workload kind: use one of {', '.join(WORKLOAD_KINDS)}")
+    meta = _map(doc.get("metadata"), f"{where}.metadata")
+    name = _name(meta.get("name"), f"{where}.metadata.name")
+    ns = _name(meta.get("namespace", "default"), f"{where}.metadata.namespace")
+    labels = _str_map(meta.get("labels"), f"{where}.metadata.labels")
+    spec = _map(doc.get("spec"), f"{where}.spec")
+    if kind == "Pod":
+        pod = _pod_spec(name, ns, labels, spec, f"{where}.spec")
+        return Workload("Pod", name, ns, 1, pod)
+    replicas = spec.get("replicas", 1)
+    if not isinstance(replicas, int) or replicas < 0:
+        raise SpecError(f"{where}.spec.replicas: must be a whole number >= 0")
+    tmpl = _map(spec.get("template"), f"{where}.spec.template")
+    tmeta = _map(tmpl.get("metadata"), f"{where}.spec.template.metadata")
+    tlabels = _str_map(tmeta.get("labels"), f"{where}.spec.template.metadata.labels")
+    sel_raw = _map(spec.get("selector"), f"{where}.spec.selector")
+    selector = _str_map(sel_raw.get("matchLabels", sel_raw) if kind == "Deployment" else sel_raw,
+                        f"{where}.spec.selector")
+    if not selector:
+        selector = dict(tlabels)
+    if any(tlabels.get(k) != v for k, v in selector.items()):
+        raise SpecError(f"{where}.spec.selector: does not match the template's labels {tlabels}")
+    template = _pod_spec(name, ns, tlabels, tmpl.get("spec"), f"{where}.spec.template.spec")
+    return Workload(kind, name, ns, replicas, template, selector)
+
+
+def expand(workloads: list[Workload]) -> list[PodSpec]:
+    """All pods of all workloads; duplicate pod names are an error."""
+    pods: dict[str, PodSpec] = {}
+    for w in workloads:
+        for p in w.pods():
+            if p.name in pods:
+                raise SpecError(f"duplicate pod name {p.name!r} (from {p.owner or 'Pod'} and "
+                                f"{pods[p.name].owner or 'Pod'}): rename one of the workloads")
+            pods[p.name] = p
+    return list(pods.values())

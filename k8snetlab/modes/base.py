@@ -1,0 +1,92 @@
+"""The interface every CNI mode implements, and the node agent's shared parts."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .. import naming
+from ..cni import SPEC_VERSION, NetworkConfigList
+from ..netutil import Netns
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..cluster import Cluster, Node
+    from ..spec import ClusterSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+class Mode:
+    """One CNI mode. The class is chosen by name; one instance serves one cluster."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+    tools: ClassVar[tuple[str, ...]] = ()      # programs the mode needs (checked before start)
+    network_name: ClassVar[str] = "k8s-pod-network"
+    pod_mtu: ClassVar[int] = 1500
+
+    def __init__(self, cluster: "Cluster", options: Any):
+        self.cluster = cluster
+        self.options = options
+
+    # -- description (no root needed) ---------------------------------------------------------
+    @classmethod
+    def validate(cls, spec: "ClusterSpec") -> None:
+        """Refuse a cluster this mode cannot wire (raise SpecError naming the fix)."""
+
+    @property
+    def datapath(self) -> str:
+        return "kernel"
+
+    @property
+    def mtu(self) -> int:
+        return self.pod_mtu
+
+    def plugins(self, node: "Node") -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def netconf(self, node: "Node") -> NetworkConfigList:
+        """The node's network config list, as a kubelet finds it in /etc/cni/net.d."""
+        return NetworkConfigList(self.network_name, SPEC_VERSION, self.plugins(node),
+                                 bin_dirs=(str(self.cluster.state.cni_bin),))
+
+    def host_local(self, node: "Node", **extra: Any) -> dict[str, Any]:
+        """host-local IPAM on the node's pod CIDR, state in the node's own directory."""
+        return {"type": "host-local", "ranges": [[{"subnet": str(node.spec.pod_cidr)}]],
+                "dataDir": str(node.state_dir / "ipam"), **extra}
+
+    # -- node agent ------------------------------------------------------------------------------
+    def prepare(self, first_node: "Node") -> None:
+        """Once per cluster, after the nodes exist and before any node agent starts."""
+
+    def start_node(self, node: "Node", ns: Netns) -> None:
+        """Node-wide set-up before any pod (sysctls, devices, programs)."""
+        ns.set_sysctl("net.ipv4.ip_forward", 1)
+
+    def stop_node(self, node: "Node") -> None:
+        """Undo what start_node made outside the node's namespace (BPF pins...)."""
+
+    def add_peer(self, node: "Node", ns: Netns, peer: "Node") -> None:
+        """Make ``node`` reach ``peer``'s pod CIDR (called for every other node)."""
+
+    def remove_peer(self, node: "Node", ns: Netns, peer: "Node") -> None:
+        ns.del_route(str(peer.spec.pod_cidr))
+
+    def underlay_next_hop(self, node: "Node", peer: "Node") -> str:
+        """The underlay address ``node`` sends to, to reach ``peer``'s node address."""
+        if node.spec.subnet == peer.spec.subnet:
+            return str(peer.spec.ip)
+        gw = self.cluster.spec.underlay.subnet(node.spec.subnet).gateway
+        if gw is None:
+            raise RuntimeError(f"subnet {node.spec.subnet} has no gateway to reach {peer.name}")
+        return str(gw)
+
+
+def uplink() -> str:
+    return naming.NODE_UPLINK

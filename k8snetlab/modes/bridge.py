@@ -1,0 +1,40 @@
+"""``bridge``: pods of a node on ``cni0`` with host-local addresses; nothing between nodes.
+
+This is the CNI reference ``bridge`` layout. With ``cni.reference: true`` the runtime executes
+Debian's reference binaries (``/usr/lib/cni/bridge`` + ``host-local``, containernetworking-plugins)
+instead of ours, with the same config: the baseline our plugins are held against.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .. import naming
+from ..cni import NetworkConfigList
+from . import MODES
+from .base import Mode
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..cluster import Node
+
+REFERENCE_DIRS = ("/usr/lib/cni", "/opt/cni/bin")
+REFERENCE_VERSION = "1.0.0"   # containernetworking-plugins 1.1 speaks up to 1.0.0
+
+
+@MODES.register("bridge")
+class BridgeMode(Mode):
+    name = "bridge"
+
+    def plugins(self, node: "Node") -> list[dict[str, Any]]:
+        return [{"type": "bridge", "bridge": naming.BRIDGE, "isGateway": True, "isDefaultGateway": True,
+                 "hairpinMode": True, "mtu": self.mtu, "ipam": self.host_local(node)}]
+
+    def netconf(self, node: "Node") -> NetworkConfigList:
+        if not self.cluster.spec.cni.reference:
+            return super().netconf(node)
+        return NetworkConfigList(self.network_name, REFERENCE_VERSION, self.plugins(node),
+                                 bin_dirs=REFERENCE_DIRS)
+
+    @property
+    def datapath(self) -> str:
+        return "reference" if self.cluster.spec.cni.reference else "kernel"

@@ -1,0 +1,62 @@
+"""``host-gw`` (flannel): pods on ``cni0``; each node routes every other node's pod CIDR
+``via`` that node's underlay address. Packets cross the underlay unencapsulated, so every
+node must be on one L2 segment (the next hop must be on-link): other layouts are refused,
+as flannel refuses them.
+
+The node agent plays flanneld: it writes the node's ``subnet.env`` (which the ``flannel``
+CNI plugin reads before delegating to ``bridge``) and keeps one route per other node.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..errors import SpecError
+from ..netutil import Netns
+from . import MODES
+from .base import Mode, uplink
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..cluster import Node
+    from ..spec import ClusterSpec
+
+
+class FlannelMode(Mode):
+    """Shared by flannel's backends: subnet.env + flannel plugin delegating to bridge."""
+
+    network_name = "cbr0"
+
+    def plugins(self, node: "Node") -> list[dict[str, Any]]:
+        return [{"type": "flannel", "delegate": {"hairpinMode": True, "isDefaultGateway": True},
+                 "subnetFile": str(node.state_dir / "subnet.env"),
+                 "dataDir": str(node.state_dir / "flannel"),
+                 "ipamDataDir": str(node.state_dir / "ipam")}]
+
+    def start_node(self, node: "Node", ns: Netns) -> None:
+        super().start_node(node, ns)
+        net = self.cluster.spec.network
+        gw = next(node.spec.pod_cidr.hosts())
+        (node.state_dir / "subnet.env").write_text(
+            f"FLANNEL_NETWORK={net.cluster_cidr}\n"
+            f"FLANNEL_SUBNET={gw}/{node.spec.pod_cidr.prefixlen}\n"
+            f"FLANNEL_MTU={self.mtu}\nFLANNEL_IPMASQ=false\n")
+
+
+@MODES.register("host-gw")
+class HostGwMode(FlannelMode):
+    name = "host-gw"
+
+    @classmethod
+    def validate(cls, spec: "ClusterSpec") -> None:
+        subnets = {n.subnet for n in spec.nodes}
+        if len(subnets) > 1:
+            by = {}
+            for n in spec.nodes:
+                by.setdefault(n.subnet, n.name)
+            a, b = list(by.items())[:2]
+            raise SpecError(f"{spec.source}: host-gw needs every node on one L2 segment, but {a[1]} is "
+                            f"on subnet {a[0]} and {b[1]} on {b[0]}: use vxlan or ipip, or put the "
+                            "nodes in one subnet")
+
+    def add_peer(self, node: "Node", ns: Netns, peer: "Node") -> None:
+        ns.add_route(str(peer.spec.pod_cidr), gateway=str(peer.spec.ip), dev=uplink())

@@ -1,0 +1,278 @@
+"""The one layer that changes the datapath: links, addresses, routes, neighbours, sysctls.
+
+Plugins and node agents never build shell strings; they call one verb here per change
+(``ensure_bridge``, ``add_veth``, ``add_route``, ``set_sysctl``...). Each verb talks netlink
+through pyroute2 on a socket opened *inside* the target namespace (a netlink socket stays
+bound to the namespace it was created in), so a verb costs one or two syscalls, not a
+process. Every failure raises :class:`NetlinkError` saying what was asked, where, and why.
+
+Verbs are idempotent where the CNI contract needs it: ``ensure_*`` accept what is already
+there, ``del_*`` treat "already gone" as success.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+from typing import Any, Iterable
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError as _PyNetlinkError
+
+from . import proc
+from .errors import NetlinkError
+
+log = logging.getLogger(__name__)
+
+RTNH_F_ONLINK = 4
+SCOPE_LINK = 253
+SCOPE_UNIVERSE = 0
+MAIN_TABLE = 254
+NUD_PERMANENT = 0x80
+NTF_SELF = 0x02
+RTPROT_STATIC = 4
+
+
+class Netns:
+    """A handle on one network namespace: a netlink socket opened inside it.
+
+    ``path`` is a namespace file (``/proc/PID/ns/net``); None means the caller's own.
+    ``label`` names the namespace in error messages (a node or pod name).
+    """
+
+    def __init__(self, path: str | None, label: str = ""):
+        self.path = path
+        self.label = label or (path or "current namespace")
+        try:
+            with proc.netns(path):
+                self.ipr = IPRoute()
+        except OSError as e:
+            raise NetlinkError(f"cannot enter network namespace of {self.label} ({path}): "
+                               f"{e.strerror}; is the pod or node still running?") from None
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def close(self) -> None:
+        self.ipr.close()
+
+    def __enter__(self) -> "Netns":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _call(self, what: str, fn, *args: Any, ok: Iterable[int] = (), **kw: Any) -> Any:
+        try:
+            return fn(*args, **kw)
+        except _PyNetlinkError as e:
+            if e.code in ok:
+                return None
+            raise NetlinkError(f"{what} in {self.label}: {os.strerror(e.code)}") from None
+
+    # -- links ------------------------------------------------------------------------------
+    def index(self, ifname: str) -> int | None:
+        found = self.ipr.link_lookup(ifname=ifname)
+        return found[0] if found else None
+
+    def require_index(self, ifname: str) -> int:
+        idx = self.index(ifname)
+        if idx is None:
+            raise NetlinkError(f"no interface {ifname!r} in {self.label}")
+        return idx
+
+    def link(self, ifname: str) -> dict[str, Any] | None:
+        idx = self.index(ifname)
+        if idx is None:
+            return None
+        msg = self.ipr.get_links(idx)[0]
+        return {"index": idx, "ifname": ifname, "mtu": msg.get("mtu"),
+                "mac": msg.get("address"), "master": msg.get("master"),
+                "up": bool(msg["flags"] & 1), "kind": _link_kind(msg)}
+
+    def ensure_bridge(self, name: str, mtu: int | None = None) -> int:
+        """Create bridge ``name`` (or accept the one there), set it up; return its index."""
+        proc_kw = {"mtu": mtu} if mtu else {}
+        self._call(f"create bridge {name}", self.ipr.link, "add", ifname=name, kind="bridge",
+                   ok=(errno.EEXIST,), **proc_kw)
+        idx = self.require_index(name)
+        info = self.link(name)
+        if info and info["kind"] not in (None, "bridge"):
+            raise NetlinkError(f"{name} in {self.label} exists but is a {info['kind']}, not a bridge")
+        self.link_up(name)
+        return idx
+
+    def add_veth(self, ifname: str, peer_ifname: str, peer: "Netns", mtu: int | None = None,
+                 peer_mac: str | None = None) -> int:
+        """Create veth ``ifname`` here with its peer ``peer_ifname`` in namespace ``peer``."""
+        fd = os.open(peer.path or "/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            peer_kw: dict[str, Any] = {"ifname": peer_ifname, "net_ns_fd": fd}
+            if peer_mac:
+                peer_kw["address"] = peer_mac
+            self._call(f"create veth {ifname} <-> {peer.label}:{peer_ifname}", self.ipr.link,
+                       "add", ifname=ifname, kind="veth", peer=peer_kw)
+        finally:
+            os.close(fd)
+        idx = self.require_index(ifname)
+        if mtu:
+            self.set_mtu(ifname, mtu)
+            peer.set_mtu(peer_ifname, mtu)
+        return idx
+
+    def set_mtu(self, ifname: str, mtu: int) -> None:
+        self._call(f"set mtu {mtu} on {ifname}", self.ipr.link, "set",
+                   index=self.require_index(ifname), mtu=mtu)
+
+    def link_up(self, ifname: str) -> None:
+        self._call(f"set {ifname} up", self.ipr.link, "set", index=self.require_index(ifname),
+                   state="up")
+
+    def set_master(self, ifname: str, bridge: str) -> None:
+        self._call(f"attach {ifname} to {bridge}", self.ipr.link, "set",
+                   index=self.require_index(ifname), master=self.require_index(bridge))
+
+    def set_brport(self, ifname: str, **attrs: Any) -> None:
+        """Bridge port options, e.g. ``hairpin_mode=1`` (IFLA_BRPORT_*)."""
+        self._call(f"set bridge port options {attrs} on {ifname}", self.ipr.brport, "set",
+                   index=self.require_index(ifname), **attrs)
+
+    def del_link(self, ifname: str) -> bool:
+        """Delete ``ifname``; True if it existed. Already gone is success."""
+        idx = self.index(ifname)
+        if idx is None:
+            return False
+        self._call(f"delete {ifname}", self.ipr.link, "del", index=idx, ok=(errno.ENODEV,))
+        return True
+
+    def add_link(self, ifname: str, kind: str, **attrs: Any) -> int:
+        """Create a link of any other kind (vxlan, dummy...), accepting an existing one."""
+        self._call(f"create {kind} {ifname}", self.ipr.link, "add", ifname=ifname, kind=kind,
+                   ok=(errno.EEXIST,), **attrs)
+        return self.require_index(ifname)
+
+    # -- addresses --------------------------------------------------------------------------
+    def ensure_addr(self, ifname: str, cidr: str) -> None:
+        iface = ipaddress.ip_interface(cidr)
+        self._call(f"add address {cidr} to {ifname}", self.ipr.addr, "add",
+                   index=self.require_index(ifname), address=str(iface.ip),
+                   prefixlen=iface.network.prefixlen, ok=(errno.EEXIST,))
+
+    def addrs(self, ifname: str) -> list[str]:
+        idx = self.index(ifname)
+        if idx is None:
+            return []
+        return [f"{a.get('address')}/{a['prefixlen']}" for a in self.ipr.get_addr(index=idx, family=2)]
+
+    # -- routes -----------------------------------------------------------------------------
+    def add_route(self, dst: str, *, gateway: str | None = None, dev: str | None = None,
+                  onlink: bool = False, scope: int | None = None, proto: int | None = None,
+                  src: str | None = None, table: int = MAIN_TABLE, replace: bool = True) -> None:
+        """Add (by default replace) a route; ``dst`` is a CIDR or 'default'."""
+        kw: dict[str, Any] = {"dst": _dst(dst), "table": table}
+        if gateway:
+            kw["gateway"] = gateway
+        if dev:
+            kw["oif"] = self.require_index(dev)
+        if onlink:
+            kw["flags"] = RTNH_F_ONLINK
+        if scope is not None:
+            kw["scope"] = scope
+        elif not gateway and dev:
+            kw["scope"] = SCOPE_LINK
+        if proto is not None:
+            kw["proto"] = proto
+        if src:
+            kw["prefsrc"] = src
+        what = f"route {dst}" + (f" via {gateway}" if gateway else "") + (f" dev {dev}" if dev else "")
+        self._call(what, self.ipr.route, "replace" if replace else "add", **kw)
+
+    def del_route(self, dst: str, *, table: int = MAIN_TABLE, **match: Any) -> bool:
+        """Delete a route; True if it existed. Already gone is success."""
+        res = self._call(f"delete route {dst}", self.ipr.route, "del", dst=_dst(dst), table=table,
+                         ok=(errno.ESRCH, errno.ENOENT, errno.ENODEV), **match)
+        return res is not None
+
+    def routes(self, table: int = MAIN_TABLE) -> list[dict[str, Any]]:
+        """Routes of ``table`` as plain dicts: dst (CIDR), gateway, dev, scope, flags, proto."""
+        names = {l["index"]: l.get("ifname") for l in self.ipr.get_links()}
+        out = []
+        for r in self.ipr.get_routes(family=2, table=table):
+            dst = r.get("dst")
+            out.append({"dst": f"{dst}/{r['dst_len']}" if dst else "default",
+                        "gateway": r.get("gateway"), "dev": names.get(r.get("oif")),
+                        "scope": r["scope"], "flags": r["flags"], "proto": r["proto"]})
+        return out
+
+    # -- neighbours and forwarding database (VXLAN VTEPs) ---------------------------------
+    def set_neigh(self, ifname: str, ip: str, mac: str) -> None:
+        self._call(f"neighbour {ip} lladdr {mac} dev {ifname}", self.ipr.neigh, "replace",
+                   ifindex=self.require_index(ifname), dst=ip, lladdr=mac, state=NUD_PERMANENT)
+
+    def del_neigh(self, ifname: str, ip: str) -> None:
+        idx = self.index(ifname)
+        if idx is not None:
+            self._call(f"delete neighbour {ip} dev {ifname}", self.ipr.neigh, "del", ifindex=idx,
+                       dst=ip, ok=(errno.ENOENT, errno.ESRCH))
+
+    def set_fdb(self, ifname: str, mac: str, dst_ip: str) -> None:
+        self._call(f"fdb {mac} dst {dst_ip} dev {ifname}", self.ipr.fdb, "replace",
+                   ifindex=self.require_index(ifname), lladdr=mac, dst=dst_ip,
+                   state=NUD_PERMANENT, flags=NTF_SELF)
+
+    def del_fdb(self, ifname: str, mac: str, dst_ip: str) -> None:
+        idx = self.index(ifname)
+        if idx is not None:
+            self._call(f"delete fdb {mac} dev {ifname}", self.ipr.fdb, "del", ifindex=idx,
+                       lladdr=mac, dst=dst_ip, flags=NTF_SELF, ok=(errno.ENOENT, errno.ESRCH))
+
+    # -- sysctls ----------------------------------------------------------------------------
+    def set_sysctl(self, key: str, value: str | int) -> str:
+        """Write ``net.*`` sysctl ``key`` in this namespace; return the old value."""
+        return set_sysctl(key, value, self.path, self.label)
+
+    def get_sysctl(self, key: str) -> str:
+        return get_sysctl(key, self.path, self.label)
+
+
+def _link_kind(msg: Any) -> str | None:
+    info = msg.get("IFLA_LINKINFO")
+    return info.get("IFLA_INFO_KIND") if info else None
+
+
+def _dst(dst: str) -> str:
+    if dst == "default":
+        return "0.0.0.0/0"
+    return str(ipaddress.ip_network(dst, strict=False))
+
+
+def _sysctl_path(key: str) -> str:
+    """``net.ipv4.ip_forward`` or, for names holding dots (``flannel.1``), the slash form
+    ``net/ipv4/conf/flannel.1/proxy_arp``."""
+    if not key.startswith(("net.", "net/")):
+        raise ValueError(f"only net.* sysctls are per namespace, not {key!r}")
+    return "/proc/sys/" + (key if "/" in key else key.replace(".", "/"))
+
+
+def set_sysctl(key: str, value: str | int, netns_path: str | None = None, label: str = "") -> str:
+    """Write a ``net.*`` sysctl inside ``netns_path`` (the file is opened from inside it,
+    which is what makes /proc/sys/net per namespace); return the old value."""
+    path = _sysctl_path(key)
+    try:
+        with proc.netns(netns_path):
+            with open(path, "r+") as f:
+                old = f.read().strip()
+                f.seek(0)
+                f.write(f"{value}\n")
+    except OSError as e:
+        raise NetlinkError(f"sysctl {key}={value} in {label or netns_path}: {e.strerror}") from None
+    return old
+
+
+def get_sysctl(key: str, netns_path: str | None = None, label: str = "") -> str:
+    try:
+        with proc.netns(netns_path):
+            with open(_sysctl_path(key)) as f:
+                return f.read().strip()
+    except OSError as e:
+        raise NetlinkError(f"read sysctl {key} in {label or netns_path}: {e.strerror}") from None

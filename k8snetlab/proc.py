@@ -1,0 +1,159 @@
+"""Running external programs and entering network namespaces.
+
+Every external command goes through :func:`run`, which checks the exit status and raises
+:class:`CommandError` with the command, its stdout and stderr (Mininet's ``Node.cmd`` loses
+the status; we never rely on it for anything that can fail). :func:`require` turns a
+missing program into one line naming the Debian package.
+
+Namespaces are entered with ``setns(2)`` on the calling thread only: a network namespace
+switch is per thread, so :func:`netns` is safe in a thread pool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import subprocess
+from typing import Iterator, Sequence
+
+from .errors import CommandError, NotRoot, ToolMissing
+
+CLONE_NEWNET = 0x40000000
+
+# program -> (package, registry) for the one-line "not installed" message
+TOOLS: dict[str, tuple[str, str]] = {
+    "ip": ("iproute2", "Debian"),
+    "tc": ("iproute2", "Debian"),
+    "mnexec": ("mininet", "Debian"),
+    "brctl": ("bridge-utils", "Debian"),
+    "iperf3": ("iperf3", "Debian"),
+    "ping": ("iputils-ping", "Debian"),
+    "clang": ("clang", "Debian"),
+    "llc": ("llvm", "Debian"),
+    "bpftool": ("bpftool", "Debian"),
+    "tcpdump": ("tcpdump", "Debian"),
+    "iptables": ("iptables", "Debian"),
+    "iptables-save": ("iptables", "Debian"),
+    "iptables-restore": ("iptables", "Debian"),
+    "nft": ("nftables", "Debian"),
+    "conntrack": ("conntrack", "Debian"),
+    "bird": ("bird2", "Debian"),
+    "birdc": ("bird2", "Debian"),
+    "exabgp": ("exabgp", "PyPI"),
+    "dnsmasq": ("dnsmasq", "Debian"),
+    "sockperf": ("sockperf", "Debian"),
+    "ovs-vsctl": ("openvswitch-switch", "Debian"),
+    "ovs-ofctl": ("openvswitch-switch", "Debian"),
+}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def which(tool: str) -> str | None:
+    return shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+
+
+def require(*tools: str) -> dict[str, str]:
+    """Return {tool: path}; raise ToolMissing (naming the package) for the first absent one."""
+    found = {}
+    for tool in tools:
+        path = which(tool)
+        if path is None:
+            pkg, kind = TOOLS.get(tool, (tool, "Debian"))
+            raise ToolMissing(tool, pkg, kind)
+        found[tool] = path
+    return found
+
+
+def require_root(what: str = "building an emulated cluster") -> None:
+    if os.geteuid() != 0:
+        raise NotRoot(what)
+
+
+def run(args: Sequence[str], *, input: str | bytes | None = None, timeout: float = 60,
+        netns: str | None = None, env: dict[str, str] | None = None, check: bool = True,
+        where: str = "") -> subprocess.CompletedProcess:
+    """Run a program (never through a shell); raise CommandError unless it exits 0.
+
+    ``netns`` is a namespace path (``/proc/PID/ns/net``); the child enters it before exec.
+    """
+    args = [str(a) for a in args]
+    text = not isinstance(input, bytes)
+    try:
+        proc = subprocess.run(args, input=input, capture_output=True, text=text, timeout=timeout,
+                              env=env, preexec_fn=(lambda: setns(netns)) if netns else None)
+    except FileNotFoundError:
+        pkg, kind = TOOLS.get(os.path.basename(args[0]), (args[0], "Debian"))
+        raise ToolMissing(args[0], pkg, kind) from None
+    except subprocess.TimeoutExpired as e:
+        raise CommandError(args, -1, "", f"timed out after {timeout} s", where) from e
+    if check and proc.returncode != 0:
+        out = proc.stdout if text else proc.stdout.decode(errors="replace")
+        err = proc.stderr if text else proc.stderr.decode(errors="replace")
+        raise CommandError(args, proc.returncode, out, err, where)
+    return proc
+
+
+def setns(path: str) -> None:
+    """Move the calling thread into the network namespace at ``path``."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({path}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def netns(path: str | None) -> Iterator[None]:
+    """Run the body in the network namespace ``path`` (None: stay), then come back."""
+    if path is None:
+        yield
+        return
+    home = os.open(f"/proc/self/task/{threading_native_id()}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        setns(path)
+        try:
+            yield
+        finally:
+            if _libc.setns(home, CLONE_NEWNET) != 0:  # pragma: no cover - cannot fail for our own ns
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns back: {os.strerror(err)}")
+    finally:
+        os.close(home)
+
+
+def threading_native_id() -> int:
+    import threading
+    return threading.get_native_id()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cmdline(pid: int) -> str:
+    """The process's argv joined by spaces ('' if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def start_time(pid: int) -> int:
+    """Start time of a process in clock ticks since boot (guards against PID reuse); 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return 0
