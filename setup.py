@@ -1,0 +1,13 @@
+from setuptools import setup
+
+setup(
+    name="k8snetlab",
+    version="0.1.0",
+    description="An emulated Kubernetes cluster network on one Linux machine (Mininet + CNI plugins)",
+    packages=["k8snetlab", "k8snetlab.modes", "cni_plugins"],
+    package_data={"k8snetlab": ["bpf/*.c"]},
+    python_requires=">=3.10",
+    install_requires=["pyroute2>=0.9", "PyYAML>=6", "mininet>=2.3.0.dev6", "scapy>=2.5"],
+    extras_require={"plot": ["matplotlib>=3.5"], "test": ["pytest>=7", "pytest-timeout>=2"]},
+    entry_points={"console_scripts": ["k8snetlab = k8snetlab.cli:main"]},
+)

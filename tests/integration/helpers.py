@@ -1,0 +1,72 @@
+"""Shared pieces of the emulation tests: skip reasons, a TCP peer-address probe, captures."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+THREE_NODES = REPO / "topologies" / "three_nodes.yaml"
+
+
+def require_root_and(*tools: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("emulation tests need root (network namespaces): run 'sudo make test'")
+    for t in tools:
+        if shutil.which(t) is None and shutil.which(t, path="/usr/sbin:/sbin") is None:
+            pytest.skip(f"{t} is not installed ('sudo make deps' installs it)")
+
+
+# A one-connection TCP server that writes the peer's address to a file, then exits.
+PEER_SERVER = (
+    "import socket,sys\n"
+    "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1)\n"
+    "c,a=s.accept(); data=c.recv(100)\n"
+    "open(sys.argv[3],'w').write(a[0]+' '+data.decode())\n"
+)
+
+
+def seen_source(server, client, server_ip: str, tmp: Path, port: int = 7070) -> str:
+    """Connect from ``client`` to ``server_ip`` served in ``server``; return what the server saw."""
+    out = tmp / f"seen-{server.name}-{port}"
+    out.unlink(missing_ok=True)
+    srv = server.popen_ns([sys.executable, "-c", PEER_SERVER, "0.0.0.0", str(port), str(out)])
+    try:
+        deadline = time.monotonic() + 5
+        while True:
+            r = client.run([sys.executable, "-c",
+                            f"import socket; c=socket.create_connection(('{server_ip}', {port}), 2); c.sendall(b'hi')"],
+                           check=False)
+            if r.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        srv.wait(5)
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+            srv.wait()
+    return out.read_text().split()[0]
+
+
+def capture(host, ifname: str, pcap: Path, action, bpf_filter: str = "", count: int = 10, timeout: float = 10):
+    """Capture on ``ifname`` inside ``host``'s namespace while ``action()`` runs; return scapy packets."""
+    from scapy.all import rdpcap
+    args = ["tcpdump", "-i", ifname, "-n", "-U", "-c", str(count), "-w", str(pcap)]
+    if bpf_filter:
+        args.append(bpf_filter)
+    p = host.popen_ns(args)
+    try:
+        time.sleep(0.5)   # tcpdump has no readiness signal; it prints to stderr which we drop
+        action()
+        p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        p.terminate()
+        p.wait(5)
+    return list(rdpcap(str(pcap)))
