@@ -147,7 +147,7 @@ def _owner_alive(path: Path) -> bool:
         owner = json.loads((path / "owner.json").read_text())
     except (OSError, ValueError):
         return False
-    return proc.pid_alive(owner["pid"]) and proc.start_time(owner["pid"]) == owner["start"]
+    return proc.running(owner["pid"], owner["start"])
 
 
 def _links_with_prefix(prefix: str) -> list[str]:
@@ -176,7 +176,7 @@ def _umount_below(path: Path) -> list[str]:
 
 def kill_pid(pid: int, start: int, grace: float = 1.0) -> bool:
     """SIGTERM then SIGKILL one process we started (only if its start time still matches)."""
-    if not start or proc.start_time(pid) != start:
+    if not start or not proc.running(pid, start):
         return False
     try:
         os.kill(pid, signal.SIGTERM)
@@ -184,7 +184,7 @@ def kill_pid(pid: int, start: int, grace: float = 1.0) -> bool:
         return False
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        if proc.start_time(pid) != start:
+        if not proc.running(pid, start):
             return True
         time.sleep(0.02)
     try:

@@ -167,7 +167,8 @@ class Netns:
     # -- routes -----------------------------------------------------------------------------
     def add_route(self, dst: str, *, gateway: str | None = None, dev: str | None = None,
                   onlink: bool = False, scope: int | None = None, proto: int | None = None,
-                  src: str | None = None, table: int = MAIN_TABLE, replace: bool = True) -> None:
+                  src: str | None = None, table: int = MAIN_TABLE, replace: bool = True,
+                  mtu: int | None = None) -> None:
         """Add (by default replace) a route; ``dst`` is a CIDR or 'default'."""
         kw: dict[str, Any] = {"dst": _dst(dst), "table": table}
         if gateway:
@@ -184,6 +185,8 @@ class Netns:
             kw["proto"] = proto
         if src:
             kw["prefsrc"] = src
+        if mtu:
+            kw["metrics"] = {"mtu": mtu}
         what = f"route {dst}" + (f" via {gateway}" if gateway else "") + (f" dev {dev}" if dev else "")
         self._call(what, self.ipr.route, "replace" if replace else "add", **kw)
 

@@ -150,6 +150,16 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def running(pid: int, start: int) -> bool:
+    """Is ``pid`` still the process that started at ``start`` (and not a zombie)?"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] not in ("Z", "X") and int(fields[19]) == start
+
+
 def start_time(pid: int) -> int:
     """Start time of a process in clock ticks since boot (guards against PID reuse); 0 if gone."""
     try:

@@ -119,7 +119,8 @@ class IpipMode(CalicoMode):
             tc = self._tc[node.name]
             tc.add_peer(str(peer.spec.ip))
             tc.set_tunnel(cidr, str(peer.spec.ip))   # the map entry first: no packet leaks out plain
-            ns.add_route(cidr, gateway=self.underlay_next_hop(node, peer), dev=uplink())
+            # mtu: what the node itself sends there must still fit the underlay once wrapped
+            ns.add_route(cidr, gateway=self.underlay_next_hop(node, peer), dev=uplink(), mtu=self.mtu)
 
     def remove_peer(self, node: "Node", ns: Netns, peer: "Node") -> None:
         super().remove_peer(node, ns, peer)
