@@ -365,7 +365,7 @@ class Cluster:
             for c in pod.spec.containers:
                 cont = pod.containers.get(c.name)
                 for port in (p.container_port for p in c.ports if p.protocol == "TCP"):
-                    while cont is not None and not _listening(cont.pid, port):
+                    while cont is not None and not proc.listening(cont.pid, port):
                         if not cont.running():
                             raise K8sNetLabError(f"container {c.name} of pod {pod.name} exited "
                                                  f"(status {cont.process.returncode}); see {cont.log_path}")
@@ -490,21 +490,6 @@ class Cluster:
                             "from cni_plugins import skel\n"
                             "skel.main(plugin)\n")
             path.chmod(0o755)
-
-
-def _listening(pid: int, port: int) -> bool:
-    """Is a TCP socket listening on ``port`` in the network namespace of ``pid``?"""
-    for table in ("tcp", "tcp6"):
-        try:
-            with open(f"/proc/{pid}/net/{table}") as f:
-                next(f)
-                for line in f:
-                    fields = line.split()
-                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                        return True
-        except (OSError, StopIteration):
-            continue
-    return False
 
 
 def _respec_nodes(spec: ClusterSpec, raw_nodes: list[dict[str, Any]]) -> ClusterSpec:

@@ -167,3 +167,19 @@ def start_time(pid: int) -> int:
             return int(f.read().rsplit(")", 1)[1].split()[19])
     except (OSError, IndexError, ValueError):
         return 0
+
+
+def listening(pid: int, port: int) -> bool:
+    """Is a TCP socket listening on ``port`` in the network namespace of ``pid``?
+    (/proc/PID/net shows the namespace of that process.)"""
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        return True
+        except (OSError, StopIteration):
+            continue
+    return False
