@@ -366,10 +366,16 @@ class CNIRuntime:
             conf = net.plugin_config(plugin, None)
             conf["cni.dev/valid-attachments"] = attachments
             self.exec_plugin("GC", conf, None, net.bin_dirs)
-        keep = {f"{net.name}-{r.container_id}-{r.ifname}" for r in valid}
+        keep = {(r.container_id, r.ifname) for r in valid}
         if self.cache_dir.is_dir():
-            for f in self.cache_dir.glob(f"{net.name}-*"):
-                if f.name not in keep:
+            for f in self.cache_dir.iterdir():
+                try:   # match on the recorded network name: "net" must not take "net-b"'s files
+                    entry = json.loads(f.read_text())
+                except (OSError, ValueError):
+                    continue
+                if not isinstance(entry, dict) or entry.get("networkName") != net.name:
+                    continue
+                if (entry.get("containerId"), entry.get("ifName")) not in keep:
                     f.unlink(missing_ok=True)
 
     def version(self, plugin_type: str, bin_dirs: tuple[str, ...]) -> dict[str, Any]:
@@ -383,7 +389,7 @@ class CNIRuntime:
     def _cache_write(self, net: NetworkConfigList, rt: RuntimeConf, result: dict[str, Any]) -> None:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         path = self._cache_path(net, rt)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.parent / f".{path.name}.tmp"
         tmp.write_text(json.dumps({"kind": "cniCacheV1", "containerId": rt.container_id,
                                    "ifName": rt.ifname, "networkName": net.name, "result": result}))
         tmp.replace(path)

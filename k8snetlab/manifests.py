@@ -152,7 +152,7 @@ def parse_workload(doc: Any, where: str) -> Workload:
         pod = _pod_spec(name, ns, labels, spec, f"{where}.spec")
         return Workload("Pod", name, ns, 1, pod)
     replicas = spec.get("replicas", 1)
-    if not isinstance(replicas, int) or replicas < 0:
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
         raise SpecError(f"{where}.spec.replicas: must be a whole number >= 0")
     tmpl = _map(spec.get("template"), f"{where}.spec.template")
     tmeta = _map(tmpl.get("metadata"), f"{where}.spec.template.metadata")

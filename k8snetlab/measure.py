@@ -1,63 +1,113 @@
-"""Traffic runners: ping for round-trip time, iperf3 for TCP throughput.
+"""Traffic runners: round-trip time with ping, TCP throughput with iperf3.
 
-They work on network-namespace paths (``/proc/PID/ns/net``), not on Mininet objects, so any
-two namespaces can be measured. Every number comes from the tool's own output; output that
-cannot be parsed raises :class:`MeasureError` and never becomes a measurement.
+Both runners take network-namespace *paths* (``/proc/<pid>/ns/net``, ``/run/netns/<name>``)
+and start the real tools inside them, so they work for a Mininet host, a pod sandbox or a
+namespace made by hand alike. Parsing is separate from running and never invents a number:
+output that cannot be read raises :class:`MeasureError` instead of becoming a measurement.
 
-- RTT: iputils ``ping``, one sample per reply line (``time=0.045 ms``; microsecond
-  resolution). Percentiles use linear interpolation between the closest ranks.
-- TCP: ``iperf3 --json``; the rate is the *receiver's* (``end.sum_received``), so bytes lost
-  in flight are not counted; retransmits are the sender's (``end.sum_sent.retransmits``).
-  The first ``omit`` seconds (slow start) are left out.
+What the numbers mean
+---------------------
+**RTT (ping, iputils).** One ICMP echo request every ``interval_s``; the RTT of a reply is
+the kernel's receive timestamp of the reply minus the time ping took just before sending
+the request, so it covers the sender's send path, both directions of the datapath and the
+receiver's echo handling in its kernel. iputils prints ``time=`` with three decimals below
+1 ms, i.e. a resolution of 1 microsecond (fewer decimals above 1 ms); on a veth pair RTTs
+are a few to a few tens of microseconds, close to that resolution and dominated by
+scheduling, so compare medians and percentiles over many samples, not single values. The first reply usually includes neighbour (ARP)
+resolution and is often 10-100x slower; it stays in the samples (it is real), so read p50
+rather than max for the steady state. ``loss`` is ``1 - received / sent``; duplicated
+replies (``DUP!``) are neither counted nor sampled.
+
+**TCP throughput (iperf3).** One TCP stream from the client namespace to an ``iperf3 -s -1``
+server in the server namespace. ``gbit_s`` is the *receiver-side* rate: the bytes the
+server read divided by the server's measuring time (``end.sum_received``), after the
+``-O`` warm-up seconds that iperf3 leaves out. ``retransmits`` is the sender's count from
+the kernel's TCP_INFO (Linux only). iperf3 3.12 accepts whole seconds only for ``-t`` and
+``-O``; fractions are rounded up (the default ``omit_s=0.5`` becomes 1 s) and
+``TcpResult.duration_s`` reports the time iperf3 actually measured. Both ends share the
+machine's CPUs: the absolute figure is bounded by CPU, not by a link, so compare modes
+with each other on one machine rather than with a NIC's line rate.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import re
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 
 from . import proc
-from .errors import K8sNetLabError
+from .errors import CommandError, K8sNetLabError, NotRoot
+
+log = logging.getLogger(__name__)
+
+# ping cannot time a reply whose payload has no room for its timestamp (struct timeval)
+PING_MIN_SIZE = 16
+PING_REPLY_WAIT_S = 1           # ping -W: how long to wait for the last replies
+IPERF3_CONNECT_TIMEOUT_MS = 3000
+SERVER_START_TIMEOUT_S = 5.0    # bound on waiting for the iperf3 server to listen
+SERVER_EXIT_GRACE_S = 5.0       # a one-off server exits by itself after its test
 
 
 class MeasureError(K8sNetLabError):
-    """A measurement tool failed or printed something we cannot read."""
+    """A measurement could not be taken, or its output could not be read."""
 
+
+# ---------------------------------------------------------------- RTT (ping)
 
 @dataclass
 class RttStats:
+    """Per-reply RTT samples in milliseconds and the packet counts ping reported."""
+
     samples_ms: list[float]
     sent: int
     received: int
 
     @property
     def loss(self) -> float:
-        return 1 - self.received / self.sent if self.sent else 1.0
+        """Fraction of echo requests without a reply (0.0 .. 1.0)."""
+        if self.sent <= 0:
+            raise MeasureError("no packets were sent: loss is undefined")
+        return (self.sent - self.received) / self.sent
 
-    def percentile(self, p: float) -> float:
-        """The p-th percentile (0-100), linear interpolation between closest ranks."""
+    def _sorted(self) -> list[float]:
         if not self.samples_ms:
-            raise MeasureError("no RTT samples: every ping was lost")
-        xs = sorted(self.samples_ms)
-        k = (len(xs) - 1) * p / 100
-        lo, hi = math.floor(k), math.ceil(k)
-        return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+            raise MeasureError(f"no RTT samples ({self.sent} sent, {self.received} received)")
+        return sorted(self.samples_ms)
 
     @property
     def min(self) -> float:
-        return self.percentile(0)
+        return self._sorted()[0]
 
     @property
     def max(self) -> float:
-        return self.percentile(100)
+        return self._sorted()[-1]
 
     @property
     def mean(self) -> float:
-        return sum(self.samples_ms) / len(self.samples_ms) if self.samples_ms else math.nan
+        s = self._sorted()
+        return math.fsum(s) / len(s)
+
+    def percentile(self, p: float) -> float:
+        """The p-th percentile (0..100) of the samples, linearly interpolated.
+
+        The samples are sorted; percentile p sits at fractional rank ``(n - 1) * p / 100``
+        and is interpolated between the two samples around it (the "linear" method of
+        numpy, Hyndman and Fan type 7). p=0 is the minimum, p=100 the maximum, p=50 the
+        median. Raises MeasureError when there are no samples.
+        """
+        if not 0 <= p <= 100:
+            raise ValueError(f"percentile must be within 0..100, got {p}")
+        s = self._sorted()
+        rank = (len(s) - 1) * p / 100
+        lo = math.floor(rank)
+        hi = min(lo + 1, len(s) - 1)
+        return s[lo] + (s[hi] - s[lo]) * (rank - lo)
 
     @property
     def p50(self) -> float:
@@ -72,36 +122,89 @@ class RttStats:
         return self.percentile(99)
 
 
-_REPLY = re.compile(r"time[=<]([\d.]+) ms")
-_SUMMARY = re.compile(r"(\d+) packets transmitted, (\d+) (?:packets )?received")
+_REPLY_RE = re.compile(r"\bbytes from\b")
+_TIME_RE = re.compile(r"\btime=(\d+(?:\.\d+)?) ?ms\b")
+_SUMMARY_RE = re.compile(r"(\d+) packets transmitted, (\d+) (?:packets )?received")
 
 
 def parse_ping(output: str) -> RttStats:
-    m = _SUMMARY.search(output)
-    if not m:
-        raise MeasureError(f"cannot read ping output: {output.strip()[-200:]!r}")
-    samples = [float(x) for x in _REPLY.findall(output)]
-    sent, received = int(m.group(1)), int(m.group(2))
-    if len(samples) != received:
-        raise MeasureError(f"ping reported {received} replies but printed {len(samples)} times")
-    return RttStats(samples, sent, received)
+    """Read iputils ping output: one sample per ``time=... ms`` reply line, plus the
+    ``N packets transmitted, M received`` summary.
+
+    Duplicate replies are skipped. Raises MeasureError if the summary is missing, a reply
+    has no time (payload under 16 bytes) or the reply lines disagree with the summary.
+    """
+    samples: list[float] = []
+    summary = None
+    for line in output.splitlines():
+        if _REPLY_RE.search(line):
+            if "DUP!" in line:
+                continue
+            m = _TIME_RE.search(line)
+            if m is None:
+                raise MeasureError(f"ping reply without a round-trip time: {line.strip()!r}")
+            samples.append(float(m.group(1)))
+            continue
+        m = _SUMMARY_RE.search(line)
+        if m:
+            summary = int(m.group(1)), int(m.group(2))
+    if summary is None:
+        last = output.strip().splitlines()[-1:] or ["<empty>"]
+        raise MeasureError(f"ping output has no 'packets transmitted' line (last line: {last[0]!r})")
+    sent, received = summary
+    if received > sent or len(samples) != received:
+        raise MeasureError(f"ping output is inconsistent: {sent} transmitted, {received} received, "
+                           f"but {len(samples)} timed replies")
+    return RttStats(samples_ms=samples, sent=sent, received=received)
 
 
 def ping(netns: str, dst: str, count: int = 50, interval_s: float = 0.01,
          timeout_s: float | None = None, size: int | None = None) -> RttStats:
-    """``count`` echo requests from the namespace ``netns`` to ``dst``."""
-    args = ["ping", "-n", "-c", str(count), "-i", f"{interval_s:g}", "-W", "1"]
+    """Ping ``dst`` ``count`` times from the namespace ``netns``.
+
+    ``size`` is the ICMP payload in bytes (ping -s; at least 16 so replies carry a
+    timestamp). ``timeout_s`` bounds the whole run (default: the sending time plus 10 s).
+    Partial or total loss is a result (see ``RttStats.loss``); a ping that cannot run at
+    all (no route, unknown host) raises CommandError.
+    """
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    if interval_s <= 0:
+        raise ValueError(f"interval_s must be positive, got {interval_s}")
+    if size is not None and size < PING_MIN_SIZE:
+        raise ValueError(f"size must be at least {PING_MIN_SIZE} bytes so ping can time replies, "
+                         f"got {size}")
+    proc.require("ping")
+    _check_netns(netns)
+    if timeout_s is None:
+        timeout_s = count * interval_s + PING_REPLY_WAIT_S + 10
+    args = ["ping", "-n", "-c", str(count), "-i", f"{interval_s:g}", "-W", str(PING_REPLY_WAIT_S)]
     if size is not None:
         args += ["-s", str(size)]
-    limit = timeout_s or count * interval_s + 10
-    res = proc.run([*args, dst], netns=netns, check=False, timeout=limit)
-    if res.returncode not in (0, 1):  # 1: some replies missing, still a measurement
-        raise MeasureError(f"ping {dst} failed (exit {res.returncode}): {(res.stderr or res.stdout).strip()[-200:]}")
-    return parse_ping(res.stdout)
+    args.append(dst)
+    where = f"netns {netns}"
+    log.debug("ping %s from %s (%d x %g s)", dst, netns, count, interval_s)
+    done = proc.run(args, netns=netns, timeout=timeout_s, env=_c_locale(), check=False, where=where)
+    # iputils: 0 = some replies, 1 = no reply at all (still a measurement), 2 = error
+    if done.returncode not in (0, 1):
+        raise CommandError(args, done.returncode, done.stdout, done.stderr, where)
+    try:
+        stats = parse_ping(done.stdout)
+    except MeasureError:
+        if done.returncode != 0:
+            raise CommandError(args, done.returncode, done.stdout, done.stderr, where) from None
+        raise
+    if stats.received < stats.sent:
+        log.info("ping %s from %s: %d of %d replies", dst, netns, stats.received, stats.sent)
+    return stats
 
+
+# ---------------------------------------------------------------- TCP (iperf3)
 
 @dataclass
 class TcpResult:
+    """One iperf3 TCP test, as seen by the receiver (rate) and the sender (retransmits)."""
+
     gbit_s: float
     retransmits: int
     duration_s: float
@@ -109,55 +212,186 @@ class TcpResult:
     mss: int | None = None
 
 
+def _field(doc: dict, *path: str):
+    node = doc
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            raise MeasureError(f"iperf3 JSON lacks {'.'.join(path)} "
+                               "(is this the output of a TCP client run with --json?)")
+        node = node[key]
+    if isinstance(node, bool) or not isinstance(node, (int, float)):
+        raise MeasureError(f"iperf3 JSON field {'.'.join(path)} is not a number: {node!r}")
+    return node
+
+
 def parse_iperf3(json_text: str) -> TcpResult:
+    """Read the JSON of an iperf3 TCP client (``iperf3 -c ... --json``).
+
+    Rate, bytes and seconds come from ``end.sum_received`` (the receiver), retransmits
+    from ``end.sum_sent``, the MSS from ``start.tcp_mss`` or ``start.tcp_mss_default``.
+    Raises MeasureError on iperf3's own ``{"error": ...}`` or on missing fields.
+    """
     try:
-        data = json.loads(json_text)
+        doc = json.loads(json_text)
     except ValueError:
-        raise MeasureError(f"iperf3 printed no JSON: {json_text.strip()[-200:]!r}") from None
-    if data.get("error"):
-        raise MeasureError(f"iperf3: {data['error']}")
+        head = json_text.strip()[:80] or "<empty>"
+        raise MeasureError(f"iperf3 output is not JSON: {head!r}") from None
+    if not isinstance(doc, dict):
+        raise MeasureError("iperf3 output is not a JSON object")
+    if doc.get("error"):
+        raise MeasureError(f"iperf3: {doc['error']}")
+    bits = _field(doc, "end", "sum_received", "bits_per_second")
+    nbytes = _field(doc, "end", "sum_received", "bytes")
+    seconds = _field(doc, "end", "sum_received", "seconds")
+    retransmits = _field(doc, "end", "sum_sent", "retransmits")
+    start = doc.get("start") if isinstance(doc.get("start"), dict) else {}
+    mss = start.get("tcp_mss") or start.get("tcp_mss_default")
+    if isinstance(mss, bool) or not isinstance(mss, int):
+        mss = None
+    return TcpResult(gbit_s=bits / 1e9, retransmits=int(retransmits), duration_s=float(seconds),
+                     bytes=int(nbytes), mss=mss)
+
+
+def iperf3(client_netns: str, server_netns: str, server_ip: str, duration_s: float = 5,
+           port: int = 5201, omit_s: float = 0.5, timeout_s: float | None = None) -> TcpResult:
+    """Measure one TCP stream from ``client_netns`` to ``server_ip`` in ``server_netns``.
+
+    Starts a one-off ``iperf3 -s -1`` in the server namespace, waits (bounded) until it
+    listens, runs the client with ``--json``, and always stops the server it started,
+    also on errors. ``timeout_s`` bounds the whole run (default: test time plus 20 s).
+    """
+    if duration_s <= 0 or omit_s < 0:
+        raise ValueError(f"need duration_s > 0 and omit_s >= 0, got {duration_s} and {omit_s}")
+    if not 0 < port < 65536:
+        raise ValueError(f"port must be within 1..65535, got {port}")
+    proc.require("iperf3")
+    _check_netns(client_netns)
+    _check_netns(server_netns)
+    t, omit = max(1, math.ceil(duration_s)), math.ceil(omit_s)
+    if (t, omit) != (duration_s, omit_s):
+        log.debug("iperf3 takes whole seconds: -t %d -O %d (asked %g, %g)", t, omit, duration_s, omit_s)
+    if timeout_s is None:
+        timeout_s = t + omit + 20
+    deadline = time.monotonic() + timeout_s
+
+    # -B: the server binds server_ip, so an address that is not in server_netns fails at once
+    server_args = ["iperf3", "-s", "-1", "-B", server_ip, "-p", str(port),
+                   # an orphaned server (our process killed) gives up on its own
+                   "--idle-timeout", str(math.ceil(timeout_s))]
+    server_log = tempfile.TemporaryFile()     # read only to explain a server that died
     try:
-        recv, sent = data["end"]["sum_received"], data["end"]["sum_sent"]
-        return TcpResult(gbit_s=recv["bits_per_second"] / 1e9, retransmits=int(sent.get("retransmits", 0)),
-                         duration_s=float(recv["seconds"]), bytes=int(recv["bytes"]),
-                         mss=data.get("start", {}).get("tcp_mss_default"))
-    except (KeyError, TypeError) as e:
-        raise MeasureError(f"iperf3 JSON lacks {e}") from None
+        server = subprocess.Popen(server_args, stdin=subprocess.DEVNULL, stdout=server_log,
+                                  stderr=subprocess.STDOUT, close_fds=True,
+                                  preexec_fn=lambda: proc.setns(server_netns))
+    except BaseException:
+        server_log.close()
+        raise
+    log.debug("iperf3 server pid %d in %s, port %d", server.pid, server_netns, port)
+    finished = False
+    try:
+        _wait_listening(server, server_log, server_netns, port,
+                        min(deadline, time.monotonic() + SERVER_START_TIMEOUT_S))
+        client_args = ["iperf3", "-c", server_ip, "-p", str(port), "-t", str(t), "-O", str(omit),
+                       "--json", "--connect-timeout", str(IPERF3_CONNECT_TIMEOUT_MS)]
+        where = f"netns {client_netns}"
+        remaining = max(1.0, deadline - time.monotonic())
+        done = proc.run(client_args, netns=client_netns, timeout=remaining, check=False, where=where)
+        try:
+            result = parse_iperf3(done.stdout)
+        except MeasureError as e:
+            if done.returncode != 0 and not done.stdout.lstrip().startswith("{"):
+                raise CommandError(client_args, done.returncode, done.stdout, done.stderr,
+                                   where) from None
+            raise MeasureError(f"iperf3 from {client_netns} to {server_ip}:{port}: {e}") from None
+        if done.returncode != 0:
+            raise CommandError(client_args, done.returncode, done.stdout, done.stderr, where)
+        finished = True
+        return result
+    finally:
+        _stop(server, SERVER_EXIT_GRACE_S if finished else 0.0)
+        server_log.close()
 
 
-def _wait_listening(server: subprocess.Popen, port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not proc.listening(server.pid, port):
+def _wait_listening(server: subprocess.Popen, server_log, netns: str, port: int,
+                    until: float) -> None:
+    """Return once the server itself has a listening socket on ``port``; raise if it exits
+    (port in use, address not in the namespace) or the bound is reached."""
+    while True:
         if server.poll() is not None:
-            err = server.stderr.read().decode(errors="replace").strip() if server.stderr else ""
-            raise MeasureError(f"iperf3 server exited (status {server.returncode}): {err[-200:]}")
-        if time.monotonic() > deadline:
-            raise MeasureError(f"iperf3 server did not listen on port {port} within {timeout:.0f} s")
+            server_log.seek(0)
+            said = server_log.read().decode(errors="replace").strip().splitlines()
+            raise MeasureError(f"iperf3 server in {netns} exited ({server.returncode}) before "
+                               f"listening on port {port}: {said[-1] if said else 'no output'}")
+        if _owns_listener(server.pid, port):
+            return
+        if time.monotonic() >= until:
+            raise MeasureError(f"iperf3 server in {netns} did not listen on port {port} "
+                               f"within {SERVER_START_TIMEOUT_S:g} s")
         time.sleep(0.01)
 
 
-def iperf3(client_netns: str, server_netns: str, server_ip: str, duration_s: float = 5, port: int = 5201,
-           omit_s: float = 0.5, timeout_s: float | None = None) -> TcpResult:
-    """TCP throughput from ``client_netns`` to an iperf3 server started in ``server_netns``."""
-    proc.require("iperf3")
-    server = subprocess.Popen(["iperf3", "-s", "-1", "-B", server_ip, "-p", str(port)],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              preexec_fn=lambda: proc.setns(server_netns))
+def _owns_listener(pid: int, port: int) -> bool:
+    """Does process ``pid`` hold a TCP socket listening on ``port``?
+
+    Reads the listening sockets of the process's namespace from /proc/PID/net/tcp{,6} and
+    keeps those whose inode is one of the process's own descriptors, so another program
+    listening on the same port in that namespace is never mistaken for our server.
+    """
+    inodes: set[str] = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    # sl local_address rem_address st ... inode (field 9); 0A = LISTEN
+                    if len(fields) > 9 and fields[3] == "0A" \
+                            and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(fields[9])
+        except OSError:     # gone, or no IPv6 in this kernel
+            continue
+    if not inodes:
+        return False
     try:
-        _wait_listening(server, port, 5)
-        limit = timeout_s or duration_s + omit_s + 15
-        res = proc.run(["iperf3", "-c", server_ip, "-p", str(port), "-t", f"{duration_s:g}",
-                        "-O", f"{omit_s:g}", "--json"], netns=client_netns, check=False, timeout=limit)
-        if res.returncode != 0 and not res.stdout.strip():
-            raise MeasureError(f"iperf3 -c {server_ip} failed (exit {res.returncode}): {res.stderr.strip()[-200:]}")
-        return parse_iperf3(res.stdout)
-    finally:
-        if server.poll() is None:
-            server.terminate()
-            try:
-                server.wait(3)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
-        if server.stderr:
-            server.stderr.close()
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            return True
+    return False
+
+
+def _stop(server: subprocess.Popen, grace: float) -> None:
+    """End the server we started (our child, so its PID cannot have been reused)."""
+    try:
+        server.wait(timeout=grace)
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    log.debug("stopping iperf3 server pid %d", server.pid)
+    server.terminate()
+    try:
+        server.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+# ---------------------------------------------------------------- helpers
+
+def _check_netns(path: str) -> None:
+    if os.geteuid() != 0:
+        raise NotRoot("measuring inside a network namespace")
+    if not os.path.exists(path):
+        raise MeasureError(f"network namespace {path} does not exist (is the pod or host running?)")
+
+
+def _c_locale() -> dict[str, str]:
+    env = dict(os.environ)
+    env["LC_ALL"] = "C"
+    return env

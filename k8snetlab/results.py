@@ -1,38 +1,77 @@
-"""The tidy CSV every experiment writes, and the tables made from it.
+"""The tidy CSV every experiment writes, and the tables and plots made from it.
 
-One measurement per row. Columns (the README lists them too):
+One measurement per row, so a file from any experiment can be filtered, joined and
+plotted with any tool (pandas, R, a spreadsheet) without knowing which experiment made it.
 
-``run_id``, ``timestamp``, ``experiment``, ``topology``, ``mode`` (CNI type), ``datapath``
-(kernel / ebpf / reference), ``scenario`` (node-to-node, pod-same-node, pod-cross-node,
-lifecycle), ``src``, ``dst``, ``round`` (1..N; 0 for one-off rows), ``metric``
-(``rtt_p50``...), ``value``, ``unit`` (``ms``, ``Gbit/s``, ``count``...), ``mtu``, ``kernel``.
+Columns, in this order:
 
-Summaries take the median over rounds: robust to one disturbed round on a shared machine.
+- ``run_id``      one experiment run: UTC time plus a short random suffix (``new_run_id()``)
+- ``timestamp``   when the row was measured, ISO 8601 (``utc_timestamp()`` gives UTC)
+- ``experiment``  the experiment's name (``hostgw_vs_ipip``)
+- ``topology``    the cluster file's name
+- ``mode``        the CNI type measured (``host-gw``, ``ipip``, ...); ``all`` for whole-run rows
+- ``datapath``    how the mode was realised (``kernel``, ``ebpf``, ``reference``); may be empty
+- ``scenario``    what path the traffic took (``node-to-node``, ``pod-same-node``,
+  ``pod-cross-node``), or ``lifecycle`` for set-up and tear-down timings
+- ``src``, ``dst`` the endpoints (pod or node names); empty for lifecycle rows
+- ``round``       1..N repetition of the measurement; 0 for one-off rows
+- ``metric``      what was measured, e.g. ``rtt_p50``
+- ``value``       the number (a float)
+- ``unit``        the unit of ``value``, always written out, e.g. ``ms``
+- ``mtu``         MTU of the path's interfaces in bytes; empty when not applicable
+- ``kernel``      ``uname -r`` of the machine (``kernel_release()``)
+
+Metrics and their units (``METRIC_UNITS``; a row naming one of these with another unit is
+refused when written): ``rtt_min``, ``rtt_mean``, ``rtt_p50``, ``rtt_p90``, ``rtt_p99``,
+``rtt_max`` in ``ms``; ``rtt_loss`` as a ``fraction`` (0..1); ``tcp_throughput`` in
+``Gbit/s`` (receiver side); ``tcp_retransmits`` as a ``count``; ``cluster_up`` and
+``cluster_down`` in ``s``; ``runtime_peak_rss`` in ``MB``.
+
+Summaries take the median over rounds (and over every row of a group): one round disturbed
+by another process on a shared machine moves a median little and a mean a lot.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import logging
+import math
 import os
 import secrets
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
-from .errors import K8sNetLabError
+from .errors import K8sNetLabError, SpecError
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["run_id", "timestamp", "experiment", "topology", "mode", "datapath", "scenario", "src", "dst",
-           "round", "metric", "value", "unit", "mtu", "kernel"]
+COLUMNS = ["run_id", "timestamp", "experiment", "topology", "mode", "datapath", "scenario",
+           "src", "dst", "round", "metric", "value", "unit", "mtu", "kernel"]
+
+METRIC_UNITS: dict[str, str] = {
+    "rtt_min": "ms", "rtt_mean": "ms", "rtt_p50": "ms", "rtt_p90": "ms", "rtt_p99": "ms",
+    "rtt_max": "ms", "rtt_loss": "fraction",
+    "tcp_throughput": "Gbit/s", "tcp_retransmits": "count",
+    "cluster_up": "s", "cluster_down": "s", "runtime_peak_rss": "MB",
+}
+
+PLOT_METRICS = ("rtt_p50", "tcp_throughput")
+
+
+class ResultsFileError(SpecError):
+    """A file given as results CSV is not one (missing, not text, wrong columns, bad cell).
+
+    Bad input like a bad cluster file, hence a SpecError: the CLI exits 2 with one line.
+    """
 
 
 @dataclass
 class Row:
+    """One measurement; the fields are the CSV columns."""
+
     run_id: str
     timestamp: str
     experiment: str
@@ -49,23 +88,61 @@ class Row:
     mtu: int | None
     kernel: str
 
+    def __post_init__(self) -> None:
+        self.round = int(self.round)
+        self.value = float(self.value)
+        self.mtu = None if self.mtu is None else int(self.mtu)
+
+    def cells(self) -> list[str]:
+        """The row as CSV cells; repr() keeps every digit of the float."""
+        out = []
+        for name in COLUMNS:
+            v = getattr(self, name)
+            out.append("" if v is None else repr(v) if isinstance(v, float) else str(v))
+        return out
+
+
+def utc_timestamp() -> str:
+    """Now, as ISO 8601 UTC to the second (``2026-11-21T22:05:29Z``)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def kernel_release() -> str:
+    return os.uname().release
+
+
+def new_run_id() -> str:
+    """``20261121T220529Z-3fa9c1``: sortable by time, unique across runs started together."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+# ---------------------------------------------------------------- writing and reading
 
 class CsvWriter:
-    """Appends rows to a new CSV file (header first), flushing each so a crash loses none."""
+    """Writes a new results CSV: the header at once, then each row, flushed, so a run that
+    crashes half-way keeps every row it measured. An existing file is replaced."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._f = open(self.path, "w", newline="")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "w", newline="", encoding="utf-8")
         self._w = csv.writer(self._f)
         self._w.writerow(COLUMNS)
+        self._f.flush()
 
     def write(self, row: Row) -> None:
-        d = dataclasses.asdict(row)
-        self._w.writerow(["" if d[c] is None else d[c] for c in COLUMNS])
+        if not isinstance(row, Row):
+            raise TypeError(f"CsvWriter.write takes a Row, not {type(row).__name__}")
+        unit = METRIC_UNITS.get(row.metric)
+        if unit is not None and row.unit != unit:
+            raise K8sNetLabError(f"metric {row.metric} is measured in {unit!r}, "
+                                 f"not {row.unit!r} (see results.METRIC_UNITS)")
+        self._w.writerow(row.cells())
         self._f.flush()
 
     def close(self) -> None:
-        self._f.close()
+        if not self._f.closed:
+            self._f.close()
 
     def __enter__(self) -> "CsvWriter":
         return self
@@ -75,122 +152,243 @@ class CsvWriter:
 
 
 def read_rows(path: str | os.PathLike) -> list[Row]:
+    """All rows of a results CSV. Anything else raises ResultsFileError (a K8sNetLabError)
+    with one line naming the file (and the line, or the missing columns)."""
+    what = "not a k8snetlab results CSV"
     try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                raise ResultsFileError(f"{path}: empty file, {what} "
+                                     f"(expected the header {','.join(COLUMNS)})")
+            missing = [c for c in COLUMNS if c not in header]
             if missing:
-                raise K8sNetLabError(f"{path}: not a k8snetlab results CSV (missing columns: {', '.join(missing)})")
+                raise ResultsFileError(f"{path}: {what}: missing columns {', '.join(missing)}")
+            index = {c: header.index(c) for c in COLUMNS}
             rows = []
-            for i, r in enumerate(reader, start=2):
-                try:
-                    rows.append(Row(**{**{c: r[c] for c in COLUMNS}, "round": int(r["round"]),
-                                       "value": float(r["value"]), "mtu": int(r["mtu"]) if r["mtu"] else None}))
-                except (ValueError, TypeError) as e:
-                    raise K8sNetLabError(f"{path}: line {i}: {e}") from None
+            for cells in reader:
+                if not cells:
+                    continue
+                rows.append(_row_from(cells, index, len(header), f"{path}:{reader.line_num}"))
             return rows
-    except OSError as e:
-        raise K8sNetLabError(f"{path}: cannot read: {e.strerror}") from None
+    except FileNotFoundError:
+        raise ResultsFileError(f"{path}: no such file") from None
     except UnicodeDecodeError:
-        raise K8sNetLabError(f"{path}: not a text CSV file") from None
+        raise ResultsFileError(f"{path}: {what} (not UTF-8 text)") from None
+    except csv.Error as e:
+        raise ResultsFileError(f"{path}: {what} ({e})") from None
+    except OSError as e:
+        raise ResultsFileError(f"{path}: cannot read: {e.strerror or e}") from None
 
+
+def _row_from(cells: list[str], index: dict[str, int], width: int, where: str) -> Row:
+    if len(cells) != width:
+        raise ResultsFileError(f"{where}: expected {width} fields, found {len(cells)}")
+    d: dict[str, Any] = {c: cells[i] for c, i in index.items()}
+    for name, conv in (("round", int), ("value", float)):
+        try:
+            d[name] = conv(d[name])
+        except ValueError:
+            raise ResultsFileError(f"{where}: column {name!r} is not a number: {d[name]!r}") from None
+    try:
+        d["mtu"] = int(d["mtu"]) if d["mtu"] != "" else None
+    except ValueError:
+        raise ResultsFileError(f"{where}: column 'mtu' is not an integer: {d['mtu']!r}") from None
+    return Row(**d)
+
+
+# ---------------------------------------------------------------- tables
 
 def median(values: Iterable[float]) -> float:
-    vals = list(values)
-    return statistics.median(vals) if vals else float("nan")
+    """The median; NaN if any value is NaN (unknown stays unknown). Raises on no values."""
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("median of no values")
+    if any(math.isnan(v) for v in vals):
+        return math.nan
+    return statistics.median(vals)
 
 
-def _medians(rows: list[Row], key) -> dict[tuple, float]:
+def _group(rows: Iterable[Row], key: Callable[[Row], tuple]) -> dict[tuple, list[float]]:
     groups: dict[tuple, list[float]] = {}
     for r in rows:
         groups.setdefault(key(r), []).append(r.value)
-    return {k: median(v) for k, v in groups.items()}
+    return groups
 
 
-def ratio_table(rows: list[Row], numerator_mode: str, denominator_mode: str,
-                skip_scenarios: tuple[str, ...] = ("lifecycle",)) -> list[dict[str, Any]]:
-    """Per (scenario, metric, unit): the median of each mode and numerator/denominator."""
-    meds = _medians([r for r in rows if r.scenario not in skip_scenarios],
-                    lambda r: (r.scenario, r.metric, r.unit, r.mode))
-    keys = sorted({k[:3] for k in meds}, key=lambda k: ([*dict.fromkeys(r.scenario for r in rows)].index(k[0]), k[1]))
+def _attrs(names: Sequence[str]) -> Callable[[Row], tuple]:
+    bad = [n for n in names if n not in COLUMNS]
+    if bad:
+        raise ValueError(f"unknown column(s) {', '.join(bad)}; columns are {', '.join(COLUMNS)}")
+    return lambda r: tuple(getattr(r, n) for n in names)
+
+
+def summarize(rows: Iterable[Row], by: Sequence[str] = ("scenario", "metric", "unit"),
+              modes: Sequence[str] | None = None,
+              skip_scenarios: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """One dict per group of ``by``: the group's columns, then per mode the median over
+    rounds (None where the mode has no rows). ``modes`` fixes the order (default: as they
+    first appear). Rows of one mode with several datapaths are pooled unless ``datapath``
+    is in ``by``."""
+    rows = [r for r in rows if r.scenario not in skip_scenarios]
+    if modes is None:
+        modes = list(dict.fromkeys(r.mode for r in rows))
+    key = _attrs(by)
+    groups = _group((r for r in rows if r.mode in modes), lambda r: (key(r), r.mode))
     out = []
-    for sc, metric, unit in keys:
-        num, den = meds.get((sc, metric, unit, numerator_mode)), meds.get((sc, metric, unit, denominator_mode))
-        ratio = num / den if num is not None and den not in (None, 0) else None
-        out.append({"scenario": sc, "metric": metric, "unit": unit, "numerator": num, "denominator": den,
-                    "ratio": ratio})
+    for k in dict.fromkeys(g for g, _ in groups):
+        entry: dict[str, Any] = dict(zip(by, k))
+        for m in modes:
+            vals = groups.get((k, m))
+            entry[m] = median(vals) if vals else None
+        out.append(entry)
     return out
 
 
-def compare(a_rows: list[Row], b_rows: list[Row]) -> list[dict[str, Any]]:
-    """Join two runs on (mode, datapath, scenario, metric, unit); medians and ratio b/a."""
-    key = lambda r: (r.mode, r.datapath, r.scenario, r.metric, r.unit)
-    a, b = _medians(a_rows, key), _medians(b_rows, key)
+def _ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den == 0:
+        return None
+    return num / den
+
+
+def ratio_table(rows: Iterable[Row], numerator_mode: str, denominator_mode: str,
+                by: Sequence[str] = ("scenario", "metric", "unit"),
+                skip_scenarios: Sequence[str] = ("lifecycle",)) -> list[dict[str, Any]]:
+    """Per (scenario, metric, unit): the median of each mode and numerator / denominator.
+
+    Each dict holds the ``by`` columns and ``numerator``, ``denominator``, ``ratio``; a
+    side without rows is None and so is the ratio (also when the denominator is 0).
+    """
     out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        out.append(dict(zip(("mode", "datapath", "scenario", "metric", "unit"), k), a=va, b=vb,
-                        ratio=vb / va if va not in (None, 0) and vb is not None else None))
+    for s in summarize(rows, by, [numerator_mode, denominator_mode], skip_scenarios):
+        num, den = s[numerator_mode], s[denominator_mode]
+        out.append({**{k: s[k] for k in by}, "numerator": num, "denominator": den,
+                    "ratio": _ratio(num, den)})
     return out
 
 
-def _fmt(v: Any) -> str:
+COMPARE_KEY = ("mode", "datapath", "scenario", "metric", "unit")
+
+
+def compare(a_rows: Iterable[Row], b_rows: Iterable[Row]) -> list[dict[str, Any]]:
+    """Join two files on (mode, datapath, scenario, metric, unit).
+
+    Each dict: the key columns, ``a`` and ``b`` (median over the rows of that file),
+    ``n_a`` and ``n_b`` (how many rows), ``ratio`` = b / a. A key present in only one file
+    is listed with the other side None (n 0) and no ratio. Order: as in A, then B's extras.
+    """
+    key = _attrs(COMPARE_KEY)
+    a, b = _group(a_rows, key), _group(b_rows, key)
+    out = []
+    for k in dict.fromkeys([*a, *b]):
+        va = median(a[k]) if k in a else None
+        vb = median(b[k]) if k in b else None
+        out.append({**dict(zip(COMPARE_KEY, k)), "a": va, "b": vb,
+                    "n_a": len(a.get(k, ())), "n_b": len(b.get(k, ())), "ratio": _ratio(vb, va)})
+    return out
+
+
+def _is_ratio(header: str) -> bool:
+    return "ratio" in header.lower() or "/" in header
+
+
+def format_number(v: Any, ratio: bool = False) -> str:
+    """None -> '-', ints as they are, floats to 4 significant digits (3 for ratios),
+    never in exponent notation for values of 1000 and more."""
     if v is None:
         return "-"
-    if isinstance(v, float):
-        if v != v:
-            return "nan"
-        if v == 0:
-            return "0"
-        if abs(v) >= 100:
-            return f"{v:.0f}"
-        return f"{v:.3g}"
-    return str(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    if math.isnan(v) or math.isinf(v):
+        return str(v)
+    if v == 0:
+        return "0"
+    if abs(v) >= 1000:
+        return f"{v:.0f}"
+    return f"{v:.{3 if ratio else 4}g}"
 
 
 def format_table(headers: list[str], rows: list[list[Any]]) -> str:
-    cells = [headers] + [[_fmt(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    """A plain-text table: a header, a rule, one line per row; numbers right-aligned.
+    Columns whose header says ``ratio`` or holds a ``/`` (``B/A``) get 3 significant digits."""
+    ratio_cols = [_is_ratio(h) for h in headers]
+    numeric = [True] * len(headers)
+    body = []
+    for r in rows:
+        if len(r) != len(headers):
+            raise ValueError(f"row has {len(r)} cells for {len(headers)} headers: {r!r}")
+        body.append([format_number(c, ratio_cols[i]) for i, c in enumerate(r)])
+        for i, c in enumerate(r):
+            if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float))):
+                numeric[i] = False
+    widths = [max([len(h)] + [len(line[i]) for line in body]) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if numeric[i] else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(list(headers)), "  ".join("-" * w for w in widths),
+                      *(line(b) for b in body)])
 
 
-def kernel_release() -> str:
-    return os.uname().release
+# ---------------------------------------------------------------- plot
 
+def plot(rows: Iterable[Row], path_png: str | os.PathLike,
+         metrics: Sequence[str] = PLOT_METRICS, modes: Sequence[str] | None = None,
+         skip_scenarios: Sequence[str] = ("lifecycle",), title: str | None = None) -> Path | None:
+    """Bar charts, one panel per metric: the median over rounds per scenario (groups on the
+    x axis) and mode (one bar each). A bar is drawn only where there are rows.
 
-def new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
-
-
-def plot(rows: list[Row], path_png: str | os.PathLike, metrics: tuple[str, ...] = ("rtt_p50", "tcp_throughput")) -> Path | None:
-    """Bar charts of the medians per scenario and mode; None if matplotlib is missing."""
+    Returns the PNG's path; None (and a log line) when matplotlib is not installed or no
+    row has one of ``metrics``.
+    """
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
-        log.info("matplotlib is not installed: no plot (pip install matplotlib)")
+        log.warning("no plot: matplotlib is not installed (pip install matplotlib)")
         return None
-    data = [r for r in rows if r.metric in metrics and r.scenario != "lifecycle"]
+    data = [r for r in rows if r.metric in metrics and r.scenario not in skip_scenarios]
     if not data:
+        log.warning("no plot: no rows with metric %s", " or ".join(metrics))
         return None
-    modes = list(dict.fromkeys(r.mode for r in data))
-    scenarios = list(dict.fromkeys(r.scenario for r in data))
-    meds = _medians(data, lambda r: (r.metric, r.scenario, r.mode))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4))
-    for ax, metric in zip(axes if len(metrics) > 1 else [axes], metrics):
-        width = 0.8 / len(modes)
-        for i, m in enumerate(modes):
-            ys = [meds.get((metric, sc, m), 0) for sc in scenarios]
-            ax.bar([x + i * width for x in range(len(scenarios))], ys, width, label=m)
-        unit = next((r.unit for r in data if r.metric == metric), "")
-        ax.set_title(f"{metric} (median over rounds)")
-        ax.set_ylabel(unit)
-        ax.set_xticks([x + width * (len(modes) - 1) / 2 for x in range(len(scenarios))], scenarios)
-        ax.legend()
+    if modes is None:
+        modes = list(dict.fromkeys(r.mode for r in data))
+    panels = [m for m in metrics if any(r.metric == m for r in data)]
+    fig = Figure(figsize=(5.5 * len(panels), 4.2))
+    FigureCanvasAgg(fig)          # the Agg (file-only) backend, without pyplot's global state
+    for n, metric in enumerate(panels, start=1):
+        ax = fig.add_subplot(1, len(panels), n)
+        these = [r for r in data if r.metric == metric]
+        scenarios = list(dict.fromkeys(r.scenario for r in these))
+        groups = _group(these, lambda r: (r.scenario, r.mode))
+        width = 0.8 / max(1, len(modes))
+        for i, mode in enumerate(modes):
+            xs = [x + (i - (len(modes) - 1) / 2) * width
+                  for x, sc in enumerate(scenarios) if (sc, mode) in groups]
+            ys = [median(groups[(sc, mode)]) for sc in scenarios if (sc, mode) in groups]
+            if xs:
+                bars = ax.bar(xs, ys, width, label=mode)
+                ax.bar_label(bars, labels=[format_number(y) for y in ys], fontsize=7)
+        units = sorted({r.unit for r in these})
+        ax.set_title(f"{metric}, median over rounds")
+        ax.set_ylabel(" / ".join(units))
+        ax.set_xticks(range(len(scenarios)))
+        ax.set_xticklabels(scenarios, fontsize=8)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path_png, dpi=100)
-    plt.close(fig)
-    return Path(path_png)
+    out = Path(path_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    log.info("plot written to %s", out)
+    return out
+
+
+__all__ = ["COLUMNS", "METRIC_UNITS", "ResultsFileError", "Row", "CsvWriter", "read_rows",
+           "median", "summarize", "ratio_table", "compare", "format_number", "format_table",
+           "kernel_release", "new_run_id", "utc_timestamp", "plot"]

@@ -311,7 +311,10 @@ def _parse_cni(raw: Any, src: str) -> CNISpec:
     if not isinstance(raw, dict):
         raise SpecError(f"{src}: cni must be a mapping like {{type: host-gw}}")
     cni_type = raw.get("type", "bridge")
-    mode = MODES.get(cni_type)  # unknown type -> SpecError listing the valid ones
+    try:
+        mode = MODES.get(cni_type)
+    except SpecError as e:  # name the place: the registry only knows the valid names
+        raise SpecError(f"{src}: cni.type: {e}") from None
     allowed = {"type", "reference", "invoke", *MODES.names()}
     bad = [k for k in raw if k not in allowed]
     if bad:
@@ -362,6 +365,14 @@ def _check_addresses(spec: ClusterSpec) -> None:
             if s.cidr.overlaps(net):
                 raise SpecError(f"{src}: underlay subnet {s.name} ({s.cidr}) overlaps network.{label} "
                                 f"({net}): node and pod addresses must be distinct")
+    node_subnets = list(dict.fromkeys(n.subnet for n in spec.nodes))
+    if len(node_subnets) > 1:
+        router_ips = {ip for r in spec.underlay.routers for _, ip in r.interfaces}
+        for name in node_subnets:
+            gw = spec.underlay.subnet(name).gateway
+            if gw is None or gw not in router_ips:
+                raise SpecError(f"{src}: underlay.subnets {name}: nodes are on several subnets, so subnet "
+                                f"{name} needs a gateway that is an address of one of underlay.routers")
     used = {n.ip: f"node {n.name}" for n in spec.nodes}
     names = {n.name for n in spec.nodes}
     for r in spec.underlay.routers:
@@ -377,7 +388,10 @@ def _check_addresses(spec: ClusterSpec) -> None:
 
 
 def _check_scheduling(spec: ClusterSpec) -> None:
-    pods = spec.pods()  # raises on duplicate pod names
+    try:
+        pods = spec.pods()
+    except SpecError as e:
+        raise SpecError(f"{spec.source}: workloads: {e}") from None
     nodes = {n.name for n in spec.nodes}
     clash = nodes & {p.name for p in pods}
     if clash:
