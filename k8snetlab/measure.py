@@ -13,10 +13,11 @@ the request, so it covers the sender's send path, both directions of the datapat
 receiver's echo handling in its kernel. iputils prints ``time=`` with three decimals below
 1 ms, i.e. a resolution of 1 microsecond (fewer decimals above 1 ms); on a veth pair RTTs
 are a few to a few tens of microseconds, close to that resolution and dominated by
-scheduling, so compare medians and percentiles over many samples, not single values. The first reply usually includes neighbour (ARP)
-resolution and is often 10-100x slower; it stays in the samples (it is real), so read p50
-rather than max for the steady state. ``loss`` is ``1 - received / sent``; duplicated
-replies (``DUP!``) are neither counted nor sampled.
+scheduling, so compare medians and percentiles over many samples, not single values.
+The first reply usually includes neighbour (ARP) resolution and is often 10-100x slower;
+it stays in the samples (it is real), so read p50 rather than max for the steady state.
+``loss`` is ``1 - received / sent``; duplicated replies (``DUP!``) are neither counted nor
+sampled.
 
 **TCP throughput (iperf3).** One TCP stream from the client namespace to an ``iperf3 -s -1``
 server in the server namespace. ``gbit_s`` is the *receiver-side* rate: the bytes the
@@ -150,7 +151,8 @@ def parse_ping(output: str) -> RttStats:
             summary = int(m.group(1)), int(m.group(2))
     if summary is None:
         last = output.strip().splitlines()[-1:] or ["<empty>"]
-        raise MeasureError(f"ping output has no 'packets transmitted' line (last line: {last[0]!r})")
+        raise MeasureError("ping output has no 'packets transmitted' line "
+                           f"(last line: {last[0]!r})")
     sent, received = summary
     if received > sent or len(samples) != received:
         raise MeasureError(f"ping output is inconsistent: {sent} transmitted, {received} received, "
@@ -269,7 +271,8 @@ def iperf3(client_netns: str, server_netns: str, server_ip: str, duration_s: flo
     _check_netns(server_netns)
     t, omit = max(1, math.ceil(duration_s)), math.ceil(omit_s)
     if (t, omit) != (duration_s, omit_s):
-        log.debug("iperf3 takes whole seconds: -t %d -O %d (asked %g, %g)", t, omit, duration_s, omit_s)
+        log.debug("iperf3 takes whole seconds: -t %d -O %d (asked %g, %g)",
+                  t, omit, duration_s, omit_s)
     if timeout_s is None:
         timeout_s = t + omit + 20
     deadline = time.monotonic() + timeout_s
@@ -295,7 +298,8 @@ def iperf3(client_netns: str, server_netns: str, server_ip: str, duration_s: flo
                        "--json", "--connect-timeout", str(IPERF3_CONNECT_TIMEOUT_MS)]
         where = f"netns {client_netns}"
         remaining = max(1.0, deadline - time.monotonic())
-        done = proc.run(client_args, netns=client_netns, timeout=remaining, check=False, where=where)
+        done = proc.run(client_args, netns=client_netns, timeout=remaining, check=False,
+                        where=where)
         try:
             result = parse_iperf3(done.stdout)
         except MeasureError as e:

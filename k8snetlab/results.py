@@ -190,7 +190,8 @@ def _row_from(cells: list[str], index: dict[str, int], width: int, where: str) -
         try:
             d[name] = conv(d[name])
         except ValueError:
-            raise ResultsFileError(f"{where}: column {name!r} is not a number: {d[name]!r}") from None
+            raise ResultsFileError(f"{where}: column {name!r} is not a number: "
+                                   f"{d[name]!r}") from None
     try:
         d["mtu"] = int(d["mtu"]) if d["mtu"] != "" else None
     except ValueError:
