@@ -471,9 +471,18 @@ class Cluster:
         return lines
 
     def cli(self) -> None:
+        """Mininet's CLI, with pod and node names as hosts (``web-0 ping web-1``)."""
         from mininet.cli import CLI
+
+        class ClusterCLI(CLI):
+            identchars = CLI.identchars + "-"   # Kubernetes names hold dashes
+
         assert self.net is not None
-        CLI(self.net)
+        setLogLevel("output")   # the CLI prints command output at this level
+        try:
+            ClusterCLI(self.net)
+        finally:
+            setLogLevel("error")
 
     # -- CNI plugin executables -------------------------------------------------------------------
     def _write_cni_bin(self) -> None:

@@ -1,0 +1,23 @@
+"""`k8snetlab up --cli`: the Mininet CLI knows pods and nodes by name; the cluster is gone after."""
+
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO, THREE_NODES, require_root_and
+from k8snetlab import cleanup
+
+pytestmark = pytest.mark.integration
+
+
+def test_up_cli_runs_commands_on_pods_by_name():
+    require_root_and("mnexec", "brctl")
+    r = subprocess.run([sys.executable, "-m", "k8snetlab.cli", "up", str(THREE_NODES), "--cni", "host-gw", "--cli"],
+                       cwd=REPO, input="web-0 ping -c1 -W2 web-1\nnode1 ip route\nexit\n", capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "1 received" in r.stdout                       # web-1 was replaced by its pod IP
+    assert "10.244.1.0/24 via 192.168.1.130 dev eth0" in r.stdout
+    assert "cluster stopped and removed" in r.stdout
+    assert cleanup.leftovers().empty(), cleanup.leftovers().lines()
