@@ -17,7 +17,8 @@ def test_up_cli_runs_commands_on_pods_by_name():
                        cwd=REPO, input="web-0 ping -c1 -W2 web-1\nnode1 ip route\nexit\n", capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "1 received" in r.stdout                       # web-1 was replaced by its pod IP
-    assert "10.244.1.0/24 via 192.168.1.130 dev eth0" in r.stdout
+    seen = r.stdout + r.stderr                            # Mininet prints through its logger (stderr)
+    assert "1 received" in seen                           # web-1 was replaced by its pod IP
+    assert "10.244.1.0/24 via 192.168.1.130 dev eth0" in seen
     assert "cluster stopped and removed" in r.stdout
     assert cleanup.leftovers().empty(), cleanup.leftovers().lines()
