@@ -90,14 +90,14 @@ def run(args) -> int:
                     tcp = measure.iperf3(sc.src.netns, sc.dst.netns, sc.dst.ip, duration_s=args.duration)
                     row(m, sc, rnd, "tcp_throughput", tcp.gbit_s, "Gbit/s")
                     row(m, sc, rnd, "tcp_retransmits", tcp.retransmits, "count")
-        teardown = {}
+        teardown, datapaths = {}, {m: c.mode.datapath for m, c in clusters.items()}
         for m in reversed(MODES):
             c = clusters.pop(m)
             c.stop()
             teardown[m] = c.timings["stop_s"]
         for m in MODES:
             csv.write(results.Row(run_id=run_id, timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"), experiment=NAME,
-                                  topology=base.name, mode=m, datapath=specs[m].cni.type, scenario="lifecycle",
+                                  topology=base.name, mode=m, datapath=datapaths[m], scenario="lifecycle",
                                   src="", dst="", round=0, metric="cluster_down", value=teardown[m], unit="s",
                                   mtu=None, kernel=kernel))
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

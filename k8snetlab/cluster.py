@@ -65,6 +65,7 @@ class Cluster:
         self._runtimes: dict[str, CNIRuntime] = {}
         self._peers: set[tuple[str, str]] = set()
         self._switches: dict[str, Any] = {}
+        self._ports: dict[str, int] = {}         # last port number used on each subnet's switch
         self._gone: dict[str, NodeHost] = {}     # nodes that left, until their routes are gone
         self._started = False
 
@@ -155,7 +156,7 @@ class Cluster:
         assert self.state is not None
         self.net = Mininet(topo=None, build=False, controller=None, switch=LinuxBridge,
                            autoSetMacs=False, waitConnected=False, inNamespace=False)
-        ports: dict[str, int] = {}
+        ports = self._ports
         for i, s in enumerate(self.spec.underlay.subnets, start=1):
             sw_name = naming.switch_name(self.state.index, i)
             self._switches[s.name] = self.net.addSwitch(sw_name, dpid=f"{self.state.index:04x}{i:012x}")
@@ -276,8 +277,7 @@ class Cluster:
                      for n in self.spec.nodes] + [data]
         new_spec = _respec_nodes(self.spec, raw_nodes)
         n = new_spec.node(name)
-        ports = {s: len([i for i in sw.intfList() if i.name != "lo"]) for s, sw in self._switches.items()}
-        host = self._add_node_host(n, ports)
+        host = self._add_node_host(n, self._ports)
         link = self.net.links[-1]
         sw = self._switches[n.subnet]
         proc.run(["brctl", "addif", sw.name, link.intf2.name])

@@ -114,7 +114,8 @@ class ClusterSpec:
         """The same cluster with another CNI mode (options from its section, or defaults)."""
         raw = dict(self.cni.sections)
         raw["type"] = cni_type
-        raw.pop("reference", None) if cni_type != "bridge" else None
+        if cni_type != "bridge":
+            raw.pop("reference", None)   # the reference plugins serve bridge only
         raw.update(overrides)
         new = dataclasses.replace(self, cni=_parse_cni(raw, self.source))
         _validate_mode(new)

@@ -33,4 +33,8 @@ def test_routes_follow_nodes_joining_and_leaving(mode):
         for other in ("node1", "node2", "node3"):
             assert cidr not in c.nodes[other].run(["ip", "route"]).stdout
         assert src.run(["ping", "-c", "1", "-W", "2", c.pods["web-1"].ip], check=False).returncode == 0
+        # a node joining after one left gets a fresh underlay port and works
+        node5 = c.add_node("node5", "192.168.1.133")
+        assert src.run(["ping", "-c", "1", "-W", "2", node5.ip], check=False).returncode == 0
+        assert str(node5.spec.pod_cidr) in c.nodes["node1"].run(["ip", "route"]).stdout
     assert cleanup.leftovers().empty(), cleanup.leftovers().lines()
