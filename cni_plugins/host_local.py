@@ -7,7 +7,6 @@ releases every address whose attachment is not in ``cni.dev/valid-attachments``.
 
 from __future__ import annotations
 
-import ipaddress
 import sys
 from typing import Any
 

@@ -14,7 +14,6 @@ summary with the ipip/host-gw ratios and the targets of the foundation issue.
 from __future__ import annotations
 
 import contextlib
-import os
 import resource
 import sys
 import time
@@ -63,14 +62,17 @@ def run(args) -> int:
                   f"(datapath {clusters[m].mode.datapath}, pod MTU {clusters[m].mode.mtu})", file=sys.stderr)
         scenarios = {m: experiment.standard_scenarios(c) for m, c in clusters.items()}
 
+        # what a row says about its mode, kept so rows written after teardown say it too
+        meta = {m: (c.spec.name, c.mode.datapath, c.mode.mtu) for m, c in clusters.items()}
+
         def row(m: str, sc, rnd: int, metric: str, value: float, unit: str) -> None:
-            c = clusters[m]
+            topology, datapath, pod_mtu = meta.get(m, (base.name, "", None))
+            mtu = 1500 if sc is not None and sc.name == "node-to-node" else (pod_mtu if sc else None)
             csv.write(results.Row(run_id=run_id, timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                  experiment=NAME, topology=c.spec.name, mode=m, datapath=c.mode.datapath,
+                                  experiment=NAME, topology=topology, mode=m, datapath=datapath,
                                   scenario=sc.name if sc else "lifecycle", src=sc.src.name if sc else "",
                                   dst=sc.dst.name if sc else "", round=rnd, metric=metric, value=value,
-                                  unit=unit, mtu=c.mode.mtu if sc is None or sc.name != "node-to-node" else 1500,
-                                  kernel=kernel))
+                                  unit=unit, mtu=mtu, kernel=kernel))
 
         for m, c in clusters.items():
             row(m, None, 0, "cluster_up", c.timings["start_s"], "s")
@@ -90,20 +92,11 @@ def run(args) -> int:
                     tcp = measure.iperf3(sc.src.netns, sc.dst.netns, sc.dst.ip, duration_s=args.duration)
                     row(m, sc, rnd, "tcp_throughput", tcp.gbit_s, "Gbit/s")
                     row(m, sc, rnd, "tcp_retransmits", tcp.retransmits, "count")
-        teardown, datapaths = {}, {m: c.mode.datapath for m, c in clusters.items()}
         for m in reversed(MODES):
             c = clusters.pop(m)
             c.stop()
-            teardown[m] = c.timings["stop_s"]
-        for m in MODES:
-            csv.write(results.Row(run_id=run_id, timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"), experiment=NAME,
-                                  topology=base.name, mode=m, datapath=datapaths[m], scenario="lifecycle",
-                                  src="", dst="", round=0, metric="cluster_down", value=teardown[m], unit="s",
-                                  mtu=None, kernel=kernel))
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        csv.write(results.Row(run_id=run_id, timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"), experiment=NAME,
-                              topology=base.name, mode="all", datapath="", scenario="lifecycle", src="", dst="",
-                              round=0, metric="runtime_peak_rss", value=peak_mb, unit="MB", mtu=None, kernel=kernel))
+            row(m, None, 0, "cluster_down", c.timings["stop_s"], "s")
+        row("all", None, 0, "runtime_peak_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "MB")
 
     rows = results.read_rows(csv_path)
     print(summary(rows))

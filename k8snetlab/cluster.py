@@ -127,7 +127,8 @@ class Cluster:
         for node in self.nodes.values():
             attempt(f"stop node agent on {node.name}", self.mode.stop_node, node)
         if self.net is not None:
-            attempt("stop processes in testbed namespaces", self._kill_namespace_processes)
+            attempt("stop processes in testbed namespaces", self._kill_in,
+                    *self.pods.values(), *self.nodes.values(), *self.routers.values())
             attempt("stop Mininet", self.net.stop)
         if self.state is not None:
             attempt("remove state", self.state.remove)
@@ -431,18 +432,8 @@ class Cluster:
                     log.warning("%s for %s: %s", what, futs[f].name, e)
 
     # -- processes --------------------------------------------------------------------------------
-    def _kill_in(self, host: NetnsHost) -> None:
-        """Stop every process in a host's namespace except its shell (Mininet stops that)."""
-        try:
-            ino = os.stat(host.netns).st_ino
-        except OSError:
-            return
-        for pid in cleanup.processes_in_netns({ino}):
-            if pid != host.pid:
-                cleanup.kill_pid(pid, proc.start_time(pid), grace=0.5)
-
-    def _kill_namespace_processes(self) -> None:
-        hosts = [*self.pods.values(), *self.nodes.values(), *self.routers.values()]
+    def _kill_in(self, *hosts: NetnsHost) -> None:
+        """Stop every process in the hosts' namespaces except their shells (Mininet stops those)."""
         inodes, shells = set(), set()
         for h in hosts:
             try:

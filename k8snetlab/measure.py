@@ -341,19 +341,7 @@ def _owns_listener(pid: int, port: int) -> bool:
     keeps those whose inode is one of the process's own descriptors, so another program
     listening on the same port in that namespace is never mistaken for our server.
     """
-    inodes: set[str] = set()
-    for table in ("tcp", "tcp6"):
-        try:
-            with open(f"/proc/{pid}/net/{table}") as f:
-                next(f, None)
-                for line in f:
-                    fields = line.split()
-                    # sl local_address rem_address st ... inode (field 9); 0A = LISTEN
-                    if len(fields) > 9 and fields[3] == "0A" \
-                            and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                        inodes.add(fields[9])
-        except OSError:     # gone, or no IPv6 in this kernel
-            continue
+    inodes = proc.listening_inodes(pid, port)
     if not inodes:
         return False
     try:

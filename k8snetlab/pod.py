@@ -55,8 +55,7 @@ class NetnsHost(Host):
                                  stderr=subprocess.STDOUT if log_path else subprocess.DEVNULL,
                                  preexec_fn=lambda: (proc.setns(ns), os.setpgrp()), **kw)
         except FileNotFoundError:
-            raise proc.ToolMissing(str(args[0]), proc.TOOLS.get(os.path.basename(str(args[0])),
-                                                                (str(args[0]),))[0]) from None
+            raise proc.tool_missing(str(args[0])) from None
         finally:
             if log_path:
                 out.close()

@@ -16,6 +16,7 @@ import ctypes
 import os
 import shutil
 import subprocess
+import threading
 from typing import Iterator, Sequence
 
 from .errors import CommandError, NotRoot, ToolMissing
@@ -55,14 +56,19 @@ def which(tool: str) -> str | None:
     return shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
 
 
+def tool_missing(program: str) -> ToolMissing:
+    """The error for a program that is not installed, naming its package."""
+    pkg, kind = TOOLS.get(os.path.basename(program), (program, "Debian"))
+    return ToolMissing(program, pkg, kind)
+
+
 def require(*tools: str) -> dict[str, str]:
     """Return {tool: path}; raise ToolMissing (naming the package) for the first absent one."""
     found = {}
     for tool in tools:
         path = which(tool)
         if path is None:
-            pkg, kind = TOOLS.get(tool, (tool, "Debian"))
-            raise ToolMissing(tool, pkg, kind)
+            raise tool_missing(tool)
         found[tool] = path
     return found
 
@@ -85,8 +91,7 @@ def run(args: Sequence[str], *, input: str | bytes | None = None, timeout: float
         proc = subprocess.run(args, input=input, capture_output=True, text=text, timeout=timeout,
                               env=env, preexec_fn=(lambda: setns(netns)) if netns else None)
     except FileNotFoundError:
-        pkg, kind = TOOLS.get(os.path.basename(args[0]), (args[0], "Debian"))
-        raise ToolMissing(args[0], pkg, kind) from None
+        raise tool_missing(args[0]) from None
     except subprocess.TimeoutExpired as e:
         raise CommandError(args, -1, "", f"timed out after {timeout} s", where) from e
     if check and proc.returncode != 0:
@@ -113,7 +118,7 @@ def netns(path: str | None) -> Iterator[None]:
     if path is None:
         yield
         return
-    home = os.open(f"/proc/self/task/{threading_native_id()}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    home = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         setns(path)
         try:
@@ -124,11 +129,6 @@ def netns(path: str | None) -> Iterator[None]:
                 raise OSError(err, f"setns back: {os.strerror(err)}")
     finally:
         os.close(home)
-
-
-def threading_native_id() -> int:
-    import threading
-    return threading.get_native_id()
 
 
 def pid_alive(pid: int) -> bool:
@@ -169,17 +169,25 @@ def start_time(pid: int) -> int:
         return 0
 
 
-def listening(pid: int, port: int) -> bool:
-    """Is a TCP socket listening on ``port`` in the network namespace of ``pid``?
-    (/proc/PID/net shows the namespace of that process.)"""
+def listening_inodes(pid: int, port: int) -> set[str]:
+    """Socket inodes listening on TCP ``port`` in the network namespace of ``pid``
+    (/proc/PID/net shows the namespace of that process)."""
+    inodes: set[str] = set()
     for table in ("tcp", "tcp6"):
         try:
             with open(f"/proc/{pid}/net/{table}") as f:
-                next(f)
+                next(f, None)
                 for line in f:
                     fields = line.split()
-                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                        return True
-        except (OSError, StopIteration):
+                    # sl local_address rem_address st ... inode (field 9); 0A = LISTEN
+                    if len(fields) > 9 and fields[3] == "0A" \
+                            and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(fields[9])
+        except OSError:     # gone, or no IPv6 in this kernel
             continue
-    return False
+    return inodes
+
+
+def listening(pid: int, port: int) -> bool:
+    """Is a TCP socket listening on ``port`` in the network namespace of ``pid``?"""
+    return bool(listening_inodes(pid, port))

@@ -306,6 +306,7 @@ def _parse_nodes(raw: Any, underlay: UnderlaySpec, network: NetworkSpec, src: st
 
 
 def _parse_cni(raw: Any, src: str) -> CNISpec:
+    from . import options
     from .modes import MODES  # the registry imports the modes lazily
     if isinstance(raw, str):
         raw = {"type": raw}
@@ -323,9 +324,7 @@ def _parse_cni(raw: Any, src: str) -> CNISpec:
                         f"and a section per mode ({', '.join(MODES.names())})")
     for name in MODES.names():  # every section is validated, also those of other modes
         if name in raw:
-            from . import options
             options.parse(MODES.get(name).Options, raw[name], f"{src}: cni.{name}")
-    from . import options
     opts = options.parse(mode.Options, raw.get(cni_type), f"{src}: cni.{cni_type}")
     reference = raw.get("reference", False)
     if not isinstance(reference, bool):
