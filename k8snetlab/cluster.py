@@ -34,7 +34,7 @@ from mininet.log import setLogLevel
 from mininet.net import Mininet
 from mininet.nodelib import LinuxBridge
 
-from . import cleanup, manifests, naming, proc, spec as specmod
+from . import addons as addonmod, cleanup, manifests, naming, proc, spec as specmod
 from .cni import INVOKERS, CNIRuntime, NetworkConfigList, RuntimeConf
 from .errors import K8sNetLabError, SpecError
 from .manifests import PodSpec, Workload
@@ -59,7 +59,10 @@ class Cluster:
         self.state: cleanup.StateDir | None = None
         self.nodes: dict[str, NodeHost] = {}
         self.routers: dict[str, RouterHost] = {}
+        self.hosts: dict[str, NetnsHost] = {}      # underlay hosts that are not nodes
         self.pods: dict[str, Pod] = {}
+        self.workloads: dict[str, Workload] = {w.name: w for w in spec.workloads if w.kind != "Pod"}
+        self.addons: list[addonmod.Addon] = []
         self.timings: dict[str, float] = {}
         self._netconfs: dict[str, NetworkConfigList] = {}
         self._runtimes: dict[str, CNIRuntime] = {}
@@ -97,6 +100,13 @@ class Cluster:
             t1 = time.monotonic()
             self._add_pods(self.spec.pods())
             self.timings["pods_s"] = time.monotonic() - t1
+            t2 = time.monotonic()
+            for cls in addonmod.addon_classes():
+                if cls.wanted(self.spec):
+                    addon = cls(self)
+                    self.addons.append(addon)
+                    addon.start()
+            self.timings["addons_s"] = time.monotonic() - t2
         except BaseException:
             self.stop()
             raise
@@ -120,6 +130,9 @@ class Cluster:
                 errors.append(f"{what}: {e}")
                 log.warning("teardown: %s: %s", what, e)
 
+        for addon in reversed(self.addons):
+            attempt(f"stop {addon.name}", addon.stop)
+        self.addons.clear()
         for pod in list(self.pods.values()):
             attempt(f"stop containers of {pod.name}", pod.stop_containers)
         self._parallel([(self._cni_del, p) for p in self.pods.values() if p.result is not None],
@@ -128,13 +141,14 @@ class Cluster:
             attempt(f"stop node agent on {node.name}", self.mode.stop_node, node)
         if self.net is not None:
             attempt("stop processes in testbed namespaces", self._kill_in,
-                    *self.pods.values(), *self.nodes.values(), *self.routers.values())
+                    *self.pods.values(), *self.nodes.values(), *self.routers.values(), *self.hosts.values())
             attempt("stop Mininet", self.net.stop)
         if self.state is not None:
             attempt("remove state", self.state.remove)
         self.pods.clear()
         self.nodes.clear()
         self.routers.clear()
+        self.hosts.clear()
         self.net = None
         self.timings["stop_s"] = time.monotonic() - t0
         if errors:
@@ -164,6 +178,8 @@ class Cluster:
             ports[s.name] = 0
         for n in self.spec.nodes:
             self._add_node_host(n, ports)
+        for h in self.spec.underlay.hosts:
+            self._add_plain_host(h.name, h.subnet, h.ip, ports)
         for r in self.spec.underlay.routers:
             router = self._new_host(r.name, RouterHost, ip=None)
             self.routers[r.name] = router
@@ -180,6 +196,8 @@ class Cluster:
         self.net.start()
         for node in self.nodes.values():
             self._node_defaults(node)
+        for host in self.hosts.values():
+            self._node_defaults(host)
         self._route_underlay()
 
     def _add_node_host(self, n: NodeSpec, ports: dict[str, int]) -> NodeHost:
@@ -194,9 +212,48 @@ class Cluster:
         self.nodes[n.name] = host
         return host
 
-    def _node_defaults(self, node: NodeHost) -> None:
+    def _add_plain_host(self, name: str, subnet_name: str, ip: Any, ports: dict[str, int]) -> NetnsHost:
+        assert self.net is not None
+        subnet = self.spec.underlay.subnet(subnet_name)
+        host = self._new_host(name, NetnsHost, ip=f"{ip}/{subnet.cidr.prefixlen}")
+        host.subnet = subnet_name
+        ports[subnet_name] = ports.get(subnet_name, 0) + 1
+        sw = self._switches[subnet_name]
+        self.net.addLink(host, sw, intfName1=naming.NODE_UPLINK,
+                         intfName2=naming.switch_port(sw.name, ports[subnet_name]))
+        self.hosts[name] = host
+        return host
+
+    def add_host(self, name: str, ip: str, subnet: str | None = None) -> NetnsHost:
+        """A plain host joins the underlay of a running cluster (an external client, a load
+        balancer): ``eth0`` on the subnet, default route via the subnet's gateway."""
+        assert self.net is not None
+        addr = specmod._addr(ip, f"host {name}")
+        taken = {n.ip for n in self.spec.nodes} | {ip for r in self.spec.underlay.routers for _, ip in r.interfaces}
+        taken |= {specmod._addr(h.IP(), h.name) for h in self.hosts.values() if h.IP()}
+        if name in self.nodes or name in self.pods or name in self.routers or name in self.hosts:
+            raise SpecError(f"host name {name!r} is already taken")
+        if addr in taken:
+            raise SpecError(f"host {name}: {addr} is already used on the underlay")
+        sub = subnet or next((s.name for s in self.spec.underlay.subnets if addr in s.cidr), None)
+        if sub is None or addr not in self.spec.underlay.subnet(sub).cidr:
+            raise SpecError(f"host {name}: {addr} is in none of the underlay subnets")
+        host = self._add_plain_host(name, sub, addr, self._ports)
+        self._attach_last_link(sub)
+        host.configDefault()
+        self._node_defaults(host)
+        return host
+
+    def _attach_last_link(self, subnet: str) -> None:
+        """Plug the newest Mininet link into its (already running) switch."""
+        assert self.net is not None
+        link = self.net.links[-1]
+        proc.run(["brctl", "addif", self._switches[subnet].name, link.intf2.name])
+        proc.run(["ip", "link", "set", link.intf2.name, "up"])
+
+    def _node_defaults(self, node: NetnsHost) -> None:
         """A default route (Calico's proxy ARP needs one; on a flat L2 it points at the wire)."""
-        subnet = self.spec.underlay.subnet(node.spec.subnet)
+        subnet = self.spec.underlay.subnet(node.spec.subnet if isinstance(node, NodeHost) else node.subnet)
         with Netns(node.netns, node.name) as ns:
             ns.link_up("lo")
             if subnet.gateway is not None:
@@ -279,15 +336,14 @@ class Cluster:
         new_spec = _respec_nodes(self.spec, raw_nodes)
         n = new_spec.node(name)
         host = self._add_node_host(n, self._ports)
-        link = self.net.links[-1]
-        sw = self._switches[n.subnet]
-        proc.run(["brctl", "addif", sw.name, link.intf2.name])
-        proc.run(["ip", "link", "set", link.intf2.name, "up"])
+        self._attach_last_link(n.subnet)
         host.configDefault()  # addresses the node's eth0 (Mininet's params1)
         self.spec = new_spec
         self._node_defaults(host)
         self._start_node(host)
         self.sync_routes()
+        for addon in self.addons:
+            addon.node_added(host)
         return host
 
     def remove_node(self, name: str) -> None:
@@ -305,6 +361,8 @@ class Cluster:
             if intf.link:
                 self.net.delLink(intf.link)
         self.net.delHost(node)
+        for addon in self.addons:
+            addon.node_removed(name)
 
     # -- pods -------------------------------------------------------------------------------------
     def schedule(self, pod: PodSpec) -> str:
@@ -328,9 +386,34 @@ class Cluster:
             manifest = manifests.parse_workload(manifest, "manifest")
         pods = manifest.pods() if isinstance(manifest, Workload) else [manifest]
         for p in pods:
-            if p.name in self.pods or p.name in self.nodes or p.name in self.routers:
+            if p.name in self.pods or p.name in self.nodes or p.name in self.routers or p.name in self.hosts:
                 raise SpecError(f"pod name {p.name!r} is already taken")
+        if isinstance(manifest, Workload) and manifest.kind != "Pod":
+            self.workloads[manifest.name] = manifest
         return self._add_pods(pods)
+
+    def scale(self, workload: str, replicas: int) -> list[Pod]:
+        """``kubectl scale``: add pods ``<name>-<i>`` for the missing indexes, or delete the
+        highest ones; the add-ons (Endpoints, kube-proxy, DNS) follow. Returns the pods now."""
+        w = self.workloads.get(workload)
+        if w is None:
+            raise K8sNetLabError(f"no Deployment or ReplicationController {workload!r}: "
+                                 f"there are {', '.join(sorted(self.workloads)) or '(none)'}")
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
+            raise SpecError(f"scale {workload}: replicas must be a whole number >= 0")
+        owner = f"{w.kind}/{w.name}"
+        mine = {p.spec.name: p for p in self.pods.values() if p.spec.owner == owner}
+        wanted = {ps.name: ps for ps in w.pods(replicas + len(mine))}   # enough free indexes
+        index = {name: i for i, name in enumerate(wanted)}
+        keep = sorted(mine, key=lambda n: index.get(n, 1 << 30))[:replicas]
+        for name in set(mine) - set(keep):
+            self.delete_pod(name)
+        missing = replicas - len(keep)
+        new = [ps for ps in wanted.values() if ps.name not in mine][:missing]
+        if new:
+            self._add_pods(new)
+        self.workloads[workload] = dataclasses.replace(w, replicas=replicas)
+        return sorted((p for p in self.pods.values() if p.spec.owner == owner), key=lambda p: index[p.name])
 
     def _add_pods(self, specs: list[PodSpec]) -> list[Pod]:
         assert self.state is not None
@@ -357,6 +440,8 @@ class Cluster:
             for c in pod.spec.containers:
                 pod.start_container(c, logs)
         self._wait_ready(pods)
+        for addon in self.addons:
+            addon.pods_added(pods)
         return pods
 
     def _wait_ready(self, pods: list[Pod], timeout: float = 10.0) -> None:
@@ -409,6 +494,8 @@ class Cluster:
         pod = self.pods.get(name)
         if pod is None:
             raise K8sNetLabError(f"no pod {name!r}: pods are {', '.join(sorted(self.pods)) or '(none)'}")
+        for addon in self.addons:
+            addon.pod_removing(pod)
         pod.stop_containers()
         try:
             if pod.result is not None:
@@ -459,6 +546,8 @@ class Cluster:
                 lines.append(f"    pod {p.name:<14} {p.ip or '?':<16} containers: {cont}")
         for r in self.routers.values():
             lines.append(f"  router {r.name}")
+        for h in self.hosts.values():
+            lines.append(f"  host   {h.name:<10} {h.IP()}")
         return lines
 
     def cli(self) -> None:

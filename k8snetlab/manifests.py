@@ -142,7 +142,7 @@ def parse_workload(doc: Any, where: str) -> Workload:
     doc = _map(doc, where)
     kind = doc.get("kind")
     if kind not in WORKLOAD_KINDS:
-        raise SpecError(f"{where}.kind: {kind!r} is not a workload kind: use one of {', '.join(WORKLOAD_KINDS)}")
+        raise SpecError(f"{where}.kind: {kind!r} is not a workload kind: use one of {', '.join(WORKLOAD_KINDS)} (or Service)")
     meta = _map(doc.get("metadata"), f"{where}.metadata")
     name = _name(meta.get("name"), f"{where}.metadata.name")
     ns = _name(meta.get("namespace", "default"), f"{where}.metadata.namespace")

@@ -56,6 +56,14 @@ class RouterSpec:
 
 
 @dataclass(frozen=True)
+class HostSpec:
+    """A plain host on the underlay that is not a node (an external client, a load balancer)."""
+    name: str
+    subnet: str
+    ip: IPv4Address
+
+
+@dataclass(frozen=True)
 class NodeSpec:
     name: str
     subnet: str
@@ -69,6 +77,7 @@ class UnderlaySpec:
     subnets: tuple[SubnetSpec, ...]
     routers: tuple[RouterSpec, ...] = ()
     switch: str = "linuxbridge"
+    hosts: tuple[HostSpec, ...] = ()
 
     def subnet(self, name: str) -> SubnetSpec:
         return next(s for s in self.subnets if s.name == name)
@@ -100,6 +109,8 @@ class ClusterSpec:
     cni: CNISpec
     workloads: tuple[Workload, ...] = ()
     kube_proxy: dict[str, Any] = field(default_factory=dict, hash=False)
+    # kind: Service manifests from ``workloads``, raw (k8snetlab.services parses and checks them)
+    services: tuple[tuple[str, dict[str, Any]], ...] = field(default=(), hash=False)
 
     def node(self, name: str) -> NodeSpec:
         for n in self.nodes:
@@ -154,11 +165,11 @@ def from_dict(data: Any, source: str = "<cluster>", base_dir: Path | None = None
     network = _parse_network(data.get("network") or {}, source)
     nodes = _parse_nodes(data.get("nodes"), underlay, network, source)
     cni = _parse_cni(data.get("cni") or {"type": "bridge"}, source)
-    workloads = _parse_workloads(data.get("workloads") or [], source, base_dir or Path("."))
+    workloads, services = _parse_workloads(data.get("workloads") or [], source, base_dir or Path("."))
     kp = data.get("kubeProxy") or {}
     if not isinstance(kp, dict):
         raise SpecError(f"{source}: kubeProxy must be a mapping like {{mode: iptables}}")
-    spec = ClusterSpec(str(name), source, underlay, nodes, network, cni, tuple(workloads), kp)
+    spec = ClusterSpec(str(name), source, underlay, nodes, network, cni, tuple(workloads), kp, tuple(services))
     _check_addresses(spec)
     _check_scheduling(spec)
     _validate_mode(spec)
@@ -202,7 +213,7 @@ def _ifname_safe(name: Any, where: str) -> str:
 
 
 def _parse_underlay(raw: Any, src: str) -> UnderlaySpec:
-    u = _map(raw, f"{src}: underlay", ("subnets", "routers", "switch", "controller"))
+    u = _map(raw, f"{src}: underlay", ("subnets", "routers", "hosts", "switch", "controller"))
     subnets, seen = [], set()
     for i, s in enumerate(_list(u.get("subnets"), f"{src}: underlay.subnets")):
         w = f"{src}: underlay.subnets[{i}]"
@@ -231,12 +242,21 @@ def _parse_underlay(raw: Any, src: str) -> UnderlaySpec:
                 raise SpecError(f"{w}.interfaces[{j}].subnet: {itf.get('subnet')!r} is not a subnet of underlay.subnets")
             itfs.append((itf["subnet"], _addr(itf.get("ip"), f"{w}.interfaces[{j}].ip")))
         routers.append(RouterSpec(_ifname_safe(r.get("name"), f"{w}.name"), tuple(itfs)))
+    hosts = []
+    for i, h in enumerate(u.get("hosts") or []):
+        w = f"{src}: underlay.hosts[{i}]"
+        h = _map(h, w, ("name", "subnet", "ip"))
+        ip = _addr(h.get("ip"), f"{w}.ip")
+        sub = h.get("subnet") or next((s.name for s in subnets if ip in s.cidr), None)
+        if sub not in seen:
+            raise SpecError(f"{w}: {ip} is in none of the underlay subnets; give subnet: <name>")
+        hosts.append(HostSpec(_ifname_safe(h.get("name"), f"{w}.name"), sub, ip))
     switch = u.get("switch", "linuxbridge")
     if switch != "linuxbridge":
         raise SpecError(f"{src}: underlay.switch: {switch!r} is not available: use linuxbridge")
     if u.get("controller", "none") not in ("none", None):
         raise SpecError(f"{src}: underlay.controller needs switch: ovs, which is not available yet: remove it")
-    return UnderlaySpec(tuple(subnets), tuple(routers), switch)
+    return UnderlaySpec(tuple(subnets), tuple(routers), switch, tuple(hosts))
 
 
 def _parse_network(raw: Any, src: str) -> NetworkSpec:
@@ -338,10 +358,19 @@ def _parse_cni(raw: Any, src: str) -> CNISpec:
     return CNISpec(cni_type, opts, reference, invoke, dict(raw))
 
 
-def _parse_workloads(items: Any, src: str, base: Path) -> list[Workload]:
+def _parse_workloads(items: Any, src: str, base: Path) -> tuple[list[Workload], list[tuple[str, dict]]]:
+    """Workloads (Pod, Deployment, ReplicationController) and, apart, Service manifests."""
     if not isinstance(items, list):
         raise SpecError(f"{src}: workloads must be a list of manifests or {{file: path}}")
-    out = []
+    out: list[Workload] = []
+    services: list[tuple[str, dict]] = []
+
+    def add(doc: Any, where: str) -> None:
+        if isinstance(doc, dict) and doc.get("kind") == "Service":
+            services.append((where, doc))
+        else:
+            out.append(manifests.parse_workload(doc, where))
+
     for i, item in enumerate(items):
         where = f"{src}: workloads[{i}]"
         if isinstance(item, dict) and set(item) == {"file"}:
@@ -352,10 +381,11 @@ def _parse_workloads(items: Any, src: str, base: Path) -> list[Workload]:
                 raise SpecError(f"{where}.file: cannot read {path}: {e.strerror}") from None
             except yaml.YAMLError as e:
                 raise SpecError(f"{where}.file: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-            out += [manifests.parse_workload(d, f"{path}[{j}]") for j, d in enumerate(docs)]
+            for j, d in enumerate(docs):
+                add(d, f"{path}[{j}]")
         else:
-            out.append(manifests.parse_workload(item, where))
-    return out
+            add(item, where)
+    return out, services
 
 
 def _check_addresses(spec: ClusterSpec) -> None:
@@ -375,9 +405,16 @@ def _check_addresses(spec: ClusterSpec) -> None:
                                 f"{name} needs a gateway that is an address of one of underlay.routers")
     used = {n.ip: f"node {n.name}" for n in spec.nodes}
     names = {n.name for n in spec.nodes}
+    for h in spec.underlay.hosts:
+        if h.name in names:
+            raise SpecError(f"{src}: underlay host name {h.name!r} is already taken")
+        if h.ip in used or h.ip not in spec.underlay.subnet(h.subnet).cidr:
+            raise SpecError(f"{src}: underlay host {h.name}: {h.ip} is taken or not inside subnet {h.subnet}")
+        names.add(h.name)
+        used[h.ip] = f"host {h.name}"
     for r in spec.underlay.routers:
         if r.name in names:
-            raise SpecError(f"{src}: router name {r.name!r} is also a node name")
+            raise SpecError(f"{src}: router name {r.name!r} is also a node or host name")
         names.add(r.name)
         for subnet, ip in r.interfaces:
             if ip not in spec.underlay.subnet(subnet).cidr:
@@ -406,5 +443,8 @@ def _check_scheduling(spec: ClusterSpec) -> None:
 
 
 def _validate_mode(spec: ClusterSpec) -> None:
+    from .addons import addon_classes
     from .modes import MODES
     MODES.get(spec.cni.type).validate(spec)
+    for addon in addon_classes():
+        addon.validate(spec)

@@ -27,6 +27,10 @@ bpftool
 iptables
 nftables
 containernetworking-plugins
+bird2
+dnsmasq-base
+conntrack
+dnsutils
 "
 
 if [ "$(id -u)" -ne 0 ]; then

@@ -339,8 +339,8 @@ BAD = [
     ("underlay-subnets-overlap", _set("underlay.subnets", [{"name": "a", "cidr": "192.168.0.0/16"},
                                                            {"name": "b", "cidr": "192.168.1.0/24"}]),
      ["underlay subnets", "overlap"]),
-    ("workload-bad-kind", _set("workloads", [{"kind": "Service", "metadata": {"name": "x"}}]),
-     ["workloads[0].kind", "'Service'", "Deployment"]),
+    ("workload-bad-kind", _set("workloads", [{"kind": "ConfigMap", "metadata": {"name": "x"}}]),
+     ["workloads[0].kind", "'ConfigMap'", "Deployment"]),
     ("workload-file-missing", _set("workloads", [{"file": "nope.yaml"}]), ["workloads[0].file", "nope.yaml"]),
     ("kind-not-cluster", _set("kind", "Pod"), ["kind", "Cluster"]),
 ]

@@ -1,0 +1,54 @@
+"""Add-ons: cluster parts that run beside the pods and follow them (kube-proxy, Endpoints, DNS).
+
+An add-on class is listed in ``_MODULES`` (module path; the module defines ``ADDON``). The
+spec asks every add-on to check the cluster file (``validate``, no root needed); the cluster
+creates those that are ``wanted`` and calls them as pods and nodes come and go:
+
+    start()                  after the initial pods are up
+    pods_added(pods)         after add_pod / scale made pods (containers started, ready)
+    pod_removing(pod)        before a pod's containers stop (graceful: leave endpoints first)
+    node_added(node) / node_removed(name)
+    stop()                   first thing in Cluster.stop()
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .cluster import Cluster
+    from .spec import ClusterSpec
+
+_MODULES: tuple[str, ...] = ()
+
+
+class Addon:
+    name = "addon"
+
+    def __init__(self, cluster: "Cluster"):
+        self.cluster = cluster
+
+    @classmethod
+    def validate(cls, spec: "ClusterSpec") -> None:
+        """Raise SpecError for a cluster file this add-on cannot serve."""
+
+    @classmethod
+    def wanted(cls, spec: "ClusterSpec") -> bool:
+        return False
+
+    def start(self) -> None: ...
+
+    def pods_added(self, pods: list[Any]) -> None: ...
+
+    def pod_removing(self, pod: Any) -> None: ...
+
+    def node_added(self, node: Any) -> None: ...
+
+    def node_removed(self, name: str) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def addon_classes() -> list[type[Addon]]:
+    return [importlib.import_module(m).ADDON for m in _MODULES]
