@@ -4,6 +4,7 @@
     k8snetlab clean                          remove what killed runs left (only the testbed's)
     k8snetlab compare A.csv B.csv            two experiment runs side by side, with ratios
     k8snetlab modes                          the CNI types and their options
+    k8snetlab check-model FILE [--cni A,B]   the Kubernetes network model, checked, with evidence
 
 Only this module (and the experiments' ``main``) prints and picks exit codes: 0 success,
 1 a failure during a run, 2 bad input (file, option, missing tool, not root) with one line
@@ -97,6 +98,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_model(args: argparse.Namespace) -> int:
+    from . import model_check, spec
+    from .proc import require_root
+    s = spec.load(args.file)
+    modes = [m for m in (args.cni or s.cni.type).split(",") if m]
+    require_root("k8snetlab check-model")
+    sigterm_as_interrupt()
+    results = model_check.check_modes(s, modes)
+    failed = False
+    for mode, checks in results.items():
+        print("\n".join(model_check.format_report(mode, checks, details=args.details)))
+        if args.csv:
+            model_check.write_csv(args.csv, mode, checks, append=mode != modes[0])
+        failed |= any(c.passed is False for c in checks if c.check in model_check.REQUIREMENTS)
+    if args.csv:
+        print(f"every check with its evidence: {args.csv}")
+    return 1 if failed else 0
+
+
 def cmd_modes(args: argparse.Namespace) -> int:
     import dataclasses
     from .modes import MODES
@@ -126,6 +146,13 @@ def parser() -> argparse.ArgumentParser:
     cmp_.add_argument("a")
     cmp_.add_argument("b")
     cmp_.set_defaults(fn=cmd_compare)
+    cm = sub.add_parser("check-model", help="check the Kubernetes network model on a cluster "
+                        "(exit 1 when a requirement fails)")
+    cm.add_argument("file", help="cluster file")
+    cm.add_argument("--cni", help="modes to check, comma-separated (default: the file's cni.type)")
+    cm.add_argument("--csv", help="write every check with its evidence to this CSV file")
+    cm.add_argument("--details", action="store_true", help="list every failed check")
+    cm.set_defaults(fn=cmd_check_model)
     md = sub.add_parser("modes", help="list CNI types and their options")
     md.set_defaults(fn=cmd_modes)
     return p

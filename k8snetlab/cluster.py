@@ -477,6 +477,7 @@ class Cluster:
             raise K8sNetLabError(f"CNI ADD of pod {pod.name} returned no address")
         pod.result = result
         pod.attach_interface(naming.POD_IFNAME, cidr)
+        self.mode.pod_added(pod)
 
     def _cni_del(self, pod: Pod) -> None:
         node = pod.node_name or ""
@@ -499,6 +500,7 @@ class Cluster:
         pod.stop_containers()
         try:
             if pod.result is not None:
+                self.mode.pod_removed(pod)
                 self._cni_del(pod)
         finally:
             self._kill_in(pod)

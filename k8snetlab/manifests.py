@@ -25,6 +25,7 @@ class ContainerPort:
     container_port: int
     name: str = ""
     protocol: str = "TCP"
+    host_port: int | None = None      # published on the node (docker -p, Kubernetes hostPort)
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,10 @@ def _containers(spec: dict[str, Any], where: str) -> tuple[ContainerSpec, ...]:
             proto = p.get("protocol", "TCP")
             if proto not in ("TCP", "UDP", "SCTP"):
                 raise SpecError(f"{cw}.ports[{j}].protocol: must be TCP, UDP or SCTP")
-            ports.append(ContainerPort(cp, str(p.get("name", "")), proto))
+            hp = p.get("hostPort")
+            if hp is not None and (not isinstance(hp, int) or isinstance(hp, bool) or not 1 <= hp <= 65535):
+                raise SpecError(f"{cw}.ports[{j}].hostPort: must be a port number 1-65535")
+            ports.append(ContainerPort(cp, str(p.get("name", "")), proto, hp))
         out.append(ContainerSpec(name, str(c.get("image", "")), tuple(map(str, c.get("command", []))),
                                  tuple(map(str, c.get("args", []))), tuple(ports)))
     return tuple(out)

@@ -69,6 +69,12 @@ class Mode:
         """Node-wide set-up before any pod (sysctls, devices, programs)."""
         ns.set_sysctl("net.ipv4.ip_forward", 1)
 
+    def pod_added(self, pod: Any) -> None:
+        """After CNI ADD of a pod, before its containers start (port mappings...)."""
+
+    def pod_removed(self, pod: Any) -> None:
+        """Before CNI DEL of a pod."""
+
     def stop_node(self, node: "Node") -> None:
         """Undo what start_node made outside the node's namespace (BPF pins...)."""
 
