@@ -289,3 +289,14 @@ def test_parsing_does_not_mutate_the_document():
     before = copy.deepcopy(d)
     parse_workload(d, W)
     assert d == before
+
+
+def test_host_port_is_parsed_and_checked():
+    from k8snetlab.manifests import parse_workload
+    from k8snetlab.errors import SpecError
+    doc = {"kind": "Pod", "metadata": {"name": "p"},
+           "spec": {"containers": [{"name": "c", "ports": [{"containerPort": 80, "hostPort": 8080}]}]}}
+    assert parse_workload(doc, "x").template.containers[0].ports[0].host_port == 8080
+    doc["spec"]["containers"][0]["ports"][0]["hostPort"] = 70000
+    with pytest.raises(SpecError, match="hostPort"):
+        parse_workload(doc, "x")
