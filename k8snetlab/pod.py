@@ -119,7 +119,9 @@ class Pod(NetnsHost):
         if not c.argv:
             return None
         log_path = log_dir / f"{self.name}_{c.name}.log"
-        p = self.popen_ns(c.argv, log_path=log_path, what=f"pod {self.name} container {c.name}")
+        # as the kubelet does: HOSTNAME is the pod's name (the UTS namespace is the machine's here)
+        env = {**os.environ, "HOSTNAME": self.name, "POD_NAME": self.name, "POD_NAMESPACE": self.spec.namespace}
+        p = self.popen_ns(c.argv, log_path=log_path, what=f"pod {self.name} container {c.name}", env=env)
         cont = Container(c.name, c.argv, p, log_path)
         self.containers[c.name] = cont
         return cont
