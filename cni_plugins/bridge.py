@@ -54,7 +54,7 @@ def add(conf: dict[str, Any], args: skel.CmdArgs) -> Result:
             host.add_veth(host_veth, args.ifname, pod, mtu=c["mtu"])
             host.set_master(host_veth, c["bridge"])
             if c["hairpin"]:
-                host.set_brport(host_veth, hairpin=1)
+                host.set_brport(host_veth, mode=1)   # IFLA_BRPORT_MODE: hairpin
             host.link_up(host_veth)
             if c["is_gw"] or c["default_gw"]:
                 host.ensure_addr(c["bridge"], f"{gw}/{iface.network.prefixlen}")

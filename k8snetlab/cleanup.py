@@ -210,6 +210,23 @@ def processes_in_netns(inodes: set[int], started_after: int = 0) -> list[int]:
     return pids
 
 
+def _live_records(root: Path, skip: Path) -> tuple[set[int], set[int]]:
+    """Namespace inodes and PIDs recorded by the clusters that are still running.
+
+    The kernel reuses namespace inode numbers: a dead cluster's recorded inode may name a live
+    cluster's namespace by now, and what lives there is not ours to stop."""
+    inodes: set[int] = set()
+    pids: set[int] = set()
+    if not root.is_dir():
+        return inodes, pids
+    for other in root.iterdir():
+        if other == skip or not other.is_dir() or not _owner_alive(other):
+            continue
+        inodes |= {r["ino"] for r in _read_jsonl(other / "netns.jsonl")}
+        pids |= {r["pid"] for r in _read_jsonl(other / "pids.jsonl")}
+    return inodes, pids
+
+
 def clean_state_dir(path: Path, report: Report) -> None:
     """Remove everything a (dead) cluster recorded in ``path``."""
     try:
@@ -219,9 +236,12 @@ def clean_state_dir(path: Path, report: Report) -> None:
     for rec in _read_jsonl(path / "pids.jsonl"):
         if kill_pid(rec["pid"], rec.get("start", 0), grace=0.2):
             report.processes.append(f"{rec['pid']} ({rec.get('what', '')})")
-    inodes = {r["ino"] for r in _read_jsonl(path / "netns.jsonl")}
+    live_inodes, live_pids = _live_records(path.parent, path)
+    inodes = {r["ino"] for r in _read_jsonl(path / "netns.jsonl")} - live_inodes
     if inodes:
         for pid in processes_in_netns(inodes, owner.get("created_ticks", 0)):
+            if pid in live_pids:
+                continue
             if kill_pid(pid, proc.start_time(pid), grace=0.2):
                 report.processes.append(f"{pid} ({proc.cmdline(pid)[:60] or 'in a testbed namespace'})")
     report.mounts += _umount_below(path)
@@ -242,8 +262,9 @@ def clean(include_live: bool = False) -> Report:
         for path in sorted(root.iterdir()):
             if not path.is_dir() or naming.cluster_index_of(path.name) is None:
                 continue
-            if _owner_alive(path) and not include_live:
-                live.add(path.name)
+            young = not (path / "owner.json").exists() and time.time() - path.stat().st_mtime < 10
+            if (_owner_alive(path) or young) and not include_live:
+                live.add(path.name)     # running, or being created right now
                 continue
             clean_state_dir(path, report)
     # links of clusters that have no state dir at all (killed before it was written)
@@ -251,8 +272,9 @@ def clean(include_live: bool = False) -> Report:
         idx = naming.cluster_index_of(name)
         if idx is None:
             continue
-        if naming.cluster_prefix(idx) in live:
-            continue
+        prefix = naming.cluster_prefix(idx)
+        if prefix in live or (root / prefix).is_dir() and _owner_alive(root / prefix):
+            continue   # (a cluster that started while we were cleaning)
         if proc.run(["ip", "link", "del", name], check=False).returncode == 0:
             report.links.append(name)
     return report

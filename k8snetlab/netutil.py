@@ -133,7 +133,7 @@ class Netns:
                    index=self.require_index(ifname), master=self.require_index(bridge))
 
     def set_brport(self, ifname: str, **attrs: Any) -> None:
-        """Bridge port options, e.g. ``hairpin_mode=1`` (IFLA_BRPORT_*)."""
+        """Bridge port options, e.g. ``mode=1`` (IFLA_BRPORT_MODE: hairpin)."""
         self._call(f"set bridge port options {attrs} on {ifname}", self.ipr.brport, "set",
                    index=self.require_index(ifname), **attrs)
 

@@ -58,7 +58,7 @@ def seen_source(server, client, server_ip: str, tmp: Path, port: int = 7070) -> 
 def capture(host, ifname: str, pcap: Path, action, bpf_filter: str = "", count: int = 10, timeout: float = 10):
     """Capture on ``ifname`` inside ``host``'s namespace while ``action()`` runs; return scapy packets."""
     from scapy.all import rdpcap
-    args = ["tcpdump", "-i", ifname, "-n", "-U", "-c", str(count), "-w", str(pcap)]
+    args = ["tcpdump", "-i", ifname, "-n", "-U", "--immediate-mode", "-c", str(count), "-w", str(pcap)]
     if bpf_filter:
         args.append(bpf_filter)
     p = host.popen_ns(args)

@@ -154,3 +154,12 @@ def test_check_detects_a_broken_pod(cluster):
             cluster.check_pod(pod.name)
     finally:
         cluster.delete_pod(pod.name)
+
+
+def test_bridge_ports_are_in_hairpin_mode(cluster):
+    """flannel delegates to bridge with hairpinMode: a pod can reach itself through a Service."""
+    if cluster.spec.cni.type != "host-gw":
+        pytest.skip("the Calico layout has no bridge")
+    out = cluster.nodes["node1"].run(["bridge", "-d", "link", "show"]).stdout
+    ports = [l for l in out.splitlines() if "master cni0" in l]
+    assert len(ports) == 2 and out.count("hairpin on") == 2, out
