@@ -4,10 +4,10 @@ setup(
     name="k8snetlab",
     version="0.1.0",
     description="An emulated Kubernetes cluster network on one Linux machine (Mininet + CNI plugins)",
-    packages=["k8snetlab", "k8snetlab.modes", "cni_plugins"],
-    package_data={"k8snetlab": ["bpf/*.c"]},
+    packages=["k8snetlab", "k8snetlab.modes", "k8snetlab.bgp", "cni_plugins", "controllers"],
+    package_data={"k8snetlab": ["bpf/*.c"], "k8snetlab.bgp": ["templates/*.j2"]},
     python_requires=">=3.10",
-    install_requires=["pyroute2>=0.9", "PyYAML>=6", "mininet>=2.3.0.dev6", "scapy>=2.5"],
+    install_requires=["pyroute2>=0.9", "PyYAML>=6", "mininet>=2.3.0.dev6", "scapy>=2.5", "jinja2>=3"],
     extras_require={"plot": ["matplotlib>=3.5"], "test": ["pytest>=7", "pytest-timeout>=2"]},
     entry_points={"console_scripts": ["k8snetlab = k8snetlab.cli:main"]},
 )

@@ -42,7 +42,7 @@ def run(args) -> int:
         args.repeat, args.duration, args.pings = 1, 2.0, 50
     if args.pings < 50:
         raise spec.SpecError("--pings: at least 50 samples are needed for p99")
-    base = spec.load(args.topology)
+    base = experiment.load_topology(args)
     overrides = {"ipip": {**base.cni.sections.get("ipip", {}), "datapath": args.datapath}} if args.datapath else {}
     specs = {m: base.with_cni(m, **(overrides if m == "ipip" else {})) for m in MODES}
     proc.require_root(NAME)

@@ -64,7 +64,7 @@ def with_services(base: spec.ClusterSpec, kube_proxy: str) -> spec.ClusterSpec:
 
 
 def run(args) -> int:
-    base = spec.load(args.topology)
+    base = experiment.load_topology(args)
     modes, skipped = applicable(base, [m for m in args.modes.split(",") if m] if args.modes else None)
     base = with_services(base, args.kube_proxy)
     proc.require_root(NAME)

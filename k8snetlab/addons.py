@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .cluster import Cluster
     from .spec import ClusterSpec
 
-_MODULES: tuple[str, ...] = ()
+_MODULES: tuple[str, ...] = ("k8snetlab.services.addon",)
 
 
 class Addon:

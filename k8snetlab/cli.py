@@ -1,9 +1,12 @@
 """``k8snetlab``: the command line.
 
     k8snetlab up FILE [--cni TYPE] [--cli]   start a cluster, print it, hold it until Ctrl-C
+        [--param NAME=VALUE ...]             parameters of a .py topology (leaves=4)
     k8snetlab clean                          remove what killed runs left (only the testbed's)
     k8snetlab compare A.csv B.csv            two experiment runs side by side, with ratios
     k8snetlab modes                          the CNI types and their options
+    k8snetlab controllers                    the OpenFlow controller apps (underlay.controller)
+    k8snetlab bgp status [--cluster NAME]    BGP sessions and routes per node, asked of the speakers
     k8snetlab check-model FILE [--cni A,B]   the Kubernetes network model, checked, with evidence
 
 Only this module (and the experiments' ``main``) prints and picks exit codes: 0 success,
@@ -59,7 +62,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from .cluster import Cluster
     from .proc import require_root
     from . import spec
-    s = spec.load(args.file, cni=args.cni)
+    s = spec.load(args.file, cni=args.cni, params=spec.parse_params(args.param))
     require_root()
     sigterm_as_interrupt()
     with Cluster(s) as c:
@@ -117,17 +120,37 @@ def cmd_check_model(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_controllers(args: argparse.Namespace) -> int:
+    import controllers
+    for name in sorted(controllers.APPS):
+        app = controllers.APPS[name]
+        notes = [n for n, on in (("handles loops", app.loops), ("LLDP discovery", app.observe_links)) if on]
+        extra = f" [{', '.join(notes)}]" if notes else ""
+        print(f"{name}: {app.description}{extra}")
+    return 0
+
+
 def cmd_modes(args: argparse.Namespace) -> int:
     import dataclasses
     from .modes import MODES
     for name in MODES.names():
         mode = MODES.get(name)
-        print(f"{name}: {(mode.__doc__ or '').strip().splitlines()[0]}")
+        doc = (mode.__doc__ or sys.modules[mode.__module__].__doc__ or "-").strip().splitlines()[0]
+        print(f"{name}: {doc}")
         for f in dataclasses.fields(mode.Options):
             key = f.metadata.get("key") or f.name
             choices = f.metadata.get("choices")
             extra = f" ({'|'.join(choices)})" if choices else ""
-            print(f"    {key}: default {f.default!r}{extra}  {f.metadata.get('help', '')}")
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            print(f"    {key}: default {default!r}{extra}  {f.metadata.get('help', '')}")
+    return 0
+
+
+def cmd_bgp_status(args: argparse.Namespace) -> int:
+    from .bgp import status_report
+    from .proc import require_root
+    require_root("k8snetlab bgp status (the speakers' control sockets)")
+    print(status_report(args.cluster))
     return 0
 
 
@@ -136,9 +159,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start a cluster and hold it until Ctrl-C")
-    up.add_argument("file", help="cluster file (topologies/*.yaml)")
+    up.add_argument("file", help="cluster file (topologies/*.yaml, or a *.py generator)")
     up.add_argument("--cni", help="override cni.type (bridge, host-gw, ipip, ...)")
     up.add_argument("--cli", action="store_true", help="open the Mininet CLI (pod names are hosts)")
+    up.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                    help="a parameter of a Python topology file (topologies/*.py), e.g. leaves=4; repeatable")
     up.set_defaults(fn=cmd_up)
     cl = sub.add_parser("clean", help="remove what killed runs left behind")
     cl.set_defaults(fn=cmd_clean)
@@ -155,6 +180,13 @@ def parser() -> argparse.ArgumentParser:
     cm.set_defaults(fn=cmd_check_model)
     md = sub.add_parser("modes", help="list CNI types and their options")
     md.set_defaults(fn=cmd_modes)
+    ctl = sub.add_parser("controllers", help="list the OpenFlow controller apps for underlay.controller")
+    ctl.set_defaults(fn=cmd_controllers)
+    bgp = sub.add_parser("bgp", help="BGP speakers of running clusters (cni bgp)")
+    bgp_sub = bgp.add_subparsers(dest="bgp_command", required=True)
+    bst = bgp_sub.add_parser("status", help="sessions (peer, state, since, routes received) per node")
+    bst.add_argument("--cluster", help="a cluster name or state dir (knlN); default: every running cluster")
+    bst.set_defaults(fn=cmd_bgp_status)
     return p
 
 

@@ -68,13 +68,16 @@ class Cluster:
         self._runtimes: dict[str, CNIRuntime] = {}
         self._peers: set[tuple[str, str]] = set()
         self._switches: dict[str, Any] = {}
-        self._ports: dict[str, int] = {}         # last port number used on each subnet's switch
+        self._ports: dict[str, int] = {}         # last port number used on each subnet's switch(es)
+        self.switch_plan: Any = None             # switching.Plan: switches, links, who plugs where
+        self.ovs: Any = None                     # underlay_ovs.OvsUnderlay with underlay.switch: ovs
         self._gone: dict[str, NodeHost] = {}     # nodes that left, until their routes are gone
         self._started = False
 
     @classmethod
-    def from_file(cls, path: str | Path, cni: str | None = None) -> "Cluster":
-        return cls(specmod.load(path, cni=cni))
+    def from_file(cls, path: str | Path, cni: str | None = None,
+                  params: dict[str, Any] | None = None) -> "Cluster":
+        return cls(specmod.load(path, cni=cni, params=params))
 
     # -- lifecycle ------------------------------------------------------------------------------
     def __enter__(self) -> "Cluster":
@@ -143,6 +146,9 @@ class Cluster:
             attempt("stop processes in testbed namespaces", self._kill_in,
                     *self.pods.values(), *self.nodes.values(), *self.routers.values(), *self.hosts.values())
             attempt("stop Mininet", self.net.stop)
+        if self.ovs is not None:
+            attempt("stop Open vSwitch and its controller", self.ovs.stop)
+            self.ovs = None
         if self.state is not None:
             attempt("remove state", self.state.remove)
         self.pods.clear()
@@ -169,13 +175,26 @@ class Cluster:
 
     def _build_underlay(self) -> None:
         assert self.state is not None
-        self.net = Mininet(topo=None, build=False, controller=None, switch=LinuxBridge,
+        from . import switching
+        self.switch_plan = plan = switching.plan(self.spec)
+        if self.spec.underlay.switch == "ovs":
+            from .underlay_ovs import OvsUnderlay
+            self.ovs = OvsUnderlay(self.spec, self.state)
+            self.ovs.start()
+        self.net = Mininet(topo=None, build=False, controller=None,
+                           switch=self.ovs.switch_class() if self.ovs else LinuxBridge,
                            autoSetMacs=False, waitConnected=False, inNamespace=False)
         ports = self._ports
-        for i, s in enumerate(self.spec.underlay.subnets, start=1):
+        for i, s in enumerate(plan.switches, start=1):
             sw_name = naming.switch_name(self.state.index, i)
             self._switches[s.name] = self.net.addSwitch(sw_name, dpid=f"{self.state.index:04x}{i:012x}")
-            ports[s.name] = 0
+            ports[s.subnet] = 0
+        subnet_of = {s.name: s.subnet for s in plan.switches}
+        for link in plan.links:     # switch to switch; port numbers count on per subnet
+            a, b, sub = self._switches[link.a], self._switches[link.b], subnet_of[link.a]
+            ports[sub] += 2
+            self.net.addLink(a, b, intfName1=naming.switch_port(a.name, ports[sub] - 1),
+                             intfName2=naming.switch_port(b.name, ports[sub]))
         for n in self.spec.nodes:
             self._add_node_host(n, ports)
         for h in self.spec.underlay.hosts:
@@ -185,7 +204,7 @@ class Cluster:
             self.routers[r.name] = router
             for k, (subnet, ip) in enumerate(r.interfaces):
                 ports[subnet] += 1
-                sw = self._switches[subnet]
+                sw = self._switch_at(r.name, subnet)
                 plen = self.spec.underlay.subnet(subnet).cidr.prefixlen
                 self.net.addLink(router, sw, intfName1=f"eth{k}",
                                  intfName2=naming.switch_port(sw.name, ports[subnet]),
@@ -194,6 +213,9 @@ class Cluster:
         for sw in self._switches.values():
             self.state.record_pid(sw.pid, f"switch shell {sw.name}")
         self.net.start()
+        if self.ovs is not None:
+            self.ovs.prepare_all(list(self._switches.values()))
+            self.timings["controller_ready_s"] = self.ovs.wait_ready(list(self._switches.values()), len(plan.links))
         for node in self.nodes.values():
             self._node_defaults(node)
         for host in self.hosts.values():
@@ -206,7 +228,7 @@ class Cluster:
         host = self._new_host(n.name, NodeHost, spec=n, state_dir=self.state.node_dir(n.name),
                               ip=f"{n.ip}/{subnet.cidr.prefixlen}")
         ports[n.subnet] = ports.get(n.subnet, 0) + 1
-        sw = self._switches[n.subnet]
+        sw = self._switch_at(n.name, n.subnet)
         self.net.addLink(host, sw, intfName1=naming.NODE_UPLINK,
                          intfName2=naming.switch_port(sw.name, ports[n.subnet]))
         self.nodes[n.name] = host
@@ -218,7 +240,7 @@ class Cluster:
         host = self._new_host(name, NetnsHost, ip=f"{ip}/{subnet.cidr.prefixlen}")
         host.subnet = subnet_name
         ports[subnet_name] = ports.get(subnet_name, 0) + 1
-        sw = self._switches[subnet_name]
+        sw = self._switch_at(name, subnet_name)
         self.net.addLink(host, sw, intfName1=naming.NODE_UPLINK,
                          intfName2=naming.switch_port(sw.name, ports[subnet_name]))
         self.hosts[name] = host
@@ -244,11 +266,19 @@ class Cluster:
         self._node_defaults(host)
         return host
 
+    def _switch_at(self, host: str, subnet: str) -> Any:
+        """The switch where ``host`` plugs into ``subnet`` (underlay.switches, else the subnet's)."""
+        return self._switches[self.switch_plan.switch_for(host, subnet)]
+
     def _attach_last_link(self, subnet: str) -> None:
         """Plug the newest Mininet link into its (already running) switch."""
         assert self.net is not None
         link = self.net.links[-1]
-        proc.run(["brctl", "addif", self._switches[subnet].name, link.intf2.name])
+        if self.ovs is not None:
+            link.intf2.node.attach(link.intf2)
+            self.ovs.prepare_host_side(link.intf1.node, link.intf1.name)
+            return
+        proc.run(["brctl", "addif", link.intf2.node.name, link.intf2.name])
         proc.run(["ip", "link", "set", link.intf2.name, "up"])
 
     def _node_defaults(self, node: NetnsHost) -> None:
@@ -317,8 +347,9 @@ class Cluster:
                 with Netns(self.nodes[a].netns, a) as ns:
                     self.mode.remove_peer(self.nodes[a], ns, self._gone[b])
             self._peers.discard((a, b))
+        missing = want - self._peers     # once: per pair it made a 100-node start take seconds
         for a in self.nodes:
-            todo = [b for b in self.nodes if (a, b) in want - self._peers]
+            todo = [b for b in self.nodes if (a, b) in missing]
             if not todo:
                 continue
             with Netns(self.nodes[a].netns, a) as ns:
@@ -331,13 +362,14 @@ class Cluster:
         assert self.net is not None and self.state is not None
         data = {"name": name, "ip": ip, **({"subnet": subnet} if subnet else {}),
                 **({"podCIDR": pod_cidr} if pod_cidr else {})}
-        raw_nodes = [{"name": n.name, "ip": str(n.ip), "subnet": n.subnet, "podCIDR": str(n.pod_cidr)}
-                     for n in self.spec.nodes] + [data]
+        raw_nodes = [{"name": n.name, "ip": str(n.ip), "subnet": n.subnet, "podCIDR": str(n.pod_cidr),
+                      "labels": dict(n.labels)} for n in self.spec.nodes] + [data]
         new_spec = _respec_nodes(self.spec, raw_nodes)
         n = new_spec.node(name)
         host = self._add_node_host(n, self._ports)
         self._attach_last_link(n.subnet)
         host.configDefault()  # addresses the node's eth0 (Mininet's params1)
+        self._announce(host, ip)
         self.spec = new_spec
         self._node_defaults(host)
         self._start_node(host)
@@ -345,6 +377,13 @@ class Cluster:
         for addon in self.addons:
             addon.node_added(host)
         return host
+
+    def _announce(self, host: NetnsHost, ip: str) -> None:
+        """A joining host may reuse the address of one that left: the others forget the old
+        MAC (what a gratuitous ARP does on a real segment, without waiting for ARP timers)."""
+        for other in [*self.nodes.values(), *self.routers.values(), *self.hosts.values()]:
+            if other is not host:
+                other.run(["ip", "neigh", "flush", "to", ip], check=False)
 
     def remove_node(self, name: str) -> None:
         """A node leaves: its pods are deleted, every node forgets its routes."""
@@ -355,6 +394,8 @@ class Cluster:
             self.delete_pod(pod.name)
         self.mode.stop_node(node)
         self._gone[name] = self.nodes.pop(name)
+        # the name and address are free again (a node may rejoin)
+        self.spec = dataclasses.replace(self.spec, nodes=tuple(n for n in self.spec.nodes if n.name != name))
         self.sync_routes()
         assert self.net is not None
         for intf in list(node.intfList()):
@@ -535,12 +576,20 @@ class Cluster:
                 cleanup.kill_pid(pid, proc.start_time(pid), grace=0.5)
 
     # -- conveniences ----------------------------------------------------------------------------
+    @property
+    def switches(self) -> dict[str, Any]:
+        """The underlay's switches (Mininet objects) by their cluster-file name: the subnet's
+        name, or the names in underlay.switches."""
+        return dict(self._switches)
+
     def pod_ips(self) -> dict[str, str]:
         return {n: p.ip or "" for n, p in self.pods.items()}
 
     def describe(self) -> list[str]:
         lines = [f"cluster {self.spec.name}: cni {self.spec.cni.type} (datapath {self.mode.datapath}, "
                  f"pod MTU {self.mode.mtu})"]
+        if self.ovs is not None:
+            lines.append(f"  {self.ovs.describe()}")
         for n in self.nodes.values():
             lines.append(f"  node {n.name:<10} {n.spec.ip!s:<16} podCIDR {n.spec.pod_cidr}")
             for p in sorted((p for p in self.pods.values() if p.node_name == n.name), key=lambda p: p.name):
@@ -555,9 +604,16 @@ class Cluster:
     def cli(self) -> None:
         """Mininet's CLI, with pod and node names as hosts (``web-0 ping web-1``)."""
         from mininet.cli import CLI
+        from mininet.log import output
+        mode = self.mode
 
         class ClusterCLI(CLI):
             identchars = CLI.identchars + "-"   # Kubernetes names hold dashes
+
+            def do_bgp(self, line: str) -> None:
+                """bgp: BGP sessions and routes of every node, asked of its speaker (cni bgp)"""
+                table = getattr(mode, "status_table", None)
+                output((table() if table else f"cni {mode.name} runs no BGP speakers") + "\n")
 
         assert self.net is not None
         setLogLevel("output")   # the CLI prints command output at this level

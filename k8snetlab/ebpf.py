@@ -615,7 +615,7 @@ def kernel_has_ipip(netns_path: str) -> bool:
         return True
     text = r.stderr + r.stdout
     if "Unknown device type" in text or "not supported" in text.lower():
-        log.info("kernel has no ipip device: %s", text.strip())
+        log.debug("kernel has no ipip device: %s", text.strip())   # the caller says what follows
         return False
     raise CommandError(r.args, r.returncode, r.stdout, r.stderr, "probing for ipip")
 

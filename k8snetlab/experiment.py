@@ -24,6 +24,8 @@ DEFAULT_TOPOLOGY = str(Path(__file__).resolve().parent.parent / "topologies" / "
 def parser(description: str, default_repeat: int = 3) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--topology", default=DEFAULT_TOPOLOGY, help="cluster file (default: %(default)s)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a parameter of a Python topology file, e.g. leaves=4; repeatable")
     p.add_argument("--out", default="results", help="directory for the CSV (and plots); default %(default)s")
     p.add_argument("--quick", action="store_true", help="a short smoke run (about a minute on 2 cores)")
     p.add_argument("--repeat", type=int, default=default_repeat, help="interleaved rounds (default %(default)s)")
@@ -51,6 +53,12 @@ class Progress:
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
+
+
+def load_topology(args: argparse.Namespace, cni: str | None = None):
+    """The cluster spec of ``--topology`` with its ``--param`` values (a .py file's parameters)."""
+    from . import spec
+    return spec.load(args.topology, cni=cni, params=spec.parse_params(getattr(args, "param", None)))
 
 
 def main(run: Callable[[argparse.Namespace], int], p: argparse.ArgumentParser,

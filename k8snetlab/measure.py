@@ -255,8 +255,12 @@ def parse_iperf3(json_text: str) -> TcpResult:
 
 
 def iperf3(client_netns: str, server_netns: str, server_ip: str, duration_s: float = 5,
-           port: int = 5201, omit_s: float = 0.5, timeout_s: float | None = None) -> TcpResult:
+           port: int = 5201, omit_s: float = 0.5, timeout_s: float | None = None,
+           connect_ip: str | None = None) -> TcpResult:
     """Measure one TCP stream from ``client_netns`` to ``server_ip`` in ``server_netns``.
+
+    ``connect_ip``: the address the client connects to when it is not ``server_ip`` itself,
+    e.g. a Service's ClusterIP in front of the server pod (the server still binds ``server_ip``).
 
     Starts a one-off ``iperf3 -s -1`` in the server namespace, waits (bounded) until it
     listens, runs the client with ``--json``, and always stops the server it started,
@@ -294,7 +298,7 @@ def iperf3(client_netns: str, server_netns: str, server_ip: str, duration_s: flo
     try:
         _wait_listening(server, server_log, server_netns, port,
                         min(deadline, time.monotonic() + SERVER_START_TIMEOUT_S))
-        client_args = ["iperf3", "-c", server_ip, "-p", str(port), "-t", str(t), "-O", str(omit),
+        client_args = ["iperf3", "-c", connect_ip or server_ip, "-p", str(port), "-t", str(t), "-O", str(omit),
                        "--json", "--connect-timeout", str(IPERF3_CONNECT_TIMEOUT_MS)]
         where = f"netns {client_netns}"
         remaining = max(1.0, deadline - time.monotonic())

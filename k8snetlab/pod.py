@@ -40,20 +40,27 @@ class NetnsHost(Host):
     def netns(self) -> str:
         return f"/proc/{self.pid}/ns/net"
 
+    @property
+    def mntns(self) -> str | None:
+        """The mount namespace programs run here enter too (None: the runtime's own)."""
+        return None
+
     def run(self, args: Sequence[str], **kw: Any) -> subprocess.CompletedProcess:
         """Run a program inside this host's network namespace; raise on non-zero exit."""
         kw.setdefault("where", self.name)
+        kw.setdefault("mntns", self.mntns)
         return proc.run(args, netns=self.netns, **kw)
 
     def popen_ns(self, args: Sequence[str], log_path: str | os.PathLike | None = None,
                  what: str = "", **kw: Any) -> subprocess.Popen:
         """Start a long-running program in this namespace (its PID is recorded for cleanup)."""
-        ns = self.netns
+        ns, mnt = self.netns, self.mntns
         out: Any = open(log_path, "ab") if log_path else subprocess.DEVNULL
         try:
             p = subprocess.Popen([str(a) for a in args], stdin=subprocess.DEVNULL, stdout=out,
                                  stderr=subprocess.STDOUT if log_path else subprocess.DEVNULL,
-                                 preexec_fn=lambda: (proc.setns(ns), os.setpgrp()), **kw)
+                                 preexec_fn=lambda: (proc.setns(ns), mnt and proc.setns_mount(mnt),
+                                                     os.setpgrp()), **kw)
         except FileNotFoundError:
             raise proc.tool_missing(str(args[0])) from None
         finally:
@@ -107,6 +114,13 @@ class Pod(NetnsHost):
         self.container_id = ""
         self.result: Any = None             # the CNI result
         self.containers: dict[str, Container] = {}
+
+    @property
+    def mntns(self) -> str:
+        """The sandbox's own mount namespace (``mnexec -n`` made it, ``/`` private): its
+        containers and commands see what is mounted only there, e.g. the pod's
+        ``/etc/resolv.conf`` (:mod:`k8snetlab.services.dns`)."""
+        return f"/proc/{self.pid}/ns/mnt"
 
     def attach_interface(self, ifname: str, cidr: str) -> None:
         """Tell Mininet about the interface the CNI plugin made, so IP() and the CLI work."""

@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 from .errors import CommandError, NotRoot, ToolMissing
 
 CLONE_NEWNET = 0x40000000
+CLONE_NEWNS = 0x00020000
 
 # program -> (package, registry) for the one-line "not installed" message
 TOOLS: dict[str, tuple[str, str]] = {
@@ -48,6 +49,11 @@ TOOLS: dict[str, tuple[str, str]] = {
     "sockperf": ("sockperf", "Debian"),
     "ovs-vsctl": ("openvswitch-switch", "Debian"),
     "ovs-ofctl": ("openvswitch-switch", "Debian"),
+    "ovs-appctl": ("openvswitch-common", "Debian"),
+    "ovsdb-tool": ("openvswitch-common", "Debian"),
+    "ovsdb-server": ("openvswitch-switch", "Debian"),
+    "ovs-vswitchd": ("openvswitch-switch", "Debian"),
+    "ethtool": ("ethtool", "Debian"),
 }
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -81,16 +87,18 @@ def require_root(what: str = "building an emulated cluster") -> None:
 
 def run(args: Sequence[str], *, input: str | bytes | None = None, timeout: float = 60,
         netns: str | None = None, env: dict[str, str] | None = None, check: bool = True,
-        where: str = "") -> subprocess.CompletedProcess:
+        where: str = "", mntns: str | None = None) -> subprocess.CompletedProcess:
     """Run a program (never through a shell); raise CommandError unless it exits 0.
 
     ``netns`` is a namespace path (``/proc/PID/ns/net``); the child enters it before exec.
+    ``mntns`` (``/proc/PID/ns/mnt``): the child enters that mount namespace too (a pod's).
     """
     args = [str(a) for a in args]
     text = not isinstance(input, bytes)
+    enter = (lambda: (netns and setns(netns), mntns and setns_mount(mntns))) if netns or mntns else None
     try:
         proc = subprocess.run(args, input=input, capture_output=True, text=text, timeout=timeout,
-                              env=env, preexec_fn=(lambda: setns(netns)) if netns else None)
+                              env=env, preexec_fn=enter)
     except FileNotFoundError:
         raise tool_missing(args[0]) from None
     except subprocess.TimeoutExpired as e:
@@ -111,6 +119,24 @@ def setns(path: str) -> None:
             raise OSError(err, f"setns({path}): {os.strerror(err)}")
     finally:
         os.close(fd)
+
+
+def setns_mount(path: str) -> None:
+    """Move the calling process into the mount namespace at ``path`` (``/proc/PID/ns/mnt``),
+    keeping its working directory. For a forked child before exec (``preexec_fn``) only: the
+    kernel refuses it to a thread sharing its filesystem context, i.e. any multi-threaded one."""
+    cwd = os.getcwd()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.setns(fd, CLONE_NEWNS) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({path}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+    try:
+        os.chdir(cwd)       # setns moved us to the namespace's root directory
+    except OSError:
+        pass
 
 
 @contextlib.contextmanager

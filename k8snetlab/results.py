@@ -25,7 +25,17 @@ Metrics and their units (``METRIC_UNITS``; a row naming one of these with anothe
 refused when written): ``rtt_min``, ``rtt_mean``, ``rtt_p50``, ``rtt_p90``, ``rtt_p99``,
 ``rtt_max`` in ``ms``; ``rtt_loss`` as a ``fraction`` (0..1); ``tcp_throughput`` in
 ``Gbit/s`` (receiver side); ``tcp_retransmits`` as a ``count``; ``cluster_up`` and
-``cluster_down`` in ``s``; ``runtime_peak_rss`` in ``MB``.
+``cluster_down`` in ``s``; ``runtime_peak_rss`` in ``MB``; ``wire_ip_bytes``,
+``inner_ip_bytes`` and ``encap_overhead`` (outer minus inner length of a captured packet:
+0 plain, 20 IPIP, 50 VXLAN) in ``bytes``. BGP: ``bgp_sessions`` (established, per node),
+``bgp_sessions_total`` and ``bgp_sessions_expected`` (the formula) as a ``count``;
+``bgp_converge`` (speaker start until every node has every pod route in its FIB),
+``bgp_withdraw``, ``bgp_restore``, ``underlay_up``, ``agents_up`` in ``s``; ``speaker_rss``,
+``speaker_pss`` (from /proc) and ``speaker_mem`` (the daemon's own count) in ``MB``.
+kube-proxy modes: ``conn_rate`` (sequential connections per second) in ``conn/s``;
+``connect_p50``/``connect_p90`` (TCP connect time of fresh connections) and
+``first_packet_added`` (connect_p50 minus that of a node with one Service) in ``us``;
+``program_time`` (one sync on an empty node) and ``resync_time`` (the same again) in ``s``.
 
 Summaries take the median over rounds (and over every row of a group): one round disturbed
 by another process on a shared machine moves a median little and a mean a lot.
@@ -56,6 +66,16 @@ METRIC_UNITS: dict[str, str] = {
     "rtt_max": "ms", "rtt_loss": "fraction",
     "tcp_throughput": "Gbit/s", "tcp_retransmits": "count",
     "cluster_up": "s", "cluster_down": "s", "runtime_peak_rss": "MB",
+    # a captured packet: the IPv4 length on the wire, the pod's own packet inside, the difference
+    "wire_ip_bytes": "bytes", "inner_ip_bytes": "bytes", "encap_overhead": "bytes",
+    # BGP control plane (experiments/bgp_mesh_vs_rr.py): sessions, convergence, speaker memory
+    "underlay_up": "s", "agents_up": "s",
+    "bgp_sessions": "count", "bgp_sessions_total": "count", "bgp_sessions_expected": "count",
+    "bgp_converge": "s", "bgp_withdraw": "s", "bgp_restore": "s",
+    "speaker_rss": "MB", "speaker_pss": "MB", "speaker_mem": "MB",
+    # kube-proxy modes (experiments/kube_proxy_modes.py): fresh connections, rule programming
+    "conn_rate": "conn/s", "connect_p50": "us", "connect_p90": "us", "first_packet_added": "us",
+    "program_time": "s", "resync_time": "s", "services": "count",
 }
 
 PLOT_METRICS = ("rtt_p50", "tcp_throughput")
@@ -372,7 +392,7 @@ def plot(rows: Iterable[Row], path_png: str | os.PathLike,
                   for x, sc in enumerate(scenarios) if (sc, mode) in groups]
             ys = [median(groups[(sc, mode)]) for sc in scenarios if (sc, mode) in groups]
             if xs:
-                bars = ax.bar(xs, ys, width, label=mode)
+                bars = ax.bar(xs, ys, width, label=mode, color=f"C{i % 10}")   # one colour per mode in every panel
                 ax.bar_label(bars, labels=[format_number(y) for y in ys], fontsize=7)
         units = sorted({r.unit for r in these})
         ax.set_title(f"{metric}, median over rounds")

@@ -4,6 +4,9 @@ The spec is plain data: importable and testable without root. The runtime builds
 objects from it and never mutates it. Everything a user can get wrong is caught here,
 before anything is created, with one line naming the file, the key and the fix.
 
+A topology that grows with parameters (``topologies/leaf_spine.py``) is a Python file whose
+``cluster(**params)`` returns the same content as a dict; :func:`load` runs it.
+
 A cluster file::
 
     name: three-nodes
@@ -78,6 +81,10 @@ class UnderlaySpec:
     routers: tuple[RouterSpec, ...] = ()
     switch: str = "linuxbridge"
     hosts: tuple[HostSpec, ...] = ()
+    # the switch level (k8snetlab.switching): OpenFlow controller app, switches, switch links
+    controller: str = "none"
+    switches: tuple[Any, ...] = ()      # switching.SwitchSpec
+    links: tuple[Any, ...] = ()         # switching.LinkSpec
 
     def subnet(self, name: str) -> SubnetSpec:
         return next(s for s in self.subnets if s.name == name)
@@ -134,9 +141,19 @@ class ClusterSpec:
 
 
 # ---------------------------------------------------------------------------------------
-def load(path: str | Path, cni: str | None = None) -> ClusterSpec:
-    """Read and validate a cluster file; ``cni`` overrides ``cni.type``."""
+def load(path: str | Path, cni: str | None = None, params: dict[str, Any] | None = None) -> ClusterSpec:
+    """Read and validate a cluster file; ``cni`` overrides ``cni.type``.
+
+    A ``.py`` file is a topology generator (see :func:`generate`): ``params`` are the keyword
+    arguments of its ``cluster()``. A YAML file takes no parameters.
+    """
     path = Path(path)
+    if path.suffix == ".py":
+        spec = from_dict(generate(path, params or {}), str(path), base_dir=path.parent)
+        return spec.with_cni(cni) if cni else spec
+    if params:
+        raise SpecError(f"{path}: parameter {next(iter(params))!r} given, but only Python topology files "
+                        "(.py) take parameters: remove --param or use a .py generator")
     try:
         text = path.read_text()
     except OSError as e:
@@ -150,6 +167,76 @@ def load(path: str | Path, cni: str | None = None) -> ClusterSpec:
         raise SpecError(f"{path}: not valid YAML{at}: {problem}; fix the syntax") from None
     spec = from_dict(data, str(path), base_dir=path.parent)
     return spec.with_cni(cni) if cni else spec
+
+
+def generate(path: Path, params: dict[str, Any]) -> Any:
+    """Run a Python topology file: it defines ``def cluster(**params) -> dict`` returning what a
+    YAML cluster file holds. Parameters it does not take, or of another type than their
+    default, are refused here with the valid ones; what the generator raises names the file."""
+    import importlib.util
+    import inspect
+    import sys
+    if not path.is_file():
+        raise SpecError(f"{path}: cannot read topology file: no such file")
+    name = f"_k8snetlab_topology_{path.stem}"
+    mod_spec = importlib.util.spec_from_file_location(name, path)
+    if mod_spec is None or mod_spec.loader is None:
+        raise SpecError(f"{path}: cannot load it as Python")
+    module = importlib.util.module_from_spec(mod_spec)
+    sys.modules[name] = module      # dataclasses and pickling look their module up there
+    try:
+        mod_spec.loader.exec_module(module)
+    except Exception as e:
+        raise SpecError(f"{path}: loading the topology generator failed: {type(e).__name__}: {e}") from None
+    fn = getattr(module, "cluster", None)
+    if not callable(fn):
+        raise SpecError(f"{path}: a Python topology file defines def cluster(**params) -> dict; this one has none")
+    sig = inspect.signature(fn)
+    named = {n: p.default for n, p in sig.parameters.items()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    valid = ", ".join(f"{n} (default {d!r})" if d is not inspect.Parameter.empty else n for n, d in named.items())
+    for key, value in params.items():
+        if key not in named:
+            raise SpecError(f"{path}: unknown parameter {key!r}: valid parameters are {valid or '(none)'}")
+        default = named[key]
+        if default is not inspect.Parameter.empty and default is not None and not _same_kind(value, default):
+            raise SpecError(f"{path}: parameter {key}: expected {type(default).__name__} like {default!r}, "
+                            f"got {value!r}")
+    try:
+        data = fn(**params)
+    except SpecError as e:
+        raise SpecError(f"{path}: {e}") from None
+    except Exception as e:
+        raise SpecError(f"{path}: cluster({', '.join(f'{k}={v!r}' for k, v in params.items())}) failed: "
+                        f"{type(e).__name__}: {e}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: cluster() must return a dict (a cluster file's content), "
+                        f"not {type(data).__name__}")
+    return data
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
+
+
+def parse_params(items: list[str] | None) -> dict[str, Any]:
+    """``["leaves=4", "name=big"]`` (the CLI's ``--param``) -> ``{"leaves": 4, "name": "big"}``;
+    values are read as YAML scalars, so numbers and booleans get their type."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SpecError(f"--param {item!r}: write NAME=VALUE, e.g. --param leaves=4")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
 
 
 def from_dict(data: Any, source: str = "<cluster>", base_dir: Path | None = None) -> ClusterSpec:
@@ -213,7 +300,7 @@ def _ifname_safe(name: Any, where: str) -> str:
 
 
 def _parse_underlay(raw: Any, src: str) -> UnderlaySpec:
-    u = _map(raw, f"{src}: underlay", ("subnets", "routers", "hosts", "switch", "controller"))
+    u = _map(raw, f"{src}: underlay", ("subnets", "routers", "hosts", "switch", "controller", "switches", "links"))
     subnets, seen = [], set()
     for i, s in enumerate(_list(u.get("subnets"), f"{src}: underlay.subnets")):
         w = f"{src}: underlay.subnets[{i}]"
@@ -251,12 +338,10 @@ def _parse_underlay(raw: Any, src: str) -> UnderlaySpec:
         if sub not in seen:
             raise SpecError(f"{w}: {ip} is in none of the underlay subnets; give subnet: <name>")
         hosts.append(HostSpec(_ifname_safe(h.get("name"), f"{w}.name"), sub, ip))
-    switch = u.get("switch", "linuxbridge")
-    if switch != "linuxbridge":
-        raise SpecError(f"{src}: underlay.switch: {switch!r} is not available: use linuxbridge")
-    if u.get("controller", "none") not in ("none", None):
-        raise SpecError(f"{src}: underlay.controller needs switch: ovs, which is not available yet: remove it")
-    return UnderlaySpec(tuple(subnets), tuple(routers), switch, tuple(hosts))
+    from . import switching
+    sw = switching.parse(u, [s.name for s in subnets], src)
+    return UnderlaySpec(tuple(subnets), tuple(routers), sw.switch, tuple(hosts), sw.controller,
+                        sw.switches, sw.links)
 
 
 def _parse_network(raw: Any, src: str) -> NetworkSpec:
@@ -443,8 +528,10 @@ def _check_scheduling(spec: ClusterSpec) -> None:
 
 
 def _validate_mode(spec: ClusterSpec) -> None:
+    from . import switching
     from .addons import addon_classes
     from .modes import MODES
+    switching.check(spec)       # switch attachments; what kubeProxy.mode openflow needs
     MODES.get(spec.cni.type).validate(spec)
     for addon in addon_classes():
         addon.validate(spec)

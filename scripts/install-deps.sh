@@ -31,6 +31,8 @@ bird2
 dnsmasq-base
 conntrack
 dnsutils
+openvswitch-switch
+sockperf
 "
 
 if [ "$(id -u)" -ne 0 ]; then

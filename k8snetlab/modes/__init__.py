@@ -12,6 +12,7 @@ from ..registry import Registry
 from .base import Mode
 
 _MODULES = ("k8snetlab.modes.bridge", "k8snetlab.modes.host_gw", "k8snetlab.modes.ipip",
+            "k8snetlab.modes.vxlan", "k8snetlab.modes.bgp",
             "k8snetlab.modes.docker")
 
 MODES: Registry[type[Mode]] = Registry("CNI type", _MODULES)

@@ -14,6 +14,14 @@ a subnet packets go plain, host-gw style). Two datapaths do the encapsulation:
   pod CIDRs (an LPM map: CIDR -> remote node) in an outer IPv4 header, protocol 4; the ingress
   program strips it from packets sent by known nodes. Same bytes on the wire as ``tunl0``.
 
+With ``CrossSubnet`` only peers on another subnet are tunnelled: only they get a tunnel-map
+and a peer-map entry (ebpf) or a ``tunl0`` route (kernel); a peer on the node's own subnet
+gets the plain route ``<pod CIDR> via <node IP> dev eth0``. On a routed underlay the
+ebpf route to a tunnelled CIDR goes ``via`` the node's gateway (its ToR router, see
+``Mode.underlay_next_hop``) while the outer header names the peer node itself, so the
+routers forward an ordinary node-to-node packet. The pod MTU stays 1480 in both modes, as
+Calico keeps it: a pod cannot know which peers its packets will be wrapped for.
+
 ``datapath: auto`` probes the kernel in the first node's namespace and picks ``kernel`` if it
 has ipip, otherwise ``ebpf``, and logs which.
 """
@@ -81,8 +89,9 @@ class IpipMode(CalicoMode):
             log.info("ipip datapath: %s (%s)", self._datapath,
                      "kernel has ipip" if has_ipip else "kernel has no ipip device: tc BPF encapsulation")
         elif self.options.datapath == "kernel" and not has_ipip:
-            raise KernelFeatureMissing("cni.ipip.datapath kernel: this kernel has no ipip device "
-                                       "(Unknown device type): use datapath: ebpf or auto")
+            raise KernelFeatureMissing(f"{self.cluster.spec.source}: cni.ipip.datapath: kernel needs the "
+                                       "kernel's ipip device (tunl0), which this kernel lacks (Unknown "
+                                       "device type): use datapath: ebpf or auto")
         if self._datapath == "ebpf":
             proc.require("clang", "bpftool", "tc")
             ebpf.compile_object()

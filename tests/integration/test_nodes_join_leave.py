@@ -37,4 +37,7 @@ def test_routes_follow_nodes_joining_and_leaving(mode):
         node5 = c.add_node("node5", "192.168.1.133")
         assert src.run(["ping", "-c", "1", "-W", "2", node5.ip], check=False).returncode == 0
         assert str(node5.spec.pod_cidr) in c.nodes["node1"].run(["ip", "route"]).stdout
+        # the name and address of a node that left are free again
+        again = c.add_node("node4", "192.168.1.132")
+        assert src.run(["ping", "-c", "1", "-W", "2", again.ip], check=False).returncode == 0
     assert cleanup.leftovers().empty(), cleanup.leftovers().lines()

@@ -284,7 +284,7 @@ BAD = [
     ("bad-datapath", _set("cni.ipip.datapath", "dpdk"), ["cni.ipip.datapath", "'dpdk'", "kernel", "ebpf"]),
     ("ipip-mtu-range", _set("cni.ipip.mtu", 100), ["cni.ipip.mtu", "100", "576"]),
     ("ipip-mtu-type", _set("cni.ipip.mtu", "1480"), ["cni.ipip.mtu", "int"]),
-    ("unknown-cni-key", _set("cni.vxlan", {}), ["cni", "'vxlan'", "unknown key"]),
+    ("unknown-cni-key", _set("cni.weave", {}), ["cni", "'weave'", "unknown key"]),
     ("bad-invoke", _set("cni.invoke", "fork"), ["cni.invoke", "'fork'", "exec", "inprocess"]),
     ("service-overlaps-cluster", _set("network.serviceCIDR", "10.244.128.0/20"),
      ["network.clusterCIDR", "network.serviceCIDR", "overlaps", "10.244.128.0/20"]),
