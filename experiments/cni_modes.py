@@ -1,0 +1,444 @@
+#!/usr/bin/env python3
+"""Every CNI mode that applies to one underlay: the same probe pods, the same traffic, side by side.
+
+One cluster per mode is built from the cluster file (same nodes, same addresses, separate
+namespaces and underlay bridges): ``bridge`` (same-node traffic only: it wires nothing between
+nodes), ``host-gw``, ``vxlan``, ``ipip`` (``ipipMode: Always``), ``ipip-crosssubnet``
+(``ipipMode: CrossSubnet``) and ``bgp`` when this checkout has it. A mode whose ``validate``
+refuses the underlay (host-gw across subnets...) or that cannot run on this machine is skipped
+with the reason, logged and printed in the summary.
+
+The file's workloads are left out; each cluster gets the same four probe pods instead, pinned
+to nodes chosen from the underlay, so that the scenarios exist on every topology:
+
+    pod-same-node       probe-a1 -> probe-a2   both on node A
+    pod-cross-node      probe-a1 -> probe-b    B: another node on A's subnet (if there is one)
+    pod-cross-subnet    probe-a1 -> probe-c    C: the first node on another subnet (if any)
+
+Per round (rounds interleaved: every mode once per round, so drift of a shared machine hits
+all alike) and scenario: RTT percentiles from ping and TCP throughput from iperf3. Once per
+mode and cross-node scenario, the bytes on the wire: tcpdump on node A's ``eth0`` during a
+ping of known size, parsed with scapy; the outer IPv4 length minus the pod's own packet inside
+it is the encapsulation overhead (0 plain, 20 IPIP, 50 VXLAN).
+
+Output: a tidy CSV (k8snetlab.results), a PNG beside it, and a summary with the issue's
+targets as ratios from this one run.
+
+    sudo python experiments/cni_modes.py [--topology FILE] [--param NAME=VALUE] [--quick]
+                                         [--repeat N] [--duration S] [--pings N] [--modes a,b]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from k8snetlab import experiment, measure, naming, proc, results  # noqa: E402
+from k8snetlab.cli import BAD_INPUT  # noqa: E402
+from k8snetlab.errors import SpecError  # noqa: E402
+from k8snetlab.modes import MODES  # noqa: E402
+
+log = logging.getLogger("cni_modes")
+
+NAME = "cni_modes"
+PING_SIZE = 1000            # ICMP payload of the captured ping: the inner packet is 1028 bytes
+CAPTURE_PINGS = 5
+CAPTURE_READY_S = 5.0       # bound on waiting for tcpdump to listen
+SUMMARY_METRICS = ("rtt_p50", "rtt_p99", "tcp_throughput")
+PLOT_METRICS = ("rtt_p50", "tcp_throughput", "encap_overhead")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One column of the comparison: a CNI type with the options that make it this variant."""
+
+    label: str                                   # the CSV's mode column
+    cni: str                                     # cni.type
+    options: dict[str, Any] = field(default_factory=dict)   # merged into cni.<type>
+    same_node_only: bool = False                 # wires nothing between nodes
+    # merged in too when the nodes span several subnets (and the mode has these options)
+    routed_options: dict[str, Any] = field(default_factory=dict)
+    expected_overhead: dict[str, int] = field(default_factory=dict)   # scenario -> bytes
+
+
+VARIANTS = (
+    Variant("bridge", "bridge", same_node_only=True),
+    Variant("host-gw", "host-gw", expected_overhead={"pod-cross-node": 0}),
+    Variant("vxlan", "vxlan", expected_overhead={"pod-cross-node": 50, "pod-cross-subnet": 50}),
+    Variant("ipip", "ipip", {"ipipMode": "Always"},
+            expected_overhead={"pod-cross-node": 20, "pod-cross-subnet": 20}),
+    Variant("ipip-crosssubnet", "ipip", {"ipipMode": "CrossSubnet"},
+            expected_overhead={"pod-cross-node": 0, "pod-cross-subnet": 20}),
+    # on a routed underlay Calico's nodes peer with their ToR routers: plain packets across racks
+    Variant("bgp", "bgp", routed_options={"peerWithToR": True},
+            expected_overhead={"pod-cross-node": 0, "pod-cross-subnet": 0}),
+)
+
+# the issue's speed targets: (what, numerator mode, scenario, low, high) on TCP throughput
+TARGETS = (
+    ("vxlan cross-node TCP >= 0.7 x host-gw", "vxlan", "pod-cross-node", 0.7, None),
+    ("ipip CrossSubnet in one subnet TCP within 0.95-1.05 x host-gw", "ipip-crosssubnet",
+     "pod-cross-node", 0.95, 1.05),
+    ("bgp cross-node TCP within 0.95-1.05 x host-gw", "bgp", "pod-cross-node", 0.95, 1.05),
+)
+
+
+# ---------------------------------------------------------------- planning (pure)
+
+@dataclass(frozen=True)
+class Placement:
+    """The nodes the probes go to: A, another node on A's subnet, a node on another subnet."""
+
+    a: str
+    b: str | None
+    c: str | None
+
+    def probes(self) -> dict[str, str]:
+        """Probe pod name -> node name."""
+        out = {"probe-a1": self.a, "probe-a2": self.a}
+        if self.b:
+            out["probe-b"] = self.b
+        if self.c:
+            out["probe-c"] = self.c
+        return out
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    src: str         # probe pod names
+    dst: str
+
+
+def placement(spec) -> Placement:
+    nodes = list(spec.nodes)
+    if not nodes:
+        raise SpecError(f"{spec.source}: the experiment needs at least one node")
+    a = nodes[0]
+    b = next((n.name for n in nodes[1:] if n.subnet == a.subnet), None)
+    c = next((n.name for n in nodes if n.subnet != a.subnet), None)
+    return Placement(a.name, b, c)
+
+
+def scenarios(variant: Variant, where: Placement) -> list[Scenario]:
+    out = [Scenario("pod-same-node", "probe-a1", "probe-a2")]
+    if variant.same_node_only:
+        return out
+    if where.b:
+        out.append(Scenario("pod-cross-node", "probe-a1", "probe-b"))
+    if where.c:
+        out.append(Scenario("pod-cross-subnet", "probe-a1", "probe-c"))
+    return out
+
+
+def probe_manifest(name: str, node: str) -> dict[str, Any]:
+    """A pod with no process of its own: ping and iperf3 run in its namespace when measured."""
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "labels": {"app": "cni-modes-probe"}},
+            "spec": {"nodeName": node, "containers": [{"name": "probe", "command": []}]}}
+
+
+def plan(base, wanted: Iterable[str], available: Iterable[str]) -> tuple[list[tuple[Variant, Any]], dict[str, str]]:
+    """The variants to run, each with its cluster spec (the file's, without its workloads), and
+    the skipped ones with the reason. ``available`` is ``MODES.names()``."""
+    available = set(available)
+    run, skipped = [], {}
+    for v in VARIANTS:
+        if v.label not in wanted:
+            continue
+        if v.cni not in available:
+            skipped[v.label] = f"cni type {v.cni!r} is not in this checkout (have: {', '.join(sorted(available))})"
+            continue
+        overrides = {}
+        wanted_opts = dict(v.options)
+        if len({n.subnet for n in base.nodes}) > 1 and v.routed_options:
+            keys = {f.metadata.get("key") or f.name for f in dataclasses.fields(MODES.get(v.cni).Options)}
+            wanted_opts.update({k: x for k, x in v.routed_options.items() if k in keys})
+        if wanted_opts:
+            overrides[v.cni] = {**(base.cni.sections.get(v.cni) or {}), **wanted_opts}
+        try:
+            s = base.with_cni(v.cni, **overrides)
+        except SpecError as e:
+            skipped[v.label] = str(e)
+            continue
+        run.append((v, dataclasses.replace(s, workloads=(), services=())))
+    return run, skipped
+
+
+# ---------------------------------------------------------------- the wire (pure parsing)
+
+@dataclass(frozen=True)
+class WirePacket:
+    """One echo request as captured: its outer IPv4 length, the pod's packet inside, and how it
+    was wrapped (plain, ipip, vxlan) with the VXLAN VNI and UDP port where there is one."""
+
+    outer_len: int
+    inner_len: int
+    kind: str
+    vni: int | None = None
+    udp_dport: int | None = None
+
+    @property
+    def overhead(self) -> int:
+        return self.outer_len - self.inner_len
+
+
+def _scapy():
+    """scapy's layers, imported when first needed (importing them registers Ethernet as the
+    pcap link type and binds UDP 8472, flannel's port, to VXLAN)."""
+    from scapy.layers.inet import ICMP, IP, UDP
+    from scapy.layers.l2 import Ether  # noqa: F401
+    from scapy.layers.vxlan import VXLAN
+    return ICMP, IP, UDP, VXLAN
+
+
+def wire_packets(packets: Iterable[Any], src_ip: str, dst_ip: str) -> list[WirePacket]:
+    """The ICMP echo requests from ``src_ip`` to ``dst_ip`` among scapy packets, however they
+    are wrapped: the first IPv4 header is the outer one, the last the pod's own."""
+    ICMP, IP, UDP, VXLAN = _scapy()
+    out = []
+    for pkt in packets:
+        ips, layer = [], pkt
+        while layer is not None and layer.__class__.__name__ != "NoPayload":
+            if isinstance(layer, IP):
+                ips.append(layer)
+            layer = layer.payload
+        if not ips:
+            continue
+        inner = ips[-1]
+        icmp = inner.getlayer(ICMP)
+        if inner.src != src_ip or inner.dst != dst_ip or icmp is None or icmp.type != 8:
+            continue
+        outer = ips[0]
+        if len(ips) == 1:
+            kind, vni, dport = "plain", None, None
+        elif outer.proto == 4:
+            kind, vni, dport = "ipip", None, None
+        elif VXLAN in outer:
+            kind, vni, dport = "vxlan", outer[VXLAN].vni, outer[UDP].dport
+        else:
+            kind, vni, dport = "other", None, None
+        out.append(WirePacket(outer.len, inner.len, kind, vni, dport))
+    return out
+
+
+# ---------------------------------------------------------------- measuring
+
+def capture_wire(node, src, dst_ip: str, workdir: Path) -> list[WirePacket]:
+    """tcpdump on ``node``'s eth0 while ``src`` pings ``dst_ip`` with a known size."""
+    from scapy.utils import rdpcap
+    _scapy()
+    pcap = workdir / f"{node.name}-{src.name}-{dst_ip}.pcap"
+    said = pcap.with_suffix(".log")
+    dump = node.popen_ns(["tcpdump", "-i", naming.NODE_UPLINK, "-n", "-U", "--immediate-mode", "-s", "256", "-w", str(pcap),
+                          "icmp or udp or ip proto 4"], log_path=said, what=f"{node.name}: tcpdump")
+    try:
+        deadline = time.monotonic() + CAPTURE_READY_S
+        while "listening on" not in (said.read_text(errors="replace") if said.exists() else ""):
+            if dump.poll() is not None or time.monotonic() > deadline:
+                raise measure.MeasureError(f"tcpdump on {node.name} did not start: "
+                                           f"{said.read_text(errors='replace').strip()[-200:]}")
+            time.sleep(0.02)
+        measure.ping(src.netns, dst_ip, count=CAPTURE_PINGS, interval_s=0.02, size=PING_SIZE)
+        time.sleep(0.2)     # -U writes each packet at once; leave the last reply time to land
+    finally:
+        dump.terminate()
+        try:
+            dump.wait(3)
+        except subprocess.TimeoutExpired:
+            dump.kill()
+            dump.wait()
+    return wire_packets(rdpcap(str(pcap)), src.ip, dst_ip)
+
+
+def run(args) -> int:
+    if args.quick:
+        args.repeat, args.duration, args.pings = 1, 1.0, 50
+    if args.pings < 50:
+        raise SpecError("--pings: at least 50 samples are needed for p99")
+    labels = [v.label for v in VARIANTS]
+    wanted = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else labels
+    bad = [m for m in wanted if m not in labels]
+    if bad:
+        raise SpecError(f"--modes: unknown mode {bad[0]!r}: use some of {', '.join(labels)}")
+    base = experiment.load_topology(args)
+    todo, skipped = plan(base, wanted, MODES.names())
+    if not todo:
+        raise SpecError(f"{base.source}: none of the modes {', '.join(wanted)} applies to this underlay: "
+                        + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    where = placement(base)
+    proc.require_root(NAME)
+    proc.require("ping", "iperf3", "tcpdump")
+    for label, why in skipped.items():
+        log.info("skipping %s: %s", label, why)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_id = results.new_run_id()
+    csv_path = out_dir / f"{NAME}-{run_id}.csv"
+    kernel = results.kernel_release()
+    omit = 0.0 if args.quick else 0.5
+
+    from k8snetlab.cluster import Cluster
+    with contextlib.ExitStack() as stack, results.CsvWriter(csv_path) as csv, \
+            tempfile.TemporaryDirectory(prefix="knl-cni-modes-") as tmp:
+        clusters: dict[str, Any] = {}
+        meta: dict[str, tuple[str, str, int]] = {}
+        variants = {v.label: v for v, _ in todo}
+
+        def row(label: str, sc: Scenario | None, rnd: int, metric: str, value: float, unit: str) -> None:
+            topology, datapath, mtu = meta.get(label, (base.name, "", None))
+            csv.write(results.Row(run_id=run_id, timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                  experiment=NAME, topology=topology, mode=label, datapath=datapath,
+                                  scenario=sc.name if sc else "lifecycle", src=sc.src if sc else "",
+                                  dst=sc.dst if sc else "", round=rnd, metric=metric, value=value,
+                                  unit=unit, mtu=mtu if sc else None, kernel=kernel))
+
+        for v, s in todo:
+            t0 = time.monotonic()
+            c = Cluster(s)
+            try:
+                c.start()
+            except BAD_INPUT as e:          # this machine cannot run it (kernel, tool): say so, go on
+                skipped[v.label] = str(e)
+                log.warning("skipping %s: %s", v.label, e)
+                continue
+            stack.callback(c.stop)
+            for name, node in where.probes().items():
+                c.add_pod(probe_manifest(name, node))
+            clusters[v.label] = c
+            meta[v.label] = (c.spec.name, c.mode.datapath, c.mode.mtu)
+            print(f"{v.label}: cluster up in {time.monotonic() - t0:.2f} s "
+                  f"(datapath {c.mode.datapath}, pod MTU {c.mode.mtu})", file=sys.stderr)
+            row(v.label, None, 0, "cluster_up", c.timings["start_s"], "s")
+        if not clusters:
+            raise SpecError(f"{base.source}: no mode could start here: "
+                            + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+        plans = {label: scenarios(variants[label], where) for label in clusters}
+
+        # the wire: once per mode and cross-node scenario
+        for label, c in clusters.items():
+            for sc in plans[label]:
+                if sc.name == "pod-same-node":
+                    continue
+                src, dst = c.pods[sc.src], c.pods[sc.dst]
+                pkts = capture_wire(c.nodes[src.node_name], src, dst.ip, Path(tmp))
+                if not pkts:
+                    log.warning("%s %s: no echo request captured on %s", label, sc.name, src.node_name)
+                    continue
+                outer = statistics.median(p.outer_len for p in pkts)
+                inner = statistics.median(p.inner_len for p in pkts)
+                row(label, sc, 0, "wire_ip_bytes", outer, "bytes")
+                row(label, sc, 0, "inner_ip_bytes", inner, "bytes")
+                row(label, sc, 0, "encap_overhead", outer - inner, "bytes")
+                kinds = sorted({p.kind + (f" vni {p.vni} udp {p.udp_dport}" if p.vni is not None else "")
+                                for p in pkts})
+                log.info("%s %s: %s on the wire, %d bytes of overhead", label, sc.name, ", ".join(kinds),
+                         outer - inner)
+
+        progress = experiment.Progress(args.repeat * sum(len(p) for p in plans.values()))
+        for rnd in range(1, args.repeat + 1):
+            for label, c in clusters.items():
+                for sc in plans[label]:
+                    progress.step(f"round {rnd} {label} {sc.name}")
+                    src, dst = c.pods[sc.src], c.pods[sc.dst]
+                    # warm-up: neighbour entries and caches, so the first sample is not an outlier
+                    measure.ping(src.netns, dst.ip, count=3, interval_s=0.01)
+                    rtt = measure.ping(src.netns, dst.ip, count=args.pings, interval_s=0.01)
+                    row(label, sc, rnd, "rtt_loss", rtt.loss, "fraction")
+                    if rtt.samples_ms:
+                        for metric, value in (("rtt_min", rtt.min), ("rtt_p50", rtt.p50),
+                                              ("rtt_p90", rtt.p90), ("rtt_p99", rtt.p99)):
+                            row(label, sc, rnd, metric, value, "ms")
+                    tcp = measure.iperf3(src.netns, dst.netns, dst.ip, duration_s=args.duration, omit_s=omit)
+                    row(label, sc, rnd, "tcp_throughput", tcp.gbit_s, "Gbit/s")
+                    row(label, sc, rnd, "tcp_retransmits", tcp.retransmits, "count")
+        for label in reversed(list(clusters)):
+            c = clusters.pop(label)
+            c.stop()
+            row(label, None, 0, "cluster_down", c.timings["stop_s"], "s")
+        row("all", None, 0, "runtime_peak_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "MB")
+
+    rows = results.read_rows(csv_path)
+    order = [v.label for v in VARIANTS if v.label in meta]
+    print(summary(rows, order, skipped))
+    print(f"\nCSV: {csv_path}")
+    png = results.plot(rows, csv_path.with_suffix(".png"), metrics=PLOT_METRICS, modes=order,
+                       title=f"{NAME} on {base.name}")
+    if png:
+        print(f"plot: {png}")
+    return 0
+
+
+# ---------------------------------------------------------------- summary (pure)
+
+def summary(rows: list, order: list[str], skipped: dict[str, str]) -> str:
+    """Medians per scenario and mode, the bytes on the wire, the issue's targets as ratios."""
+    lines = []
+    table = results.summarize([r for r in rows if r.metric in SUMMARY_METRICS], modes=order,
+                              skip_scenarios=("lifecycle",))
+    lines.append(results.format_table(["scenario", "metric", "unit", *order],
+                                      [[t["scenario"], t["metric"], t["unit"], *(t[m] for m in order)]
+                                       for t in table]))
+    by_label = {v.label: v for v in VARIANTS}
+    wire = {(r.mode, r.scenario, r.metric): r.value for r in rows if r.unit == "bytes"}
+    wire_rows = []
+    for label in order:
+        for sc in ("pod-cross-node", "pod-cross-subnet"):
+            if (label, sc, "encap_overhead") not in wire:
+                continue
+            got = wire[(label, sc, "encap_overhead")]
+            want = by_label[label].expected_overhead.get(sc)
+            wire_rows.append([label, sc, wire[(label, sc, "wire_ip_bytes")], wire[(label, sc, "inner_ip_bytes")],
+                              got, "-" if want is None else ("yes" if got == want else f"NO (expected {want})")])
+    if wire_rows:
+        lines.append("\nOn the wire (a ping of known size, captured on the sender's eth0):")
+        lines.append(results.format_table(["mode", "scenario", "outer IP bytes", "inner IP bytes",
+                                           "overhead bytes", "as expected"], wire_rows))
+    lines.append("\nTargets (ratios of medians from this run):")
+    for what, num, sc, lo, hi in TARGETS:
+        ratio = _ratio(rows, num, "host-gw", sc)
+        if isinstance(ratio, str):
+            lines.append(f"  n/a   {what}: {ratio}")
+            continue
+        ok = ratio >= lo and (hi is None or ratio <= hi)
+        lines.append(f"  {'met ' if ok else 'MISS'}  {what}: {ratio:.3g}")
+    if skipped:
+        lines.append("\nSkipped:")
+        lines.extend(f"  {label}: {why}" for label, why in skipped.items())
+    return "\n".join(lines)
+
+
+def _ratio(rows: list, num: str, den: str, scenario: str) -> float | str:
+    """Median TCP throughput of ``num`` over ``den`` in ``scenario``, or why there is none."""
+    vals = {}
+    for mode in (num, den):
+        xs = [r.value for r in rows if r.mode == mode and r.scenario == scenario and r.metric == "tcp_throughput"]
+        if not xs:
+            return f"no {mode} measurement in {scenario} (mode skipped or scenario absent)"
+        vals[mode] = results.median(xs)
+    return vals[num] / vals[den] if vals[den] else "host-gw measured 0"
+
+
+def build_parser():
+    p = experiment.parser(__doc__.strip().splitlines()[0])
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per iperf3 run (default %(default)s)")
+    p.add_argument("--pings", type=int, default=200, help="ping samples per measurement (default %(default)s)")
+    p.add_argument("--modes", default=None,
+                   help=f"comma-separated subset of {','.join(v.label for v in VARIANTS)} (default: all that apply)")
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(experiment.main(run, build_parser()))

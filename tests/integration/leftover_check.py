@@ -1,0 +1,46 @@
+"""What one cluster must leave behind after ``stop()``: nothing.
+
+``cleanup.leftovers()`` looks at the whole machine, where other clusters (other test runs)
+may be alive at the same time; this checks only what *this* cluster made: its state
+directory, its root-namespace links (``knl<index>...``), its bpffs mount, and the processes
+holding its nodes', routers' and pods' namespaces.
+"""
+
+from __future__ import annotations
+
+import os
+
+from k8snetlab import naming
+
+
+class Footprint:
+    """Taken while the cluster runs; ``assert_gone()`` after it stopped."""
+
+    def __init__(self, cluster):
+        self.index = cluster.state.index
+        self.state = str(cluster.state.path)
+        self.pids = {h.name: h.pid for group in (cluster.nodes, cluster.routers, cluster.pods, cluster.hosts)
+                     for h in group.values()}
+
+    def problems(self) -> list[str]:
+        out = []
+        if os.path.exists(self.state):
+            out.append(f"state directory {self.state}")
+        links = [n for n in os.listdir("/sys/class/net") if naming.cluster_index_of(n) == self.index]
+        out += [f"link {n}" for n in links]
+        with open("/proc/self/mountinfo") as f:
+            out += [f"mount {line.split()[4]}" for line in f if line.split()[4].startswith(self.state + "/")]
+        for name, pid in self.pids.items():
+            try:
+                with open(f"/proc/{pid}/ns/net"):
+                    pass
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"mininet:" + name.encode() in f.read():
+                        out.append(f"process {pid} holding {name}")
+            except OSError:
+                pass
+        return out
+
+    def assert_gone(self) -> None:
+        left = self.problems()
+        assert not left, f"cluster knl{self.index} left: {', '.join(left)}"
