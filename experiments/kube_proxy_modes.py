@@ -41,6 +41,7 @@ import dataclasses
 import json
 import logging
 import resource
+import shutil
 import statistics
 import sys
 import time
@@ -61,6 +62,7 @@ NAME = "kube_proxy_modes"
 # modes that program the nodes, switched on one cluster; openflow (the underlay switch balances)
 # needs an underlay of its own and is not compared here
 NODE_MODES = ("userspace", "iptables", "nftables", "ipvs")
+LEGACY = "iptables-legacy"   # the iptables mode with the iptables-legacy binaries (kubeProxy.iptablesBackend)
 CLIENT, SERVER, PROBE = "kpm-client", "kpm-server", "kpm-probe"
 SERVER_LABELS = {"app": SERVER}
 IPERF_PORT, SOCKPERF_PORT, ACCEPT_PORT = 5201, 11111, 7000
@@ -128,7 +130,8 @@ def experiment_spec(base, mode: str):
         {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels},
          "spec": {"nodeName": node, "containers": [{"name": "c", "command": ["sleep", "infinity"]}]}},
         f"{NAME}: pod {name}")
-    kp = {**base.kube_proxy, "mode": mode, "syncPeriod": 3600, "dns": False}
+    kp = {**base.kube_proxy, "mode": "iptables" if mode == LEGACY else mode, "syncPeriod": 3600, "dns": False,
+          "iptablesBackend": "legacy" if mode == LEGACY else "nft"}
     return dataclasses.replace(base, workloads=(pod(CLIENT, n1, {"app": CLIENT}), pod(SERVER, n2, SERVER_LABELS)),
                                services=(), kube_proxy=kp)
 
@@ -197,8 +200,11 @@ class Bench:
         return self.addon.options.mode
 
     def use(self, mode: str) -> None:
-        if self.mode != mode:
-            self.addon.set_mode(mode)
+        """``iptables-legacy`` is the iptables mode on the iptables-legacy binaries."""
+        real, backend = ("iptables", "legacy") if mode == LEGACY else (mode, "nft")
+        if (self.mode, self.addon.options.iptables_backend) != (real, backend):
+            self.addon.options.iptables_backend = backend
+            self.addon.set_mode(real)
 
     def dst(self, path: str) -> str:
         return self.vip if path == "cluster-ip" else self.server.ip
@@ -263,7 +269,7 @@ class Bench:
         chain = {"iptables": "KUBE-SERVICES", "userspace": "KUBE-PORTALS-CONTAINER"}.get(self.mode)
         if chain is None:
             return "map"
-        saved = self.node.run(["iptables-save", "-t", "nat"]).stdout
+        saved = self.node.run([f"iptables-{self.addon.options.iptables_backend}-save", "-t", "nat"]).stdout
         rules = [line.split() for line in saved.splitlines() if line.startswith(f"-A {chain} -d ")]
         if not rules:
             return "none"
@@ -311,6 +317,8 @@ def run(args) -> int:
         if getattr(args, opt) < 1:
             raise SpecError(f"--{opt.replace('_', '-')}: must be at least 1")
     can = [m for m in available_modes() if m in NODE_MODES]
+    if "iptables" in can and shutil.which("iptables-legacy-restore"):
+        can.insert(can.index("iptables") + 1, LEGACY)
     modes = [m.strip() for m in args.modes.split(",")] if args.modes else can
     bad = [m for m in modes if m not in can]
     if bad or not modes:
@@ -460,6 +468,10 @@ def summary(rows: list[results.Row], modes: list[str]) -> str:
                    med.get(("nftables", "services-30000", "first_packet_added")), 5, "<="))
     checks.append(("iptables: programming 5,000 Services <= 0.5 s (s)",
                    med.get(("iptables", "services-5000", "program_time")), 0.5, "<="))
+    checks.append(("iptables-legacy: programming 5,000 Services <= 0.5 s (s)",
+                   med.get((LEGACY, "services-5000", "program_time")), 0.5, "<="))
+    checks.append(("iptables-legacy, 5,000 Services: first packet <= +120 us (us)",
+                   med.get((LEGACY, "services-5000", "first_packet_added")), 120, "<="))
     checks.append(("nftables: programming 5,000 Services <= 0.25 s (s)",
                    med.get(("nftables", "services-5000", "program_time")), 0.25, "<="))
     lines.append("\nTargets (from this run):")

@@ -283,6 +283,8 @@ class IptablesProxier(Proxier):
         super().__init__(*args, **kw)
         self.rules = IptablesRules(self.node.name, self.cluster_cidr, self.options.masquerade_all)
         self._chains: set[tuple[str, str]] = set()
+        # fixed at start: after a switch of backend this proxier still removes its own rules
+        self.iptables = f"iptables-{self.options.iptables_backend}"
 
     def start(self) -> None:
         self.bridge_netfilter()
@@ -298,11 +300,12 @@ class IptablesProxier(Proxier):
 
     def restore(self, text: str) -> None:
         """One ``iptables-restore --noflush`` (``-w``: wait for the xtables lock)."""
-        self.node.run(["iptables-restore", "-w", "5", "--noflush"], input=text)
+        self.node.run([f"{self.iptables}-restore", "-w", "5", "--noflush"], input=text)
 
     def _list_builtin(self) -> dict[tuple[str, str], str]:
         """``iptables -S`` of the built-in chains we jump from, in one process (a shell loop)."""
-        script = "; ".join(f"echo '@@ {t} {c}'; iptables -w 5 -t {t} -S {c} 2>/dev/null" for t, c in BUILTIN)
+        script = "; ".join(f"echo '@@ {t} {c}'; {self.iptables} -w 5 -t {t} -S {c} 2>/dev/null"
+                           for t, c in BUILTIN)
         out = self.node.run(["sh", "-c", script]).stdout
         listing: dict[tuple[str, str], str] = {}
         key = None

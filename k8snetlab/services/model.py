@@ -132,6 +132,9 @@ class KubeProxyOptions:
     external_host: str | None = opt(None, key="externalHost",
                                     help="address of the 'external' client host (default: a free one)")
     dns: bool = opt(True, help="run cluster DNS (kube-dns at the service CIDR's tenth address)")
+    iptables_backend: str = opt("nft", key="iptablesBackend", choices=("nft", "legacy"),
+                                help="iptables mode: the iptables-nft (Debian's default) or "
+                                     "iptables-legacy binaries, as kube-proxy's image picks one")
 
 
 def parse_kube_proxy(spec: "ClusterSpec") -> KubeProxyOptions:
