@@ -157,10 +157,7 @@ def run(args) -> int:
         for mode in TOPOLOGIES:
             flat_cluster(n, TOPOLOGIES[mode], args)
     proc.require_root(NAME)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run_id = results.new_run_id()
-    csv_path = out_dir / f"{NAME}-{run_id}.csv"
+    out_dir, run_id, csv_path = experiment.output(args, NAME)
     kernel = results.kernel_release()
 
     with results.CsvWriter(csv_path) as csv:

@@ -283,10 +283,7 @@ def run(args) -> int:
     proc.require("ping", "iperf3", "tcpdump")
     for label, why in skipped.items():
         log.info("skipping %s: %s", label, why)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run_id = results.new_run_id()
-    csv_path = out_dir / f"{NAME}-{run_id}.csv"
+    out_dir, run_id, csv_path = experiment.output(args, NAME)
     kernel = results.kernel_release()
     omit = 0.0 if args.quick else 0.5
 

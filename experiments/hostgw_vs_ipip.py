@@ -47,10 +47,7 @@ def run(args) -> int:
     specs = {m: base.with_cni(m, **(overrides if m == "ipip" else {})) for m in MODES}
     proc.require_root(NAME)
     proc.require("ping", "iperf3")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run_id = results.new_run_id()
-    csv_path = out_dir / f"{NAME}-{run_id}.csv"
+    out_dir, run_id, csv_path = experiment.output(args, NAME)
     kernel = results.kernel_release()
 
     with contextlib.ExitStack() as stack, results.CsvWriter(csv_path) as csv:

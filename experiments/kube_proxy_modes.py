@@ -329,10 +329,7 @@ def run(args) -> int:
     proc.require_root(NAME)
     proc.require("iperf3", "sockperf")
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run_id = results.new_run_id()
-    csv_path = out_dir / f"{NAME}-{run_id}.csv"
+    out_dir, run_id, csv_path = experiment.output(args, NAME)
     kernel = results.kernel_release()
     scale_steps = [(n, modes) for n in [1, *sizes]]
     if args.nft_max and "nftables" in modes and args.nft_max > sizes[-1]:

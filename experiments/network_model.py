@@ -68,10 +68,7 @@ def run(args) -> int:
     modes, skipped = applicable(base, [m for m in args.modes.split(",") if m] if args.modes else None)
     base = with_services(base, args.kube_proxy)
     proc.require_root(NAME)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run_id = results.new_run_id()
-    csv_path = out_dir / f"{NAME}-{run_id}.csv"
+    out_dir, run_id, csv_path = experiment.output(args, NAME)
     md_path = out_dir / f"{NAME}-{run_id}.md"
     for s in skipped:
         print(f"skipped {s}", file=sys.stderr)

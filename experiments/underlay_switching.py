@@ -73,10 +73,7 @@ def run(args) -> int:
     modes = list(specs)
     proc.require_root(NAME)
     proc.require("ping", "iperf3", "bridge")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run_id = results.new_run_id()
-    csv_path = out_dir / f"{NAME}-{run_id}.csv"
+    out_dir, run_id, csv_path = experiment.output(args, NAME)
     kernel = results.kernel_release()
 
     with contextlib.ExitStack() as stack, results.CsvWriter(csv_path) as csv:

@@ -61,6 +61,15 @@ def load_topology(args: argparse.Namespace, cni: str | None = None):
     return spec.load(args.topology, cni=cni, params=spec.parse_params(getattr(args, "param", None)))
 
 
+def output(args: argparse.Namespace, name: str) -> tuple[Path, str, Path]:
+    """``--out`` made, a new run id, and the run's CSV path ``<out>/<name>-<run id>.csv``."""
+    from . import results
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_id = results.new_run_id()
+    return out_dir, run_id, out_dir / f"{name}-{run_id}.csv"
+
+
 def main(run: Callable[[argparse.Namespace], int], p: argparse.ArgumentParser,
          argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)

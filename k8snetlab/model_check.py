@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -88,7 +89,6 @@ class ModelChecker:
                            what=f"model probe in {h.name}")
             self._servers.append(p)
         for h, p in zip(hosts, self._servers):
-            import time
             deadline = time.monotonic() + 10
             while not proc.listening(p.pid, PROBE_PORT):
                 if p.poll() is not None or time.monotonic() > deadline:
