@@ -70,3 +70,9 @@ def capture(host, ifname: str, pcap: Path, action, bpf_filter: str = "", count: 
         p.terminate()
         p.wait(5)
     return list(rdpcap(str(pcap)))
+
+
+def clean_cli() -> subprocess.CompletedProcess:
+    """``k8snetlab clean`` as a user runs it (after a ``kill -9`` of a runtime)."""
+    return subprocess.run([sys.executable, "-m", "k8snetlab.cli", "clean"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, THREE_NODES, require_root_and
+from helpers import REPO, THREE_NODES, require_root_and, clean_cli
 
 from k8snetlab import proc, spec
 from k8snetlab.bgp import fib, plan
@@ -277,8 +277,7 @@ def test_kill_9_then_clean_stops_every_speaker(tmp_path):
             p.kill()
             p.wait()
     assert any(proc.running(pid, start) for pid, start in speakers), "nothing survived: clean is not tested"
-    r = subprocess.run([sys.executable, "-m", "k8snetlab.cli", "clean"], cwd=REPO, capture_output=True,
-                       text=True, timeout=60)
+    r = clean_cli()
     assert r.returncode == 0, r.stderr
     assert not [pid for pid, start in speakers if proc.running(pid, start)], r.stdout
     assert not state.exists()

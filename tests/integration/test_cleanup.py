@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from helpers import REPO, THREE_NODES, require_root_and
+from helpers import REPO, THREE_NODES, require_root_and, clean_cli
 from k8snetlab import cleanup, proc, spec
 from k8snetlab.cluster import Cluster
 
@@ -70,23 +70,20 @@ def test_kill_9_then_clean_removes_everything(mode):
             p.wait()
     time.sleep(0.2)
     assert not cleanup.leftovers().empty(), "kill -9 left nothing: the test cannot tell clean works"
-    r = subprocess.run([sys.executable, "-m", "k8snetlab.cli", "clean"], cwd=REPO, capture_output=True,
-                       text=True, timeout=60)
+    r = clean_cli()
     assert r.returncode == 0, r.stderr
     assert "removed" in r.stdout
     assert cleanup.leftovers().empty(), cleanup.leftovers().lines()
     assert processes_alive(records) == []
     # a second clean finds nothing
-    r2 = subprocess.run([sys.executable, "-m", "k8snetlab.cli", "clean"], cwd=REPO, capture_output=True,
-                        text=True, timeout=60)
+    r2 = clean_cli()
     assert "nothing to clean" in r2.stdout
 
 
 def test_clean_leaves_a_live_cluster_alone():
     require_root_and("mnexec", "brctl")
     with Cluster(spec.load(THREE_NODES, cni="host-gw")) as c:
-        r = subprocess.run([sys.executable, "-m", "k8snetlab.cli", "clean"], cwd=REPO,
-                           capture_output=True, text=True, timeout=60)
+        r = clean_cli()
         assert r.returncode == 0
         src, dst = c.pods["web-0"], c.pods["web-1"]
         assert src.run(["ping", "-c", "1", "-W", "2", dst.ip], check=False).returncode == 0

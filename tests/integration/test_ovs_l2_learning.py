@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import REPO, seen_source
+from helpers import REPO, seen_source, clean_cli
 from ovs_helpers import assert_gone, netns_alive, require_ovs, three_nodes_on_ovs
 from k8snetlab import proc, spec
 from k8snetlab.cluster import Cluster
@@ -146,8 +146,7 @@ def test_kill_9_then_clean_removes_the_ovs_underlay(tmp_path):
             p.kill()
             p.wait()
     assert [r for r in daemons if proc.running(r["pid"], r["start"])], "kill -9 left nothing to clean"
-    r = subprocess.run([sys.executable, "-m", "k8snetlab.cli", "clean"], cwd=REPO, capture_output=True,
-                       text=True, timeout=60)
+    r = clean_cli()
     assert r.returncode == 0, r.stderr
     assert [d for d in daemons if proc.running(d["pid"], d["start"])] == []
     assert_gone(state, state.name, ovs_ns[0])
