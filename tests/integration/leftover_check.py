@@ -8,6 +8,7 @@ holding its nodes', routers' and pods' namespaces.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from k8snetlab import naming
@@ -44,3 +45,15 @@ class Footprint:
     def assert_gone(self) -> None:
         left = self.problems()
         assert not left, f"cluster knl{self.index} left: {', '.join(left)}"
+
+
+@contextlib.contextmanager
+def running(cluster):
+    """A fixture's body: start ``cluster``, yield it, stop it, and check it left nothing."""
+    cluster.start()
+    footprint = Footprint(cluster)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+    footprint.assert_gone()

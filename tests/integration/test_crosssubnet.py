@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 from helpers import REPO, capture, require_root_and, seen_source
-from leftover_check import Footprint
+from leftover_check import Footprint, running
 
 from k8snetlab import ebpf, spec
 from k8snetlab.cluster import Cluster
@@ -30,14 +30,8 @@ def cluster():
     assert s.cni.options.ipip_mode == "CrossSubnet"
     if s.cni.options.datapath in ("auto", "ebpf") and ebpf.have_tools():
         pytest.skip(ebpf.have_tools())
-    c = Cluster(s)
-    c.start()
-    footprint = Footprint(c)
-    try:
+    with running(Cluster(s)) as c:
         yield c
-    finally:
-        c.stop()
-    footprint.assert_gone()
 
 
 def pod_on(c, node):

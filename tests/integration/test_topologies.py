@@ -14,7 +14,7 @@ import time
 
 import pytest
 from helpers import REPO, require_root_and
-from leftover_check import Footprint
+from leftover_check import running
 
 from k8snetlab import naming
 from k8snetlab.cluster import Cluster
@@ -27,14 +27,9 @@ LEAF_SPINE = REPO / "topologies" / "leaf_spine.py"
 @pytest.fixture(scope="module")
 def fabric():
     require_root_and("mnexec", "brctl")
-    c = Cluster.from_file(LEAF_SPINE, cni="vxlan", params={"leaves": 2, "nodes_per_leaf": 2, "spines": 2})
-    c.start()
-    footprint = Footprint(c)
-    try:
+    with running(Cluster.from_file(LEAF_SPINE, cni="vxlan",
+                                   params={"leaves": 2, "nodes_per_leaf": 2, "spines": 2})) as c:
         yield c
-    finally:
-        c.stop()
-    footprint.assert_gone()
 
 
 def test_the_fabric_is_what_was_asked(fabric):

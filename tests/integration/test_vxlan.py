@@ -9,7 +9,7 @@ import json
 
 import pytest
 from helpers import REPO, THREE_NODES, capture, require_root_and, seen_source
-from leftover_check import Footprint
+from leftover_check import running
 
 from k8snetlab import spec
 from k8snetlab.cluster import Cluster
@@ -28,14 +28,8 @@ LAYOUT = {
 def lab(request):
     require_root_and("mnexec", "brctl", "tcpdump")
     path, src, far, new = LAYOUT[request.param]
-    c = Cluster(spec.load(path, cni="vxlan"))
-    c.start()
-    footprint = Footprint(c)
-    try:
+    with running(Cluster(spec.load(path, cni="vxlan"))) as c:
         yield c, src, far, new
-    finally:
-        c.stop()
-    footprint.assert_gone()
 
 
 def pods_on(c, node):

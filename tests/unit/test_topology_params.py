@@ -151,14 +151,7 @@ def test_parse_params_reads_yaml_scalars():
 
 # ------------------------------------------------------------------------------ command line
 
-# as in test_cli_errors: run as "not root", and make building a cluster impossible
-_NOT_ROOT = ("import os, runpy, sys\n"
-             "os.geteuid = lambda: 65534\n"
-             "from k8snetlab import cluster as _cluster\n"
-             "def _refuse(*a, **k):\n"
-             "    sys.stderr.write('TEST GUARD: a cluster would have been built\\n')\n"
-             "    os._exit(99)\n"
-             "_cluster.Cluster.__init__ = _refuse\n")
+from test_cli_errors import _NOT_ROOT  # noqa: E402  (run as "not root", no cluster can be built)
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
