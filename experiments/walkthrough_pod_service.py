@@ -57,7 +57,7 @@ def build_parser():
     p = experiment.parser(__doc__.strip().splitlines()[0], default_repeat=1)
     p.set_defaults(topology=str(TOPOLOGY))
     p.add_argument("--step", action="store_true", help="pause for Enter between steps")
-    p.add_argument("--requests", type=int, default=6, help="requests to the service per mode (default %(default)s)")
+    p.add_argument("--requests", type=int, default=30, help="requests to the service per mode (default %(default)s)")
     p.add_argument("--modes", default="userspace,iptables",
                    help="kube-proxy modes to walk through, in order (default %(default)s)")
     return p
@@ -260,7 +260,7 @@ def steps3to5(lab: Lab, c: Cluster, mode: str, requests: int, first: bool) -> No
 
 def run(args) -> int:
     if args.quick:
-        args.requests = min(args.requests, 6)
+        args.requests = min(args.requests, 12)
     base = experiment.load_topology(args)
     modes = [m for m in args.modes.split(",") if m]
     specs = [dataclasses.replace(base, kube_proxy={**base.kube_proxy, "mode": m}) for m in modes]

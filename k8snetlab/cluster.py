@@ -6,10 +6,11 @@
    node (``eth0`` on its subnet) and per router (forwarding on, static routes between subnets);
 2. starts the mode's node agent on every node (sysctls, VTEP or BPF programs, routes to the
    other nodes' pod CIDRs), like flanneld / calico-node;
-3. for every pod: schedules it (``nodeName``, ``nodeSelector``, else the least loaded node),
-   creates its sandbox (a Mininet host without links) and runs the node's CNI network config
-   list with ``CNI_NETNS`` pointing at the sandbox's namespace, exactly as a kubelet would;
-   ADDs run concurrently; then starts the pod's containers.
+3. for every pod: schedules it (``nodeName``, ``nodeSelector``, else the node with the fewest
+   pods of its workload, then the least loaded), creates its sandbox (a Mininet host without
+   links) and runs the node's CNI network config list with ``CNI_NETNS`` pointing at the
+   sandbox's namespace, exactly as a kubelet would; ADDs run concurrently; then starts the
+   pod's containers.
 
 ``stop()`` undoes all of it in reverse: containers, CNI DEL per pod, node agents, Mininet,
 the state directory. It runs from ``__exit__`` and so after an exception or Ctrl-C too;
@@ -411,15 +412,22 @@ class Cluster:
             if pod.node_name not in self.nodes:
                 raise SpecError(f"pod {pod.name}: nodeName {pod.node_name!r} is not a node")
             return pod.node_name
+        # kube-scheduler's default scoring, reduced to what matters here: spread the pods of
+        # one workload over the nodes (default topology spread on kubernetes.io/hostname), then
+        # prefer the node with the fewest pods; ties go to the node listed first.
+        siblings = {n: 0 for n in self.nodes}
         load = {n: 0 for n in self.nodes}
         for p in self.pods.values():
             if p.node_name in load:
                 load[p.node_name] += 1
+                if pod.owner is not None and p.spec.owner == pod.owner:
+                    siblings[p.node_name] += 1
         candidates = [n for n, host in self.nodes.items()
                       if all(host.spec.labels.get(k) == v for k, v in pod.node_selector.items())]
         if not candidates:
             raise SpecError(f"pod {pod.name}: no node matches nodeSelector {pod.node_selector}")
-        return min(candidates, key=lambda n: (load[n], list(self.nodes).index(n)))
+        order = list(self.nodes)
+        return min(candidates, key=lambda n: (siblings[n], load[n], order.index(n)))
 
     def add_pod(self, manifest: dict[str, Any] | PodSpec | Workload) -> list[Pod]:
         """Add the pod(s) of a manifest (dict), a PodSpec or a Workload; return them."""
