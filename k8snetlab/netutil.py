@@ -93,12 +93,19 @@ class Netns:
     def ensure_bridge(self, name: str, mtu: int | None = None) -> int:
         """Create bridge ``name`` (or accept the one there), set it up; return its index."""
         proc_kw = {"mtu": mtu} if mtu else {}
-        self._call(f"create bridge {name}", self.ipr.link, "add", ifname=name, kind="bridge",
-                   ok=(errno.EEXIST,), **proc_kw)
+        created = self._call(f"create bridge {name}", self.ipr.link, "add", ifname=name, kind="bridge",
+                             ok=(errno.EEXIST,), **proc_kw) is not None
         idx = self.require_index(name)
         info = self.link(name)
         if info and info["kind"] not in (None, "bridge"):
             raise NetlinkError(f"{name} in {self.label} exists but is a {info['kind']}, not a bridge")
+        if created and info and info["mac"]:
+            # Pin the new bridge's MAC (as the CNI bridge plugin does): a bridge whose address
+            # was never set takes the lowest MAC of its ports, so it would change whenever that
+            # pod leaves, and the other pods' ARP entries for the gateway would point at a MAC
+            # nobody owns until they expire (seconds of lost packets). Only at creation: setting
+            # an address, even the same one, flushes the bridge's neighbour entries.
+            self._call(f"pin the MAC of {name}", self.ipr.link, "set", index=idx, address=info["mac"])
         self.link_up(name)
         return idx
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from helpers import THREE_NODES, capture, require_root_and, seen_source
-from k8snetlab import cleanup, spec
+from k8snetlab import cleanup, naming, spec
 from k8snetlab.cluster import Cluster
 from k8snetlab.cni import CNIError
 
@@ -163,3 +163,31 @@ def test_bridge_ports_are_in_hairpin_mode(cluster):
     out = cluster.nodes["node1"].run(["bridge", "-d", "link", "show"]).stdout
     ports = [l for l in out.splitlines() if "master cni0" in l]
     assert len(ports) == 2 and out.count("hairpin on") == 2, out
+
+
+def test_gateway_mac_stays_when_a_pod_leaves(cluster):
+    """cni0 keeps its MAC whatever its ports do, so pods' ARP entries for their gateway stay
+    right. Unpinned, a Linux bridge takes its lowest port MAC: deleting that pod would change
+    it and the other pods on the node would lose packets until their ARP entries expire."""
+    if cluster.spec.cni.type != "host-gw":
+        pytest.skip("the Calico layout has no bridge")
+    node = cluster.nodes["node1"]
+
+    def gw_mac() -> str:
+        return node.run(["ip", "-br", "link", "show", "dev", naming.BRIDGE]).stdout.split()[2]
+
+    before = gw_mac()
+    src, dst = pods_on(cluster, "node1")[0], pods_on(cluster, "node2")[0]
+    (low,) = cluster.add_pod({"kind": "Pod", "metadata": {"name": "low-mac"},
+                              "spec": {"nodeName": "node1", "containers": [{"name": "c", "command": []}]}})
+    try:   # lower than any random locally administered MAC another port can have
+        veth = naming.host_veth("veth", low.container_id, naming.POD_IFNAME)
+        node.run(["ip", "link", "set", "dev", veth, "address", "02:00:00:00:00:01"])
+        src.run(["ip", "neigh", "flush", "dev", naming.POD_IFNAME])
+        assert src.run(["ping", "-c", "1", "-W", "2", dst.ip], check=False).returncode == 0   # ARP for the gateway
+        assert gw_mac() == before, "cni0 took the MAC of a port"
+    finally:
+        cluster.delete_pod("low-mac")
+    assert gw_mac() == before, "cni0 changed its MAC when a pod left"
+    r = src.run(["ping", "-c", "1", "-W", "1", dst.ip], check=False)
+    assert r.returncode == 0, f"{src.name} lost its gateway after a pod on its node left: {r.stdout}"

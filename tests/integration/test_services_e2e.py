@@ -15,7 +15,10 @@ The 2,000-byte request (MTU) runs on small clusters of its own, one per CNI type
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections import Counter
@@ -182,6 +185,32 @@ def diagnose(node) -> str:
     return f"{node.name}: reject rules {rejects}; icmp {({k: icmp.get(k) for k in keep})}"
 
 
+def drops_during(fn) -> tuple[object, str]:
+    """Run ``fn`` under ``perf record -e skb:kfree_skb`` (every namespace); return its value and
+    the IPv4 drops the kernel reported meanwhile, as "location reason" counts. For evidence in a
+    failure message only; says so when perf is missing or fails."""
+    if shutil.which("perf") is None:
+        return fn(), "perf missing (apt-get install linux-perf)"
+    with tempfile.TemporaryDirectory() as tmp:
+        data = f"{tmp}/drops.data"
+        rec = subprocess.Popen(["perf", "record", "-q", "-e", "skb:kfree_skb", "-a", "-o", data],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)   # perf opens its buffers before the traffic starts
+        try:
+            value = fn()
+        finally:
+            rec.send_signal(2)
+            err = rec.communicate(timeout=30)[1]
+        if rec.returncode not in (0, -2):
+            return value, f"perf record failed ({rec.returncode}): {err.strip()}"
+        out = subprocess.run(["perf", "script", "-i", data], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        return value, f"perf script failed: {out.stderr.strip()}"
+    seen = Counter(line.split("location=", 1)[1].strip() for line in out.stdout.splitlines()
+                   if "protocol=2048" in line and "location=" in line)
+    return value, "kfree_skb: " + (", ".join(f"{k} x{n}" for k, n in seen.most_common(8)) or "none")
+
+
 def wait_for(fn, timeout: float = 10.0, every: float = 0.2):
     """Poll ``fn`` until it returns something truthy (bounded); return its last value."""
     deadline = time.monotonic() + timeout
@@ -276,9 +305,12 @@ def test_selector_matching_nothing_refuses_at_once(cluster, mode):
             # understood yet: say so, with evidence, and keep asking (bounded); once refused,
             # refusals must come at once.
             node = cluster.nodes[pod.node_name]
+            again, drops = drops_during(lambda: connect(pod, svc.cluster_ip, 80, timeout=2))
+            route = node.run(["ip", "route", "get", svc.cluster_ip, "from", pod.ip, "iif", "cni0"], check=False)
             warnings.warn(f"{mode}: first connection to a Service without endpoints: {r}; "
                           f"{diagnose(node)}; conntrack: "
-                          f"{node.run(['conntrack', '-L', '-d', svc.cluster_ip], check=False).stdout.strip()}")
+                          f"{node.run(['conntrack', '-L', '-d', svc.cluster_ip], check=False).stdout.strip()}; "
+                          f"asked again: {again}, {drops}; route: {(route.stdout or route.stderr).strip()}")
             wait_for(lambda: connect(pod, svc.cluster_ip, 80, timeout=1) == [{"error": "ConnectionRefusedError"}],
                      timeout=20)
             r = connect(pod, svc.cluster_ip, 80, timeout=5)
