@@ -33,6 +33,7 @@ conntrack
 dnsutils
 openvswitch-switch
 sockperf
+linux-perf
 "
 
 if [ "$(id -u)" -ne 0 ]; then
