@@ -2,7 +2,8 @@
 
 Per pod: a veth pair, the node end (``veth<hash>``) enslaved to the bridge, the pod end
 (``eth0``) addressed from IPAM with a default route via the bridge's gateway address. The
-bridge carries the first address of the node's pod CIDR when ``isGateway`` is set. Packets
+bridge carries the first address of the node's pod CIDR when ``isGateway`` is set; its MAC is
+pinned when it is created, so it does not follow its ports as pods come and go. Packets
 between pods of one node are switched by the bridge; anything else is routed by the node.
 
 Config: ``bridge`` (cni0), ``isGateway``, ``isDefaultGateway``, ``mtu``, ``hairpinMode``,

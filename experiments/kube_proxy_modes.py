@@ -21,7 +21,8 @@ one sync. At each size and for each mode:
 - ``program_time``: one sync on the first node starting from an empty node (the proxier is
   stopped, its rules removed, started again): one ``iptables-restore`` / ``nft -f`` batch, for
   userspace also the proxy opening a socket per Service port; ``resync_time``: the same sync
-  again (what the periodic resync costs);
+  again (what the periodic resync costs; in iptables mode a partial sync, as kube-proxy's:
+  the top-level chains only, nothing changed);
 - ``connect_p50`` / ``connect_p90``: TCP connect time of ``--probes`` fresh connections to the
   Service placed last in the node's rule order (kpm-probe sorts after the dummies; checked in
   ``iptables-save``), and ``first_packet_added``: connect_p50 minus the same with one Service.

@@ -25,8 +25,11 @@ traffic of ``externalTrafficPolicy: Local`` services on nodes without a local en
 
 Chain names hash the ServicePortName like kube-proxy (base32 of the sha256 of
 ``"ns/name:port" + "tcp"``, 16 characters), so they are the names a real node would show.
-Every sync writes one ``iptables-restore --noflush`` batch that flushes and rewrites all
-KUBE-* chains (and deletes those no longer needed); the jumps from the built-in chains are
+Every sync writes one ``iptables-restore --noflush`` batch. As kube-proxy's partial syncs
+(MinimizeIPTablesRestore) do, it rewrites the top-level chains (KUBE-SERVICES, KUBE-NODEPORTS,
+the filter chains...) and only those per-Service chains whose rules changed, and deletes the
+chains no longer needed; a full sync rewrites every KUBE-* chain (the first one, after a
+failure, when a jump of ours went missing, and hourly). The jumps from the built-in chains are
 checked first and only added when missing, so other users of the tables are untouched.
 Rendering (:class:`IptablesRules`) is pure and unit-tested without root.
 """
@@ -36,6 +39,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import time
 from dataclasses import dataclass, field
 
 from ..errors import K8sNetLabError
@@ -108,6 +112,15 @@ BASE_CHAINS = {"nat": ("KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "K
                "filter": ("KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-FORWARD")}
 
 
+# per-Service chains in nat: a partial sync rewrites only those whose rules changed
+SERVICE_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-SEP-")
+FULL_SYNC_PERIOD = 3600.0   # kube-proxy's: at least one full sync an hour
+# kube-proxy's canary: an empty chain in each table; when the one in mangle (a small table,
+# cheap to ask) is gone, someone flushed the tables and the next sync is a full one
+CANARY = "KUBE-PROXY-CANARY"
+CANARY_TABLES = ("mangle", "nat", "filter")
+
+
 def _q(text: str) -> str:
     return f'"{text}"'
 
@@ -136,6 +149,45 @@ class IptablesRules:
                missing_jumps: list[Jump] | tuple[Jump, ...] = ()) -> tuple[str, set[tuple[str, str]]]:
         """Return (restore input, the set of (table, chain) it leaves in place). Chains of
         ``previous`` that are no longer needed are flushed and deleted."""
+        text, chains, _ = self.render_partial(snap, previous, missing_jumps, written=None)
+        return text, chains
+
+    def render_partial(self, snap: Snapshot, previous: set[tuple[str, str]] | None,
+                       missing_jumps: list[Jump] | tuple[Jump, ...],
+                       written: dict[str, tuple[str, ...]] | None
+                       ) -> tuple[str, set[tuple[str, str]], dict[str, tuple[str, ...]]]:
+        """kube-proxy's partial sync (MinimizeIPTablesRestore): a per-Service chain (SVC,
+        SVL, EXT, SEP) whose rules equal what ``written`` says was last restored is left out
+        of the batch (``--noflush`` leaves it as it is); the top-level chains are always
+        rewritten. ``written=None`` writes everything (a full sync). Returns the text, the
+        chains left in place and what the per-Service chains now hold."""
+        nat, flt = self._tables(snap)
+        now = {("nat", c) for c in nat.chains} | {("filter", c) for c in flt.chains} | \
+            {(t, CANARY) for t in CANARY_TABLES}
+        stale = sorted((previous or set()) - now)
+        by_chain: dict[str, list[str]] = {}
+        for rule in nat.rules:
+            by_chain.setdefault(rule.split(" ", 2)[1], []).append(rule)
+        holds = {c: tuple(by_chain.get(c, ())) for c in nat.chains if c.startswith(SERVICE_CHAIN_PREFIXES)}
+        same = set() if written is None else {c for c, rules in holds.items() if written.get(c) == rules}
+        out: list[str] = [] if written is not None else ["*mangle", f":{CANARY} - [0:0]", "COMMIT"]
+        for table, t in (("filter", flt), ("nat", nat)):
+            gone = [c for tb, c in stale if tb == table]
+            out.append(f"*{table}")
+            if written is None:
+                out.append(f":{CANARY} - [0:0]")
+            out += [f":{c} - [0:0]" for c in [*t.chains, *gone] if table == "filter" or c not in same]
+            for j in missing_jumps:
+                if j.table == table:
+                    out.append(" ".join(["-I", j.chain, "1", *j.spec()]))
+            out += t.rules if table == "filter" or not same else \
+                [r for r in t.rules if r.split(" ", 2)[1] not in same]
+            out += [f"-X {c}" for c in gone]
+            out.append("COMMIT")
+        return "\n".join(out) + "\n", now, holds
+
+    def _tables(self, snap: Snapshot) -> tuple[_Table, _Table]:
+        """Every chain and rule of this node, nat and filter."""
         nat, flt = _Table(), _Table()
         for name in BASE_CHAINS["nat"]:
             nat.chain(name)
@@ -149,20 +201,7 @@ class IptablesRules:
                 self._service_port(nat, flt, svc, port, snap.port_endpoints(svc, port))
         nat.add("KUBE-SERVICES", "-m", "comment", "--comment", _q(NODEPORTS_COMMENT),
                 "-m", "addrtype", "--dst-type", "LOCAL", "-j", "KUBE-NODEPORTS")
-        now = {("nat", c) for c in nat.chains} | {("filter", c) for c in flt.chains}
-        stale = sorted((previous or set()) - now)
-        out: list[str] = []
-        for table, t in (("filter", flt), ("nat", nat)):
-            gone = [c for tb, c in stale if tb == table]
-            out.append(f"*{table}")
-            out += [f":{c} - [0:0]" for c in [*t.chains, *gone]]
-            for j in missing_jumps:
-                if j.table == table:
-                    out.append(" ".join(["-I", j.chain, "1", *j.spec()]))
-            out += t.rules
-            out += [f"-X {c}" for c in gone]
-            out.append("COMMIT")
-        return "\n".join(out) + "\n", now
+        return nat, flt
 
     def _static(self, nat: _Table, flt: _Table) -> None:
         nat.add("KUBE-POSTROUTING", "-m", "mark", "!", "--mark", f"{MASQ_MARK}/{MASQ_MARK}", "-j", "RETURN")
@@ -283,6 +322,10 @@ class IptablesProxier(Proxier):
         super().__init__(*args, **kw)
         self.rules = IptablesRules(self.node.name, self.cluster_cidr, self.options.masquerade_all)
         self._chains: set[tuple[str, str]] = set()
+        # what the per-Service chains held after the last successful restore; empty = the
+        # next sync is a full one (at start, after a failure, when our jumps went missing)
+        self._written: dict[str, tuple[str, ...]] = {}
+        self._last_full = 0.0
         # fixed at start: after a switch of backend this proxier still removes its own rules
         self.iptables = f"iptables-{self.options.iptables_backend}"
 
@@ -290,10 +333,22 @@ class IptablesProxier(Proxier):
         self.bridge_netfilter()
 
     def sync(self, snap: Snapshot) -> None:
-        missing = [j for j in JUMPS if j not in present_jumps(self._list_builtin())]
-        text, chains = self.rules.render(snap, self._chains, missing)
+        """One restore: a partial sync (the top-level chains and the per-Service chains that
+        changed) unless a full one is due: the first, one after a failure, one when the canary
+        chain in mangle is gone (someone flushed the tables), and one every
+        :data:`FULL_SYNC_PERIOD`. Only a full sync lists the built-in chains to re-add
+        missing jumps: on a node with thousands of rules each listing costs a table dump."""
+        full = not self._written or time.monotonic() - self._last_full > FULL_SYNC_PERIOD or \
+            self.node.run([self.iptables, "-w", "5", "-t", CANARY_TABLES[0], "-S", CANARY],
+                          check=False).returncode != 0
+        missing = [j for j in JUMPS if j not in present_jumps(self._list_builtin())] if full else []
+        text, chains, holds = self.rules.render_partial(snap, self._chains, missing,
+                                                        written=None if full else self._written)
+        self._written = {}
         self.restore(text)
-        self._chains = chains
+        self._chains, self._written = chains, holds
+        if full:
+            self._last_full = time.monotonic()
         self.bridge_hairpin()
         self.flush_conntrack(self.last, snap)
         self.last = snap
@@ -323,7 +378,7 @@ class IptablesProxier(Proxier):
         try:
             present = present_jumps(self._list_builtin())
             out: list[str] = []
-            for table in ("filter", "nat"):
+            for table in ("mangle", "filter", "nat"):
                 chains = sorted(c for t, c in self._chains if t == table)
                 out.append(f"*{table}")
                 out += [f":{c} - [0:0]" for c in chains]
@@ -332,6 +387,7 @@ class IptablesProxier(Proxier):
                 out.append("COMMIT")
             self.restore("\n".join(out) + "\n")
             self._chains.clear()
+            self._written = {}
         except K8sNetLabError as e:
             log.warning("kube-proxy (iptables) on %s: could not remove rules: %s", self.node.name, e)
         super().stop()

@@ -397,6 +397,30 @@ def test_rules_deleted_by_hand_are_repaired(cluster, mode):
     assert vip(cluster, "web") in node.run(list(e.rules)).stdout
 
 
+def test_flushed_tables_are_noticed_by_the_canary(cluster, mode):
+    """kube-proxy's partial syncs do not list the built-in chains; a deleted jump comes back
+    once the KUBE-PROXY-CANARY chain in mangle is gone too (what a flush of every table,
+    e.g. a firewall reload, does), because then the next sync is a full one."""
+    if mode != "iptables":
+        pytest.skip("the canary is the iptables mode's")
+    node = cluster.nodes["node1"]
+    jump = ["-t", "nat", "-D", "OUTPUT", "-m", "comment", "--comment", "kubernetes service portals",
+            "-j", "KUBE-SERVICES"]
+    assert ":KUBE-PROXY-CANARY" in node.run(["iptables-save", "-t", "mangle"]).stdout
+    node.run(["iptables", *jump])
+    period = cluster.services.options.sync_period
+    time.sleep(3 * period)                  # partial syncs meanwhile: the jump stays missing
+    assert "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES" not in \
+        node.run(["iptables-save", "-t", "nat"]).stdout
+    assert "error" in connect(node, vip(cluster, "web"), 80, timeout=1)[0]   # the node's own traffic
+    node.run(["iptables", "-t", "mangle", "-X", "KUBE-PROXY-CANARY"])
+    back = wait_for(lambda: "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"
+                    in node.run(["iptables-save", "-t", "nat"]).stdout, timeout=10 * period + 5)
+    assert back, f"the OUTPUT jump did not come back within {10 * period + 5:.0f} s of the canary's loss"
+    assert ":KUBE-PROXY-CANARY" in node.run(["iptables-save", "-t", "mangle"]).stdout
+    assert "error" not in connect(node, vip(cluster, "web"), 80, timeout=2)[0]
+
+
 def test_node_shows_the_modes_rules(cluster, mode):
     """What an operator sees inside a node: the real kube-proxy layout, and nothing left of the
     mode that ran before."""

@@ -81,7 +81,10 @@ def test_cluster_ip_service_layout():
     text, chains = render_ipt(snap)
     svc = snap.services[0]
     sc = svc_chain("default/web:http", "tcp")
-    assert text.count("*nat") == 1 and text.count("*filter") == 1 and text.count("COMMIT") == 2
+    assert text.count("*nat") == 1 and text.count("*filter") == 1 and text.count("COMMIT") == 3
+    # a full sync plants kube-proxy's canary chain in mangle, nat and filter
+    assert text.startswith("*mangle\n:KUBE-PROXY-CANARY - [0:0]\nCOMMIT\n")
+    assert all((t, "KUBE-PROXY-CANARY") in chains for t in ("mangle", "nat", "filter"))
     (entry,) = [r for r in rules_of(text, "KUBE-SERVICES") if sc in r]
     assert entry == (f'-A KUBE-SERVICES -d {svc.cluster_ip}/32 -p tcp -m comment --comment '
                      f'"default/web:http cluster IP" -m tcp --dport 80 -j {sc}')
@@ -197,6 +200,38 @@ def test_stale_chains_are_flushed_and_deleted():
     assert ("nat", gone) not in after
     assert f":{gone} - [0:0]" in text and f"-X {gone}" in text
     assert text.index(f"-X {gone}") > text.index(f":{gone} - [0:0]")
+
+
+
+def test_partial_sync_rewrites_only_what_changed():
+    """kube-proxy's MinimizeIPTablesRestore: after a full sync, a sync leaves out the chains
+    of Services that did not change, and always rewrites the top-level chains."""
+    rules = IptablesRules("node1", CIDR)
+    alloc = ServiceAllocator(IPv4Network("10.96.0.0/12"))
+    web, api = alloc.allocate(make("web"), "web"), alloc.allocate(make("api"), "api")
+    snap = snapshot((web, THREE), (api, THREE), alloc=ServiceAllocator(IPv4Network("10.96.0.0/12")))
+    full, chains, written = rules.render_partial(snap, None, (), written=None)
+    assert full == rules.render(snap)[0]                   # written=None: the full batch
+    web_svc, api_svc = svc_chain("default/web:http", "tcp"), svc_chain("default/api:http", "tcp")
+    assert {web_svc, api_svc} <= set(written)
+
+    again, chains2, _ = rules.render_partial(snap, chains, (), written=written)
+    assert chains2 == chains
+    assert "KUBE-SVC-" not in again.replace("-j KUBE-SVC-", "")   # only jumps to them, from KUBE-SERVICES
+    assert "KUBE-SEP-" not in again
+    assert again.count("-A KUBE-SERVICES ") == full.count("-A KUBE-SERVICES ")
+    assert ":KUBE-SERVICES - [0:0]" in again and ":KUBE-NODEPORTS - [0:0]" in again
+    assert "*mangle" not in again and "KUBE-PROXY-CANARY" not in again   # left alone, not deleted
+
+    # web loses an endpoint: its SVC chain and the gone SEP chain change, api's stay out
+    snap3 = snapshot((web, THREE[:2]), (api, THREE), alloc=ServiceAllocator(IPv4Network("10.96.0.0/12")))
+    part, chains3, _ = rules.render_partial(snap3, chains, (), written=written)
+    gone = sep_chain("default/web:http", "tcp", "10.244.2.2:8080")
+    kept = sep_chain("default/web:http", "tcp", "10.244.0.2:8080")
+    assert f":{web_svc} - [0:0]" in part and f"-A {web_svc} " in part
+    assert f":{gone} - [0:0]" in part and f"-X {gone}" in part and ("nat", gone) not in chains3
+    assert f":{api_svc} " not in part and f"-A {api_svc} " not in part
+    assert f":{kept} " not in part and f"-A {kept} " not in part
 
 
 # -- nftables ---------------------------------------------------------------------------------------------
