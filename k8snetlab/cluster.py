@@ -50,6 +50,35 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 BASE_TOOLS = ("ip", "mnexec", "brctl", "ifconfig")
 
 
+
+# the outer 5-tuple: source and destination address, protocol, source and destination port
+ECMP_HASH_FIELDS = "0x0037"
+
+
+def underlay_first_hops(router: str, on: dict[str, list[str]],
+                        addr: dict[tuple[str, str], str]) -> dict[str, list[str]]:
+    """For ``router``: every subnet it does not sit on -> the sorted gateways (addresses of
+    neighbour routers) that start a shortest path there, counted in router hops. ``on``:
+    router -> its subnets; ``addr``: (router, subnet) -> its address there."""
+    dist = {s: 0 for s in on[router]}
+    first: dict[str, set[str]] = {s: set() for s in on[router]}
+    queue = deque(on[router])
+    while queue:
+        s = queue.popleft()
+        for other, its in on.items():
+            if other == router or s not in its:
+                continue
+            via = first[s] or {addr[(other, s)]}
+            for nxt in its:
+                if nxt not in dist:
+                    dist[nxt] = dist[s] + 1
+                    first[nxt] = set(via)
+                    queue.append(nxt)
+                elif dist[nxt] == dist[s] + 1 and dist[nxt] > 0:
+                    first[nxt] |= via
+    return {s: sorted(g) for s, g in first.items() if dist[s] > 0}
+
+
 class Cluster:
     """One emulated cluster. Not thread-safe: drive it from one thread."""
 
@@ -293,30 +322,29 @@ class Cluster:
                 ns.add_route("default", dev=naming.NODE_UPLINK)
 
     def _route_underlay(self) -> None:
-        """Static routes between subnets through the routers (shortest path by hops)."""
+        """Static routes between subnets through the routers: every shortest path by hops,
+        several first hops as one ECMP route, hashed on the 5-tuple as a fabric does
+        (``fib_multipath_hash_policy=1``): VXLAN's UDP source ports spread over the paths,
+        IPIP between two nodes always takes one."""
         if not self.routers:
             return
         subnets = {s.name: s for s in self.spec.underlay.subnets}
         on = {r.name: [s for s, _ in r.interfaces] for r in self.spec.underlay.routers}
         addr = {(r.name, s): str(ip) for r in self.spec.underlay.routers for s, ip in r.interfaces}
         for r in self.spec.underlay.routers:
-            # BFS over subnets starting from the router's own; remember the first hop
-            first: dict[str, str | None] = {s: None for s in on[r.name]}
-            queue = deque(on[r.name])
-            while queue:
-                s = queue.popleft()
-                for other, its in on.items():
-                    if other == r.name or s not in its:
-                        continue
-                    for nxt in its:
-                        if nxt not in first:
-                            first[nxt] = first[s] or addr[(other, s)]
-                            queue.append(nxt)
+            hops = underlay_first_hops(r.name, on, addr)
             with Netns(self.routers[r.name].netns, r.name) as ns:
                 ns.set_sysctl("net.ipv4.ip_forward", 1)
-                for s, hop in first.items():
-                    if hop is not None:
-                        ns.add_route(str(subnets[s].cidr), gateway=hop)
+                # policy 3 hashes the listed header fields; policy 1 would reuse the hash
+                # the sending socket put on the skb (it survives the veths), which a switch
+                # never sees: it would spread IPIP by the inner flow
+                ns.set_sysctl("net.ipv4.fib_multipath_hash_policy", 3)
+                ns.set_sysctl("net.ipv4.fib_multipath_hash_fields", ECMP_HASH_FIELDS)
+                for s, gateways in hops.items():
+                    if len(gateways) == 1:
+                        ns.add_route(str(subnets[s].cidr), gateway=gateways[0])
+                    elif gateways:
+                        ns.add_multipath_route(str(subnets[s].cidr), gateways)
 
     # -- node agents ------------------------------------------------------------------------------
     def _start_node_agents(self) -> None:

@@ -197,6 +197,12 @@ class Netns:
         what = f"route {dst}" + (f" via {gateway}" if gateway else "") + (f" dev {dev}" if dev else "")
         self._call(what, self.ipr.route, "replace" if replace else "add", **kw)
 
+    def add_multipath_route(self, dst: str, gateways: list[str], table: int = MAIN_TABLE) -> None:
+        """Replace the route to ``dst`` with one over several gateways of equal weight (ECMP)."""
+        what = f"route {dst} via " + ", ".join(gateways)
+        self._call(what, self.ipr.route, "replace", dst=_dst(dst), table=table,
+                   multipath=[{"gateway": g} for g in gateways])
+
     def del_route(self, dst: str, *, table: int = MAIN_TABLE, **match: Any) -> bool:
         """Delete a route; True if it existed. Already gone is success."""
         res = self._call(f"delete route {dst}", self.ipr.route, "del", dst=_dst(dst), table=table,

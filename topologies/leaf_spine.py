@@ -14,8 +14,10 @@ for the same keys written out). Address plan:
     services                       10.96.0.0/16 (not /12: that would cover 10.100-10.101)
 
 Every leaf and spine is a router (a host with forwarding on); the runtime gives each router
-static routes to every subnet along a shortest path (with two spines there are two equal
-paths; one is taken, there is no ECMP). Nodes are labelled ``rack=<leaf>`` and their default
+static routes to every subnet along every shortest path: with two spines a leaf has one ECMP
+route with a next hop per spine, hashed on the 5-tuple (``fib_multipath_hash_policy=1``), so
+VXLAN flows (a UDP source port each) spread over the spines while IPIP between two nodes
+always takes one. Nodes are labelled ``rack=<leaf>`` and their default
 route points at their leaf. No node is L2-adjacent to a node of another leaf, so host-gw is
 refused here; vxlan (the default) and ipip work, ipip with ``ipipMode: CrossSubnet``
 encapsulating only between racks.

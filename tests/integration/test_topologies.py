@@ -60,6 +60,56 @@ def test_every_pod_reaches_every_pod(fabric):
     assert not failed, failed
 
 
+CONNECT_MANY = ("import socket,sys\n"
+                "for _ in range(int(sys.argv[2])):\n"
+                "    socket.create_connection((sys.argv[1], 8080), 2).close()\n")
+
+
+def uplink_packets(c, leaf: str = "leaf1") -> dict[str, int]:
+    """Packets ``leaf`` has sent towards each spine so far (tx of its uplink interfaces)."""
+    (r,) = [r for r in c.spec.underlay.routers if r.name == leaf]
+    dev = {naming.router_intf(leaf, i): subnet for i, (subnet, _) in enumerate(r.interfaces)}
+    out = {}
+    for line in c.routers[leaf].run(["cat", "/proc/net/dev"]).stdout.splitlines()[2:]:
+        name, counters = line.split(":", 1)
+        subnet = dev.get(name.strip(), "")
+        if "-spine" in subnet:
+            out[subnet.split("-", 1)[1]] = int(counters.split()[9])     # tx_packets
+    return out
+
+
+def spread(c, connections: int = 32) -> dict[str, int]:
+    """Packets leaf1 sends to each spine while a pod on leaf1 opens ``connections`` TCP
+    connections to a pod on leaf2 (each with its own source port)."""
+    src = next(p for p in c.pods.values() if p.node_name == "leaf1-node1")
+    dst = next(p for p in c.pods.values() if p.node_name == "leaf2-node1")
+    before = uplink_packets(c)
+    src.run([sys.executable, "-c", CONNECT_MANY, dst.ip, str(connections)], timeout=60)
+    after = uplink_packets(c)
+    return {s: after[s] - before[s] for s in after}
+
+
+def test_leaves_route_over_both_spines_and_vxlan_flows_use_both(fabric):
+    """ECMP, hashed on the 5-tuple as a fabric does: the leaf has one route with a next hop per
+    spine, and VXLAN (a UDP source port per inner flow) spreads connections over both."""
+    leaf1 = fabric.routers["leaf1"]
+    route = leaf1.run(["ip", "route", "show", "10.100.1.0/24"]).stdout
+    assert route.count("nexthop via") == 2, route
+    assert leaf1.run(["cat", "/proc/sys/net/ipv4/fib_multipath_hash_policy"]).stdout.strip() == "3"
+    per_spine = spread(fabric)
+    assert all(n >= 20 for n in per_spine.values()), f"vxlan: packets per spine {per_spine}"
+
+
+def test_ipip_between_two_nodes_takes_one_spine():
+    """The other side of the coin: IPIP has no ports to hash, so every connection from one
+    node to another leaves the leaf through the same spine."""
+    require_root_and("mnexec", "brctl", "tc", "clang", "bpftool")
+    with running(Cluster.from_file(LEAF_SPINE, cni="ipip",
+                                   params={"leaves": 2, "nodes_per_leaf": 1, "spines": 2})) as c:
+        per_spine = spread(c)
+    busy, idle = max(per_spine.values()), min(per_spine.values())
+    assert busy >= 32 * 3 and idle < 10, f"ipip: packets per spine {per_spine}"
+
 def test_cli_up_with_params_builds_that_size_and_tears_down(tmp_path):
     require_root_and("mnexec", "brctl")
     p = subprocess.Popen([sys.executable, "-m", "k8snetlab.cli", "up", str(LEAF_SPINE), "--param", "leaves=3",
