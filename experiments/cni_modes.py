@@ -21,6 +21,14 @@ mode and cross-node scenario, the bytes on the wire: tcpdump on node A's ``eth0`
 ping of known size, parsed with scapy; the outer IPv4 length minus the pod's own packet inside
 it is the encapsulation overhead (0 plain, 20 IPIP, 50 VXLAN).
 
+Where the underlay has equal-cost paths (``leaf_spine`` with two spines), once per mode for
+``pod-cross-subnet``: probe-a1 makes ``ECMP_ATTEMPTS`` connection attempts to a closed port of
+probe-c (each SYN has its own source port, each is answered by a RST) and the SYNs each next
+hop of A's router forwarded are counted. The routers hash the outer 5-tuple: VXLAN's outer UDP
+source port follows the inner flow, so its SYNs spread over the paths; IPIP between two nodes
+has no ports to hash and takes one; bgp's plain packets spread (BIRD merges the equal routes
+learned through each spine into one ECMP route, ``merge paths on``, as Calico's config does).
+
 Output: a tidy CSV (k8snetlab.results), a PNG beside it, and a summary with the issue's
 targets as ratios from this one run.
 
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import resource
 import statistics
@@ -57,6 +66,15 @@ PING_SIZE = 1000            # ICMP payload of the captured ping: the inner packe
 CAPTURE_PINGS = 5
 CAPTURE_READY_S = 5.0       # bound on waiting for tcpdump to listen
 SUMMARY_METRICS = ("rtt_p50", "rtt_p99", "tcp_throughput")
+ECMP_ATTEMPTS = 64          # connection attempts counted per next hop
+ECMP_USED_SHARE = 0.1       # a next hop carrying at least this share of them counts as used
+# connection attempts to a closed port (9): one SYN each, with its own source port, and a RST
+SYN_LOOP = ("import socket,sys\n"
+            "for _ in range(int(sys.argv[2])):\n"
+            "    s = socket.socket(); s.settimeout(2)\n"
+            "    try: s.connect((sys.argv[1], 9))\n"
+            "    except OSError: pass\n"
+            "    s.close()\n")
 PLOT_METRICS = ("rtt_p50", "tcp_throughput", "encap_overhead")
 
 
@@ -263,6 +281,60 @@ def capture_wire(node, src, dst_ip: str, workdir: Path) -> list[WirePacket]:
     return wire_packets(rdpcap(str(pcap)), src.ip, dst_ip)
 
 
+def next_hops(route_json: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(device, gateway) of each next hop of the most specific route in ``ip -j route show
+    ...`` output: several for an ECMP route, one otherwise, none for no route."""
+    def prefix(r: dict[str, Any]) -> int:
+        dst = r.get("dst", "")
+        return 0 if dst == "default" else int(dst.split("/")[1]) if "/" in dst else 32
+    for r in sorted(route_json, key=prefix, reverse=True):
+        if r.get("nexthops"):
+            return [(h["dev"], h.get("gateway", "")) for h in r["nexthops"]]
+        if r.get("dev"):
+            return [(r["dev"], r.get("gateway", ""))]
+    return []
+
+
+def tx_packets(proc_net_dev: str) -> dict[str, int]:
+    """Interface -> packets sent, from /proc/net/dev (read inside the namespace)."""
+    out = {}
+    for line in proc_net_dev.splitlines()[2:]:
+        name, counters = line.split(":", 1)
+        out[name.strip()] = int(counters.split()[9])
+    return out
+
+
+def ecmp_spread(per_hop: dict[str, int]) -> tuple[int, float]:
+    """(next hops used, largest share) of packets counted per next hop."""
+    total = sum(per_hop.values())
+    if total == 0:
+        return 0, 0.0
+    return sum(n >= ECMP_USED_SHARE * total for n in per_hop.values()), max(per_hop.values()) / total
+
+
+def measure_ecmp(c, src, dst, wire_dst: str) -> tuple[str, dict[str, int]] | None:
+    """SYNs from pod ``src`` to pod ``dst`` per next hop of the router in front of src's node,
+    following its route to ``wire_dst`` (dst's node for an overlay, dst itself for plain
+    packets); None when the underlay has no equal-cost paths there."""
+    node = c.nodes[src.node_name]
+    gw = c.spec.underlay.subnet(node.spec.subnet).gateway
+    router = next((r for r in c.spec.underlay.routers if gw in [ip for _, ip in r.interfaces]), None)
+    if gw is None or router is None:
+        return None
+    host = c.routers[router.name]
+
+    def route(addr: str) -> list[tuple[str, str]]:
+        return next_hops(json.loads(host.run(["ip", "-j", "route", "show", "match", addr]).stdout or "[]"))
+
+    if len(route(c.nodes[dst.node_name].ip)) < 2:       # the underlay itself has one path
+        return None
+    hops = route(wire_dst)
+    before = tx_packets(host.run(["cat", "/proc/net/dev"]).stdout)
+    src.run([sys.executable, "-c", SYN_LOOP, dst.ip, str(ECMP_ATTEMPTS)], timeout=ECMP_ATTEMPTS * 2 + 30)
+    after = tx_packets(host.run(["cat", "/proc/net/dev"]).stdout)
+    return router.name, {f"{dev} via {gw_ip}": after[dev] - before[dev] for dev, gw_ip in hops}
+
+
 def run(args) -> int:
     if args.quick:
         args.repeat, args.duration, args.pings = 1, 1.0, 50
@@ -344,6 +416,23 @@ def run(args) -> int:
                 log.info("%s %s: %s on the wire, %d bytes of overhead", label, sc.name, ", ".join(kinds),
                          outer - inner)
 
+        # equal-cost paths: which next hops the connections of each mode take
+        for label, c in clusters.items():
+            for sc in plans[label]:
+                if sc.name != "pod-cross-subnet":
+                    continue
+                src, dst = c.pods[sc.src], c.pods[sc.dst]
+                overlay = variants[label].expected_overhead.get(sc.name, 0) > 0
+                got = measure_ecmp(c, src, dst, c.nodes[dst.node_name].ip if overlay else dst.ip)
+                if got is None:
+                    continue
+                router, per_hop = got
+                used, share = ecmp_spread(per_hop)
+                row(label, sc, 0, "ecmp_next_hops", len(per_hop), "count")
+                row(label, sc, 0, "ecmp_paths_used", used, "count")
+                row(label, sc, 0, "ecmp_max_share", share, "fraction")
+                log.info("%s %s: SYNs per next hop of %s: %s", label, sc.name, router, per_hop)
+
         progress = experiment.Progress(args.repeat * sum(len(p) for p in plans.values()))
         for rnd in range(1, args.repeat + 1):
             for label, c in clusters.items():
@@ -403,6 +492,14 @@ def summary(rows: list, order: list[str], skipped: dict[str, str]) -> str:
         lines.append("\nOn the wire (a ping of known size, captured on the sender's eth0):")
         lines.append(results.format_table(["mode", "scenario", "outer IP bytes", "inner IP bytes",
                                            "overhead bytes", "as expected"], wire_rows))
+    ecmp = {(r.mode, r.metric): r.value for r in rows if r.metric.startswith("ecmp_")}
+    ecmp_rows = [[label, int(ecmp[(label, "ecmp_next_hops")]), int(ecmp[(label, "ecmp_paths_used")]),
+                  round(ecmp[(label, "ecmp_max_share")], 2)]
+                 for label in order if (label, "ecmp_next_hops") in ecmp]
+    if ecmp_rows:
+        lines.append(f"\nEqual-cost paths ({ECMP_ATTEMPTS} connection attempts, pod-cross-subnet, "
+                     "counted at the source node's router):")
+        lines.append(results.format_table(["mode", "next hops", "used", "largest share"], ecmp_rows))
     lines.append("\nTargets (ratios of medians from this run):")
     for what, num, sc, lo, hi in TARGETS:
         ratio = _ratio(rows, num, "host-gw", sc)

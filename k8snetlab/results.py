@@ -36,6 +36,8 @@ kube-proxy modes: ``conn_rate`` (sequential connections per second) in ``conn/s`
 ``connect_p50``/``connect_p90`` (TCP connect time of fresh connections) and
 ``first_packet_added`` (connect_p50 minus that of a node with one Service) in ``us``;
 ``program_time`` (one sync on an empty node) and ``resync_time`` (the same again) in ``s``.
+Equal-cost paths: ``ecmp_next_hops`` and ``ecmp_paths_used`` (next hops carrying at least 10%
+of the connection attempts) as a ``count``, ``ecmp_max_share`` as a ``fraction``.
 
 Summaries take the median over rounds (and over every row of a group): one round disturbed
 by another process on a shared machine moves a median little and a mean a lot.
@@ -76,6 +78,9 @@ METRIC_UNITS: dict[str, str] = {
     # kube-proxy modes (experiments/kube_proxy_modes.py): fresh connections, rule programming
     "conn_rate": "conn/s", "connect_p50": "us", "connect_p90": "us", "first_packet_added": "us",
     "program_time": "s", "resync_time": "s", "services": "count",
+    # equal-cost paths (experiments/cni_modes.py on a fabric): next hops of the source node's
+    # router, how many carried at least 10% of the connection attempts, the largest share
+    "ecmp_next_hops": "count", "ecmp_paths_used": "count", "ecmp_max_share": "fraction",
 }
 
 PLOT_METRICS = ("rtt_p50", "tcp_throughput")

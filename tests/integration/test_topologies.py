@@ -16,7 +16,7 @@ import pytest
 from helpers import REPO, require_root_and
 from leftover_check import running
 
-from k8snetlab import naming
+from k8snetlab import naming, spec
 from k8snetlab.cluster import Cluster
 
 pytestmark = pytest.mark.integration
@@ -109,6 +109,25 @@ def test_ipip_between_two_nodes_takes_one_spine():
         per_spine = spread(c)
     busy, idle = max(per_spine.values()), min(per_spine.values())
     assert busy >= 32 * 3 and idle < 10, f"ipip: packets per spine {per_spine}"
+
+
+def test_bgp_leaves_merge_the_paths_through_both_spines():
+    """Calico peering with the fabric: a leaf learns the other rack's pod routes from both
+    spines and BIRD (merge paths, as in Calico's config) installs one ECMP route; plain pod
+    packets then spread over the spines by their 5-tuple."""
+    require_root_and("mnexec", "brctl", "bird")
+    s = spec.load(LEAF_SPINE, params={"leaves": 2, "nodes_per_leaf": 1, "spines": 2})
+    with running(Cluster(s.with_cni("bgp", bgp={"peerWithToR": True}))) as c:
+        cidr = str(c.nodes["leaf2-node1"].spec.pod_cidr)
+        leaf1 = c.routers["leaf1"]
+        route = ""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and route.count("nexthop via") < 2:
+            route = leaf1.run(["ip", "route", "show", cidr]).stdout
+            time.sleep(0.2)
+        assert route.count("nexthop via") == 2 and "proto bird" in route, route
+        per_spine = spread(c)
+    assert all(n >= 5 for n in per_spine.values()), f"bgp: packets per spine {per_spine}"
 
 def test_cli_up_with_params_builds_that_size_and_tears_down(tmp_path):
     require_root_and("mnexec", "brctl")

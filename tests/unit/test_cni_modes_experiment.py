@@ -146,3 +146,45 @@ def test_bgp_peers_with_the_tors_on_a_routed_underlay(cm):
     assert s.cni.sections["bgp"]["peerWithToR"] is True
     todo, _ = cm.plan(spec.load(THREE_NODES), ("bgp",), MODES.names())
     assert "peerWithToR" not in (todo[0][1].cni.sections.get("bgp") or {})
+
+
+def test_next_hops_of_the_most_specific_route(cm):
+    ecmp = [{"dst": "10.100.1.0/24", "flags": [],
+             "nexthops": [{"gateway": "10.101.0.2", "dev": "eth1", "weight": 1, "flags": []},
+                          {"gateway": "10.101.0.6", "dev": "eth2", "weight": 1, "flags": []}]}]
+    assert cm.next_hops(ecmp) == [("eth1", "10.101.0.2"), ("eth2", "10.101.0.6")]
+    # 'ip route show match' lists every covering route: the /24 wins over the default
+    single = [{"dst": "default", "gateway": "10.0.0.1", "dev": "eth9"},
+              {"dst": "10.244.2.0/24", "gateway": "10.101.0.6", "dev": "eth2", "protocol": "bird"}]
+    assert cm.next_hops(single) == [("eth2", "10.101.0.6")]
+    assert cm.next_hops([]) == []
+
+
+def test_tx_packets_and_spread(cm):
+    dev = ("Inter-|   Receive                                                |  Transmit\n"
+           " face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop\n"
+           "    lo:       0       0    0    0    0     0          0         0        0       0    0    0\n"
+           "  eth1:    6000      60    0    0    0     0          0         0     4200      42    0    0\n")
+    assert cm.tx_packets(dev) == {"lo": 0, "eth1": 42}
+    assert cm.ecmp_spread({"a": 30, "b": 34}) == (2, 34 / 64)
+    assert cm.ecmp_spread({"a": 0, "b": 64}) == (1, 1.0)
+    assert cm.ecmp_spread({"a": 3, "b": 61}) == (1, 61 / 64)     # under 10%: not counted as used
+    assert cm.ecmp_spread({"a": 0, "b": 0}) == (0, 0.0)
+
+
+def test_summary_shows_the_equal_cost_paths(cm):
+    data = {("vxlan", "pod-cross-subnet", "ecmp_next_hops"): [2],
+            ("vxlan", "pod-cross-subnet", "ecmp_paths_used"): [2],
+            ("vxlan", "pod-cross-subnet", "ecmp_max_share"): [0.55],
+            ("ipip", "pod-cross-subnet", "ecmp_next_hops"): [2],
+            ("ipip", "pod-cross-subnet", "ecmp_paths_used"): [1],
+            ("ipip", "pod-cross-subnet", "ecmp_max_share"): [1.0]}
+    text = cm.summary(rows(data), ["vxlan", "ipip"], {})
+    assert "Equal-cost paths" in text
+    lines = text.splitlines()
+    assert next(line for line in lines if line.startswith("vxlan ") and "0.55" in line).split() == \
+        ["vxlan", "2", "2", "0.55"]
+    assert next(line for line in lines if line.startswith("ipip ") and line.split()[1] == "2").split() == \
+        ["ipip", "2", "1", "1"]
+    assert "Equal-cost paths" not in cm.summary(rows({("vxlan", "pod-cross-node", "tcp_throughput"): [5]}),
+                                                  ["vxlan"], {})
