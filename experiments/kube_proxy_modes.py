@@ -22,7 +22,8 @@ one sync. At each size and for each mode:
   stopped, its rules removed, started again): one ``iptables-restore`` / ``nft -f`` batch, for
   userspace also the proxy opening a socket per Service port; ``resync_time``: the same sync
   again (what the periodic resync costs; in iptables mode a partial sync, as kube-proxy's:
-  the top-level chains only, nothing changed);
+  the top-level chains only, nothing changed); ``change_time``: a sync after one Service
+  lost its endpoint (one Service's chains change);
 - ``connect_p50`` / ``connect_p90``: TCP connect time of ``--probes`` fresh connections to the
   Service placed last in the node's rule order (kpm-probe sorts after the dummies; checked in
   ``iptables-save``), and ``first_packet_added``: connect_p50 minus the same with one Service.
@@ -55,7 +56,7 @@ from k8snetlab import experiment, manifests, measure, proc, results  # noqa: E40
 from k8snetlab.cluster import Cluster  # noqa: E402
 from k8snetlab.errors import K8sNetLabError, SpecError  # noqa: E402
 from k8snetlab.services import available_modes  # noqa: E402
-from k8snetlab.services.model import parse_service  # noqa: E402
+from k8snetlab.services.model import Snapshot, parse_service  # noqa: E402
 
 log = logging.getLogger("kube_proxy_modes")
 
@@ -242,10 +243,14 @@ class Bench:
         add_services_in_bulk(self.addon, docs)
         self.dummies += want
 
-    def program_time(self) -> tuple[float, float]:
-        """One sync on the first node from an empty node, then the same sync again."""
+    def program_time(self) -> tuple[float, float, float]:
+        """One sync on the first node from an empty node, the same sync again, and a sync
+        after one change: a Service (a dummy when there is one) loses its endpoint, as when
+        its only pod is deleted; its rules are put back afterwards, not timed."""
         p = self.addon.proxiers[self.node.name]
         snap = self.addon.snapshot()
+        key = next((s.key for s in snap.services if s.name.startswith("dummy-")), f"default/{PROBE}")
+        changed = Snapshot(snap.services, {**snap.endpoints, key: ()}, snap.version + 1)
         with self.addon._lock:           # no other sync meanwhile
             p.stop()
             p.start()
@@ -255,7 +260,11 @@ class Bench:
             t0 = time.perf_counter()
             p.sync(snap)
             again = time.perf_counter() - t0
-        return first, again
+            t0 = time.perf_counter()
+            p.sync(changed)
+            change = time.perf_counter() - t0
+            p.sync(snap)
+        return first, again, change
 
     def connect_times_us(self) -> list[float]:
         n = self.args.probes
@@ -408,7 +417,7 @@ def measure_scaling(bench: Bench, steps: list[tuple[int, list[str]]], progress, 
         for mode in ordered:
             progress.step(f"{total} Services: {mode}")
             bench.use(mode)
-            first, again = bench.program_time()
+            first, again, change = bench.program_time()
             where = bench.worst_placed()
             if where not in ("last", "map"):
                 log.warning("%s, %d Services: the probe is %s in the rules", mode, total, where)
@@ -419,6 +428,7 @@ def measure_scaling(bench: Bench, steps: list[tuple[int, list[str]]], progress, 
             row(mode, scenario, 0, "services", total, "count", dst=PROBE)
             row(mode, scenario, 0, "program_time", first, "s", src=bench.node.name, dst="")
             row(mode, scenario, 0, "resync_time", again, "s", src=bench.node.name, dst="")
+            row(mode, scenario, 0, "change_time", change, "s", src=bench.node.name, dst="")
             row(mode, scenario, 0, "connect_p50", p50, "us", dst=PROBE)
             row(mode, scenario, 0, "connect_p90", pct(times, 90), "us", dst=PROBE)
             if mode in baseline:
@@ -449,9 +459,10 @@ def summary(rows: list[results.Row], modes: list[str]) -> str:
             sc = f"services-{n}"
             if (mode, sc, "program_time") in med:
                 table.append([mode, n, med[(mode, sc, "program_time")], med[(mode, sc, "resync_time")],
-                              med[(mode, sc, "connect_p50")], med.get((mode, sc, "first_packet_added"))])
-    lines.append(results.format_table(["mode", "services", "program s", "resync s", "connect p50 us",
-                                       "added us"], table))
+                              med.get((mode, sc, "change_time")), med[(mode, sc, "connect_p50")],
+                              med.get((mode, sc, "first_packet_added"))])
+    lines.append(results.format_table(["mode", "services", "program s", "resync s", "change s",
+                                       "connect p50 us", "added us"], table))
     checks: list[tuple[str, float | None, float, str]] = []
     for mode in modes:
         a, b = med.get((mode, "pod-ip", "tcp_throughput")), med.get((mode, "cluster-ip", "tcp_throughput"))

@@ -35,7 +35,8 @@ refused when written): ``rtt_min``, ``rtt_mean``, ``rtt_p50``, ``rtt_p90``, ``rt
 kube-proxy modes: ``conn_rate`` (sequential connections per second) in ``conn/s``;
 ``connect_p50``/``connect_p90`` (TCP connect time of fresh connections) and
 ``first_packet_added`` (connect_p50 minus that of a node with one Service) in ``us``;
-``program_time`` (one sync on an empty node) and ``resync_time`` (the same again) in ``s``.
+``program_time`` (one sync on an empty node), ``resync_time`` (the same again) and
+``change_time`` (a sync after one Service lost its endpoint) in ``s``.
 Equal-cost paths: ``ecmp_next_hops`` and ``ecmp_paths_used`` (next hops carrying at least 10%
 of the connection attempts) as a ``count``, ``ecmp_max_share`` as a ``fraction``.
 
@@ -77,7 +78,7 @@ METRIC_UNITS: dict[str, str] = {
     "speaker_rss": "MB", "speaker_pss": "MB", "speaker_mem": "MB",
     # kube-proxy modes (experiments/kube_proxy_modes.py): fresh connections, rule programming
     "conn_rate": "conn/s", "connect_p50": "us", "connect_p90": "us", "first_packet_added": "us",
-    "program_time": "s", "resync_time": "s", "services": "count",
+    "program_time": "s", "resync_time": "s", "change_time": "s", "services": "count",
     # equal-cost paths (experiments/cni_modes.py on a fabric): next hops of the source node's
     # router, how many carried at least 10% of the connection attempts, the largest share
     "ecmp_next_hops": "count", "ecmp_paths_used": "count", "ecmp_max_share": "fraction",

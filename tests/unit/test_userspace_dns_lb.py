@@ -309,9 +309,11 @@ def test_experiment_summary_names_the_targets():
             row("iptables", "services-5000", "services", 5000, "count"),
             row("iptables", "services-5000", "program_time", 0.4, "s"),
             row("iptables", "services-5000", "resync_time", 0.4, "s"),
+            row("iptables", "services-5000", "change_time", 0.125, "s"),
             row("iptables", "services-5000", "connect_p50", 150, "us"),
             row("iptables", "services-5000", "first_packet_added", 100, "us")]
     text = exp.summary(rows, ["iptables"])
     assert "met   iptables: ClusterIP throughput >= 0.9 x pod IP (ratio): 0.95" in text
     assert "met   iptables, 5,000 Services: first packet <= +120 us (us): 100" in text
+    assert "change s" in text and "0.125" in text
     assert "nftables, 30,000 Services: first packet <= +5 us (us): not measured" in text
