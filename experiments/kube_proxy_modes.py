@@ -21,8 +21,9 @@ one sync. At each size and for each mode:
 - ``program_time``: one sync on the first node starting from an empty node (the proxier is
   stopped, its rules removed, started again): one ``iptables-restore`` / ``nft -f`` batch, for
   userspace also the proxy opening a socket per Service port; ``resync_time``: the same sync
-  again (what the periodic resync costs; in iptables mode a partial sync, as kube-proxy's:
-  the top-level chains only, nothing changed); ``change_time``: a sync after one Service
+  again (what the periodic resync costs; in iptables and nftables modes a partial sync, as
+  kube-proxy's: nothing changed, so iptables rewrites its top-level chains only and nftables
+  sends nothing); ``change_time``: a sync after one Service
   lost its endpoint (one Service's chains change);
 - ``connect_p50`` / ``connect_p90``: TCP connect time of ``--probes`` fresh connections to the
   Service placed last in the node's rule order (kpm-probe sorts after the dummies; checked in

@@ -18,7 +18,7 @@ from k8snetlab.services.iptables import (
     svc_chain,
 )
 from k8snetlab.services.model import Endpoint, ServiceAllocator, Snapshot, parse_service
-from k8snetlab.services.nftables import NftablesRules, chain_base, hash_and_truncate
+from k8snetlab.services.nftables import NftablesRules, chain_base, element_key, hash_and_truncate
 from k8snetlab.services.proxy import stale_udp_flows
 
 CIDR = "10.244.0.0/16"
@@ -328,3 +328,37 @@ def test_nft_single_endpoint_jumps_directly():
     base = chain_base(svc, svc.ports[0])
     assert "numgen" not in text
     assert any(l.startswith(f"add rule ip kube-proxy service-{base} goto endpoint-") for l in text.splitlines())
+
+
+def test_nft_partial_sync_touches_only_what_changed():
+    rules = NftablesRules("node1", CIDR)
+    alloc = ServiceAllocator(IPv4Network("10.96.0.0/12"))
+    web, api = alloc.allocate(make("web"), "web"), alloc.allocate(make("api"), "api")
+    fresh = lambda: ServiceAllocator(IPv4Network("10.96.0.0/12"))   # noqa: E731 (keeps the IPs above)
+    snap = snapshot((web, THREE), (api, THREE), alloc=fresh())
+    full = rules.render_partial(snap, None, None, None)
+    assert full.text == rules.render(snap).text and "flush table ip kube-proxy" in full.text
+
+    same = rules.render_partial(snap, full.chains, full.sets, full)
+    assert same.text == "" and same.chains == full.chains           # nothing changed: nothing sent
+
+    # web loses an endpoint: its service chain is rewritten, the endpoint chain deleted
+    fewer = rules.render_partial(snapshot((web, THREE[:2]), (api, THREE), alloc=fresh()),
+                                 full.chains, full.sets, full)
+    web_c = f"service-{chain_base(web, web.ports[0])}"
+    api_c = f"service-{chain_base(api, api.ports[0])}"
+    assert f"flush chain ip kube-proxy {web_c}" in fewer.text and "numgen random mod 2" in fewer.text
+    assert api_c not in fewer.text and "flush table" not in fewer.text and "element" not in fewer.text
+    gone = [c for c in full.chains - fewer.chains]
+    assert len(gone) == 1 and f"delete chain ip kube-proxy {gone[0]}" in fewer.text
+
+    # api loses every endpoint: its ClusterIP moves from service-ips to no-endpoint-services
+    none = rules.render_partial(snapshot((web, THREE), (api, []), alloc=fresh()), full.chains, full.sets, full)
+    lines = none.text.splitlines()
+    delete = f"delete element ip kube-proxy service-ips {{ {api.cluster_ip} . tcp . 80 }}"
+    assert delete in lines and f"delete chain ip kube-proxy {api_c}" in lines
+    assert lines.index(delete) < lines.index(f"delete chain ip kube-proxy {api_c}")   # no dangling goto
+    add = next(line for line in lines if line.startswith("add element ip kube-proxy no-endpoint-services"))
+    assert f"{api.cluster_ip} . tcp . 80" in add and "goto reject-chain" in add
+    assert element_key(f'{api.cluster_ip} . tcp . 80 comment "default/api:http" : goto reject-chain') == \
+        f"{api.cluster_ip} . tcp . 80"
