@@ -323,9 +323,9 @@ class Cluster:
 
     def _route_underlay(self) -> None:
         """Static routes between subnets through the routers: every shortest path by hops,
-        several first hops as one ECMP route, hashed on the 5-tuple as a fabric does
-        (``fib_multipath_hash_policy=1``): VXLAN's UDP source ports spread over the paths,
-        IPIP between two nodes always takes one."""
+        several first hops as one ECMP route, hashed on the outer 5-tuple as a fabric's
+        switches do (``fib_multipath_hash_policy=3`` with :data:`ECMP_HASH_FIELDS`): VXLAN's
+        UDP source ports spread over the paths, IPIP between two nodes always takes one."""
         if not self.routers:
             return
         subnets = {s.name: s for s in self.spec.underlay.subnets}

@@ -29,8 +29,9 @@ Every sync writes one ``iptables-restore --noflush`` batch. As kube-proxy's part
 (MinimizeIPTablesRestore) do, it rewrites the top-level chains (KUBE-SERVICES, KUBE-NODEPORTS,
 the filter chains...) and only those per-Service chains whose rules changed, and deletes the
 chains no longer needed; a full sync rewrites every KUBE-* chain (the first one, after a
-failure, when a jump of ours went missing, and hourly). The jumps from the built-in chains are
-checked first and only added when missing, so other users of the tables are untouched.
+failure, hourly, and when kube-proxy's canary chain ``KUBE-PROXY-CANARY`` in mangle is gone:
+someone flushed the tables). A full sync first lists the built-in chains and adds the jumps
+from them that are missing, so other users of the tables are untouched.
 Rendering (:class:`IptablesRules`) is pure and unit-tested without root.
 """
 
@@ -322,8 +323,8 @@ class IptablesProxier(Proxier):
         super().__init__(*args, **kw)
         self.rules = IptablesRules(self.node.name, self.cluster_cidr, self.options.masquerade_all)
         self._chains: set[tuple[str, str]] = set()
-        # what the per-Service chains held after the last successful restore; empty = the
-        # next sync is a full one (at start, after a failure, when our jumps went missing)
+        # what the per-Service chains held after the last successful restore; empty: the
+        # next sync is a full one (at start, after a failure)
         self._written: dict[str, tuple[str, ...]] = {}
         self._last_full = 0.0
         # fixed at start: after a switch of backend this proxier still removes its own rules

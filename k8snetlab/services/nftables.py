@@ -146,7 +146,8 @@ class NftablesRules:
             by_chain.setdefault(rule.split(" ", 5)[4], []).append(rule)
         r.rules = {c: tuple(by_chain.get(c, ())) for c in r.chains}
         r.elements = {name: frozenset(items) for name, items in elements.items()}
-        if before is None:
+        retimed = any((prev_sets or {}).get(name, timeout) != timeout for name, timeout in r.sets.items())
+        if before is None or retimed:    # a set's timeout cannot change under rules that use it
             r.text = self._full(r, rules, elements, prev_chains, prev_sets)
             return r
         out: list[str] = []
@@ -157,9 +158,7 @@ class NftablesRules:
         for c in changed:
             out += [f"add chain {T} {c}", f"flush chain {T} {c}"]
         for name, timeout in sorted(r.sets.items()):
-            if (prev_sets or {}).get(name) != timeout:
-                if name in (prev_sets or {}):
-                    out.append(f"delete set {T} {name}")
+            if name not in (prev_sets or {}):
                 out.append(f"add set {T} {name} {{ type ipv4_addr ; flags dynamic,timeout ; timeout {timeout}s ; }}")
         for c in changed:
             out += r.rules[c]

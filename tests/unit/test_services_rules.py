@@ -362,3 +362,15 @@ def test_nft_partial_sync_touches_only_what_changed():
     assert f"{api.cluster_ip} . tcp . 80" in add and "goto reject-chain" in add
     assert element_key(f'{api.cluster_ip} . tcp . 80 comment "default/api:http" : goto reject-chain') == \
         f"{api.cluster_ip} . tcp . 80"
+
+
+def test_nft_partial_sync_falls_back_to_full_when_an_affinity_timeout_changes():
+    rules = NftablesRules("node1", CIDR)
+    alloc = lambda: ServiceAllocator(IPv4Network("10.96.0.0/12"))   # noqa: E731
+    sticky = lambda t: make("web", sessionAffinity="ClientIP",         # noqa: E731
+                            sessionAffinityConfig={"clientIP": {"timeoutSeconds": t}})
+    first = rules.render_partial(snapshot((sticky(60), THREE), alloc=alloc()), None, None, None)
+    again = rules.render_partial(snapshot((sticky(60), THREE), alloc=alloc()), first.chains, first.sets, first)
+    assert again.text == ""
+    other = rules.render_partial(snapshot((sticky(30), THREE), alloc=alloc()), first.chains, first.sets, first)
+    assert "flush table ip kube-proxy" in other.text and "timeout 30s" in other.text
