@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 
@@ -76,3 +79,29 @@ def clean_cli() -> subprocess.CompletedProcess:
     """``k8snetlab clean`` as a user runs it (after a ``kill -9`` of a runtime)."""
     return subprocess.run([sys.executable, "-m", "k8snetlab.cli", "clean"], cwd=REPO, capture_output=True,
                           text=True, timeout=60)
+
+
+@contextlib.contextmanager
+def up_then_kill_9(*args: str, timeout: float = 60, **popen_kw: Any) -> Iterator[Path]:
+    """``k8snetlab up ARGS`` as a user runs it: yields its state directory once the cluster is
+    up, then kills the runtime with SIGKILL, which leaves everything for ``clean`` to find."""
+    p = subprocess.Popen([sys.executable, "-m", "k8snetlab.cli", "up", *args], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen_kw)
+    try:
+        state = None
+        deadline = time.monotonic() + timeout
+        assert p.stdout is not None
+        for line in p.stdout:          # bounded: the runtime exits (EOF) if it fails
+            if line.startswith("up in"):
+                state = Path(line.rsplit("state in", 1)[1].strip())
+                break
+            if time.monotonic() > deadline:
+                break
+        assert state, "the cluster did not come up"
+        yield state
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, THREE_NODES, require_root_and, clean_cli
+from helpers import REPO, THREE_NODES, clean_cli, require_root_and, up_then_kill_9
 
 from k8snetlab import proc, spec
 from k8snetlab.bgp import fib, plan
@@ -249,33 +249,17 @@ def test_kill_9_then_clean_stops_every_speaker(tmp_path):
     """BIRD, ExaBGP and its route installer outlive a killed runtime until ``k8snetlab clean``,
     which finds them by the PIDs and namespaces the cluster recorded."""
     require_bgp()
-    import signal
-
     from k8snetlab.bgp.speakers import _descendants
     d = yaml.safe_load(THREE_NODES.read_text())
     d["cni"] = {"type": "bgp", "invoke": "inprocess", "bgp": {"holdTime": 9, "speakers": {"node3": "exabgp"}}}
     path = tmp_path / "bgp.yaml"
     path.write_text(yaml.safe_dump(d))
-    p = subprocess.Popen([sys.executable, "-m", "k8snetlab.cli", "up", str(path)], cwd=REPO,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    state = None
-    try:
-        for line in p.stdout:          # bounded: the runtime exits (EOF) if it fails
-            if line.startswith("up in"):
-                state = Path(line.rsplit("state in", 1)[1].strip())
-                break
-        assert state, "the cluster did not come up"
+    with up_then_kill_9(str(path)) as state:
         descs = [json.loads(f.read_text()) for f in sorted(state.glob("nodes/*/bgp-speaker.json"))]
         assert [x["speaker"] for x in descs] == ["bird", "bird", "exabgp"]
         speakers = [(x["pid"], x["start"]) for x in descs]
         speakers += _descendants(descs[2]["pid"])          # ExaBGP's route installer and CLI helper
         assert len(speakers) >= 4 and all(proc.running(pid, start) for pid, start in speakers)
-        os.kill(p.pid, signal.SIGKILL)
-        p.wait(10)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
     assert any(proc.running(pid, start) for pid, start in speakers), "nothing survived: clean is not tested"
     r = clean_cli()
     assert r.returncode == 0, r.stderr

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
-from helpers import REPO, THREE_NODES, require_root_and, clean_cli
+from helpers import REPO, THREE_NODES, clean_cli, require_root_and, up_then_kill_9
 from k8snetlab import cleanup, proc, spec
 from k8snetlab.cluster import Cluster
 
@@ -47,27 +46,10 @@ def test_failed_start_leaves_nothing(monkeypatch):
 @pytest.mark.parametrize("mode", ["host-gw", "ipip"])
 def test_kill_9_then_clean_removes_everything(mode):
     require_root_and("mnexec", "brctl", "tc", "clang", "bpftool")
-    p = subprocess.Popen([sys.executable, "-m", "k8snetlab.cli", "up", str(THREE_NODES), "--cni", mode],
-                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    state = None
-    try:
-        deadline = time.monotonic() + 60
-        for line in p.stdout:
-            if line.startswith("up in"):
-                state = line.rsplit("state in", 1)[1].strip()
-                break
-            if time.monotonic() > deadline:
-                break
-        assert state, "the cluster did not come up"
+    with up_then_kill_9(str(THREE_NODES), "--cni", mode) as state:
         # a container process in a pod: the runtime must find it via the state dir
-        records = [json.loads(l) for l in open(os.path.join(state, "pids.jsonl"))]
+        records = [json.loads(l) for l in open(state / "pids.jsonl")]
         assert processes_alive(records)
-        os.kill(p.pid, signal.SIGKILL)
-        p.wait(10)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
     time.sleep(0.2)
     assert not cleanup.leftovers().empty(), "kill -9 left nothing: the test cannot tell clean works"
     r = clean_cli()

@@ -8,16 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import yaml
 
-from helpers import REPO, seen_source, clean_cli
+from helpers import clean_cli, seen_source, up_then_kill_9
 from ovs_helpers import assert_gone, netns_alive, require_ovs, three_nodes_on_ovs
 from k8snetlab import proc, spec
 from k8snetlab.cluster import Cluster
@@ -121,30 +116,13 @@ def test_kill_9_then_clean_removes_the_ovs_underlay(tmp_path):
     f = tmp_path / "ovs.yaml"
     d = three_nodes_on_ovs("l2_learning", replicas=0)
     f.write_text(yaml.safe_dump(d))
-    p = subprocess.Popen([sys.executable, "-m", "k8snetlab.cli", "up", str(f)], cwd=REPO,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    state = None
-    try:
-        deadline = time.monotonic() + 60
-        for line in p.stdout:
-            if line.startswith("up in"):
-                state = Path(line.rsplit("state in", 1)[1].strip())
-                break
-            if time.monotonic() > deadline:
-                break
-        assert state, "the cluster did not come up"
+    with up_then_kill_9(str(f), start_new_session=True) as state:
         records = [json.loads(l) for l in (state / "pids.jsonl").read_text().splitlines()]
         ovs_ns = [json.loads(l)["ino"] for l in (state / "netns.jsonl").read_text().splitlines()
                   if json.loads(l)["what"] == "Open vSwitch"]
         assert len(ovs_ns) == 1 and netns_alive(ovs_ns[0])
         daemons = [r for r in records if r["what"] in ("ovsdb-server", "ovs-vswitchd", "controller l2_learning")]
         assert len(daemons) == 3
-        os.kill(p.pid, signal.SIGKILL)
-        p.wait(10)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
     assert [r for r in daemons if proc.running(r["pid"], r["start"])], "kill -9 left nothing to clean"
     r = clean_cli()
     assert r.returncode == 0, r.stderr
