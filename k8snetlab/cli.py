@@ -63,11 +63,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     from .proc import require_root
     from . import spec
     s = spec.load(args.file, cni=args.cni, params=spec.parse_params(args.param))
+    if args.metrics:
+        from .metrics import parse_listen
+        parse_listen(args.metrics)
     require_root()
     sigterm_as_interrupt()
     with Cluster(s) as c:
         print("\n".join(c.describe()))
         print(f"up in {c.timings['start_s']:.2f} s; state in {c.state.path if c.state else '?'}")
+        server = _serve_metrics(c, args.metrics) if args.metrics else None
+        if server is not None:
+            print(f"metrics: http://{args.metrics}/metrics (Prometheus text format)")
         if args.cli:
             c.cli()
         else:
@@ -75,6 +81,12 @@ def cmd_up(args: argparse.Namespace) -> int:
             threading.Event().wait()
     print("cluster stopped and removed")
     return 0
+
+
+def _serve_metrics(cluster, listen: str):
+    """Per-node and per-pod counters for Prometheus while the cluster runs (k8snetlab.metrics)."""
+    from .metrics import serve
+    return serve(cluster, listen)
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
@@ -169,6 +181,8 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("file", help="cluster file (topologies/*.yaml, or a *.py generator)")
     up.add_argument("--cni", help="override cni.type (bridge, host-gw, ipip, ...)")
     up.add_argument("--cli", action="store_true", help="open the Mininet CLI (pod names are hosts)")
+    up.add_argument("--metrics", metavar="127.0.0.1:PORT",
+                    help="serve per-node and per-pod counters for Prometheus on this loopback address")
     up.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                     help="a parameter of a Python topology file (topologies/*.py), e.g. leaves=4; repeatable")
     up.set_defaults(fn=cmd_up)
