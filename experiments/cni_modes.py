@@ -386,7 +386,7 @@ class CniModes(framework.Experiment):
     comparisons = COMPARISONS
     targets = TARGETS
     table_ratios = ()
-    table_metrics = ("rtt_p50", "rtt_p99", "tcp_throughput", "cpu_per_gbit", "rx_pps", "tcp_retransmits",
+    table_metrics = ("rtt_p50", "rtt_p99", "tcp_throughput", "cpu_per_gbit", "proc_cpu_per_gbit", "rx_pps", "tcp_retransmits",
                      "qdisc_drops")
     plot_metrics = PLOT_METRICS
     tools = ("ping", "iperf3", "tcpdump")

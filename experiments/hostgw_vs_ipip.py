@@ -69,7 +69,7 @@ class HostGwVsIpip(framework.Experiment):
                metric="runtime_peak_rss", high=300),
     )
     table_ratios = (("ipip", "host-gw"),)
-    table_metrics = ("rtt_p50", "rtt_p99", "tcp_throughput", "cpu_per_gbit", "rx_pps", "tcp_retransmits",
+    table_metrics = ("rtt_p50", "rtt_p99", "tcp_throughput", "cpu_per_gbit", "proc_cpu_per_gbit", "rx_pps", "tcp_retransmits",
                      "softirq_share", "qdisc_drops")
     default_ci = 3.0
 

@@ -297,7 +297,8 @@ class Run:
 
 def tcp_signals(src_netns: str, dst_netns: str, dst_ip: str, duration_s: float, omit_s: float = 1.0,
                 connect_ip: str | None = None, bitrate: str | None = None, baseline_rate: float = 0.0,
-                shaped: Sequence[tuple[str | None, str]] = ()) -> tuple[list[tuple[str, float, str]], float]:
+                shaped: Sequence[tuple[str | None, str]] = (), port: int = 5201,
+                ) -> tuple[list[tuple[str, float, str]], float]:
     """One iperf3 TCP test with its golden signals: throughput, retransmits, packets/s at the
     receiver, interface drops at both ends, softirq share of the busy CPU time, CPU-seconds
     per gigabit (``baseline_rate``, the machine's busy CPU-seconds per second when quiet,
@@ -309,7 +310,7 @@ def tcp_signals(src_netns: str, dst_netns: str, dst_ip: str, duration_s: float, 
     q0 = qdisc()
     cpu0 = hoststat.cpu_times()
     tcp = measure.iperf3(src_netns, dst_netns, dst_ip, duration_s=duration_s, omit_s=omit_s,
-                         connect_ip=connect_ip, bitrate=bitrate)
+                         connect_ip=connect_ip, bitrate=bitrate, port=port)
     cpu = hoststat.delta(cpu0, hoststat.cpu_times())
     after_src, after_dst = hoststat.ns_counters(src_netns), hoststat.ns_counters(dst_netns)
     rx_bytes = hoststat.sum_delta(before_dst, after_dst, "rx_bytes")
@@ -323,6 +324,12 @@ def tcp_signals(src_netns: str, dst_netns: str, dst_ip: str, duration_s: float, 
     per = hoststat.cpu_per_gbit(cpu, baseline_rate, rx_bytes * 8 / 1e9)
     if per is not None:
         out.append(("cpu_per_gbit", per, "s/Gbit"))
+    out.append(("cpu_baseline", baseline_rate, "cores"))
+    gbit = tcp.gbit_s * tcp.duration_s
+    if tcp.cpu_sender_pct is not None and tcp.cpu_receiver_pct is not None and gbit > 0:
+        # the two iperf3 processes' own CPU time: robust to other load, without softirq work
+        out.append(("proc_cpu_per_gbit", (tcp.cpu_sender_pct + tcp.cpu_receiver_pct) / 100 * tcp.duration_s / gbit,
+                    "s/Gbit"))
     if shaped:
         q1 = qdisc()
         out.append(("qdisc_drops", sum(q1[k][0] - q0.get(k, (0, 0))[0] for k in q1), "count"))
@@ -455,6 +462,11 @@ def run(exp: Experiment, args: argparse.Namespace) -> int:
     if warn:
         text += f"\n\nWARNING: {warn} (load average up to {max(r.loads):.2f}, steal up to " \
                 f"{100 * max(r.steals, default=0):.0f} %; columns load1 and steal of the CSV)"
+    base_cpu = [x.value for x in rows if x.metric == "cpu_baseline"]
+    if base_cpu and stats.describe(base_cpu).median > 0.5 * (os.cpu_count() or 1):
+        text += (f"\nWARNING: other programs kept {stats.describe(base_cpu).median:.1f} of {os.cpu_count()} CPUs busy "
+                 "in the quiet seconds: cpu_per_gbit (whole machine, baseline subtracted) means little; "
+                 "proc_cpu_per_gbit (the iperf3 processes' own time) still compares modes")
     print(text)
     summary_path = r.csv_path.with_name(r.csv_path.stem + "-summary.csv")
     write_summary(summary_path, exp, rows, r.run_id, r.seed)
@@ -609,6 +621,8 @@ def summary(exp: Experiment, rows: list[results.Row], seed: int, quick: bool = F
     if comps:
         lines.append("\nComparisons (TCP throughput unless named):")
         for c in comps:
+            if not any(r.scenario == c.scenario and r.mode in (c.num, c.den) for r in rows):
+                continue                      # a scenario this topology does not have
             rt = comparison_ratio(rows, c, seed)
             shown = ("not measured" if rt is None else f"{stats.fmt_ratio(rt)} (n={rt.n})" if rt.n > 1
                      else f"{rt.value:.3g} (one round: no interval)")
