@@ -251,6 +251,8 @@ class Cluster:
         for host in self.hosts.values():
             self._node_defaults(host)
         self._route_underlay()
+        from . import shaping
+        self.shaped_links = shaping.apply(self)     # link properties of the cluster file
 
     def _add_node_host(self, n: NodeSpec, ports: dict[str, int]) -> NodeHost:
         assert self.net is not None and self.state is not None
