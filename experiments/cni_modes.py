@@ -428,9 +428,7 @@ class CniModes(framework.Experiment):
         if not todo:
             raise SpecError(f"{base.source}: none of the modes {', '.join(v.label for v in self.variants)} "
                             "applies to this underlay: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
-        self.skipped.update(skipped)
-        for label, why in skipped.items():
-            log.info("skipping %s: %s", label, why)
+        self.skipped.update(skipped)          # logged once the run starts
         self.where = placement(base)
         return todo
 

@@ -359,6 +359,8 @@ def run(exp: Experiment, args: argparse.Namespace) -> int:
     proc.require_root(exp.name)
     proc.require(*exp.tools)
     r = Run(exp, args, base)
+    for label, why in exp.skipped.items():
+        log.info("skipping %s: %s", label, why)
     print(f"{exp.name}: run {r.run_id}, seed {r.seed} (--seed {r.seed} repeats this order)", file=sys.stderr)
 
     with contextlib.ExitStack() as stack, results.CsvWriter(r.csv_path) as writer:
