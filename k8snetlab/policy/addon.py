@@ -278,36 +278,64 @@ class PolicyAddon(Addon):
     # -- the public API -----------------------------------------------------------------------------
     def add(self, manifest: dict[str, Any]) -> m.NetworkPolicy:
         """Create a NetworkPolicy (Kubernetes manifest); every node follows before this returns."""
-        meta = manifest.get("metadata") if isinstance(manifest, dict) else None
-        where = f"NetworkPolicy {meta.get('name')}" if isinstance(meta, dict) and meta.get("name") else "NetworkPolicy"
-        pol = m.parse_policy(manifest, where)
+        return self.add_all([manifest])[0]
+
+    def add_all(self, manifests: list[dict[str, Any]]) -> list[m.NetworkPolicy]:
+        """Create several NetworkPolicies with one sync per node (all or none are created)."""
+        parsed = []
+        for manifest in manifests:
+            meta = manifest.get("metadata") if isinstance(manifest, dict) else None
+            where = f"NetworkPolicy {meta.get('name')}" if isinstance(meta, dict) and meta.get("name") else "NetworkPolicy"
+            parsed.append((where, m.parse_policy(manifest, where), manifest))
         with self._lock:
-            if pol.namespace not in self.namespaces:
-                raise SpecError(f"{where}: namespace {pol.namespace!r} does not exist: create it first "
-                                "(c.policies.add_namespace)")
-            if pol.key in self.policies:
-                raise SpecError(f"{where}: NetworkPolicy {pol.key} already exists: delete it first")
-            self.policies[pol.key] = pol
-            self.raw[pol.key] = manifest
+            keys: set[str] = set()
+            for where, pol, _ in parsed:
+                if pol.namespace not in self.namespaces:
+                    raise SpecError(f"{where}: namespace {pol.namespace!r} does not exist: create it first "
+                                    "(c.policies.add_namespace)")
+                if pol.key in self.policies or pol.key in keys:
+                    raise SpecError(f"{where}: NetworkPolicy {pol.key} already exists: delete it first")
+                keys.add(pol.key)
+            for _, pol, manifest in parsed:
+                self.policies[pol.key] = pol
+                self.raw[pol.key] = manifest
             if not self.options.enabled:
-                log.warning("networkPolicy.enabled is false: NetworkPolicy %s accepted and NOT enforced", pol.key)
+                log.warning("networkPolicy.enabled is false: %d NetworkPolicies accepted and NOT enforced",
+                            len(parsed))
             try:
                 self._changed()
             except BaseException:
-                self.policies.pop(pol.key, None)
-                self.raw.pop(pol.key, None)
+                for key in keys:
+                    self.policies.pop(key, None)
+                    self.raw.pop(key, None)
                 raise
-        return pol
+        return [pol for _, pol, _ in parsed]
 
-    def delete(self, key: str) -> None:
-        """Delete the NetworkPolicy ``ns/name`` (``name`` alone: in ``default``)."""
-        key = key if "/" in key else f"default/{key}"
+    def delete(self, *keys: str) -> None:
+        """Delete NetworkPolicies ``ns/name`` (``name`` alone: in ``default``), one sync per node."""
         with self._lock:
-            if key not in self.policies:
-                raise K8sNetLabError(f"no NetworkPolicy {key}: there are {', '.join(sorted(self.policies)) or '(none)'}")
-            del self.policies[key]
-            self.raw.pop(key, None)
+            full = [k if "/" in k else f"default/{k}" for k in keys]
+            for key in full:
+                if key not in self.policies:
+                    raise K8sNetLabError(f"no NetworkPolicy {key}: there are "
+                                         f"{', '.join(sorted(self.policies)) or '(none)'}")
+            for key in full:
+                del self.policies[key]
+                self.raw.pop(key, None)
             self.sync()
+
+    def set_dataplane(self, name: str) -> None:
+        """Restart every node's agent in another dataplane (its rules removed, the new written)."""
+        DATAPLANES.get(name)
+        with self._lock:
+            running = self._running
+            self.stop()
+            self._stop = threading.Event()
+            self.options = dataclasses.replace(self.options, dataplane=name)
+            self.cluster.policies = self            # type: ignore[attr-defined]
+            if running:
+                self._start_agents()
+            self._write_state()
 
     def add_namespace(self, manifest: dict[str, Any] | str) -> str:
         doc = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": manifest}} \
