@@ -405,4 +405,4 @@ def resolve(model: m.PolicyModel, ref: str) -> m.Endpoint:
     return ref
 
 
-ADDON = PolicyAddon
+

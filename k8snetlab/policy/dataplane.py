@@ -76,8 +76,8 @@ class Dataplane:
         raise NotImplementedError
 
 
-DATAPLANES: Registry[type[Dataplane]] = Registry(
-    "policy dataplane", ("k8snetlab.policy.iptables", "k8snetlab.policy.nftables"))
+DATAPLANES: Registry[type[Dataplane]] = Registry("policy dataplane", "k8snetlab.network_policy_dataplanes",
+                                                 base=Dataplane)
 
 
 def endpoint_chains(ep_id: str) -> tuple[str, str]:

@@ -35,7 +35,7 @@ import re
 import time
 
 from ..errors import K8sNetLabError
-from .dataplane import (DATAPLANES, Dataplane, Rendered, SyncStats, endpoint_chains, policy_chain,
+from .dataplane import (Dataplane, Rendered, SyncStats, endpoint_chains, policy_chain,
                         rule_comment)
 from .plan import ACCEPT_MARK, NodePlan
 
@@ -179,7 +179,6 @@ def elements_from_save(save: str) -> dict[str, int]:
     return counts
 
 
-@DATAPLANES.register("iptables")
 class IptablesDataplane(Dataplane):
     name = "iptables"
     tools = ("iptables", "iptables-restore", "iptables-save", "ipset")

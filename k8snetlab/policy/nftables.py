@@ -31,7 +31,7 @@ import logging
 import time
 
 from ..errors import K8sNetLabError
-from .dataplane import (DATAPLANES, Dataplane, Rendered, SyncStats, endpoint_chains, policy_chain,
+from .dataplane import (Dataplane, Rendered, SyncStats, endpoint_chains, policy_chain,
                         rule_comment)
 from .plan import ACCEPT_MARK, NodePlan
 
@@ -180,7 +180,6 @@ def counts_from_json(doc: dict) -> tuple[dict[str, int], dict[str, int]]:
     return rules, elems
 
 
-@DATAPLANES.register("nftables")
 class NftablesDataplane(Dataplane):
     name = "nftables"
     tools = ("nft",)
