@@ -35,6 +35,7 @@ openvswitch-switch
 sockperf
 linux-perf
 prometheus
+ipset
 "
 
 if [ "$(id -u)" -ne 0 ]; then
