@@ -49,7 +49,7 @@ from .errors import SpecError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_REPEAT = 10
+DEFAULT_MAX_REPEAT = 8
 SUMMARY_COLUMNS = ["run_id", "experiment", "kind", "mode", "baseline", "scenario", "metric", "unit",
                    "n", "median", "mean", "sd", "ci_low", "ci_high", "method"]
 
