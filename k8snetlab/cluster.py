@@ -36,7 +36,7 @@ from mininet.net import Mininet
 from mininet.nodelib import LinuxBridge
 
 from . import addons as addonmod, cleanup, manifests, naming, proc, spec as specmod
-from .cni import INVOKERS, CNIRuntime, NetworkConfigList, RuntimeConf
+from .cni import CNIRuntime, ExecInvoker, Invoker, NetworkConfigList, RuntimeConf
 from .errors import K8sNetLabError, SpecError
 from .manifests import PodSpec, Workload
 from .modes import MODES, Mode
@@ -364,7 +364,11 @@ class Cluster:
         netd = node.state_dir / "net.d"
         netd.mkdir(exist_ok=True)
         (netd / f"10-{conf.name}.conflist").write_text(json.dumps(conf.to_dict(), indent=2) + "\n")
-        invoker = INVOKERS[self.spec.cni.invoke]()
+        if self.spec.cni.invoke == "inprocess":
+            from cni_plugins.inprocess import InProcessInvoker
+            invoker: Invoker = InProcessInvoker()
+        else:
+            invoker = ExecInvoker()
         self._runtimes[node.name] = CNIRuntime(node.netns, node.state_dir / "results", invoker)
 
     def sync_routes(self) -> None:

@@ -10,7 +10,7 @@ import pytest
 from helpers import require_root_and
 from k8snetlab import naming, spec
 from k8snetlab.cluster import Cluster
-from k8snetlab.cni import CNIError
+from k8snetlab.cni_protocol import CNIError
 
 pytestmark = pytest.mark.integration
 
