@@ -79,6 +79,7 @@ class ServicesAddon(Addon):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_error = ""
+        self.resyncs = 0          # periodic resync rounds done (every proxier once per round)
 
     # -- spec-load checks (no root) --------------------------------------------------------------
     @classmethod
@@ -332,6 +333,7 @@ class ServicesAddon(Addon):
                         if msg != self._last_error:
                             log.warning("services: periodic resync on %s", msg)
                             self._last_error = msg
+                self.resyncs += 1
 
 
 ADDON = ServicesAddon
