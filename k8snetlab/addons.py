@@ -43,6 +43,10 @@ class Addon:
 
     def pod_removing(self, pod: Any) -> None: ...
 
+    def pods_readiness_changed(self, pods: list[Any]) -> None:
+        """The kubelet marked ``pods`` ready or not ready (``pod.ready``): a container exited,
+        or a restarted one serves again."""
+
     def node_added(self, node: Any) -> None: ...
 
     def node_removed(self, name: str) -> None: ...

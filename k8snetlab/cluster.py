@@ -42,6 +42,7 @@ from .errors import K8sNetLabError, SpecError
 from .manifests import PodSpec, Workload
 from .modes import MODES, Mode
 from .modes.resync import AgentResync
+from .supervisor import ContainerSupervisor
 from .netutil import Netns
 from .pod import NetnsHost, NodeHost, Pod, RouterHost
 from .spec import ClusterSpec, NodeSpec
@@ -107,6 +108,7 @@ class Cluster:
         # node agents: node-list changes and the periodic reconcile take turns
         self.agent_lock = threading.RLock()
         self.agent_resync: AgentResync | None = None
+        self.supervisor: ContainerSupervisor | None = None   # the kubelets' container restarts
         self._started = False
 
     @classmethod
@@ -146,6 +148,7 @@ class Cluster:
                     self.addons.append(addon)
                     addon.start()
             self.timings["addons_s"] = time.monotonic() - t2
+            self._start_supervisor()
         except BaseException:
             self.stop()
             raise
@@ -169,6 +172,9 @@ class Cluster:
                 errors.append(f"{what}: {e}")
                 log.warning("teardown: %s: %s", what, e)
 
+        if self.supervisor is not None:
+            attempt("stop the container supervision", self.supervisor.stop)
+            self.supervisor = None
         if self.agent_resync is not None:
             attempt("stop the node agents' resync", self.agent_resync.stop)
             self.agent_resync = None
@@ -363,6 +369,18 @@ class Cluster:
         for node in self.nodes.values():
             self._start_node(node)
         self.sync_routes()
+
+    def _start_supervisor(self) -> None:
+        """The kubelets' container restarts and readiness (supervisor.py); the add-ons hear
+        of readiness changes (Endpoints follow)."""
+        assert self.state is not None
+
+        def tell(pods: list[Pod]) -> None:
+            for addon in self.addons:
+                addon.pods_readiness_changed(pods)
+
+        self.supervisor = ContainerSupervisor(lambda: self.pods, self.state.path / "logs", tell)
+        self.supervisor.start()
 
     def _start_agent_resync(self) -> None:
         """The node agents' periodic reconcile (modes/resync.py), when the mode has one."""

@@ -273,6 +273,11 @@ class ServicesAddon(Addon):
         if self.dns is not None:
             self.dns.pods_added(pods)
 
+    def pods_readiness_changed(self, pods: list["Pod"]) -> None:
+        """Endpoints follow readiness: a pod whose container exited leaves its Services until
+        the kubelet restarted it and it serves again."""
+        self._changed()
+
     def pod_removing(self, pod: "Pod") -> None:
         self.controller.mark_terminating(pod)
         self._changed()
