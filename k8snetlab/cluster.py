@@ -37,7 +37,7 @@ from mininet.net import Mininet
 from mininet.nodelib import LinuxBridge
 
 from . import addons as addonmod, cleanup, manifests, naming, proc, spec as specmod
-from .cni import CNIRuntime, ExecInvoker, Invoker, NetworkConfigList, RuntimeConf
+from .cni import INVOKERS, CNIRuntime, NetworkConfigList, RuntimeConf
 from .errors import K8sNetLabError, SpecError
 from .manifests import PodSpec, Workload
 from .modes import MODES, Mode
@@ -266,6 +266,8 @@ class Cluster:
         for host in self.hosts.values():
             self._node_defaults(host)
         self._route_underlay()
+        from . import shaping
+        self.shaped_links = shaping.apply(self)     # link properties of the cluster file
 
     def _add_node_host(self, n: NodeSpec, ports: dict[str, int]) -> NodeHost:
         assert self.net is not None and self.state is not None
@@ -398,11 +400,7 @@ class Cluster:
         netd = node.state_dir / "net.d"
         netd.mkdir(exist_ok=True)
         (netd / f"10-{conf.name}.conflist").write_text(json.dumps(conf.to_dict(), indent=2) + "\n")
-        if self.spec.cni.invoke == "inprocess":
-            from cni_plugins.inprocess import InProcessInvoker
-            invoker: Invoker = InProcessInvoker()
-        else:
-            invoker = ExecInvoker()
+        invoker = INVOKERS.get(self.spec.cni.invoke)()
         self._runtimes[node.name] = CNIRuntime(node.netns, node.state_dir / "results", invoker)
 
     def sync_routes(self) -> None:
@@ -656,6 +654,16 @@ class Cluster:
                 cleanup.kill_pid(pid, proc.start_time(pid), grace=0.5)
 
     # -- conveniences ----------------------------------------------------------------------------
+    def addon(self, name: str) -> addonmod.Addon | None:
+        """The running add-on of that name (``services``...), None when the cluster has none."""
+        return next((a for a in self.addons if a.name == name), None)
+
+    @property
+    def services(self) -> Any:
+        """The Services add-on (``k8snetlab.services.addon.ServicesAddon``): kube-proxy,
+        Endpoints, DNS, load balancer; None when the cluster file asks for no Services."""
+        return self.addon("services")
+
     @property
     def switches(self) -> dict[str, Any]:
         """The underlay's switches (Mininet objects) by their cluster-file name: the subnet's
@@ -705,10 +713,11 @@ class Cluster:
     # -- CNI plugin executables -------------------------------------------------------------------
     def _write_cni_bin(self) -> None:
         """Our plugins as CNI executables named by type, in this cluster's CNI_PATH."""
-        from cni_plugins import _MODULES
+        from cni_plugins import PLUGINS
         assert self.state is not None
         self.state.cni_bin.mkdir(parents=True, exist_ok=True)
-        for ptype, module in _MODULES.items():
+        for ptype in PLUGINS.names():
+            module = PLUGINS.entry(ptype).module
             path = self.state.cni_bin / ptype
             path.write_text(f"#!{sys.executable}\n"
                             "import sys\n"

@@ -36,7 +36,6 @@ from .. import naming
 from ..errors import KernelFeatureMissing
 from ..netutil import Netns
 from ..options import opt
-from . import MODES
 from .base import Mode, uplink
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -82,7 +81,6 @@ class CalicoMode(Mode):
         return fixed
 
 
-@MODES.register("ipip")
 class IpipMode(CalicoMode):
     name = "ipip"
     Options = IpipOptions
