@@ -120,8 +120,9 @@ BASE_CHAINS = {"nat": ("KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "K
 # per-Service chains in nat: a partial sync rewrites only those whose rules changed
 SERVICE_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-SEP-")
 FULL_SYNC_PERIOD = 3600.0   # kube-proxy's: at least one full sync an hour
-# kube-proxy's canary: an empty chain in each table; when the one in mangle (a small table,
-# cheap to ask) is gone, someone flushed the tables and the next sync is a full one
+# kube-proxy's canary: an empty chain in each table, written as a real node has it; whether
+# the tables were touched is told by the ruleset fingerprint (ruleset.py), which also sees
+# what leaves the canary in place (iptables -t nat -F, a deleted jump)
 CANARY = "KUBE-PROXY-CANARY"
 CANARY_TABLES = ("mangle", "nat", "filter")
 

@@ -99,7 +99,7 @@ def legacy_table_info(netns: str | None, table: str) -> tuple[int, int]:
         if _libc.getsockopt(sock.fileno(), SOL_IP, IPT_SO_GET_INFO, buf, ctypes.byref(size)) != 0:
             err = ctypes.get_errno()
             raise RulesetUnreadable(err, f"IPT_SO_GET_INFO {table}: {os.strerror(err)}")
-        fields = _IPT_GETINFO.unpack(buf.raw)
+        fields = _IPT_GETINFO.unpack(buf.raw[:_IPT_GETINFO.size])
         return fields[-2], fields[-1]
     finally:
         sock.close()
@@ -129,7 +129,7 @@ class RulesetWatch:
                         raise
                     out.append(None)
             return tuple(out)
-        except (OSError, RulesetUnreadable):
+        except (OSError, struct.error):
             return None
 
     def changed(self, now: object) -> bool:
