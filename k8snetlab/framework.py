@@ -225,7 +225,7 @@ def check_args(exp: Experiment, args: argparse.Namespace) -> None:
         parse_rate(args.rate, "--rate")
     if args.link_rate is not None:
         from .shaping import parse_rate
-        parse_rate(link_rate, "--link-rate")
+        parse_rate(args.link_rate, "--link-rate")
     exp.check_options(args)
 
 
