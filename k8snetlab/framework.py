@@ -623,8 +623,9 @@ def summary(exp: Experiment, rows: list[results.Row], seed: int, quick: bool = F
     if comps:
         lines.append("\nComparisons (TCP throughput unless named):")
         for c in comps:
-            if not any(r.scenario == c.scenario and r.mode in (c.num, c.den) for r in rows):
-                continue                      # a scenario this topology does not have
+            if not all(any(r.scenario == sc and r.mode == m for r in rows)
+                       for m, sc in ((c.num, c.scenario), (c.den, c.den_scenario or c.scenario))):
+                continue                      # a mode skipped, or a scenario this topology lacks
             rt = comparison_ratio(rows, c, seed)
             shown = ("not measured" if rt is None else f"{stats.fmt_ratio(rt)} (n={rt.n})" if rt.n > 1
                      else f"{rt.value:.3g} (one round: no interval)")
