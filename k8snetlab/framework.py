@@ -250,8 +250,8 @@ class Run:
         self.steals: list[float] = []
         self.shaped_by: dict[str, list[tuple[str | None, str]]] = {}   # label -> shaped (netns, device)
         self.current = ""                                  # the label being measured
-        self.command = " ".join(shlex.quote(a) for a in [sys.executable if sys.argv[0].endswith(".py") else "",
-                                                         *sys.argv] if a)
+        python = os.path.basename(sys.executable) if sys.argv and sys.argv[0].endswith(".py") else ""
+        self.command = " ".join(shlex.quote(a) for a in [python, *sys.argv] if a)
         self.machine_start = hoststat.machine()
 
     # -- rows
