@@ -627,7 +627,9 @@ def summary(exp: Experiment, rows: list[results.Row], seed: int, quick: bool = F
                        for m, sc in ((c.num, c.scenario), (c.den, c.den_scenario or c.scenario))):
                 continue                      # a mode skipped, or a scenario this topology lacks
             rt = comparison_ratio(rows, c, seed)
-            shown = ("not measured" if rt is None else f"{stats.fmt_ratio(rt)} (n={rt.n})" if rt.n > 1
+            a, b = paired(rows, c.num, c.den, c.scenario, c.metric, c.den_scenario)
+            zero = f"no ratio: {c.den} measured 0 in every round" if a and not sum(b) else "not measured"
+            shown = (zero if rt is None else f"{stats.fmt_ratio(rt)} (n={rt.n})" if rt.n > 1
                      else f"{rt.value:.3g} (one round: no interval)")
             extra = ""
             limits = overhead_limits(exp, rows, c.scenario) if link_rate else {}
