@@ -233,17 +233,17 @@ def clean_state_dir(path: Path, report: Report) -> None:
         owner = json.loads((path / "owner.json").read_text())
     except (OSError, ValueError):
         owner = {}
-    for rec in _read_jsonl(path / "pids.jsonl"):
-        if kill_pid(rec["pid"], rec.get("start", 0), grace=0.2):
-            report.processes.append(f"{rec['pid']} ({rec.get('what', '')})")
+    records = list(_read_jsonl(path / "pids.jsonl"))
+    what = {rec["pid"]: rec.get("what", "") for rec in records}
+    for pid in kill_pids([(rec["pid"], rec.get("start", 0)) for rec in records], grace=0.2):
+        report.processes.append(f"{pid} ({what[pid]})")
     live_inodes, live_pids = _live_records(path.parent, path)
     inodes = {r["ino"] for r in _read_jsonl(path / "netns.jsonl")} - live_inodes
     if inodes:
-        for pid in processes_in_netns(inodes, owner.get("created_ticks", 0)):
-            if pid in live_pids:
-                continue
-            if kill_pid(pid, proc.start_time(pid), grace=0.2):
-                report.processes.append(f"{pid} ({proc.cmdline(pid)[:60] or 'in a testbed namespace'})")
+        found = [pid for pid in processes_in_netns(inodes, owner.get("created_ticks", 0)) if pid not in live_pids]
+        names = {pid: proc.cmdline(pid)[:60] or "in a testbed namespace" for pid in found}
+        for pid in kill_pids([(pid, proc.start_time(pid)) for pid in found], grace=0.2):
+            report.processes.append(f"{pid} ({names[pid]})")
     report.mounts += _umount_below(path)
     prefix = path.name
     for link in _links_with_prefix(prefix):
@@ -289,3 +289,26 @@ def leftovers() -> Report:
     report.links = [n for n in os.listdir("/sys/class/net") if naming.cluster_index_of(n) is not None]
     report.mounts = [m for m in _mounts() if m.startswith(str(root) + "/")]
     return report
+
+
+def kill_pids(pids: list[tuple[int, int]], grace: float = 1.0) -> list[int]:
+    """SIGTERM many processes we started (pid, start time) at once, wait up to ``grace`` for
+    all of them together, SIGKILL the rest; return the PIDs that were running. One process
+    ignoring SIGTERM (an interactive shell) costs ``grace`` once, not once per process."""
+    alive = [(pid, start) for pid, start in pids if start and proc.running(pid, start)]
+    for pid, _ in alive:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    left = alive
+    while left and time.monotonic() < deadline:
+        time.sleep(0.02)
+        left = [(pid, start) for pid, start in left if proc.running(pid, start)]
+    for pid, _ in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return [pid for pid, _ in alive]

@@ -104,9 +104,19 @@ class Container:
 
 
 class Pod(NetnsHost):
-    """A pod sandbox (Mininet host) and its containers."""
+    """A pod sandbox and its containers.
+
+    The sandbox is a network and mount namespace held by one small process (``sleep``, the
+    role of Kubernetes' ``pause`` container), made by ``mnexec -n`` as Mininet makes a host's.
+    ``self.pid`` is that holder's. Mininet's shell is started only when something first runs
+    a command in the pod (``pod.cmd``, the Mininet CLI): it joins the holder's namespaces
+    (``mnexec -a``). A thousand pods are a thousand ``sleep`` processes, not a thousand
+    interactive shells."""
 
     def __init__(self, name: str, spec: PodSpec | None = None, **params: Any):
+        self._holder: subprocess.Popen | None = None
+        self._foreign = False
+        self.spawned: list[subprocess.Popen] = []     # started with popen_ns (containers...)
         super().__init__(name, inNamespace=True, **params)
         self.spec = spec or PodSpec(name)
         self.node_name: str | None = None
@@ -114,6 +124,77 @@ class Pod(NetnsHost):
         self.container_id = ""
         self.result: Any = None             # the CNI result
         self.containers: dict[str, Container] = {}
+        self.created_at = 0.0               # time.monotonic() when it was asked for
+        self.ready_at = 0.0                 # ... and when it was ready
+
+    # -- the sandbox, and a shell on demand ---------------------------------------------------
+    def startShell(self, mnopts: str | None = None) -> None:
+        if self._holder is None:        # from Node.__init__: only the holder
+            try:   # -p: mnexec prints its PID once the namespaces exist (not before)
+                self._holder = subprocess.Popen(["mnexec", "-cdnp", "sleep", "infinity"],
+                                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                                stderr=subprocess.DEVNULL)
+            except FileNotFoundError:
+                raise proc.tool_missing("mnexec") from None
+            with self._holder.stdout as out:
+                line = out.readline()
+            if not line.startswith(b"\x01"):
+                self._holder.kill()
+                self._holder.wait()
+                raise OSError(f"pod {self.name}: mnexec made no sandbox (it printed {line!r})")
+            self.pid = int(line[1:])
+            return
+        if self.shell is not None:
+            return
+        holder = self.pid
+        self.inNamespace = False        # attach to the holder's namespaces, make none
+        try:
+            super().startShell(mnopts=f"-cda{holder}")
+            if self.on_popen:
+                self.on_popen(self.shell.pid, f"pod {self.name} shell")
+        finally:
+            self.inNamespace = True
+            self.pid = holder
+
+    @property
+    def touched(self) -> bool:
+        """Has anything run in the pod that the runtime did not start and track (a shell,
+        Mininet's ``popen``)? Then stopping the pod must look for its processes."""
+        return self.shell is not None or self._foreign
+
+    def popen(self, *args: Any, **kwargs: Any) -> subprocess.Popen:
+        self._foreign = True
+        return super().popen(*args, **kwargs)
+
+    def popen_ns(self, args: Sequence[str], log_path: str | os.PathLike | None = None,
+                 what: str = "", **kw: Any) -> subprocess.Popen:
+        p = super().popen_ns(args, log_path=log_path, what=what, **kw)
+        self.spawned.append(p)
+        return p
+
+    def cmd(self, *args: Any, **kwargs: Any) -> str:
+        self.startShell()
+        return super().cmd(*args, **kwargs)
+
+    def sendCmd(self, *args: Any, **kwargs: Any) -> None:
+        self.startShell()
+        super().sendCmd(*args, **kwargs)
+
+    def sendInt(self, intr: str = chr(3)) -> None:
+        if self.shell is not None:
+            super().sendInt(intr)
+
+    def deleteIntfs(self, checkName: bool = True) -> None:
+        """Forget the interfaces; the kernel removes them with the namespace (and CNI DEL
+        has removed the pod's veth already): no shell is started to delete them."""
+        for intf in list(self.intfs.values()):
+            self.delIntf(intf)
+
+    def terminate(self) -> None:
+        super().terminate()
+        if self._holder is not None and self._holder.poll() is None:
+            self._holder.kill()
+            self._holder.wait()
 
     @property
     def mntns(self) -> str:
