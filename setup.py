@@ -1,10 +1,18 @@
-from setuptools import setup
+"""Packaging: ``pip install .`` (or ``sudo make deps``, which installs the checkout editable).
+
+Packages are found, not listed: a new package under k8snetlab/, cni_plugins/ or controllers/
+is installed without touching this file. Non-Python files the code reads at run time (BPF C
+source, speaker config templates) are package data.
+"""
+
+from setuptools import find_packages, setup
 
 setup(
     name="k8snetlab",
     version="0.1.0",
     description="An emulated Kubernetes cluster network on one Linux machine (Mininet + CNI plugins)",
-    packages=["k8snetlab", "k8snetlab.modes", "k8snetlab.bgp", "cni_plugins", "controllers"],
+    packages=find_packages(include=["k8snetlab", "k8snetlab.*", "cni_plugins", "cni_plugins.*",
+                                    "controllers", "controllers.*"]),
     package_data={"k8snetlab": ["bpf/*.c"], "k8snetlab.bgp": ["templates/*.j2"]},
     python_requires=">=3.10",
     install_requires=["pyroute2>=0.9", "PyYAML>=6", "mininet>=2.3.0.dev6", "scapy>=2.5", "jinja2>=3"],

@@ -16,8 +16,8 @@ from typing import Any
 
 from cni_plugins import skel
 from cni_plugins.common import field, host_ns, pod_ns, pod_ns_if_exists
-from k8snetlab import cni, naming
-from k8snetlab.cni import CNIError, Interface, IPConfig, Result, Route
+from k8snetlab import cni_protocol as cni, naming
+from k8snetlab.cni_protocol import CNIError, Interface, IPConfig, Result, Route
 
 HOST_MAC = "ee:ee:ee:ee:ee:ee"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from k8snetlab import cni
-from k8snetlab.cni import CNIError
+from k8snetlab import cni_protocol as cni
+from k8snetlab.cni_protocol import CNIError
 from k8snetlab.netutil import Netns
 
 

@@ -1,7 +1,7 @@
 """CNI ``flannel``: the pod side of flannel (host-gw and VXLAN backends alike).
 
-As the real plugin: read the node's ``subnet.env`` written by the node agent (our flanneld:
-``k8snetlab.routing``), which says the cluster network, this node's pod subnet, the MTU the
+As the real plugin: read the node's ``subnet.env`` written by the node agent (our flanneld,
+in ``k8snetlab.modes``), which says the cluster network, this node's pod subnet, the MTU the
 backend leaves for pods (1500 for host-gw, 1450 for VXLAN), then *delegate* to ``bridge``
 with ``host-local`` IPAM on that subnet. The delegate's config is saved under ``dataDir`` so
 that DEL can hand the same config back to the delegate after the node agent has moved on.
@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from cni_plugins import skel
-from k8snetlab import cni
-from k8snetlab.cni import CNIError, Result
+from k8snetlab import cni_protocol as cni
+from k8snetlab.cni_protocol import CNIError, Result
 
 DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"
 DEFAULT_DATA_DIR = "/var/lib/cni/flannel"

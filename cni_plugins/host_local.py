@@ -11,8 +11,8 @@ import sys
 from typing import Any
 
 from cni_plugins import skel
-from k8snetlab import cni
-from k8snetlab.cni import CNIError, IPConfig, Result, Route
+from k8snetlab import cni_protocol as cni
+from k8snetlab.cni_protocol import CNIError, IPConfig, Result, Route
 from k8snetlab.ipam import HostLocalStore, IPAMError, Range
 
 DEFAULT_DATA_DIR = "/var/lib/cni/networks"

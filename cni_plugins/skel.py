@@ -6,27 +6,24 @@ the way the spec asks (missing ``CNI_*`` variables: error 4; undecodable stdin: 
 / ``check`` / ``status`` / ``gc``, and returns the exit status and stdout bytes: a result
 JSON, or an error JSON with the spec's code. :func:`main` does the same for a real process.
 
-A plugin that delegates (flannel to bridge, any plugin to its IPAM) calls :func:`delegate`;
-it reaches the delegate the way the plugin itself was reached: by exec when the plugin is
-a process, in-process when the runtime called it in-process.
+A plugin that delegates (flannel to bridge, any plugin to its IPAM) calls :func:`delegate`
+with its :class:`CmdArgs`, which carry the invoker that reached the plugin: by exec when the
+plugin is a process, in-process when the runtime called it in-process.
 """
 
 from __future__ import annotations
 
-import contextvars
 import json
 import os
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Mapping
 
-from k8snetlab import cni
-from k8snetlab.cni import CNIError, Result
+from k8snetlab import cni_protocol as cni
+from k8snetlab.cni_protocol import CNIError, ExecInvoker, Invoker, Result, plugin_env
 from k8snetlab.errors import K8sNetLabError
-
-_invoker: contextvars.ContextVar[Any] = contextvars.ContextVar("cni_invoker", default=None)
 
 _REQUIRED = {
     "ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
@@ -47,6 +44,7 @@ class CmdArgs:
     args: dict[str, str]
     path: tuple[str, ...]
     conf: dict[str, Any]
+    invoker: Invoker = field(default_factory=ExecInvoker)   # how delegates are run
 
     @property
     def prev_result(self) -> Result | None:
@@ -64,7 +62,7 @@ def _parse_cni_args(raw: str) -> dict[str, str]:
     return out
 
 
-def parse(env: Mapping[str, str], stdin: bytes) -> CmdArgs:
+def parse(env: Mapping[str, str], stdin: bytes, invoker: Invoker | None = None) -> CmdArgs:
     command = env.get("CNI_COMMAND", "")
     if command not in cni.COMMANDS:
         raise CNIError(cni.ERR_INVALID_ENV, f"CNI_COMMAND is {command!r}: must be one of "
@@ -82,7 +80,7 @@ def parse(env: Mapping[str, str], stdin: bytes) -> CmdArgs:
             raise CNIError(cni.ERR_DECODE, "failed to decode network config from stdin", str(e)) from None
     return CmdArgs(command, env.get("CNI_CONTAINERID", ""), env.get("CNI_NETNS", ""),
                    env.get("CNI_IFNAME", ""), _parse_cni_args(env.get("CNI_ARGS", "")),
-                   tuple(filter(None, env.get("CNI_PATH", "").split(":"))), conf)
+                   tuple(filter(None, env.get("CNI_PATH", "").split(":"))), conf, invoker or ExecInvoker())
 
 
 def _check_version(conf: dict[str, Any], supported: tuple[str, ...]) -> str:
@@ -93,13 +91,15 @@ def _check_version(conf: dict[str, Any], supported: tuple[str, ...]) -> str:
     return version
 
 
-def dispatch(module: ModuleType, env: Mapping[str, str], stdin: bytes, invoker: Any = None) -> tuple[int, bytes]:
-    """Run one CNI command against ``module``; return (exit status, stdout bytes)."""
+def dispatch(module: ModuleType, env: Mapping[str, str], stdin: bytes,
+             invoker: Invoker | None = None) -> tuple[int, bytes]:
+    """Run one CNI command against ``module``; return (exit status, stdout bytes).
+
+    ``invoker`` runs the plugins this one delegates to (default: by exec)."""
     supported = getattr(module, "SUPPORTED_VERSIONS", cni.SUPPORTED_VERSIONS)
     version = cni.SPEC_VERSION
-    token = _invoker.set(invoker or cni.ExecInvoker())
     try:
-        args = parse(env, stdin)
+        args = parse(env, stdin, invoker)
         if args.command == "VERSION":
             body: Any = {"cniVersion": args.conf.get("cniVersion", cni.SPEC_VERSION),
                          "supportedVersions": list(supported)}
@@ -129,8 +129,6 @@ def dispatch(module: ModuleType, env: Mapping[str, str], stdin: bytes, invoker: 
     except Exception as e:  # a bug: still answer in the protocol, with the traceback as details
         return 1, json.dumps({"cniVersion": version, "code": 999, "msg": f"internal error: {e!r}",
                               "details": traceback.format_exc(limit=5)}).encode()
-    finally:
-        _invoker.reset(token)
 
 
 def main(module: ModuleType) -> None:
@@ -144,14 +142,10 @@ def main(module: ModuleType) -> None:
 def delegate(command: str, plugin_type: str, conf: dict[str, Any], args: CmdArgs,
              ifname: str | None = None) -> dict[str, Any] | None:
     """Run another plugin (IPAM or a main plugin) with this plugin's environment."""
-    env = {"CNI_COMMAND": command, "CNI_PATH": ":".join(args.path),
-           "CNI_CONTAINERID": args.container_id, "CNI_NETNS": args.netns,
-           "CNI_IFNAME": ifname or args.ifname,
-           "CNI_ARGS": ";".join(f"{k}={v}" for k, v in args.args.items())}
+    env = plugin_env(command, args.path, args.container_id, args.netns, ifname or args.ifname, args.args)
     conf = {**conf, "type": plugin_type}
-    invoker = _invoker.get() or cni.ExecInvoker()
     # node_netns None: a delegate runs in the namespace its caller is in
-    out = invoker.invoke(plugin_type, env, json.dumps(conf).encode(), None, args.path)
+    out = args.invoker.invoke(plugin_type, env, json.dumps(conf).encode(), None, args.path)
     return json.loads(out) if out.strip() else None
 
 

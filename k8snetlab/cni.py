@@ -1,21 +1,11 @@
-"""CNI runtime: runs plugins by the CNI exec protocol (spec 1.1), as a kubelet's runtime does.
+"""CNI runtime: runs network config lists on a node, as a kubelet's container runtime does (libcni).
 
-A plugin is found by its ``type`` on ``CNI_PATH`` and executed inside the *node's* network
-namespace (the plugin's "host" side) with ``CNI_COMMAND``, ``CNI_CONTAINERID``, ``CNI_NETNS``,
-``CNI_IFNAME``, ``CNI_ARGS`` and ``CNI_PATH`` in its environment and the network config on
-stdin; it answers with a result or an error JSON on stdout. Network config lists run their
-plugins in order for ADD (each gets the previous one's result as ``prevResult``) and in
-reverse for DEL; the last ADD result is cached on disk (as libcni does under
-``/var/lib/cni/results``) so that DEL and CHECK get ``prevResult`` too.
-
-Two invokers share all of that:
-- :class:`ExecInvoker` forks and executes the plugin binary: our own plugins (through small
-  wrappers written into the cluster's state dir) and the reference plugins from Debian's
-  ``containernetworking-plugins`` alike. This is the default.
-- :class:`InProcessInvoker` hands the same environment and the same stdin bytes to our own
-  plugins' skeleton inside this process (after entering the node's namespace on the calling
-  thread) and parses the same stdout bytes. It skips only fork/exec and the interpreter's
-  start (~150 ms a plugin here), for clusters of hundreds of pods.
+ADD runs a list's plugins in order (each gets the previous result as ``prevResult``) and
+rolls back on failure; DEL runs them in reverse and is idempotent; the last ADD result is
+cached on disk (as libcni does under ``/var/lib/cni/results``) so DEL and CHECK get
+``prevResult`` too. How a plugin is run is the invoker's business
+(:class:`~k8snetlab.cni_protocol.ExecInvoker` by default; our plugins can also be called
+in-process by ``cni_plugins.inprocess.InProcessInvoker``).
 """
 
 from __future__ import annotations
@@ -26,131 +16,16 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any
 
-from . import proc
+from .cni_protocol import (COMMANDS, ERR_DECODE, ERR_INCOMPATIBLE_VERSION, ERR_INVALID_CONFIG,  # noqa: F401
+                           ERR_INVALID_ENV, ERR_IO, ERR_NOT_AVAILABLE, ERR_NOT_AVAILABLE_DAMAGED,
+                           ERR_TRY_AGAIN, ERR_UNKNOWN_CONTAINER, ERR_UNSUPPORTED_FIELD, SPEC_VERSION,
+                           SUPPORTED_VERSIONS, CNIError, ExecInvoker, Interface, Invoker, IPConfig,
+                           Result, Route, find_plugin, plugin_env)
 from .errors import K8sNetLabError, SpecError
 
 log = logging.getLogger(__name__)
-
-SPEC_VERSION = "1.1.0"
-SUPPORTED_VERSIONS = ("0.4.0", "1.0.0", "1.1.0")
-
-# error codes of the CNI specification
-ERR_INCOMPATIBLE_VERSION = 1
-ERR_UNSUPPORTED_FIELD = 2
-ERR_UNKNOWN_CONTAINER = 3
-ERR_INVALID_ENV = 4
-ERR_IO = 5
-ERR_DECODE = 6
-ERR_INVALID_CONFIG = 7
-ERR_TRY_AGAIN = 11
-ERR_NOT_AVAILABLE = 50
-ERR_NOT_AVAILABLE_DAMAGED = 51
-
-COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "STATUS", "GC")
-
-
-class CNIError(K8sNetLabError):
-    """A CNI error result: ``code`` (spec error code), ``msg``, ``details``."""
-
-    def __init__(self, code: int, msg: str, details: str = "", plugin: str = ""):
-        self.code, self.msg, self.details, self.plugin = code, msg, details, plugin
-        who = f"CNI plugin {plugin!r}: " if plugin else ""
-        extra = f" ({details})" if details else ""
-        super().__init__(f"{who}{msg}{extra} [CNI error {code}]")
-
-    def to_dict(self, cni_version: str = SPEC_VERSION) -> dict[str, Any]:
-        d: dict[str, Any] = {"cniVersion": cni_version, "code": self.code, "msg": self.msg}
-        if self.details:
-            d["details"] = self.details
-        return d
-
-
-# ---------------------------------------------------------------------------------------
-# results
-@dataclass
-class Interface:
-    name: str
-    mac: str = ""
-    sandbox: str = ""
-    mtu: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"name": self.name}
-        if self.mac:
-            d["mac"] = self.mac
-        if self.sandbox:
-            d["sandbox"] = self.sandbox
-        if self.mtu:
-            d["mtu"] = self.mtu
-        return d
-
-
-@dataclass
-class IPConfig:
-    address: str                 # CIDR notation, e.g. 10.244.1.2/24
-    gateway: str | None = None
-    interface: int | None = None  # index into Result.interfaces
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"address": self.address}
-        if self.gateway:
-            d["gateway"] = self.gateway
-        if self.interface is not None:
-            d["interface"] = self.interface
-        return d
-
-
-@dataclass
-class Route:
-    dst: str
-    gw: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"dst": self.dst, **({"gw": self.gw} if self.gw else {})}
-
-
-@dataclass
-class Result:
-    cni_version: str = SPEC_VERSION
-    interfaces: list[Interface] = field(default_factory=list)
-    ips: list[IPConfig] = field(default_factory=list)
-    routes: list[Route] = field(default_factory=list)
-    dns: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"cniVersion": self.cni_version}
-        if self.interfaces:
-            d["interfaces"] = [i.to_dict() for i in self.interfaces]
-        d["ips"] = [i.to_dict() for i in self.ips]
-        if self.routes:
-            d["routes"] = [r.to_dict() for r in self.routes]
-        d["dns"] = self.dns
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Result":
-        try:
-            return cls(
-                cni_version=d.get("cniVersion", SPEC_VERSION),
-                interfaces=[Interface(i["name"], i.get("mac", ""), i.get("sandbox", ""), i.get("mtu"))
-                            for i in d.get("interfaces") or []],
-                ips=[IPConfig(i["address"], i.get("gateway"), i.get("interface"))
-                     for i in d.get("ips") or []],
-                routes=[Route(r["dst"], r.get("gw")) for r in d.get("routes") or []],
-                dns=d.get("dns") or {})
-        except (KeyError, TypeError) as e:
-            raise CNIError(ERR_DECODE, f"malformed CNI result: missing {e}") from None
-
-    def sandbox_ip(self, ifname: str) -> str | None:
-        """The first address on the sandbox interface ``ifname`` (CIDR form)."""
-        for ip in self.ips:
-            if ip.interface is not None and ip.interface < len(self.interfaces):
-                itf = self.interfaces[ip.interface]
-                if itf.name == ifname and itf.sandbox:
-                    return ip.address
-        return self.ips[0].address if self.ips else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -209,70 +84,6 @@ class RuntimeConf:
     ifname: str = "eth0"
     args: dict[str, str] = field(default_factory=dict)   # CNI_ARGS (K8S_POD_NAME...)
 
-    def cni_args(self) -> str:
-        return ";".join(f"{k}={v}" for k, v in self.args.items())
-
-
-# ---------------------------------------------------------------------------------------
-# invokers
-class Invoker(Protocol):
-    def invoke(self, plugin_type: str, env: dict[str, str], stdin: bytes, node_netns: str | None,
-               bin_dirs: tuple[str, ...]) -> bytes: ...
-
-
-def find_plugin(plugin_type: str, bin_dirs: tuple[str, ...]) -> str:
-    for d in bin_dirs:
-        path = os.path.join(d, plugin_type)
-        if os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
-    raise CNIError(ERR_INVALID_CONFIG, f"failed to find plugin {plugin_type!r} in path "
-                   f"{':'.join(bin_dirs)}", plugin=plugin_type)
-
-
-def _decode_output(plugin_type: str, rc: int, out: bytes, err: bytes = b"") -> bytes:
-    if rc == 0:
-        return out
-    try:
-        e = json.loads(out or b"{}")
-        raise CNIError(int(e["code"]), str(e.get("msg", "")), str(e.get("details", "")), plugin_type)
-    except (ValueError, KeyError, TypeError):
-        text = (err or out).decode(errors="replace").strip()
-        raise CNIError(ERR_IO, f"exited {rc} without an error result", text[-300:], plugin_type) from None
-
-
-class ExecInvoker:
-    """Fork and exec the plugin binary, in the node's network namespace."""
-
-    timeout = 60.0
-
-    def invoke(self, plugin_type: str, env: dict[str, str], stdin: bytes, node_netns: str | None,
-               bin_dirs: tuple[str, ...]) -> bytes:
-        path = find_plugin(plugin_type, bin_dirs)
-        full_env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), **env}
-        res = proc.run([path], input=stdin, env=full_env, netns=node_netns, check=False,
-                       timeout=self.timeout)
-        return _decode_output(plugin_type, res.returncode, res.stdout, res.stderr)
-
-
-class InProcessInvoker:
-    """Call our own plugins' skeleton in this process; exec anything else."""
-
-    def __init__(self) -> None:
-        self._exec = ExecInvoker()
-
-    def invoke(self, plugin_type: str, env: dict[str, str], stdin: bytes, node_netns: str | None,
-               bin_dirs: tuple[str, ...]) -> bytes:
-        from cni_plugins import PLUGINS, skel
-        if plugin_type not in PLUGINS:
-            return self._exec.invoke(plugin_type, env, stdin, node_netns, bin_dirs)
-        module = PLUGINS.get(plugin_type)
-        with proc.netns(node_netns):
-            rc, out = skel.dispatch(module, env, stdin, invoker=self)
-        return _decode_output(plugin_type, rc, out)
-
-
-INVOKERS: dict[str, Callable[[], Invoker]] = {"exec": ExecInvoker, "inprocess": InProcessInvoker}
-
 
 # ---------------------------------------------------------------------------------------
 # the runtime
@@ -287,11 +98,9 @@ class CNIRuntime:
 
     # -- one plugin --------------------------------------------------------------------------
     def _env(self, command: str, rt: RuntimeConf | None, bin_dirs: tuple[str, ...]) -> dict[str, str]:
-        env = {"CNI_COMMAND": command, "CNI_PATH": ":".join(bin_dirs)}
-        if rt is not None:
-            env.update(CNI_CONTAINERID=rt.container_id, CNI_NETNS=rt.netns, CNI_IFNAME=rt.ifname,
-                       CNI_ARGS=rt.cni_args())
-        return env
+        if rt is None:
+            return plugin_env(command, bin_dirs)
+        return plugin_env(command, bin_dirs, rt.container_id, rt.netns, rt.ifname, rt.args)
 
     def exec_plugin(self, command: str, conf: dict[str, Any], rt: RuntimeConf | None,
                     bin_dirs: tuple[str, ...]) -> dict[str, Any] | None:

@@ -155,7 +155,7 @@ class CNIServer:
         if os.stat(f"/proc/{pid}/ns/net").st_ino != self.ino:
             raise ValueError(f"caller (pid {pid}) is not in the network namespace of {self.label}")
         from cni_plugins import PLUGINS, skel
-        from .cni import InProcessInvoker
+        from cni_plugins.inprocess import InProcessInvoker
         ptype = req["type"]
         if ptype not in PLUGINS:
             raise ValueError(f"no plugin of type {ptype!r} here")

@@ -92,3 +92,6 @@ if [ -n "$py_missing" ]; then
 else
     echo "install-deps: all Python packages present"
 fi
+
+# the project itself, editable, and the 'k8snetlab' command on root's (sudo's) PATH
+sh scripts/install-self.sh "$PYTHON"

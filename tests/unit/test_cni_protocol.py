@@ -22,9 +22,10 @@ from typing import Any
 import pytest
 
 from cni_plugins import host_local, skel
-from k8snetlab import cni
-from k8snetlab.cni import (CNIError, CNIRuntime, InProcessInvoker, IPConfig, Interface,
-                           NetworkConfigList, Result, RuntimeConf)
+from cni_plugins.inprocess import InProcessInvoker
+from k8snetlab import cni_protocol as cni
+from k8snetlab.cni import CNIRuntime, NetworkConfigList, RuntimeConf
+from k8snetlab.cni_protocol import CNIError, IPConfig, Interface, Result
 from k8snetlab.errors import SpecError
 from k8snetlab.ipam import HostLocalStore
 
