@@ -284,11 +284,29 @@ def leftovers() -> Report:
     """What the testbed has on the machine right now (for tests: should be empty)."""
     report = Report()
     root = _state_root()
+    others: set[str] = set()     # clusters another live process runs: not leftovers of ours
     if root.is_dir():
-        report.clusters = [p.name for p in root.iterdir() if p.is_dir()]
-    report.links = [n for n in os.listdir("/sys/class/net") if naming.cluster_index_of(n) is not None]
-    report.mounts = [m for m in _mounts() if m.startswith(str(root) + "/")]
+        for p in root.iterdir():
+            if not p.is_dir():
+                continue
+            if _owned_by_other_live_process(p):
+                others.add(p.name)
+            else:
+                report.clusters.append(p.name)
+    report.links = [n for n in os.listdir("/sys/class/net") if naming.cluster_index_of(n) is not None
+                    and naming.cluster_prefix(naming.cluster_index_of(n)) not in others]
+    report.mounts = [m for m in _mounts() if m.startswith(str(root) + "/")
+                     and Path(m).relative_to(root).parts[0] not in others]
     return report
+
+
+def _owned_by_other_live_process(path: Path) -> bool:
+    """A cluster another running process owns (several people share one machine)."""
+    try:
+        owner = json.loads((path / "owner.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return owner.get("pid") != os.getpid() and _owner_alive(path)
 
 
 def kill_pids(pids: list[tuple[int, int]], grace: float = 1.0) -> list[int]:
