@@ -224,6 +224,10 @@ def _live_records(root: Path, skip: Path) -> tuple[set[int], set[int]]:
             continue
         inodes |= {r["ino"] for r in _read_jsonl(other / "netns.jsonl")}
         pids |= {r["pid"] for r in _read_jsonl(other / "pids.jsonl")}
+        try:   # its runtime: a child it started a moment ago may not be recorded yet
+            pids.add(json.loads((other / "owner.json").read_text())["pid"])
+        except (OSError, ValueError, KeyError):
+            pass
     return inodes, pids
 
 
@@ -240,7 +244,10 @@ def clean_state_dir(path: Path, report: Report) -> None:
     live_inodes, live_pids = _live_records(path.parent, path)
     inodes = {r["ino"] for r in _read_jsonl(path / "netns.jsonl")} - live_inodes
     if inodes:
-        found = [pid for pid in processes_in_netns(inodes, owner.get("created_ticks", 0)) if pid not in live_pids]
+        # not a live cluster's, nor the child of a live runtime (its new namespace may reuse
+        # the inode number of one the dead cluster recorded, before the live one records it)
+        found = [pid for pid in processes_in_netns(inodes, owner.get("created_ticks", 0))
+                 if pid not in live_pids and proc.parent(pid) not in live_pids]
         names = {pid: proc.cmdline(pid)[:60] or "in a testbed namespace" for pid in found}
         for pid in kill_pids([(pid, proc.start_time(pid)) for pid in found], grace=0.2):
             report.processes.append(f"{pid} ({names[pid]})")

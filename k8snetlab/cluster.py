@@ -494,15 +494,16 @@ class Cluster:
         return logs
 
     def _cni_run_dir(self) -> Path:
+        from .cni_server import run_dir
         assert self.state is not None
-        return self.state.path / "cni" / "run"
+        return run_dir(self.state.cni_bin)
 
     def _write_cni_bin(self) -> None:
         """Our plugins as CNI executables named by type, in this cluster's CNI_PATH: thin
         shims forwarding to the node's CNI server (:mod:`k8snetlab.cni_server`)."""
         from .cni_server import write_plugins
         assert self.state is not None
-        write_plugins(self.state.cni_bin, self._cni_run_dir())
+        write_plugins(self.state.cni_bin, self.state.path.parent)
 
 
 def _respec_nodes(spec: ClusterSpec, raw_nodes: list[dict[str, Any]]) -> ClusterSpec:
