@@ -112,6 +112,10 @@ class Cluster:
         return self.underlay.switch_plan if self.underlay else None
 
     @property
+    def shaped_links(self) -> Any:
+        return self.underlay.shaped_links if self.underlay else None
+
+    @property
     def ovs(self) -> Any:
         return self.underlay.ovs if self.underlay else None
 

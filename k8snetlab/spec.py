@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from . import manifests
+from . import manifests, shaping
 from .errors import SpecError
 from .manifests import PodSpec, Workload
 
@@ -49,6 +49,7 @@ class SubnetSpec:
     name: str
     cidr: IPv4Network
     gateway: IPv4Address | None = None   # the subnet's router address (nodes' default route)
+    link: Any = None                     # shaping.LinkProps: rate, loss, delay, mtu of its ports
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class RouterSpec:
     """An underlay router: a host with forwarding on and one address per subnet it joins."""
     name: str
     interfaces: tuple[tuple[str, IPv4Address], ...]   # (subnet name, address)
+    links: tuple[Any, ...] = ()                       # shaping.LinkProps or None, per interface
 
 
 @dataclass(frozen=True)
@@ -304,7 +306,7 @@ def _parse_underlay(raw: Any, src: str) -> UnderlaySpec:
     subnets, seen = [], set()
     for i, s in enumerate(_list(u.get("subnets"), f"{src}: underlay.subnets")):
         w = f"{src}: underlay.subnets[{i}]"
-        s = _map(s, w, ("name", "cidr", "gateway"))
+        s = _map(s, w, ("name", "cidr", "gateway", "link"))
         name = _ifname_safe(s.get("name"), f"{w}.name")
         if name in seen:
             raise SpecError(f"{w}.name: duplicate subnet name {name!r}")
@@ -313,7 +315,7 @@ def _parse_underlay(raw: Any, src: str) -> UnderlaySpec:
         gw = _addr(s["gateway"], f"{w}.gateway") if s.get("gateway") else None
         if gw is not None and gw not in cidr:
             raise SpecError(f"{w}.gateway: {gw} is not inside {cidr}")
-        subnets.append(SubnetSpec(name, cidr, gw))
+        subnets.append(SubnetSpec(name, cidr, gw, shaping.parse_link(s.get("link"), f"{w}.link")))
     for a in subnets:
         for b in subnets:
             if a is not b and a.cidr.overlaps(b.cidr):
@@ -322,13 +324,15 @@ def _parse_underlay(raw: Any, src: str) -> UnderlaySpec:
     for i, r in enumerate(u.get("routers") or []):
         w = f"{src}: underlay.routers[{i}]"
         r = _map(r, w, ("name", "interfaces"))
-        itfs = []
+        itfs, links = [], []
         for j, itf in enumerate(_list(r.get("interfaces"), f"{w}.interfaces")):
-            itf = _map(itf, f"{w}.interfaces[{j}]", ("subnet", "ip"))
+            itf = _map(itf, f"{w}.interfaces[{j}]", ("subnet", "ip", "link"))
+            links.append(shaping.parse_link(itf.get("link"), f"{w}.interfaces[{j}].link"))
             if itf.get("subnet") not in seen:
                 raise SpecError(f"{w}.interfaces[{j}].subnet: {itf.get('subnet')!r} is not a subnet of underlay.subnets")
             itfs.append((itf["subnet"], _addr(itf.get("ip"), f"{w}.interfaces[{j}].ip")))
-        routers.append(RouterSpec(_ifname_safe(r.get("name"), f"{w}.name"), tuple(itfs)))
+        routers.append(RouterSpec(_ifname_safe(r.get("name"), f"{w}.name"), tuple(itfs),
+                                  tuple(links) if any(links) else ()))
     hosts = []
     for i, h in enumerate(u.get("hosts") or []):
         w = f"{src}: underlay.hosts[{i}]"

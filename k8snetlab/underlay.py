@@ -67,6 +67,7 @@ class Underlay:
         self.switch_plan: Any = None               # switching.Plan: switches, links, who plugs where
         self.ovs: Any = None                       # underlay_ovs.OvsUnderlay with underlay.switch: ovs
         self._ports: dict[str, int] = {}           # last port number used on each subnet's switch(es)
+        self.shaped_links: Any = None              # shaping.apply's record
 
     def record(self, pid: int, what: str) -> None:
         self.state.record_pid(pid, what)
@@ -125,6 +126,8 @@ class Underlay:
         for host in [*self.nodes.values(), *self.hosts.values()]:
             self._host_defaults(host)
         self._route()
+        from . import shaping
+        self.shaped_links = shaping.apply(self)     # link properties of the cluster file
 
     def _add_node_host(self, n: NodeSpec) -> NodeHost:
         subnet = self.spec.underlay.subnet(n.subnet)
