@@ -113,7 +113,7 @@ class Cluster:
 
     @property
     def shaped_links(self) -> Any:
-        return self.underlay.shaped_links if self.underlay else None
+        return self.underlay.shaped_links if self.underlay else []
 
     @property
     def ovs(self) -> Any:

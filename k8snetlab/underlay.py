@@ -67,7 +67,7 @@ class Underlay:
         self.switch_plan: Any = None               # switching.Plan: switches, links, who plugs where
         self.ovs: Any = None                       # underlay_ovs.OvsUnderlay with underlay.switch: ovs
         self._ports: dict[str, int] = {}           # last port number used on each subnet's switch(es)
-        self.shaped_links: Any = None              # shaping.apply's record
+        self.shaped_links: Any = []                # shaping.apply's record
 
     def record(self, pid: int, what: str) -> None:
         self.state.record_pid(pid, what)
