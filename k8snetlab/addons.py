@@ -1,7 +1,7 @@
 """Add-ons: cluster parts that run beside the pods and follow them (kube-proxy, Endpoints, DNS).
 
-An add-on class is listed in ``_MODULES`` (module path; the module defines ``ADDON``). The
-spec asks every add-on to check the cluster file (``validate``, no root needed); the cluster
+An add-on is an :class:`Addon` subclass declared in the ``k8snetlab.addons`` entry-point
+group (:data:`ADDONS`). The spec asks every add-on to check the cluster file (``validate``, no root needed); the cluster
 creates those that are ``wanted`` and calls them as pods and nodes come and go:
 
     start()                  after the initial pods are up
@@ -13,14 +13,13 @@ creates those that are ``wanted`` and calls them as pods and nodes come and go:
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from .registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     from .cluster import Cluster
     from .spec import ClusterSpec
-
-_MODULES: tuple[str, ...] = ("k8snetlab.services.addon",)
 
 
 class Addon:
@@ -50,5 +49,8 @@ class Addon:
     def stop(self) -> None: ...
 
 
+ADDONS: Registry[type[Addon]] = Registry("add-on", "k8snetlab.addons", base=Addon)
+
+
 def addon_classes() -> list[type[Addon]]:
-    return [importlib.import_module(m).ADDON for m in _MODULES]
+    return [cls for _, cls in ADDONS.items()]

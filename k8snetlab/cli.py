@@ -122,24 +122,42 @@ def cmd_check_model(args: argparse.Namespace) -> int:
 
 def cmd_controllers(args: argparse.Namespace) -> int:
     import controllers
-    for name in sorted(controllers.APPS):
-        app = controllers.APPS[name]
+    for name, app in controllers.APPS.items():
         notes = [n for n, on in (("handles loops", app.loops), ("LLDP discovery", app.observe_links)) if on]
         extra = f" [{', '.join(notes)}]" if notes else ""
-        print(f"{name}: {app.description}{extra}")
+        print(f"{name}: {app.description}{extra}{_from(controllers.APPS, name)}")
+    return 0
+
+
+def _from(registry: Any, name: str) -> str:
+    """`` (from PACKAGE)`` for a choice another installed package declares."""
+    from .registry import OURS
+    source = registry.source(name)
+    return "" if source == OURS else f" (from {source})"
+
+
+def cmd_extensions(args: argparse.Namespace) -> int:
+    """Every axis of choice: entry-point group, names, where each is declared."""
+    from .extensions import ENTRY_POINTS
+    from .registry import Registry
+    for group in ENTRY_POINTS:
+        reg: Registry[Any] = Registry(group.split(".", 1)[1], group)
+        names = ", ".join(f"{n}{_from(reg, n)}" for n in reg.names()) or "(none)"
+        print(f"{group}: {names}")
     return 0
 
 
 def cmd_modes(args: argparse.Namespace) -> int:
     import dataclasses
+    from . import options
     from .modes import MODES
     for name in MODES.names():
         mode = MODES.get(name)
         doc = (mode.__doc__ or sys.modules[mode.__module__].__doc__ or "-").strip().splitlines()[0]
-        print(f"{name}: {doc}")
+        print(f"{name}: {doc}{_from(MODES, name)}")
         for f in dataclasses.fields(mode.Options):
             key = f.metadata.get("key") or f.name
-            choices = f.metadata.get("choices")
+            choices = options.choice_names(f)
             extra = f" ({'|'.join(choices)})" if choices else ""
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
             print(f"    {key}: default {default!r}{extra}  {f.metadata.get('help', '')}")
@@ -182,6 +200,8 @@ def parser() -> argparse.ArgumentParser:
     md.set_defaults(fn=cmd_modes)
     ctl = sub.add_parser("controllers", help="list the OpenFlow controller apps for underlay.controller")
     ctl.set_defaults(fn=cmd_controllers)
+    ext = sub.add_parser("extensions", help="list every axis of choice (entry-point groups) and what is installed")
+    ext.set_defaults(fn=cmd_extensions)
     bgp = sub.add_parser("bgp", help="BGP speakers of running clusters (cni bgp)")
     bgp_sub = bgp.add_subparsers(dest="bgp_command", required=True)
     bst = bgp_sub.add_parser("status", help="sessions (peer, state, since, routes received) per node")

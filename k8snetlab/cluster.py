@@ -441,6 +441,16 @@ class Cluster:
         cleanup.kill_pids([(pid, proc.start_time(pid)) for pid in pids], grace=0.5)
 
     # -- conveniences ----------------------------------------------------------------------------
+    def addon(self, name: str) -> addonmod.Addon | None:
+        """The running add-on of that name (``services``...), None when the cluster has none."""
+        return next((a for a in self.addons if a.name == name), None)
+
+    @property
+    def services(self) -> Any:
+        """The Services add-on (``k8snetlab.services.addon.ServicesAddon``): kube-proxy,
+        Endpoints, DNS, load balancer; None when the cluster file asks for no Services."""
+        return self.addon("services")
+
     def pod_ips(self) -> dict[str, str]:
         return {n: p.ip or "" for n, p in self.pods.items()}
 

@@ -106,11 +106,12 @@ def write_plugins(bin_dir: Path, cache_dir: Path | None = None) -> list[str]:
     """Write one executable per plugin type of ours into ``bin_dir`` (the shim), with the
     full plugin program under ``bin_dir/.full``; the servers listen in ``bin_dir/../run``.
     Return the types."""
-    from cni_plugins import _MODULES
+    from cni_plugins import PLUGINS
     full_dir = bin_dir / ".full"
     full_dir.mkdir(parents=True, exist_ok=True)
     shim = compiled_shim(cache_dir) if cache_dir is not None else None
-    for ptype, module in _MODULES.items():
+    for ptype in PLUGINS.names():
+        module = PLUGINS.entry(ptype).module
         full = full_dir / ptype
         full.write_text(_FULL.format(python=sys.executable, repo=str(REPO_ROOT), module=module))
         full.chmod(0o755)
@@ -120,7 +121,7 @@ def write_plugins(bin_dir: Path, cache_dir: Path | None = None) -> list[str]:
         else:
             path.write_text(_PY_SHIM.format(python=sys.executable))
         path.chmod(0o755)
-    return sorted(_MODULES)
+    return PLUGINS.names()
 
 
 def run_dir(bin_dir: Path) -> Path:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import naming, proc
-from .cni import CNIRuntime, ExecInvoker, Invoker, NetworkConfigList, RuntimeConf
+from .cni import INVOKERS, CNIRuntime, NetworkConfigList, RuntimeConf
 from .errors import K8sNetLabError
 from .manifests import PodSpec
 from .modes import Mode
@@ -70,12 +70,7 @@ class Kubelet:
         netd = node.state_dir / "net.d"
         netd.mkdir(exist_ok=True)
         (netd / f"10-{conf.name}.conflist").write_text(json.dumps(conf.to_dict(), indent=2) + "\n")
-        if self.invoke == "inprocess":
-            from cni_plugins.inprocess import InProcessInvoker
-            invoker: Invoker = InProcessInvoker()
-        else:
-            invoker = ExecInvoker()
-        self.runtime = CNIRuntime(node.netns, node.state_dir / "results", invoker)
+        self.runtime = CNIRuntime(node.netns, node.state_dir / "results", INVOKERS.get(self.invoke)())
         if cni_server_dir is not None:
             from .cni_server import CNIServer
             self.server = CNIServer(node.netns, cni_server_dir, node.name)

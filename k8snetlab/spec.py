@@ -41,7 +41,6 @@ DEFAULT_CLUSTER_CIDR = "10.244.0.0/16"
 DEFAULT_SERVICE_CIDR = "10.96.0.0/12"
 DEFAULT_NODE_MASK = 24
 TOP_KEYS = ("apiVersion", "kind", "name", "underlay", "nodes", "network", "cni", "kubeProxy", "workloads")
-INVOKE_MODES = ("exec", "inprocess")
 
 
 @dataclass(frozen=True)
@@ -416,6 +415,7 @@ def _parse_nodes(raw: Any, underlay: UnderlaySpec, network: NetworkSpec, src: st
 
 def _parse_cni(raw: Any, src: str) -> CNISpec:
     from . import options
+    from .cni import INVOKERS
     from .modes import MODES  # the registry imports the modes lazily
     if isinstance(raw, str):
         raw = {"type": raw}
@@ -442,8 +442,8 @@ def _parse_cni(raw: Any, src: str) -> CNISpec:
         raise SpecError(f"{src}: cni.reference: the reference plugins (containernetworking-plugins) "
                         f"are used for type bridge only, not {cni_type}")
     invoke = raw.get("invoke", "exec")
-    if invoke not in INVOKE_MODES:
-        raise SpecError(f"{src}: cni.invoke: {invoke!r} is not one of {', '.join(INVOKE_MODES)}")
+    if invoke not in INVOKERS:
+        raise SpecError(f"{src}: cni.invoke: {invoke!r} is not one of {', '.join(INVOKERS.names())}")
     return CNISpec(cni_type, opts, reference, invoke, dict(raw))
 
 
