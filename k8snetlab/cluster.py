@@ -305,8 +305,9 @@ class Cluster:
             manifest = manifests.parse_workload(manifest, "manifest")
         pods = manifest.pods() if isinstance(manifest, Workload) else [manifest]
         for p in pods:
-            if p.name in self.pods or p.name in self.nodes or p.name in self.routers or p.name in self.hosts:
-                raise SpecError(f"pod name {p.name!r} is already taken")
+            h = p.host_name
+            if h in self.pods or h in self.nodes or h in self.routers or h in self.hosts:
+                raise SpecError(f"pod {p.key}: the name {h!r} is already taken")
         if isinstance(manifest, Workload) and manifest.kind != "Pod":
             self.workloads[manifest.name] = manifest
         return self._add_pods(pods)
@@ -327,7 +328,7 @@ class Cluster:
         index = {name: i for i, name in enumerate(wanted)}
         keep = sorted(mine, key=lambda n: index.get(n, 1 << 30))[:replicas]
         for name in set(mine) - set(keep):
-            self.delete_pod(name)
+            self.delete_pod(mine[name].name)
         missing = replicas - len(keep)
         new = [ps for ps in wanted.values() if ps.name not in mine][:missing]
         for size in slow_start_batches(len(new)):
@@ -343,10 +344,12 @@ class Cluster:
         placed: list[tuple[PodSpec, str]] = []
         try:
             for ps in specs:
-                placed.append((ps, self.scheduler.schedule(ps)))
+                node = self.scheduler.place(ps)
+                self.scheduler.bind(ps.host_name, node, ps.owner)
+                placed.append((ps, node))
         except BaseException:
             for ps, _ in placed:
-                self.scheduler.unbind(ps.name)
+                self.scheduler.unbind(ps.host_name)
             raise
         started: dict[str, Pod] = {}
         errors: list[str] = []
@@ -355,21 +358,21 @@ class Cluster:
             ps, node = item
             pod = self.kubelets[node].run_pod(ps)
             pod.created_at = asked
-            started[ps.name] = pod
+            started[ps.host_name] = pod
 
         self._parallel([(run, item) for item in placed], errors, "start pod",
                        label=lambda item: item[0].name)
-        pods = [started[ps.name] for ps, _ in placed if ps.name in started]
+        pods = [started[ps.host_name] for ps, _ in placed if ps.host_name in started]
         for pod in pods:
             self.pods[pod.name] = pod
             assert self.underlay is not None
             self.underlay.adopt(pod)
         if errors:
             for ps, _ in placed:
-                if ps.name in self.pods:
-                    self.delete_pod(ps.name)
+                if ps.host_name in self.pods:
+                    self.delete_pod(ps.host_name)
                 else:
-                    self.scheduler.unbind(ps.name)
+                    self.scheduler.unbind(ps.host_name)
             raise K8sNetLabError(errors[0])
         deadline = time.monotonic() + READY_TIMEOUT_S
         by_node: dict[str, list[Pod]] = {}
@@ -399,6 +402,27 @@ class Cluster:
             self.scheduler.unbind(name)
             if self.underlay is not None:
                 self.underlay.forget(pod)
+
+    def label_pod(self, name: str, labels: dict[str, str | None]) -> dict[str, str]:
+        """``kubectl label pod``: set labels of a running pod (a value None removes the key);
+        the add-ons follow (network policies select by labels). Returns the new labels."""
+        pod = self.pods.get(name)
+        if pod is None:
+            raise K8sNetLabError(f"no pod {name!r}: pods are {', '.join(sorted(self.pods)) or '(none)'}")
+        new = {**pod.spec.labels, **{k: str(v) for k, v in labels.items() if v is not None}}
+        new = {k: v for k, v in new.items() if labels.get(k, "") is not None}
+        manifests._str_map(new, f"pod {name} labels")
+        pod.spec = dataclasses.replace(pod.spec, labels=new)
+        for addon in self.addons:
+            addon.pod_updated(pod)
+        return new
+
+    def label_namespace(self, namespace: str, labels: dict[str, str | None]) -> dict[str, str]:
+        """``kubectl label namespace`` (namespaces are the policy add-on's, see k8snetlab.policy)."""
+        policies = getattr(self, "policies", None)
+        if policies is None:
+            raise K8sNetLabError("namespaces are kept by the network policy add-on, which is not running")
+        return policies.label_namespace(namespace, labels)
 
     def _parallel(self, jobs: list[tuple[Callable[[Any], Any], Any]], errors: list[str], what: str,
                   label: Callable[[Any], str] = lambda a: getattr(a, "name", str(a))) -> None:
@@ -486,7 +510,7 @@ class Cluster:
         mode = self.mode
 
         class ClusterCLI(CLI):
-            identchars = CLI.identchars + "-"   # Kubernetes names hold dashes
+            identchars = CLI.identchars + "-."  # Kubernetes names hold dashes; a.x: pod a of namespace x
 
             def do_bgp(self, line: str) -> None:
                 """bgp: BGP sessions and routes of every node, asked of its speaker (cni bgp)"""

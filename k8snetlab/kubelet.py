@@ -94,21 +94,22 @@ class Kubelet:
         """The pod's sandbox: a network (and mount) namespace and the process holding it,
         loopback up (what the runtime's loopback plugin does). No shell yet."""
         t0 = time.monotonic()
-        pod = Pod(ps.name, spec=ps)
+        name = ps.host_name
+        pod = Pod(name, spec=ps)
         pod.on_popen = self._record
-        self._record(pod.pid, f"Pod {ps.name}")
-        self._record_netns(pod.pid, ps.name)
+        self._record(pod.pid, f"Pod {name}")
+        self._record_netns(pod.pid, name)
         pod.node_name = self.name
         pod.container_id = secrets.token_hex(32)
         try:
             if os.stat(pod.netns).st_ino == os.stat("/proc/self/ns/net").st_ino:
-                raise K8sNetLabError(f"pod {ps.name}: the sandbox is not in a namespace of its own")
+                raise K8sNetLabError(f"pod {ps.key}: the sandbox is not in a namespace of its own")
             proc.loopback_up(pod.netns)
         except BaseException:
             pod.terminate()
             raise
         with self._lock:
-            self.pods[ps.name] = pod
+            self.pods[name] = pod
             self.timings["sandbox_s"] += time.monotonic() - t0
         return pod
 

@@ -40,7 +40,10 @@ from .manifests import PodSpec, Workload
 DEFAULT_CLUSTER_CIDR = "10.244.0.0/16"
 DEFAULT_SERVICE_CIDR = "10.96.0.0/12"
 DEFAULT_NODE_MASK = 24
-TOP_KEYS = ("apiVersion", "kind", "name", "underlay", "nodes", "network", "cni", "kubeProxy", "workloads")
+TOP_KEYS = ("apiVersion", "kind", "name", "underlay", "nodes", "network", "cni", "kubeProxy", "networkPolicy",
+            "workloads")
+# API objects in ``workloads`` that add-ons parse and check (k8snetlab.policy): kept raw here
+ADDON_KINDS = ("Namespace", "NetworkPolicy")
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,9 @@ class ClusterSpec:
     kube_proxy: dict[str, Any] = field(default_factory=dict, hash=False)
     # kind: Service manifests from ``workloads``, raw (k8snetlab.services parses and checks them)
     services: tuple[tuple[str, dict[str, Any]], ...] = field(default=(), hash=False)
+    # kind: Namespace / NetworkPolicy manifests, raw, and the networkPolicy section (k8snetlab.policy)
+    objects: tuple[tuple[str, dict[str, Any]], ...] = field(default=(), hash=False)
+    network_policy: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def node(self, name: str) -> NodeSpec:
         for n in self.nodes:
@@ -254,10 +260,16 @@ def from_dict(data: Any, source: str = "<cluster>", base_dir: Path | None = None
     nodes = _parse_nodes(data.get("nodes"), underlay, network, source)
     cni = _parse_cni(data.get("cni") or {"type": "bridge"}, source)
     workloads, services = _parse_workloads(data.get("workloads") or [], source, base_dir or Path("."))
+    objects = [s for s in services if s[1].get("kind") in ADDON_KINDS]
+    services = [s for s in services if s[1].get("kind") not in ADDON_KINDS]
     kp = data.get("kubeProxy") or {}
     if not isinstance(kp, dict):
         raise SpecError(f"{source}: kubeProxy must be a mapping like {{mode: iptables}}")
-    spec = ClusterSpec(str(name), source, underlay, nodes, network, cni, tuple(workloads), kp, tuple(services))
+    npol = data.get("networkPolicy") or {}
+    if not isinstance(npol, dict):
+        raise SpecError(f"{source}: networkPolicy must be a mapping like {{dataplane: iptables}}")
+    spec = ClusterSpec(str(name), source, underlay, nodes, network, cni, tuple(workloads), kp, tuple(services),
+                       tuple(objects), npol)
     _check_addresses(spec)
     _check_scheduling(spec)
     _validate_mode(spec)
@@ -455,7 +467,7 @@ def _parse_workloads(items: Any, src: str, base: Path) -> tuple[list[Workload], 
     services: list[tuple[str, dict]] = []
 
     def add(doc: Any, where: str) -> None:
-        if isinstance(doc, dict) and doc.get("kind") == "Service":
+        if isinstance(doc, dict) and doc.get("kind") in ("Service", *ADDON_KINDS):
             services.append((where, doc))
         else:
             out.append(manifests.parse_workload(doc, where))
@@ -519,7 +531,7 @@ def _check_scheduling(spec: ClusterSpec) -> None:
     except SpecError as e:
         raise SpecError(f"{spec.source}: workloads: {e}") from None
     nodes = {n.name for n in spec.nodes}
-    clash = nodes & {p.name for p in pods}
+    clash = nodes & {p.host_name for p in pods}
     if clash:
         raise SpecError(f"{spec.source}: pod name {sorted(clash)[0]!r} is also a node name: rename the workload")
     for p in pods:

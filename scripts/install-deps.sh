@@ -38,6 +38,7 @@ gcc
 libc6-dev
 golang-go
 golang-github-appc-cni-dev
+ipset
 "
 
 if [ "$(id -u)" -ne 0 ]; then
