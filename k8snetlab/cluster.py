@@ -25,6 +25,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -36,6 +37,8 @@ from .errors import K8sNetLabError, SpecError
 from .kubelet import PHASES, Kubelet
 from .manifests import PodSpec, Workload
 from .modes import MODES, Mode
+from .modes.resync import AgentResync
+from .supervisor import ContainerSupervisor
 from .netutil import Netns
 from .pod import NetnsHost, NodeHost, Pod
 from .scheduler import Scheduler
@@ -77,6 +80,10 @@ class Cluster:
         self.timings: dict[str, float] = {}
         self._peers: set[tuple[str, str]] = set()
         self._gone: dict[str, NodeHost] = {}     # nodes that left, until their routes are gone
+        # node agents: node-list changes and the periodic reconcile take turns
+        self.agent_lock = threading.RLock()
+        self.agent_resync: AgentResync | None = None
+        self.supervisor: ContainerSupervisor | None = None   # the kubelets' container restarts
         self._started = False
 
     @classmethod
@@ -140,6 +147,7 @@ class Cluster:
             self.underlay.build(self.timings)
             self.timings["underlay_s"] = time.monotonic() - t0
             self._start_node_agents()
+            self._start_agent_resync()
             self.timings["agents_s"] = time.monotonic() - t0 - self.timings["underlay_s"]
             t1 = time.monotonic()
             self._add_pods(self.spec.pods())
@@ -151,6 +159,7 @@ class Cluster:
                     self.addons.append(addon)
                     addon.start()
             self.timings["addons_s"] = time.monotonic() - t2
+            self._start_supervisor()
         except BaseException:
             self.stop()
             raise
@@ -174,6 +183,12 @@ class Cluster:
                 errors.append(f"{what}: {e}")
                 log.warning("teardown: %s: %s", what, e)
 
+        if self.supervisor is not None:
+            attempt("stop the container supervision", self.supervisor.stop)
+            self.supervisor = None
+        if self.agent_resync is not None:
+            attempt("stop the node agents' resync", self.agent_resync.stop)
+            self.agent_resync = None
         for addon in reversed(self.addons):
             attempt(f"stop {addon.name}", addon.stop)
         self.addons.clear()
@@ -228,6 +243,25 @@ class Cluster:
             self._start_node(node)
         self.sync_routes()
 
+    def _start_supervisor(self) -> None:
+        """The kubelets' container restarts and readiness (supervisor.py); the add-ons hear
+        of readiness changes (Endpoints follow)."""
+        assert self.state is not None
+
+        def tell(pods: list[Pod]) -> None:
+            for addon in self.addons:
+                addon.pods_readiness_changed(pods)
+
+        self.supervisor = ContainerSupervisor(lambda: self.pods, self.state.path / "logs", tell)
+        self.supervisor.start()
+
+    def _start_agent_resync(self) -> None:
+        """The node agents' periodic reconcile (modes/resync.py), when the mode has one."""
+        period = self.mode.resync_period
+        if period is not None and self.nodes:
+            self.agent_resync = AgentResync(self.mode, lambda: self.nodes, period, self.agent_lock)
+            self.agent_resync.start()
+
     def _start_node(self, node: NodeHost) -> Kubelet:
         assert self.state is not None
         self.scheduler.add_node(node.name, node.spec.labels)
@@ -240,6 +274,10 @@ class Cluster:
     def sync_routes(self) -> None:
         """Program every node's routes to every other node's pod CIDR (what flanneld does on a
         node-list change); remove those of nodes that left."""
+        with self.agent_lock:
+            self._sync_routes()
+
+    def _sync_routes(self) -> None:
         want = {(a, b) for a in self.nodes for b in self.nodes if a != b}
         for a, b in sorted(self._peers - want):
             if a in self.nodes:
@@ -264,10 +302,11 @@ class Cluster:
         raw_nodes = [{"name": n.name, "ip": str(n.ip), "subnet": n.subnet, "podCIDR": str(n.pod_cidr),
                       "labels": dict(n.labels)} for n in self.spec.nodes] + [data]
         new_spec = _respec_nodes(self.spec, raw_nodes)
-        host = self.underlay.join_node(new_spec.node(name))
-        self.spec = self.underlay.spec = new_spec
-        self._start_node(host)
-        self.sync_routes()
+        with self.agent_lock:
+            host = self.underlay.join_node(new_spec.node(name))
+            self.spec = self.underlay.spec = new_spec
+            self._start_node(host)
+            self.sync_routes()
         for addon in self.addons:
             addon.node_added(host)
         return host
@@ -284,13 +323,14 @@ class Cluster:
 
         def attempt(what: str, fn: Any, *args: Any) -> None:
             fn(*args)
-        kubelet.stop(attempt)
-        self.scheduler.remove_node(name)
-        self._gone[name] = self.underlay.leave_node(name)
-        # the name and address are free again (a node may rejoin)
-        self.spec = dataclasses.replace(self.spec, nodes=tuple(n for n in self.spec.nodes if n.name != name))
-        self.underlay.spec = self.spec
-        self.sync_routes()
+        with self.agent_lock:
+            kubelet.stop(attempt)
+            self.scheduler.remove_node(name)
+            self._gone[name] = self.underlay.leave_node(name)
+            # the name and address are free again (a node may rejoin)
+            self.spec = dataclasses.replace(self.spec, nodes=tuple(n for n in self.spec.nodes if n.name != name))
+            self.underlay.spec = self.spec
+            self.sync_routes()
         for addon in self.addons:
             addon.node_removed(name)
 

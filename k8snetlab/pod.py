@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -126,6 +127,11 @@ class Pod(NetnsHost):
         self.containers: dict[str, Container] = {}
         self.created_at = 0.0               # time.monotonic() when it was asked for
         self.ready_at = 0.0                 # ... and when it was ready
+        # kept by the kubelet's container supervision (k8snetlab/supervisor.py)
+        self.ready = True                   # every container runs and its TCP ports listen
+        self.restarts: dict[str, int] = {}  # container -> restarts so far
+        self.stopping = False               # being deleted: nothing restarts any more
+        self.lifecycle = threading.Lock()   # container starts and the final stop take turns
 
     # -- the sandbox, and a shell on demand ---------------------------------------------------
     def startShell(self, mnopts: str | None = None) -> None:
@@ -222,6 +228,11 @@ class Pod(NetnsHost):
         return cont
 
     def stop_containers(self, grace: float = 1.0) -> None:
+        with self.lifecycle:
+            self.stopping = True
+            self._stop_containers(grace)
+
+    def _stop_containers(self, grace: float) -> None:
         for c in self.containers.values():
             if c.running():
                 c.process.terminate()
