@@ -38,6 +38,7 @@ gcc
 libc6-dev
 golang-go
 golang-github-appc-cni-dev
+prometheus
 ipset
 "
 
