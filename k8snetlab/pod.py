@@ -55,13 +55,15 @@ class NetnsHost(Host):
     def popen_ns(self, args: Sequence[str], log_path: str | os.PathLike | None = None,
                  what: str = "", **kw: Any) -> subprocess.Popen:
         """Start a long-running program in this namespace (its PID is recorded for cleanup)."""
-        ns, mnt = self.netns, self.mntns
+        prefix, enter = self._entering()
+        argv = [str(a) for a in args]
+        if prefix and "/" not in argv[0] and proc.which(argv[0]) is None:
+            raise proc.tool_missing(argv[0])
         out: Any = open(log_path, "ab") if log_path else subprocess.DEVNULL
         try:
-            p = subprocess.Popen([str(a) for a in args], stdin=subprocess.DEVNULL, stdout=out,
+            p = subprocess.Popen([*prefix, *argv], stdin=subprocess.DEVNULL, stdout=out,
                                  stderr=subprocess.STDOUT if log_path else subprocess.DEVNULL,
-                                 preexec_fn=lambda: (proc.setns(ns), mnt and proc.setns_mount(mnt),
-                                                     os.setpgrp()), **kw)
+                                 preexec_fn=enter, **kw)
         except FileNotFoundError:
             raise proc.tool_missing(str(args[0])) from None
         finally:
@@ -70,6 +72,12 @@ class NetnsHost(Host):
         if self.on_popen:
             self.on_popen(p.pid, what or f"{self.name}: {args[0]}")
         return p
+
+
+    def _entering(self) -> tuple[list[str], Any]:
+        """How a child enters this host's namespaces: a command prefix, or a preexec_fn."""
+        ns, mnt = self.netns, self.mntns
+        return [], lambda: (proc.setns(ns), mnt and proc.setns_mount(mnt), os.setpgrp())
 
 
 class NodeHost(NetnsHost):
@@ -177,6 +185,12 @@ class Pod(NetnsHost):
         p = super().popen_ns(args, log_path=log_path, what=what, **kw)
         self.spawned.append(p)
         return p
+
+    def _entering(self) -> tuple[list[str], Any]:
+        """``mnexec -da <holder>`` joins the sandbox's network and mount namespaces in a new
+        session: the runtime vforks instead of forking itself whole (~12 ms of its CPU at
+        200 MB, per container)."""
+        return ["mnexec", "-da", str(self.pid)], None
 
     def cmd(self, *args: Any, **kwargs: Any) -> str:
         self.startShell()
