@@ -18,6 +18,7 @@ import logging
 import os
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -184,6 +185,17 @@ class Pod(NetnsHost):
                  what: str = "", **kw: Any) -> subprocess.Popen:
         p = super().popen_ns(args, log_path=log_path, what=what, **kw)
         self.spawned.append(p)
+        # mnexec joins the namespaces after Popen returned: wait until it has, so that
+        # whoever looks at /proc/PID/net (readiness) sees the pod's, not the runtime's
+        want = os.stat(self.netns).st_ino
+        deadline = time.monotonic() + 5
+        while p.poll() is None and time.monotonic() < deadline:
+            try:
+                if os.stat(f"/proc/{p.pid}/ns/net").st_ino == want:
+                    break
+            except OSError:
+                break
+            time.sleep(0.0005)
         return p
 
     def _entering(self) -> tuple[list[str], Any]:
