@@ -54,7 +54,7 @@ from typing import Any, Iterable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from k8snetlab import experiment, measure, naming, proc, results  # noqa: E402
+from k8snetlab import experiment, measure, naming, proc, results, spec as specmod  # noqa: E402
 from k8snetlab.cli import BAD_INPUT  # noqa: E402
 from k8snetlab.errors import SpecError  # noqa: E402
 from k8snetlab.modes import MODES  # noqa: E402
@@ -187,7 +187,7 @@ def plan(base, wanted: Iterable[str], available: Iterable[str]) -> tuple[list[tu
         if wanted_opts:
             overrides[v.cni] = {**(base.cni.sections.get(v.cni) or {}), **wanted_opts}
         try:
-            s = base.with_cni(v.cni, **overrides)
+            s = specmod.with_cni(base, v.cni, **overrides)
         except SpecError as e:
             skipped[v.label] = str(e)
             continue

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 @pytest.mark.parametrize("mode", ["host-gw", "ipip"])
 def test_routes_follow_nodes_joining_and_leaving(mode):
     require_root_and("mnexec", "brctl", "tc", "clang", "bpftool")
-    s = spec.load(THREE_NODES).with_cni(mode, invoke="inprocess")
+    s = spec.with_cni(spec.load(THREE_NODES), mode, invoke="inprocess")
     with Cluster(s) as c:
         node4 = c.add_node("node4", "192.168.1.132")
         cidr = str(node4.spec.pod_cidr)
