@@ -7,6 +7,7 @@ creates those that are ``wanted`` and calls them as pods and nodes come and go:
     start()                  after the initial pods are up
     pods_added(pods)         after add_pod / scale made pods (containers started, ready)
     pod_removing(pod)        before a pod's containers stop (graceful: leave endpoints first)
+    pod_updated(pod)         a running pod's labels changed (Cluster.label_pod)
     node_added(node) / node_removed(name)
     stop()                   first thing in Cluster.stop()
 """
@@ -41,6 +42,8 @@ class Addon:
     def pods_added(self, pods: list[Any]) -> None: ...
 
     def pod_removing(self, pod: Any) -> None: ...
+
+    def pod_updated(self, pod: Any) -> None: ...
 
     def node_added(self, node: Any) -> None: ...
 

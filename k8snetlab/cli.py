@@ -8,6 +8,8 @@
     k8snetlab controllers                    the OpenFlow controller apps (underlay.controller)
     k8snetlab bgp status [--cluster NAME]    BGP sessions and routes per node, asked of the speakers
     k8snetlab check-model FILE [--cni A,B]   the Kubernetes network model, checked, with evidence
+    k8snetlab policy matrix [--namespace NS] [--port P]   reachability probed vs the NetworkPolicies
+    k8snetlab policy explain SRC DST PORT    which policy/rule allows a flow, or which isolation denies it
 
 Only this module (and the experiments' ``main``) prints and picks exit codes: 0 success,
 1 a failure during a run, 2 bad input (file, option, missing tool, not root) with one line
@@ -172,6 +174,40 @@ def cmd_bgp_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_policy_matrix(args: argparse.Namespace) -> int:
+    from .policy import cluster_state
+    from .policy.matrix import run_matrix
+    from .proc import require_root
+    require_root("k8snetlab policy matrix (probes run in the pods' namespaces)")
+    protocols = tuple(p.strip().upper() for p in args.protocol.split(",") if p.strip())
+    bad = [p for p in protocols if p not in ("TCP", "UDP")]
+    if bad or not protocols:
+        raise SpecError(f"--protocol {args.protocol}: use TCP, UDP or TCP,UDP")
+    if not 1 <= args.port <= 65535:
+        raise SpecError(f"--port {args.port}: must be 1-65535")
+    state = cluster_state(args.cluster)
+    if args.namespace and not set(args.namespace) <= set(state["namespaces"]):
+        missing = sorted(set(args.namespace) - set(state["namespaces"]))
+        raise SpecError(f"--namespace {missing[0]}: no such namespace: there are {', '.join(sorted(state['namespaces']))}")
+    tables = run_matrix(state, args.port, protocols, args.namespace, args.timeout)
+    print("\n\n".join(t.format() for t in tables))
+    return 1 if any(t.differences for t in tables) else 0
+
+
+def cmd_policy_explain(args: argparse.Namespace) -> int:
+    from .policy import cluster_state
+    from .policy.matrix import explain
+    from .proc import require_root
+    require_root("k8snetlab policy explain (rule counters are read in the nodes' namespaces)")
+    if not 1 <= args.port <= 65535:
+        raise SpecError(f"port {args.port}: must be 1-65535")
+    proto = args.protocol.upper()
+    if proto not in ("TCP", "UDP"):
+        raise SpecError(f"--protocol {args.protocol}: use TCP or UDP")
+    print(explain(cluster_state(args.cluster), args.src, args.dst, args.port, proto))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="k8snetlab", description="An emulated Kubernetes cluster network.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -207,6 +243,22 @@ def parser() -> argparse.ArgumentParser:
     bst = bgp_sub.add_parser("status", help="sessions (peer, state, since, routes received) per node")
     bst.add_argument("--cluster", help="a cluster name or state dir (knlN); default: every running cluster")
     bst.set_defaults(fn=cmd_bgp_status)
+    pol = sub.add_parser("policy", help="NetworkPolicy on a running cluster: reachability matrix, explain")
+    pol_sub = pol.add_subparsers(dest="policy_command", required=True)
+    pm = pol_sub.add_parser("matrix", help="probe every pod pair; expected vs observed (exit 1 on a difference)")
+    pm.add_argument("--namespace", action="append", help="only pods of this namespace (repeatable)")
+    pm.add_argument("--port", type=int, default=80, help="port to probe (default 80)")
+    pm.add_argument("--protocol", default="TCP", help="TCP, UDP or TCP,UDP (default TCP)")
+    pm.add_argument("--timeout", type=float, default=1.0, help="s to wait for each probe (default 1)")
+    pm.add_argument("--cluster", help="a cluster name or state dir (knlN) when several run")
+    pm.set_defaults(fn=cmd_policy_matrix)
+    pe = pol_sub.add_parser("explain", help="which policy and rule allow SRC -> DST:PORT, or what denies it")
+    pe.add_argument("src", help="a pod (ns/name or its host name, e.g. a.x) or an IPv4 address")
+    pe.add_argument("dst", help="a pod (ns/name or host name) or an IPv4 address")
+    pe.add_argument("port", type=int)
+    pe.add_argument("--protocol", default="TCP")
+    pe.add_argument("--cluster", help="a cluster name or state dir (knlN) when several run")
+    pe.set_defaults(fn=cmd_policy_explain)
     return p
 
 

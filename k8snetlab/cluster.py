@@ -465,8 +465,9 @@ class Cluster:
             manifest = manifests.parse_workload(manifest, "manifest")
         pods = manifest.pods() if isinstance(manifest, Workload) else [manifest]
         for p in pods:
-            if p.name in self.pods or p.name in self.nodes or p.name in self.routers or p.name in self.hosts:
-                raise SpecError(f"pod name {p.name!r} is already taken")
+            h = p.host_name
+            if h in self.pods or h in self.nodes or h in self.routers or h in self.hosts:
+                raise SpecError(f"pod {p.key}: the name {h!r} is already taken")
         if isinstance(manifest, Workload) and manifest.kind != "Pod":
             self.workloads[manifest.name] = manifest
         return self._add_pods(pods)
@@ -486,7 +487,7 @@ class Cluster:
         index = {name: i for i, name in enumerate(wanted)}
         keep = sorted(mine, key=lambda n: index.get(n, 1 << 30))[:replicas]
         for name in set(mine) - set(keep):
-            self.delete_pod(name)
+            self.delete_pod(mine[name].name)
         missing = replicas - len(keep)
         new = [ps for ps in wanted.values() if ps.name not in mine][:missing]
         if new:
@@ -499,11 +500,11 @@ class Cluster:
         pods = []
         for ps in specs:
             node_name = self.schedule(ps)
-            pod = self._new_host(ps.name, Pod, spec=ps, ip=None)
+            pod = self._new_host(ps.host_name, Pod, spec=ps, ip=None)
             pod.node_name = node_name
             pod.container_id = secrets.token_hex(32)
-            self.pods[ps.name] = pod
-            with Netns(pod.netns, ps.name) as ns:
+            self.pods[ps.host_name] = pod
+            with Netns(pod.netns, ps.host_name) as ns:
                 ns.link_up("lo")   # what the runtime's loopback plugin does
             pods.append(pod)
         errors: list[str] = []
@@ -587,6 +588,27 @@ class Cluster:
             assert self.net is not None
             self.net.delHost(pod)
 
+    def label_pod(self, name: str, labels: dict[str, str | None]) -> dict[str, str]:
+        """``kubectl label pod``: set labels of a running pod (a value None removes the key);
+        the add-ons follow (network policies select by labels). Returns the new labels."""
+        pod = self.pods.get(name)
+        if pod is None:
+            raise K8sNetLabError(f"no pod {name!r}: pods are {', '.join(sorted(self.pods)) or '(none)'}")
+        new = {**pod.spec.labels, **{k: str(v) for k, v in labels.items() if v is not None}}
+        new = {k: v for k, v in new.items() if labels.get(k, "") is not None}
+        manifests._str_map(new, f"pod {name} labels")
+        pod.spec = dataclasses.replace(pod.spec, labels=new)
+        for addon in self.addons:
+            addon.pod_updated(pod)
+        return new
+
+    def label_namespace(self, namespace: str, labels: dict[str, str | None]) -> dict[str, str]:
+        """``kubectl label namespace`` (namespaces are the policy add-on's, see k8snetlab.policy)."""
+        policies = getattr(self, "policies", None)
+        if policies is None:
+            raise K8sNetLabError("namespaces are kept by the network policy add-on, which is not running")
+        return policies.label_namespace(namespace, labels)
+
     def _parallel(self, jobs: list[tuple[Any, Any]], errors: list[str], what: str) -> None:
         if not jobs:
             return
@@ -656,7 +678,7 @@ class Cluster:
         mode = self.mode
 
         class ClusterCLI(CLI):
-            identchars = CLI.identchars + "-"   # Kubernetes names hold dashes
+            identchars = CLI.identchars + "-."  # Kubernetes names hold dashes; a.x: pod a of namespace x
 
             def do_bgp(self, line: str) -> None:
                 """bgp: BGP sessions and routes of every node, asked of its speaker (cni bgp)"""

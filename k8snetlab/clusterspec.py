@@ -24,7 +24,10 @@ DEFAULT_CLUSTER_CIDR = "10.244.0.0/16"
 DEFAULT_SERVICE_CIDR = "10.96.0.0/12"
 DEFAULT_NODE_MASK = 24
 SWITCH_KINDS = ("linuxbridge", "ovs")
-TOP_KEYS = ("apiVersion", "kind", "name", "underlay", "nodes", "network", "cni", "kubeProxy", "workloads")
+TOP_KEYS = ("apiVersion", "kind", "name", "underlay", "nodes", "network", "cni", "kubeProxy", "networkPolicy",
+            "workloads")
+# API objects in ``workloads`` that add-ons parse and check (k8snetlab.policy): kept raw here
+ADDON_KINDS = ("Namespace", "NetworkPolicy")
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,9 @@ class ClusterSpec:
     kube_proxy: dict[str, Any] = field(default_factory=dict, hash=False)
     # kind: Service manifests from ``workloads``, raw (k8snetlab.services parses and checks them)
     services: tuple[tuple[str, dict[str, Any]], ...] = field(default=(), hash=False)
+    # kind: Namespace / NetworkPolicy manifests, raw, and the networkPolicy section (k8snetlab.policy)
+    objects: tuple[tuple[str, dict[str, Any]], ...] = field(default=(), hash=False)
+    network_policy: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def node(self, name: str) -> NodeSpec:
         for n in self.nodes:
@@ -143,10 +149,16 @@ def parse(data: Any, source: str = "<cluster>", base_dir: Path | None = None) ->
     nodes = parse_nodes(data.get("nodes"), underlay, network, source)
     cni = parse_cni(data.get("cni") or {"type": "bridge"}, source)
     workloads, services = _parse_workloads(data.get("workloads") or [], source, base_dir or Path("."))
+    objects = [s for s in services if s[1].get("kind") in ADDON_KINDS]
+    services = [s for s in services if s[1].get("kind") not in ADDON_KINDS]
     kp = data.get("kubeProxy") or {}
     if not isinstance(kp, dict):
         raise SpecError(f"{source}: kubeProxy must be a mapping like {{mode: iptables}}")
-    return ClusterSpec(str(name), source, underlay, nodes, network, cni, tuple(workloads), kp, tuple(services))
+    npol = data.get("networkPolicy") or {}
+    if not isinstance(npol, dict):
+        raise SpecError(f"{source}: networkPolicy must be a mapping like {{dataplane: iptables}}")
+    return ClusterSpec(str(name), source, underlay, nodes, network, cni, tuple(workloads), kp, tuple(services),
+                       tuple(objects), npol)
 
 
 # ---------------------------------------------------------------------------------------
@@ -379,7 +391,7 @@ def _parse_workloads(items: Any, src: str, base: Path) -> tuple[list[Workload], 
     services: list[tuple[str, dict]] = []
 
     def add(doc: Any, where: str) -> None:
-        if isinstance(doc, dict) and doc.get("kind") == "Service":
+        if isinstance(doc, dict) and doc.get("kind") in ("Service", *ADDON_KINDS):
             services.append((where, doc))
         else:
             out.append(manifests.parse_workload(doc, where))

@@ -35,6 +35,7 @@ ENTRY_POINTS: dict[str, list[str]] = {
     ],
     "k8snetlab.addons": [
         "services = k8snetlab.services.addon:ServicesAddon",
+        "policy = k8snetlab.policy.addon:PolicyAddon",
     ],
     "k8snetlab.controller_apps": [      # app name -> controllers.AppInfo (imports no framework)
         "l2_learning = controllers:L2_LEARNING",
@@ -45,5 +46,8 @@ ENTRY_POINTS: dict[str, list[str]] = {
         "bird = k8snetlab.bgp.speakers:BirdSpeaker",
         "exabgp = k8snetlab.bgp.speakers:ExabgpSpeaker",
     ],
-    "k8snetlab.network_policy_dataplanes": [],
+    "k8snetlab.network_policy_dataplanes": [
+        "iptables = k8snetlab.policy.iptables:IptablesDataplane",
+        "nftables = k8snetlab.policy.nftables:NftablesDataplane",
+    ],
 }

@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from .clusterspec import (DEFAULT_CLUSTER_CIDR, DEFAULT_NODE_MASK, DEFAULT_SERVICE_CIDR,
+from .clusterspec import (ADDON_KINDS, DEFAULT_CLUSTER_CIDR, DEFAULT_NODE_MASK, DEFAULT_SERVICE_CIDR,
                           TOP_KEYS, ClusterSpec, CNISpec, HostSpec, LinkSpec, NetworkSpec, NodeSpec,
                           RouterSpec, SubnetSpec, SwitchSpec, UnderlaySpec, parse, parse_cni, parse_nodes)
 from .errors import SpecError
@@ -38,7 +38,7 @@ from .validate import validate
 
 __all__ = ["ClusterSpec", "CNISpec", "HostSpec", "LinkSpec", "NetworkSpec", "NodeSpec", "RouterSpec",
            "SubnetSpec", "SwitchSpec", "UnderlaySpec", "DEFAULT_CLUSTER_CIDR", "DEFAULT_NODE_MASK",
-           "DEFAULT_SERVICE_CIDR", "TOP_KEYS", "load", "generate", "parse_params", "from_dict", "parse",
+           "DEFAULT_SERVICE_CIDR", "TOP_KEYS", "ADDON_KINDS", "load", "generate", "parse_params", "from_dict", "parse",
            "validate", "with_cni", "with_nodes", "with_underlay"]
 
 # ---------------------------------------------------------------------------------------

@@ -99,7 +99,7 @@ def check_scheduling(spec: ClusterSpec) -> None:
     except SpecError as e:
         raise SpecError(f"{spec.source}: workloads: {e}") from None
     nodes = {n.name for n in spec.nodes}
-    clash = nodes & {p.name for p in pods}
+    clash = nodes & {p.host_name for p in pods}
     if clash:
         raise SpecError(f"{spec.source}: pod name {sorted(clash)[0]!r} is also a node name: rename the workload")
     for p in pods:
