@@ -9,24 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[2]
-EXAMPLE = REPO / "examples" / "k8snetlab-example-mode"
-
-
-@pytest.fixture(scope="module")
-def venv(tmp_path_factory) -> Path:
-    """A venv seeing our dependencies (system site packages) with the example installed, not
-    editable, offline; this checkout is put on its path by PYTHONPATH."""
-    where = tmp_path_factory.mktemp("example-venv") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(where)], check=True,
-                   capture_output=True, timeout=120)
-    r = subprocess.run([str(where / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps",
-                        "--no-index", "--no-build-isolation", str(EXAMPLE)],
-                       capture_output=True, text=True, timeout=300, cwd=where.parent)
-    assert r.returncode == 0, r.stderr
-    return where
 
 
 def run(venv: Path, *args: str) -> subprocess.CompletedProcess:
@@ -35,8 +18,8 @@ def run(venv: Path, *args: str) -> subprocess.CompletedProcess:
                           timeout=120, env=env, cwd=venv.parent)
 
 
-def test_k8snetlab_modes_lists_the_installed_mode(venv):
-    r = run(venv, "-m", "k8snetlab.cli", "modes")
+def test_k8snetlab_modes_lists_the_installed_mode(example_venv):
+    r = run(example_venv, "-m", "k8snetlab.cli", "modes")
     assert r.returncode == 0, r.stderr
     line = next((l for l in r.stdout.splitlines() if l.startswith("flat-l2:")), None)
     assert line is not None, r.stdout
@@ -45,18 +28,18 @@ def test_k8snetlab_modes_lists_the_installed_mode(venv):
     assert "host-gw:" in r.stdout and "(from" not in r.stdout.split("host-gw:")[1].splitlines()[0]
 
 
-def test_a_cluster_file_using_it_validates(venv):
+def test_a_cluster_file_using_it_validates(example_venv):
     code = ("from k8snetlab import spec\n"
             f"s = spec.load({str(REPO / 'topologies' / 'three_nodes.yaml')!r}, cni='flat-l2')\n"
             "print(s.cni.type, s.cni.options.mtu)\n"
             "s = spec.with_cni(s, 'flat-l2', **{'flat-l2': {'mtu': 1400}})\n"
             "print(s.cni.options.mtu)\n")
-    r = run(venv, "-c", code)
+    r = run(example_venv, "-c", code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["flat-l2", "1500", "1400"]
 
 
-def test_its_options_are_checked_like_ours(venv):
+def test_its_options_are_checked_like_ours(example_venv):
     code = ("import yaml\n"
             "from k8snetlab import spec\n"
             "from k8snetlab.errors import SpecError\n"
@@ -66,7 +49,7 @@ def test_its_options_are_checked_like_ours(venv):
             "    spec.from_dict(d, 'bad.yaml')\n"
             "except SpecError as e:\n"
             "    print(e)\n")
-    r = run(venv, "-c", code)
+    r = run(example_venv, "-c", code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("bad.yaml: cni.flat-l2.mtu: 100 is out of range 576..9000"), r.stdout
 
