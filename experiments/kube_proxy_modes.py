@@ -24,7 +24,9 @@ one sync. At each size and for each mode:
   again (what the periodic resync costs; in iptables and nftables modes a partial sync, as
   kube-proxy's: nothing changed, so iptables rewrites its top-level chains only and nftables
   sends nothing); ``change_time``: a sync after one Service
-  lost its endpoint (one Service's chains change);
+  lost its endpoint (one Service's chains change); ``check_time``: the per-sync check that the
+  node's rules are still as the proxier left them (a fingerprint of the ruleset; 50 samples),
+  and ``repair_time``: the sync after ``iptables -t nat -F`` / ``nft flush table`` (a full one);
 - ``connect_p50`` / ``connect_p90``: TCP connect time of ``--probes`` fresh connections to the
   Service placed last in the node's rule order (kpm-probe sorts after the dummies; checked in
   ``iptables-save``), and ``first_packet_added``: connect_p50 minus the same with one Service.
@@ -267,6 +269,43 @@ class Bench:
             p.sync(snap)
         return first, again, change
 
+    CHECK_SAMPLES = 50
+
+    def check_times_us(self) -> list[float]:
+        """The cost of the proxier's per-sync check that the node's rules are as it left them
+        (``rules_changed``: a fingerprint of the ruleset), ``CHECK_SAMPLES`` times; empty
+        for modes without one."""
+        p = self.addon.proxiers[self.node.name]
+        check = getattr(p, "rules_changed", None)
+        if check is None:
+            return []
+        out = []
+        with self.addon._lock:
+            p.sync(self.addon.snapshot())
+            for _ in range(self.CHECK_SAMPLES):
+                t0 = time.perf_counter()
+                if check():
+                    log.warning("%s: the node's rules changed under the check", self.mode)
+                out.append((time.perf_counter() - t0) * 1e6)
+        return out
+
+    def repair_time(self) -> float | None:
+        """Flush the mode's tables by hand on the first node, then time the sync that notices
+        and repairs it (a full sync); None for modes without the check."""
+        p = self.addon.proxiers[self.node.name]
+        if getattr(p, "rules_changed", None) is None:
+            return None
+        damage = (["nft", "flush", "table", "ip", "kube-proxy"] if self.mode == "nftables"
+                  else [getattr(p, "iptables", "iptables"), "-t", "nat", "-F"])
+        with self.addon._lock:
+            self.node.run(damage)
+            t0 = time.perf_counter()
+            p.sync(self.addon.snapshot())
+            took = time.perf_counter() - t0
+            if p.rules_changed():
+                raise K8sNetLabError(f"{self.mode}: the sync after the flush left the rules unlike its own")
+        return took
+
     def connect_times_us(self) -> list[float]:
         n = self.args.probes
         self.client.run([sys.executable, "-c", CONNECT_TIMES, self.vip, str(ACCEPT_PORT), "20"])   # warm-up
@@ -430,6 +469,11 @@ def measure_scaling(bench: Bench, steps: list[tuple[int, list[str]]], progress, 
             row(mode, scenario, 0, "program_time", first, "s", src=bench.node.name, dst="")
             row(mode, scenario, 0, "resync_time", again, "s", src=bench.node.name, dst="")
             row(mode, scenario, 0, "change_time", change, "s", src=bench.node.name, dst="")
+            for i, t in enumerate(bench.check_times_us(), 1):
+                row(mode, scenario, i, "check_time", t, "us", src=bench.node.name, dst="")
+            repair = bench.repair_time()
+            if repair is not None:
+                row(mode, scenario, 0, "repair_time", repair, "s", src=bench.node.name, dst="")
             row(mode, scenario, 0, "connect_p50", p50, "us", dst=PROBE)
             row(mode, scenario, 0, "connect_p90", pct(times, 90), "us", dst=PROBE)
             if mode in baseline:
@@ -464,6 +508,18 @@ def summary(rows: list[results.Row], modes: list[str]) -> str:
                               med.get((mode, sc, "first_packet_added"))])
     lines.append(results.format_table(["mode", "services", "program s", "resync s", "change s",
                                        "connect p50 us", "added us"], table))
+    table = []
+    for mode in modes:
+        for n in sizes:
+            samples = groups.get((mode, f"services-{n}", "check_time"))
+            if samples:
+                table.append([mode, n, len(samples), pct(samples, 10), results.median(samples), pct(samples, 90),
+                              med.get((mode, f"services-{n}", "repair_time"))])
+    if table:
+        lines.append("\nThe per-sync check that the node's rules are as the proxier left them, and the full "
+                     "sync after 'iptables -t nat -F' / 'nft flush table'")
+        lines.append(results.format_table(["mode", "services", "samples", "check p10 us", "check p50 us",
+                                           "check p90 us", "repair s"], table))
     checks: list[tuple[str, float | None, float, str]] = []
     for mode in modes:
         a, b = med.get((mode, "pod-ip", "tcp_throughput")), med.get((mode, "cluster-ip", "tcp_throughput"))

@@ -39,7 +39,9 @@ kube-proxy modes: ``conn_rate`` (sequential connections per second) in ``conn/s`
 ``connect_p50``/``connect_p90`` (TCP connect time of fresh connections) and
 ``first_packet_added`` (connect_p50 minus that of a node with one Service) in ``us``;
 ``program_time`` (one sync on an empty node), ``resync_time`` (the same again) and
-``change_time`` (a sync after one Service lost its endpoint) in ``s``.
+``change_time`` (a sync after one Service lost its endpoint) in ``s``; ``check_time`` (the
+proxier's check that the node's rules are as it left them, one sample per row) in ``us``;
+``repair_time`` (the sync after the tables were flushed by hand) in ``s``.
 Equal-cost paths: ``ecmp_next_hops`` and ``ecmp_paths_used`` (next hops carrying at least 10%
 of the connection attempts) as a ``count``, ``ecmp_max_share`` as a ``fraction``.
 
@@ -91,6 +93,7 @@ METRIC_UNITS: dict[str, str] = {
     # kube-proxy modes (experiments/kube_proxy_modes.py): fresh connections, rule programming
     "conn_rate": "conn/s", "connect_p50": "us", "connect_p90": "us", "first_packet_added": "us",
     "program_time": "s", "resync_time": "s", "change_time": "s", "services": "count",
+    "check_time": "us", "repair_time": "s",
     # equal-cost paths (experiments/cni_modes.py on a fabric): next hops of the source node's
     # router, how many carried at least 10% of the connection attempts, the largest share
     "ecmp_next_hops": "count", "ecmp_paths_used": "count", "ecmp_max_share": "fraction",
