@@ -21,7 +21,7 @@ from . import naming, proc
 from .cleanup import StateDir
 from .netutil import Netns
 from .pod import NetnsHost, NodeHost, RouterHost
-from .spec import ClusterSpec, NodeSpec
+from .clusterspec import ClusterSpec, NodeSpec
 
 log = logging.getLogger(__name__)
 
