@@ -45,7 +45,7 @@ from .modes.resync import AgentResync
 from .supervisor import ContainerSupervisor
 from .netutil import Netns
 from .pod import NetnsHost, NodeHost, Pod, RouterHost
-from .spec import ClusterSpec, NodeSpec
+from .clusterspec import ClusterSpec, NodeSpec, parse_address
 
 log = logging.getLogger(__name__)
 
@@ -297,9 +297,9 @@ class Cluster:
         """A plain host joins the underlay of a running cluster (an external client, a load
         balancer): ``eth0`` on the subnet, default route via the subnet's gateway."""
         assert self.net is not None
-        addr = specmod._addr(ip, f"host {name}")
+        addr = parse_address(ip, f"host {name}")
         taken = {n.ip for n in self.spec.nodes} | {ip for r in self.spec.underlay.routers for _, ip in r.interfaces}
-        taken |= {specmod._addr(h.IP(), h.name) for h in self.hosts.values() if h.IP()}
+        taken |= {parse_address(h.IP(), h.name) for h in self.hosts.values() if h.IP()}
         if name in self.nodes or name in self.pods or name in self.routers or name in self.hosts:
             raise SpecError(f"host name {name!r} is already taken")
         if addr in taken:
@@ -433,7 +433,7 @@ class Cluster:
                 **({"podCIDR": pod_cidr} if pod_cidr else {})}
         raw_nodes = [{"name": n.name, "ip": str(n.ip), "subnet": n.subnet, "podCIDR": str(n.pod_cidr),
                       "labels": dict(n.labels)} for n in self.spec.nodes] + [data]
-        new_spec = _respec_nodes(self.spec, raw_nodes)
+        new_spec = specmod.with_nodes(self.spec, raw_nodes)
         n = new_spec.node(name)
         host = self._add_node_host(n, self._ports)
         self._attach_last_link(n.subnet)
@@ -748,13 +748,3 @@ class Cluster:
                             "from cni_plugins import skel\n"
                             "skel.main(plugin)\n")
             path.chmod(0o755)
-
-
-def _respec_nodes(spec: ClusterSpec, raw_nodes: list[dict[str, Any]]) -> ClusterSpec:
-    """Re-validate the cluster with another node list (for add_node)."""
-    nodes = specmod._parse_nodes(raw_nodes, spec.underlay, spec.network, spec.source)
-    new = dataclasses.replace(spec, nodes=nodes)
-    specmod._check_addresses(new)
-    MODES.get(new.cni.type).validate(new)
-    return new
-

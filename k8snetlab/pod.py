@@ -27,7 +27,7 @@ from mininet.node import Host
 
 from . import proc
 from .manifests import ContainerSpec, PodSpec
-from .spec import NodeSpec
+from .clusterspec import NodeSpec
 
 log = logging.getLogger(__name__)
 

@@ -37,8 +37,8 @@ from .ipip import CalicoMode
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..bgp.speakers import Speaker
-    from ..cluster import Node
-    from ..spec import ClusterSpec
+    from ..pod import NodeHost
+    from ..clusterspec import ClusterSpec
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class BgpMode(CalicoMode):
         return self._plan
 
     # -- node agent --------------------------------------------------------------------------------
-    def prepare(self, first_node: "Node") -> None:
+    def prepare(self, first_node: "NodeHost") -> None:
         """Check the daemons are installed; configure the underlay routers' BIRD (peerWithToR),
         started with the nodes' speakers."""
         for kind in sorted({s.speaker for s in self.plan().speakers.values()}):
@@ -162,7 +162,7 @@ class BgpMode(CalicoMode):
             router = self.cluster.routers[sp.name]
             self._driver(sp, router, self._router_dir(sp.name)).configure()
 
-    def start_node(self, node: "Node", ns: Netns) -> None:
+    def start_node(self, node: "NodeHost", ns: Netns) -> None:
         super().start_node(node, ns)
         drv = self._driver(self.plan().speakers[node.name], node, Path(node.state_dir))
         drv.configure()
@@ -180,18 +180,18 @@ class BgpMode(CalicoMode):
         else:
             log.info("bgp: every node has every pod route (%.2f s)", took)
 
-    def add_peer(self, node: "Node", ns: Netns, peer: "Node") -> None:
+    def add_peer(self, node: "NodeHost", ns: Netns, peer: "NodeHost") -> None:
         """No route: BGP brings it. A new peer means new sessions: reconfigure the speakers."""
         self._follow_plan()
 
-    def peers_to_repair(self, node: "Node", ns: Netns, peers: list["Node"]) -> list["Node"]:
+    def peers_to_repair(self, node: "NodeHost", ns: Netns, peers: list["NodeHost"]) -> list["NodeHost"]:
         """None: routes to other nodes are the BGP speakers' (BIRD rescans the kernel table)."""
         return []
 
-    def remove_peer(self, node: "Node", ns: Netns, peer: "Node") -> None:
+    def remove_peer(self, node: "NodeHost", ns: Netns, peer: "NodeHost") -> None:
         self._follow_plan()
 
-    def stop_node(self, node: "Node") -> None:
+    def stop_node(self, node: "NodeHost") -> None:
         drv = self.speakers.pop(node.name, None)
         if drv is not None:
             drv.stop()
