@@ -53,7 +53,7 @@ log = logging.getLogger("policy_scale")
 NAME = "policy_scale"
 CLIENT, SERVER = "ps-client", "ps-server"
 ACCEPT_PORT, IPERF_PORT = 7000, 5201
-TARGETS = {"nftables": 10.0, "iptables": 100.0}     # us added to the first packet at 1,000 policies
+TARGETS = {"nftables": 10.0, "iptables": 100.0, "iptables-legacy": 100.0}   # us added to the first packet at 1,000 policies
 PARTIAL_TARGET = 0.2                                 # s
 
 ACCEPT_SERVER = ("import socket\n"

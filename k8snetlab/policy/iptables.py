@@ -193,13 +193,14 @@ def elements_from_save(save: str) -> dict[str, int]:
 
 class IptablesDataplane(Dataplane):
     name = "iptables"
+    binary = "iptables"          # Debian's default: iptables-nft
     tools = ("iptables", "iptables-restore", "iptables-save", "ipset")
 
     def render(self, plan: NodePlan) -> Rendered:
         return render(plan)
 
     def _jump_present(self) -> bool:
-        return self.node.run(["iptables", "-w", "5", "-C", "FORWARD", "-m", "comment", "--comment",
+        return self.node.run([self.binary, "-w", "5", "-C", "FORWARD", "-m", "comment", "--comment",
                               JUMP_COMMENT, "-j", "cali-FORWARD"], check=False).returncode == 0
 
     def sync(self, plan: NodePlan, full: bool = False) -> SyncStats:
@@ -214,7 +215,7 @@ class IptablesDataplane(Dataplane):
         if pre:
             self.node.run(["ipset", "restore"], input=pre)
         if chains or add_jump or text != "*filter\nCOMMIT\n":
-            self.node.run(["iptables-restore", "-w", "5", "--noflush"], input=text)
+            self.node.run([f"{self.binary}-restore", "-w", "5", "--noflush"], input=text)
         if post:
             self.node.run(["ipset", "restore"], input=post)
         self.written = new
@@ -225,7 +226,7 @@ class IptablesDataplane(Dataplane):
             return False
         if not self._jump_present():
             return False
-        save = self.node.run(["iptables-save", "-t", "filter"]).stdout
+        save = self.node.run([f"{self.binary}-save", "-t", "filter"]).stdout
         have = counts_from_save(save)
         want = {c: len(r) for c, r in self.written.chains.items()}
         if any(have.get(c) != n for c, n in want.items()):
@@ -234,7 +235,7 @@ class IptablesDataplane(Dataplane):
         return all(sets.get(s) == len(e) for s, (_, e) in self.written.sets.items())
 
     def counters(self, chain: str) -> list[tuple[int, int, str]]:
-        out = self.node.run(["iptables", "-w", "5", "-t", "filter", "-L", chain, "-v", "-x", "-n"],
+        out = self.node.run([self.binary, "-w", "5", "-t", "filter", "-L", chain, "-v", "-x", "-n"],
                             check=False).stdout
         rows = []
         for line in out.splitlines()[2:]:
@@ -244,7 +245,7 @@ class IptablesDataplane(Dataplane):
         return rows
 
     def listing(self) -> str:
-        save = self.node.run(["iptables-save", "-t", "filter"]).stdout
+        save = self.node.run([f"{self.binary}-save", "-t", "filter"]).stdout
         keep = [ln for ln in save.splitlines() if "cali" in ln or ln.startswith(("*", "COMMIT"))]
         sets = self.node.run(["ipset", "save"]).stdout
         return "\n".join(keep) + "\n" + "".join(ln + "\n" for ln in sets.splitlines() if "cali40" in ln)
@@ -253,7 +254,7 @@ class IptablesDataplane(Dataplane):
         """Remove the jump, every cali-* chain this agent wrote, then its sets."""
         if self.written is None:
             try:
-                save = self.node.run(["iptables-save", "-t", "filter"]).stdout
+                save = self.node.run([f"{self.binary}-save", "-t", "filter"]).stdout
             except K8sNetLabError:
                 return
             chains = sorted(counts_from_save(save))
@@ -265,7 +266,14 @@ class IptablesDataplane(Dataplane):
         if self._jump_present():
             lines.append(f"-D FORWARD {_c(JUMP_COMMENT)} -j cali-FORWARD")
         lines += [f"-X {c}" for c in chains] + ["COMMIT"]
-        self.node.run(["iptables-restore", "-w", "5", "--noflush"], input="\n".join(lines) + "\n")
+        self.node.run([f"{self.binary}-restore", "-w", "5", "--noflush"], input="\n".join(lines) + "\n")
         if sets:
             self.node.run(["ipset", "restore"], input="".join(f"destroy {s}\n" for s in sets))
         self.written = None
+
+
+class IptablesLegacyDataplane(IptablesDataplane):
+    """The same layout through the iptables-legacy binaries (x_tables; ipset matches native)."""
+    name = "iptables-legacy"
+    binary = "iptables-legacy"
+    tools = ("iptables-legacy", "iptables-legacy-restore", "iptables-legacy-save", "ipset")

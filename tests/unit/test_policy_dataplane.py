@@ -115,8 +115,8 @@ def test_counts_parsers_see_hand_deleted_rules():
 
 
 def test_dataplanes_registered():
-    assert DATAPLANES.names() == ["iptables", "nftables"]
-    with pytest.raises(SpecError, match="use one of iptables, nftables"):
+    assert DATAPLANES.names() == ["iptables", "iptables-legacy", "nftables"]
+    with pytest.raises(SpecError, match="use one of iptables, iptables-legacy, nftables"):
         DATAPLANES.get("ebpf")
 
 
