@@ -216,6 +216,9 @@ def test_resync_restores_rules_deleted_by_hand_and_explain(c, policies, capsys):
         time.sleep(0.1)
     assert c.policies.agents[node.name].intact()
     assert_matrix(c, expect(ingress_denied=("x/a", "x/b", "x/c")))
+    assert cli.main(["policy", "matrix", "--namespace", "x", "--namespace", "y", "--cluster", c.state.path.name]) == 0
+    table = capsys.readouterr().out
+    assert "Observed (TCP/80):" in table and table.rstrip().endswith("0 difference(s)")
     assert cli.main(["policy", "explain", "y/a", "x/a", "80", "--cluster", c.state.path.name]) == 0
     out = capsys.readouterr().out
     assert "DENIED" in out and "isolated for ingress by x/deny-all" in out

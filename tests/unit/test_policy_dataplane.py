@@ -231,3 +231,18 @@ def test_disabled_is_flannel_alone_policies_accepted_and_ignored(tmp_path, caplo
     state["nodes"] = {}
     model, _ = model_of(state)
     assert model.allowed("10.1.1.1", model.pods[0], 80) and model.policies == [] and a.key == "x/a"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["policy", "matrix", "--port", "0"], "--port 0"),
+    (["policy", "matrix", "--protocol", "ICMP"], "--protocol ICMP"),
+    (["policy", "matrix", "--cluster", "no-such-cluster-anywhere"], "no running cluster of that name"),
+    (["policy", "explain", "a", "b", "70000"], "port 70000"),
+])
+def test_policy_cli_bad_input_one_line_exit_2(capsys, argv, words):
+    import os
+    if os.geteuid() != 0:
+        words = "needs root"
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0]
