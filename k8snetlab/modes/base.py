@@ -84,6 +84,26 @@ class Mode:
     def remove_peer(self, node: "Node", ns: Netns, peer: "Node") -> None:
         ns.del_route(str(peer.spec.pod_cidr))
 
+    # -- the node agent's periodic reconcile (see modes/resync.py) -----------------------------
+    @property
+    def resync_period(self) -> float | None:
+        """Seconds between the node agents' reconcile rounds; None: the mode keeps nothing
+        between nodes that could be deleted by hand."""
+        return None
+
+    def resync_node(self, node: "Node", ns: Netns, peers: list["Node"]) -> list[str]:
+        """One reconcile of ``node``: ``add_peer`` again for every peer that lacks something;
+        return the names of those peers."""
+        todo = self.peers_to_repair(node, ns, peers)
+        for peer in todo:
+            self.add_peer(node, ns, peer)
+        return [p.name for p in todo]
+
+    def peers_to_repair(self, node: "Node", ns: Netns, peers: list["Node"]) -> list["Node"]:
+        """The peers whose pod CIDR has no route on ``node`` (one route dump)."""
+        have = {r["dst"] for r in ns.routes()}
+        return [p for p in peers if str(p.spec.pod_cidr) not in have]
+
     def underlay_next_hop(self, node: "Node", peer: "Node") -> str:
         """The underlay address ``node`` sends to, to reach ``peer``'s node address."""
         if node.spec.subnet == peer.spec.subnet:

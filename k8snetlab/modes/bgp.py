@@ -61,6 +61,9 @@ class BgpOptions:
                               help="routed underlays: nodes peer by eBGP with their top-of-rack router")
     tor_as_numbers: dict[str, int] = opt({}, key="torASNumbers",
                                          help="AS of each underlay router, e.g. {tor-a: 65001}; default 65001, 65002...")
+    route_refresh_interval: float = opt(90.0, key="routeRefreshInterval", min=0.1, max=86400,
+                                        help="seconds between Felix-style refreshes of the local pod "
+                                             "routes (routes between nodes are the speakers')")
 
 
 class BgpMode(CalicoMode):
@@ -180,6 +183,10 @@ class BgpMode(CalicoMode):
     def add_peer(self, node: "Node", ns: Netns, peer: "Node") -> None:
         """No route: BGP brings it. A new peer means new sessions: reconfigure the speakers."""
         self._follow_plan()
+
+    def peers_to_repair(self, node: "Node", ns: Netns, peers: list["Node"]) -> list["Node"]:
+        """None: routes to other nodes are the BGP speakers' (BIRD rescans the kernel table)."""
+        return []
 
     def remove_peer(self, node: "Node", ns: Netns, peer: "Node") -> None:
         self._follow_plan()

@@ -9,10 +9,12 @@ CNI plugin reads before delegating to ``bridge``) and keeps one route per other 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SpecError
 from ..netutil import Netns
+from ..options import opt
 from .base import Mode, uplink
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -20,10 +22,27 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..spec import ClusterSpec
 
 
+def route_check_interval() -> Any:
+    """The option field; flanneld's host-gw backend checks its routes every 10 s."""
+    return opt(10.0, key="RouteCheckInterval", min=0.1, max=86400,
+               help="seconds between the node agent's checks of its routes (VXLAN: and its "
+                    "neighbour/FDB entries); what was deleted by hand comes back")
+
+
+@dataclass
+class FlannelOptions:
+    route_check_interval: float = route_check_interval()
+
+
 class FlannelMode(Mode):
     """Shared by flannel's backends: subnet.env + flannel plugin delegating to bridge."""
 
     network_name = "cbr0"
+    Options = FlannelOptions
+
+    @property
+    def resync_period(self) -> float | None:
+        return self.options.route_check_interval
 
     def plugins(self, node: "Node") -> list[dict[str, Any]]:
         return [{"type": "flannel", "delegate": {"hairpinMode": True, "isDefaultGateway": True},

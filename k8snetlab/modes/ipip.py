@@ -51,6 +51,9 @@ class IpipOptions:
     ipip_mode: str = opt("Always", key="ipipMode", choices=("Always", "CrossSubnet"),
                          help="encapsulate all cross-node traffic, or only across subnets")
     mtu: int = opt(1480, min=576, max=9000, help="pod MTU (underlay MTU minus 20)")
+    route_refresh_interval: float = opt(90.0, key="routeRefreshInterval", min=0.1, max=86400,
+                                        help="seconds between Felix-style refreshes of the routes "
+                                             "(ebpf: and BPF maps, programs); what was deleted comes back")
 
 
 class CalicoMode(Mode):
@@ -58,6 +61,24 @@ class CalicoMode(Mode):
 
     def plugins(self, node: "Node") -> list[dict[str, Any]]:
         return [{"type": "calico", "mtu": self.mtu, "ipam": self.host_local(node)}]
+
+    @property
+    def resync_period(self) -> float | None:
+        return self.options.route_refresh_interval
+
+    def resync_node(self, node: "Node", ns: Netns, peers: list["Node"]) -> list[str]:
+        """Felix's route refresh: the peers' routes, and the ``/32`` route of each local pod
+        on its ``cali*`` veth (what the calico plugin made at ADD)."""
+        fixed = super().resync_node(node, ns, peers)
+        have = {(r["dst"], r["dev"]) for r in ns.routes()}
+        for pod in list(self.cluster.pods.values()):
+            if pod.node_name != node.name or pod.result is None or not pod.ip:
+                continue
+            cali = naming.host_veth("cali", pod.container_id, naming.POD_IFNAME)
+            if (f"{pod.ip}/32", cali) not in have and ns.index(cali) is not None:
+                ns.add_route(f"{pod.ip}/32", dev=cali)
+                fixed.append(pod.name)
+        return fixed
 
 
 class IpipMode(CalicoMode):
@@ -128,6 +149,29 @@ class IpipMode(CalicoMode):
             tc.set_tunnel(cidr, str(peer.spec.ip))   # the map entry first: no packet leaks out plain
             # mtu: what the node itself sends there must still fit the underlay once wrapped
             ns.add_route(cidr, gateway=self.underlay_next_hop(node, peer), dev=uplink(), mtu=self.mtu)
+
+    def resync_node(self, node: "Node", ns: Netns, peers: list["Node"]) -> list[str]:
+        """ebpf: the programs first (a re-attach starts with empty maps, so every peer is then
+        repaired), then routes, map entries and pod routes."""
+        tc = self._tc.get(node.name)
+        if tc is not None and not tc.attached():
+            log.info("node %s: eBPF IPIP programs gone from %s, attaching them again", node.name, uplink())
+            tc.attach()
+        return super().resync_node(node, ns, peers)
+
+    def peers_to_repair(self, node: "Node", ns: Netns, peers: list["Node"]) -> list["Node"]:
+        """Peers lacking their route or, in the ebpf datapath, their tunnel or peer map entry."""
+        todo = super().peers_to_repair(node, ns, peers)
+        tc = self._tc.get(node.name)
+        if tc is None:
+            return todo
+        tunnels, known = tc.tunnels(), tc.peers()
+        for peer in peers:
+            if peer in todo or not self.encapsulates(node, peer):
+                continue
+            if tunnels.get(str(peer.spec.pod_cidr)) != str(peer.spec.ip) or str(peer.spec.ip) not in known:
+                todo.append(peer)
+        return todo
 
     def remove_peer(self, node: "Node", ns: Netns, peer: "Node") -> None:
         super().remove_peer(node, ns, peer)

@@ -42,7 +42,7 @@ from ..errors import K8sNetLabError
 from ..netutil import Netns
 from ..options import opt
 from .base import uplink
-from .host_gw import FlannelMode
+from .host_gw import FlannelMode, route_check_interval
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..cluster import Node
@@ -62,6 +62,7 @@ class VxlanOptions:
                     help="UDP destination port (8472, the Linux default; IANA's is 4789)")
     direct_routing: bool = opt(False, key="DirectRouting",
                                help="route plain to nodes of the same subnet, VXLAN only across")
+    route_check_interval: float = route_check_interval()
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,18 @@ class VxlanMode(FlannelMode):
         ns.set_neigh(self.vtep, lease.vtep_ip, lease.vtep_mac)
         ns.set_fdb(self.vtep, lease.vtep_mac, lease.public_ip)
         ns.add_route(cidr, gateway=lease.vtep_ip, dev=self.vtep, onlink=True)
+
+    def peers_to_repair(self, node: "Node", ns: Netns, peers: list["Node"]) -> list["Node"]:
+        """Peers lacking their route, or (tunnelled ones) their neighbour or FDB entry."""
+        todo = super().peers_to_repair(node, ns, peers)
+        neigh, fdb = ns.neighbours(self.vtep), ns.fdb_entries(self.vtep)
+        for peer in peers:
+            lease = self._leases.get(peer.name)
+            if peer in todo or lease is None or self.direct(node, peer):
+                continue
+            if (lease.vtep_ip, lease.vtep_mac) not in neigh or (lease.vtep_mac, lease.public_ip) not in fdb:
+                todo.append(peer)
+        return todo
 
     def remove_peer(self, node: "Node", ns: Netns, peer: "Node") -> None:
         super().remove_peer(node, ns, peer)     # the route first: nothing new goes to the VTEP

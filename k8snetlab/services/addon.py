@@ -77,6 +77,7 @@ class ServicesAddon(Addon):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_error = ""
+        self.resyncs = 0          # periodic resync rounds done (every proxier once per round)
 
     # -- spec-load checks (no root) --------------------------------------------------------------
     @classmethod
@@ -267,6 +268,11 @@ class ServicesAddon(Addon):
         if self.dns is not None:
             self.dns.pods_added(pods)
 
+    def pods_readiness_changed(self, pods: list["Pod"]) -> None:
+        """Endpoints follow readiness: a pod whose container exited leaves its Services until
+        the kubelet restarted it and it serves again."""
+        self._changed()
+
     def pod_removing(self, pod: "Pod") -> None:
         self.controller.mark_terminating(pod)
         self._changed()
@@ -327,4 +333,5 @@ class ServicesAddon(Addon):
                         if msg != self._last_error:
                             log.warning("services: periodic resync on %s", msg)
                             self._last_error = msg
+                self.resyncs += 1
 

@@ -397,28 +397,49 @@ def test_rules_deleted_by_hand_are_repaired(cluster, mode):
     assert vip(cluster, "web") in node.run(list(e.rules)).stdout
 
 
-def test_flushed_tables_are_noticed_by_the_canary(cluster, mode):
-    """kube-proxy's partial syncs do not list the built-in chains; a deleted jump comes back
-    once the KUBE-PROXY-CANARY chain in mangle is gone too (what a flush of every table,
-    e.g. a firewall reload, does), because then the next sync is a full one."""
-    if mode != "iptables":
-        pytest.skip("the canary is the iptables mode's")
+def after_two_resyncs(cluster) -> None:
+    """Return once two periodic resync rounds have run (bounded: 60 s)."""
+    first = cluster.services.resyncs
+    assert wait_for(lambda: cluster.services.resyncs >= first + 2, timeout=60, every=0.05), \
+        "the periodic resync stopped"
+
+
+# what someone does to a node's rules by hand; each must be repaired within two sync periods
+HAND_DAMAGE = {
+    "iptables": {
+        "nat-flushed": [["iptables", "-t", "nat", "-F"]],
+        "jumps-deleted": [["iptables", "-t", "nat", "-D", chain, "-m", "comment", "--comment",
+                           "kubernetes service portals", "-j", "KUBE-SERVICES"] for chain in ("PREROUTING", "OUTPUT")],
+        "service-chain-flushed": [["sh", "-c", "iptables -t nat -S | awk '/^-N KUBE-SVC-/ {print $2}' | "
+                                               "xargs -n1 iptables -t nat -F"]],
+    },
+    "nftables": {
+        "table-flushed": [["nft", "flush", "table", "ip", "kube-proxy"]],
+        "map-emptied": [["nft", "flush", "map", "ip", "kube-proxy", "service-ips"]],
+    },
+}
+
+
+@pytest.mark.parametrize("damage", sorted({d for m in HAND_DAMAGE.values() for d in m}))
+def test_hand_damage_is_repaired_within_two_sync_periods(cluster, mode, damage):
+    """Partial syncs rewrite only what changed in the desired state; the proxier notices that
+    the node's rules are not as it left them (not only when its canary is gone) and the next
+    sync is a full one. The node's own traffic and a pod's both reach the Service again."""
+    cmds = HAND_DAMAGE.get(mode, {}).get(damage)
+    if cmds is None:
+        pytest.skip(f"{damage} is not a damage of mode {mode}")
     node = cluster.nodes["node1"]
-    jump = ["-t", "nat", "-D", "OUTPUT", "-m", "comment", "--comment", "kubernetes service portals",
-            "-j", "KUBE-SERVICES"]
-    assert ":KUBE-PROXY-CANARY" in node.run(["iptables-save", "-t", "mangle"]).stdout
-    node.run(["iptables", *jump])
-    period = cluster.services.options.sync_period
-    time.sleep(3 * period)                  # partial syncs meanwhile: the jump stays missing
-    assert "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES" not in \
-        node.run(["iptables-save", "-t", "nat"]).stdout
-    assert "error" in connect(node, vip(cluster, "web"), 80, timeout=1)[0]   # the node's own traffic
-    node.run(["iptables", "-t", "mangle", "-X", "KUBE-PROXY-CANARY"])
-    back = wait_for(lambda: "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"
-                    in node.run(["iptables-save", "-t", "nat"]).stdout, timeout=10 * period + 5)
-    assert back, f"the OUTPUT jump did not come back within {10 * period + 5:.0f} s of the canary's loss"
-    assert ":KUBE-PROXY-CANARY" in node.run(["iptables-save", "-t", "mangle"]).stdout
-    assert "error" not in connect(node, vip(cluster, "web"), 80, timeout=2)[0]
+    pod = clients(cluster)["node1"]
+    ip = vip(cluster, "web")
+    assert "error" not in connect(node, ip, 80, timeout=1)[0]
+    with cluster.services._lock:           # no sync between the damage and the check that it broke
+        for cmd in cmds:
+            node.run(cmd)
+        assert "error" in connect(node, ip, 80, timeout=1)[0], f"{damage} did not break {ip}"
+    after_two_resyncs(cluster)
+    for host in (node, pod):
+        (r,) = connect(host, ip, 80, timeout=1)
+        assert "error" not in r, f"{mode}, {damage}: {host.name} -> {ip} still broken after two resyncs: {r}"
 
 
 def test_node_shows_the_modes_rules(cluster, mode):
