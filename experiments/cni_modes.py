@@ -52,7 +52,7 @@ from typing import Any, Iterable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from k8snetlab import experiment, framework, measure, naming, results  # noqa: E402
+from k8snetlab import experiment, framework, measure, naming, results, spec as specmod  # noqa: E402
 from k8snetlab.errors import SpecError  # noqa: E402
 from k8snetlab.framework import Comparison, Target  # noqa: E402
 from k8snetlab.modes import MODES  # noqa: E402
@@ -191,7 +191,7 @@ def plan(base, wanted: Iterable[str], available: Iterable[str]) -> tuple[list[tu
         if wanted_opts:
             overrides[v.cni] = {**(base.cni.sections.get(v.cni) or {}), **wanted_opts}
         try:
-            s = base.with_cni(v.cni, **overrides)
+            s = specmod.with_cni(base, v.cni, **overrides)
         except SpecError as e:
             skipped[v.label] = str(e)
             continue

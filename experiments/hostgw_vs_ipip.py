@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from k8snetlab import framework  # noqa: E402
+from k8snetlab import framework, spec  # noqa: E402
 from k8snetlab.framework import Comparison, Target, Variant  # noqa: E402
 
 X = "pod-cross-node"
@@ -96,7 +96,7 @@ class HostGwVsIpip(framework.Experiment):
             if v.cni == "ipip" and args.datapath:
                 opts["datapath"] = args.datapath
             section = {**base.cni.sections.get(v.cni, {}), **opts}
-            out.append((v, base.with_cni(v.cni, **({v.cni: section} if section else {}))))
+            out.append((v, spec.with_cni(base, v.cni, **({v.cni: section} if section else {}))))
         return out
 
 

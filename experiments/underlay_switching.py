@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from k8snetlab import experiment, framework, measure, proc, results, spec, switching  # noqa: E402
+from k8snetlab import experiment, framework, measure, proc, results, spec  # noqa: E402
 from k8snetlab.cluster import Cluster  # noqa: E402
 from k8snetlab.errors import SpecError  # noqa: E402
 
@@ -58,8 +58,8 @@ def build_parser():
 def variants(args) -> dict[str, spec.ClusterSpec]:
     base = experiment.load_topology(args)
     ovs_mode = f"ovs+{args.controller}"
-    return {BASELINE: switching.with_underlay(base, "linuxbridge", "none"),
-            ovs_mode: switching.with_underlay(base, "ovs", args.controller)}
+    return {BASELINE: spec.with_underlay(base, "linuxbridge", "none"),
+            ovs_mode: spec.with_underlay(base, "ovs", args.controller)}
 
 
 def run(args) -> int:

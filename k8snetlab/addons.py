@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any
 from .registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .cluster import Cluster
-    from .spec import ClusterSpec
+    from .cluster_view import ClusterView
+    from .clusterspec import ClusterSpec
 
 
 class Addon:
     name = "addon"
 
-    def __init__(self, cluster: "Cluster"):
+    def __init__(self, cluster: "ClusterView"):
         self.cluster = cluster
 
     @classmethod

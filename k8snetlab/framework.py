@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from . import experiment, hoststat, measure, results, stats
+from . import experiment, hoststat, measure, results, spec, stats
 from .errors import SpecError
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ class Experiment:
         out = []
         for v in self.variants:
             section = {**base.cni.sections.get(v.cni, {}), **v.options}
-            out.append((v, base.with_cni(v.cni, **({v.cni: section} if section else {}))))
+            out.append((v, spec.with_cni(base, v.cni, **({v.cni: section} if section else {}))))
         return out
 
     def setup(self, run: "Run", variant: Variant, cluster: Any) -> None:

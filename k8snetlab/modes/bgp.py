@@ -37,8 +37,8 @@ from .ipip import CalicoMode
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..bgp.speakers import Speaker
-    from ..cluster import Node
-    from ..spec import ClusterSpec
+    from ..pod import NodeHost
+    from ..clusterspec import ClusterSpec
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ class BgpMode(CalicoMode):
         super().__init__(cluster, options)
         self.speakers: dict[str, "Speaker"] = {}    # node and router name -> driver
         self.defer_start = False                    # True: start_node configures, start_speakers() starts
+        self.last_converge_s: float | None = None
         self._plan_key: tuple[Any, ...] | None = None
         self._plan: bgpplan.BgpPlan | None = None
         self._stopped: set[str] = set()
@@ -153,7 +154,7 @@ class BgpMode(CalicoMode):
         return self._plan
 
     # -- node agent --------------------------------------------------------------------------------
-    def prepare(self, first_node: "Node") -> None:
+    def prepare(self, first_node: "NodeHost") -> None:
         """Check the daemons are installed; configure the underlay routers' BIRD (peerWithToR),
         started with the nodes' speakers."""
         for kind in sorted({s.speaker for s in self.plan().speakers.values()}):
@@ -162,7 +163,7 @@ class BgpMode(CalicoMode):
             router = self.cluster.routers[sp.name]
             self._driver(sp, router, self._router_dir(sp.name)).configure()
 
-    def start_node(self, node: "Node", ns: Netns) -> None:
+    def start_node(self, node: "NodeHost", ns: Netns) -> None:
         super().start_node(node, ns)
         drv = self._driver(self.plan().speakers[node.name], node, Path(node.state_dir))
         drv.configure()
@@ -174,24 +175,25 @@ class BgpMode(CalicoMode):
         self._follow_plan()     # a joining node: the others learn of their new peer first
         self.start_speakers([n for n, d in self.speakers.items() if d.started_at is None])
         took = self.wait_converged(CONVERGE_TIMEOUT)
+        self.last_converge_s = took     # speakers started until every node has every pod route
         if took is None:
             log.warning("bgp: routes not everywhere after %.0f s: %s; see 'k8snetlab bgp status'",
                         CONVERGE_TIMEOUT, _lacking(self.missing_routes()))
         else:
             log.info("bgp: every node has every pod route (%.2f s)", took)
 
-    def add_peer(self, node: "Node", ns: Netns, peer: "Node") -> None:
+    def add_peer(self, node: "NodeHost", ns: Netns, peer: "NodeHost") -> None:
         """No route: BGP brings it. A new peer means new sessions: reconfigure the speakers."""
         self._follow_plan()
 
-    def peers_to_repair(self, node: "Node", ns: Netns, peers: list["Node"]) -> list["Node"]:
+    def peers_to_repair(self, node: "NodeHost", ns: Netns, peers: list["NodeHost"]) -> list["NodeHost"]:
         """None: routes to other nodes are the BGP speakers' (BIRD rescans the kernel table)."""
         return []
 
-    def remove_peer(self, node: "Node", ns: Netns, peer: "Node") -> None:
+    def remove_peer(self, node: "NodeHost", ns: Netns, peer: "NodeHost") -> None:
         self._follow_plan()
 
-    def stop_node(self, node: "Node") -> None:
+    def stop_node(self, node: "NodeHost") -> None:
         drv = self.speakers.pop(node.name, None)
         if drv is not None:
             drv.stop()

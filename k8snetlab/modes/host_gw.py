@@ -18,8 +18,8 @@ from ..options import opt
 from .base import Mode, uplink
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..cluster import Node
-    from ..spec import ClusterSpec
+    from ..pod import NodeHost
+    from ..clusterspec import ClusterSpec
 
 
 def route_check_interval() -> Any:
@@ -44,13 +44,13 @@ class FlannelMode(Mode):
     def resync_period(self) -> float | None:
         return self.options.route_check_interval
 
-    def plugins(self, node: "Node") -> list[dict[str, Any]]:
+    def plugin_configs(self, node: "NodeHost") -> list[dict[str, Any]]:
         return [{"type": "flannel", "delegate": {"hairpinMode": True, "isDefaultGateway": True},
                  "subnetFile": str(node.state_dir / "subnet.env"),
                  "dataDir": str(node.state_dir / "flannel"),
                  "ipamDataDir": str(node.state_dir / "ipam")}]
 
-    def start_node(self, node: "Node", ns: Netns) -> None:
+    def start_node(self, node: "NodeHost", ns: Netns) -> None:
         super().start_node(node, ns)
         net = self.cluster.spec.network
         gw = next(node.spec.pod_cidr.hosts())
@@ -75,5 +75,5 @@ class HostGwMode(FlannelMode):
                             f"on subnet {a[0]} and {b[1]} on {b[0]}: use vxlan or ipip, or put the "
                             "nodes in one subnet")
 
-    def add_peer(self, node: "Node", ns: Netns, peer: "Node") -> None:
+    def add_peer(self, node: "NodeHost", ns: Netns, peer: "NodeHost") -> None:
         ns.add_route(str(peer.spec.pod_cidr), gateway=str(peer.spec.ip), dev=uplink())

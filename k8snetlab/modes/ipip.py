@@ -39,7 +39,7 @@ from ..options import opt
 from .base import Mode, uplink
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..cluster import Node
+    from ..pod import NodeHost
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +59,14 @@ class IpipOptions:
 class CalicoMode(Mode):
     """Shared by the Calico modes: the calico plugin with host-local on the node's block."""
 
-    def plugins(self, node: "Node") -> list[dict[str, Any]]:
+    def plugin_configs(self, node: "NodeHost") -> list[dict[str, Any]]:
         return [{"type": "calico", "mtu": self.mtu, "ipam": self.host_local(node)}]
 
     @property
     def resync_period(self) -> float | None:
         return self.options.route_refresh_interval
 
-    def resync_node(self, node: "Node", ns: Netns, peers: list["Node"]) -> list[str]:
+    def resync_node(self, node: "NodeHost", ns: Netns, peers: list["NodeHost"]) -> list[str]:
         """Felix's route refresh: the peers' routes, and the ``/32`` route of each local pod
         on its ``cali*`` veth (what the calico plugin made at ADD)."""
         fixed = super().resync_node(node, ns, peers)
@@ -99,7 +99,7 @@ class IpipMode(CalicoMode):
     def datapath(self) -> str:
         return self._datapath or self.options.datapath
 
-    def prepare(self, first_node: "Node") -> None:
+    def prepare(self, first_node: "NodeHost") -> None:
         """Resolve ``auto`` and check that the chosen datapath can run here."""
         from .. import ebpf, proc
         has_ipip = ebpf.kernel_has_ipip(first_node.netns)
@@ -116,10 +116,10 @@ class IpipMode(CalicoMode):
             ebpf.compile_object()
             self.cluster.state.mount_bpffs()
 
-    def encapsulates(self, node: "Node", peer: "Node") -> bool:
+    def encapsulates(self, node: "NodeHost", peer: "NodeHost") -> bool:
         return self.options.ipip_mode == "Always" or node.spec.subnet != peer.spec.subnet
 
-    def start_node(self, node: "Node", ns: Netns) -> None:
+    def start_node(self, node: "NodeHost", ns: Netns) -> None:
         super().start_node(node, ns)
         if self.datapath == "kernel":
             ns.add_link(naming.IPIP_DEV, "ipip")
@@ -132,12 +132,12 @@ class IpipMode(CalicoMode):
             tc.attach()
             self._tc[node.name] = tc
 
-    def stop_node(self, node: "Node") -> None:
+    def stop_node(self, node: "NodeHost") -> None:
         tc = self._tc.pop(node.name, None)
         if tc is not None:
             tc.detach()
 
-    def add_peer(self, node: "Node", ns: Netns, peer: "Node") -> None:
+    def add_peer(self, node: "NodeHost", ns: Netns, peer: "NodeHost") -> None:
         cidr = str(peer.spec.pod_cidr)
         if not self.encapsulates(node, peer):
             ns.add_route(cidr, gateway=str(peer.spec.ip), dev=uplink())
@@ -150,7 +150,11 @@ class IpipMode(CalicoMode):
             # mtu: what the node itself sends there must still fit the underlay once wrapped
             ns.add_route(cidr, gateway=self.underlay_next_hop(node, peer), dev=uplink(), mtu=self.mtu)
 
-    def resync_node(self, node: "Node", ns: Netns, peers: list["Node"]) -> list[str]:
+    def bpf_datapath(self, node: str) -> Any:
+        """The node's eBPF IPIP datapath (its maps and counters), None on the kernel datapath."""
+        return self._tc.get(node)
+
+    def resync_node(self, node: "NodeHost", ns: Netns, peers: list["NodeHost"]) -> list[str]:
         """ebpf: the programs first (a re-attach starts with empty maps, so every peer is then
         repaired), then routes, map entries and pod routes."""
         tc = self._tc.get(node.name)
@@ -159,7 +163,7 @@ class IpipMode(CalicoMode):
             tc.attach()
         return super().resync_node(node, ns, peers)
 
-    def peers_to_repair(self, node: "Node", ns: Netns, peers: list["Node"]) -> list["Node"]:
+    def peers_to_repair(self, node: "NodeHost", ns: Netns, peers: list["NodeHost"]) -> list["NodeHost"]:
         """Peers lacking their route or, in the ebpf datapath, their tunnel or peer map entry."""
         todo = super().peers_to_repair(node, ns, peers)
         tc = self._tc.get(node.name)
@@ -173,7 +177,7 @@ class IpipMode(CalicoMode):
                 todo.append(peer)
         return todo
 
-    def remove_peer(self, node: "Node", ns: Netns, peer: "Node") -> None:
+    def remove_peer(self, node: "NodeHost", ns: Netns, peer: "NodeHost") -> None:
         super().remove_peer(node, ns, peer)
         tc = self._tc.get(node.name)
         if tc is not None:

@@ -27,7 +27,7 @@ from ..errors import K8sNetLabError
 from ..netutil import Netns
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..cluster import Node
+    from ..pod import NodeHost
     from .base import Mode
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 class AgentResync:
     """A thread that reconciles every node's inter-node state every ``period`` seconds."""
 
-    def __init__(self, mode: "Mode", nodes: Callable[[], dict[str, "Node"]], period: float,
+    def __init__(self, mode: "Mode", nodes: Callable[[], dict[str, "NodeHost"]], period: float,
                  lock: threading.RLock):
         self.mode, self.nodes, self.period, self.lock = mode, nodes, period, lock
         self.rounds = 0                              # reconcile rounds done

@@ -50,9 +50,9 @@ from .model import (
 from .proxy import PROXIERS, Proxier
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..cluster import Cluster
+    from ..cluster_view import ClusterView
     from ..pod import NetnsHost, NodeHost, Pod
-    from ..spec import ClusterSpec
+    from ..clusterspec import ClusterSpec
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ EXTERNAL_HOST = "external"
 class ServicesAddon(Addon):
     name = "services"
 
-    def __init__(self, cluster: "Cluster"):
+    def __init__(self, cluster: "ClusterView"):
         super().__init__(cluster)
         self.options: KubeProxyOptions = parse_kube_proxy(cluster.spec)
         self.allocator = ServiceAllocator(cluster.spec.network.service_cidr, dns=self.options.dns)
@@ -91,6 +91,13 @@ class ServicesAddon(Addon):
         if not cls.wanted(spec):
             return
         opts = parse_kube_proxy(spec)
+        try:
+            mode = PROXIERS.get(opts.mode)
+        except SpecError as e:
+            raise SpecError(f"{spec.source}: kubeProxy.mode: {e}") from None
+        why = mode.unavailable()
+        if why is not None and opts.mode == "ipvs":   # other modes' tools are checked at start
+            raise SpecError(f"{spec.source}: kubeProxy.mode: {why}")
         cidr = spec.network.service_cidr
         if opts.dns and cidr.num_addresses <= DNS_OFFSET + 1:
             raise SpecError(f"{spec.source}: network.serviceCIDR {cidr} is too small for the cluster DNS at its "
