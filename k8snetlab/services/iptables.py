@@ -322,7 +322,7 @@ def present_jumps(listing: dict[tuple[str, str], str]) -> set[Jump]:
 
 class IptablesProxier(Proxier):
     mode = "iptables"
-    tools = ("iptables", "iptables-restore", "conntrack")
+    tools = ("iptables", "iptables-restore", "iptables-save")
 
     def __init__(self, *args, **kw) -> None:
         super().__init__(*args, **kw)
@@ -375,19 +375,13 @@ class IptablesProxier(Proxier):
         self.node.run([f"{self.iptables}-restore", "-w", "5", "--noflush"], input=text)
 
     def _list_builtin(self) -> dict[tuple[str, str], str]:
-        """``iptables -S`` of the built-in chains we jump from, in one process (a shell loop)."""
-        script = "; ".join(f"echo '@@ {t} {c}'; {self.iptables} -w 5 -t {t} -S {c} 2>/dev/null"
-                           for t, c in BUILTIN)
-        out = self.node.run(["sh", "-c", script]).stdout
-        listing: dict[tuple[str, str], str] = {}
-        key = None
-        for line in out.splitlines():
-            if line.startswith("@@ "):
-                _, t, c = line.split()
-                key = (t, c)
-                listing[key] = ""
-            elif key is not None:
-                listing[key] += line + "\n"
+        """The rules of the built-in chains we jump from: one ``iptables-save -t TABLE`` per table."""
+        listing = {key: "" for key in BUILTIN}
+        for table in sorted({t for t, _ in BUILTIN}):
+            for line in self.node.run([f"{self.iptables}-save", "-t", table]).stdout.splitlines():
+                parts = line.split(maxsplit=2)
+                if len(parts) > 1 and parts[0] == "-A" and (table, parts[1]) in listing:
+                    listing[(table, parts[1])] += line + "\n"
         return listing
 
     def stop(self) -> None:

@@ -285,7 +285,7 @@ class NftablesRules:
 
 class NftablesProxier(Proxier):
     mode = "nftables"
-    tools = ("nft", "conntrack")
+    tools = ("nft",)
 
     def __init__(self, *args, **kw) -> None:
         super().__init__(*args, **kw)

@@ -332,9 +332,9 @@ class UserspaceProxier(Proxier):
             old = self.ports.get(d.portal)
             if old is None or old == ports.get(d.portal):
                 continue
-            flt = ["--orig-dst", d.dst, "--orig-port-dst", str(d.dport)] if d.dst \
-                else ["--orig-port-dst", str(d.dport)]
-            self.node.run(["conntrack", "-D", "-p", "udp", *flt], check=False)
+            flt = ("--orig-dst", d.dst, "--orig-port-dst", str(d.dport)) if d.dst \
+                else ("--orig-port-dst", str(d.dport))
+            self.delete_udp_flows(flt)
 
 
 def _redirect_works(cluster: "ClusterView", node: "NodeHost") -> bool:
