@@ -417,7 +417,7 @@ class Cluster:
                 with Netns(self.nodes[a].netns, a) as ns:
                     self.mode.remove_peer(self.nodes[a], ns, self._gone[b])
             self._peers.discard((a, b))
-        missing = want - self._peers     # once: per pair it made a 100-node start take seconds
+        missing = want - self._peers     # all at once: one netlink socket per node, not per pair
         for a in self.nodes:
             todo = [b for b in self.nodes if (a, b) in missing]
             if not todo:

@@ -12,6 +12,7 @@ there, ``del_*`` treat "already gone" as success.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -294,16 +295,13 @@ class Netns:
         from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
         orig = NFCTAttrTuple(proto=protocol, daddr=orig_dst, dport=orig_dport)
         reply = NFCTAttrTuple(saddr=reply_src) if reply_src else None
-        with proc.netns(self.path):      # the socket belongs to the namespace it is opened in
-            ct = Conntrack()
-        try:
+        # all of it inside the namespace: pyroute2 opens the socket on first use, not at creation
+        with proc.netns(self.path), contextlib.closing(Conntrack()) as ct:
             found = list(ct.dump_entries(tuple_orig=orig, tuple_reply=reply))
             for entry in found:
                 self._call(f"delete conntrack entry {entry}", ct.entry, "del", tuple_orig=entry.tuple_orig,
                            ok=(errno.ENOENT,))
-            return len(found)
-        finally:
-            ct.close()
+        return len(found)
 
     # -- sysctls ----------------------------------------------------------------------------
     def set_sysctl(self, key: str, value: str | int) -> str:

@@ -358,12 +358,7 @@ class IptablesProxier(Proxier):
         self.restore(text)
         self.watch.wrote(before, text.count("\nCOMMIT"))
         self._chains, self._written = chains, holds
-        if full:
-            self._last_full = time.monotonic()
-            self.full_syncs += 1
-        self.bridge_hairpin()
-        self.flush_conntrack(self.last, snap)
-        self.last = snap
+        self.synced(snap, full)
 
     def rules_changed(self) -> bool:
         """Are the node's rules other than this proxier's last restore left them? One netlink

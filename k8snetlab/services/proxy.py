@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -55,6 +56,8 @@ class Proxier:
         self.node = node
         self.options = options
         self.last: Snapshot | None = None          # what the node was last made to match
+        self.full_syncs = 0                        # full syncs so far (rule-writing modes)
+        self._last_full = 0.0                      # when the last one ran (time.monotonic)
         self._sysctls: dict[str, str] = {}         # sysctls changed -> old value
 
     @classmethod
@@ -122,6 +125,16 @@ class Proxier:
             for index in ports:
                 ns.ipr.brport("set", index=index, mode=1)    # IFLA_BRPORT_MODE: hairpin
             return len(ports)
+
+    def synced(self, snap: Snapshot, full: bool) -> None:
+        """What every rule-writing mode does once its rules match ``snap``: count a full sync,
+        hairpin the bridge ports, drop stale UDP flows, remember ``snap``."""
+        if full:
+            self._last_full = time.monotonic()
+            self.full_syncs += 1
+        self.bridge_hairpin()
+        self.flush_conntrack(self.last, snap)
+        self.last = snap
 
     def flush_conntrack(self, old: Snapshot | None, new: Snapshot) -> int:
         """Delete the node's conntrack entries that ``stale_udp_flows`` names; return how many
