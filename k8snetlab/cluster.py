@@ -147,7 +147,6 @@ class Cluster:
             self.underlay.build(self.timings)
             self.timings["underlay_s"] = time.monotonic() - t0
             self._start_node_agents()
-            self._start_agent_resync()
             self.timings["agents_s"] = time.monotonic() - t0 - self.timings["underlay_s"]
             t1 = time.monotonic()
             self._add_pods(self.spec.pods())
@@ -159,6 +158,9 @@ class Cluster:
                     self.addons.append(addon)
                     addon.start()
             self.timings["addons_s"] = time.monotonic() - t2
+            # the periodic reconciles start once everything is up: at 100 nodes a resync round
+            # is seconds of the runtime's CPU, which the pods' start needs
+            self._start_agent_resync()
             self._start_supervisor()
         except BaseException:
             self.stop()
