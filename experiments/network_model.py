@@ -109,7 +109,7 @@ def _cell(passed: int, total: int, verdict: bool | None) -> str:
 
 
 def _expectations(found: dict[str, list[model_check.Check]]) -> list[str]:
-    """The issue's expectations: docker fails (a); every CNI mode passes (a), (b), (c)."""
+    """What is expected: docker fails (a); every CNI mode passes (a), (b), (c)."""
     out = []
     for mode, checks in found.items():
         s = model_check.summarize(checks)
