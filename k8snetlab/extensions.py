@@ -34,7 +34,7 @@ ENTRY_POINTS: dict[str, list[str]] = {
         "openflow = k8snetlab.services.openflow:OpenFlowProxier",
     ],
     "k8snetlab.addons": [
-        "services = k8snetlab.services.addon:ServicesAddon",
+        "services = k8snetlab.services.services_addon:ServicesAddon",
         "policy = k8snetlab.policy.addon:PolicyAddon",
     ],
     "k8snetlab.controller_apps": [      # app name -> controllers.AppInfo (imports no framework)
