@@ -48,6 +48,7 @@ ENTRY_POINTS: dict[str, list[str]] = {
     ],
     "k8snetlab.network_policy_dataplanes": [
         "iptables = k8snetlab.policy.iptables:IptablesDataplane",
+        "iptables-legacy = k8snetlab.policy.iptables:IptablesLegacyDataplane",
         "nftables = k8snetlab.policy.nftables:NftablesDataplane",
     ],
 }
