@@ -513,7 +513,7 @@ class Cluster:
 
     @property
     def services(self) -> Any:
-        """The Services add-on (``k8snetlab.services.addon.ServicesAddon``): kube-proxy,
+        """The Services add-on (``k8snetlab.services.services_addon.ServicesAddon``): kube-proxy,
         Endpoints, DNS, load balancer; None when the cluster file asks for no Services."""
         return self.addon("services")
 

@@ -1,7 +1,7 @@
 """kube-proxy ``userspace`` mode: iptables sends Service traffic to a proxy process on the node.
 
 The oldest kube-proxy mode, the one the classic walk-throughs trace: a proxy process per node
-(:mod:`.userspace_proxy`) accepts each connection and opens a second one to a backend pod,
+(:mod:`.portal_proxy`) accepts each connection and opens a second one to a backend pod,
 so the backend sees the node, never the client. The rules and what differs from the other
 modes are described at :class:`UserspaceProxier`.
 """
@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-PROXY_PROGRAM = Path(__file__).with_name("userspace_proxy.py")
+PROXY_PROGRAM = Path(__file__).with_name("portal_proxy.py")
 START_TIMEOUT_S = 10.0         # bound on the proxy process coming up
 CONTROL_TIMEOUT_S = 60.0       # bound on one apply (opening thousands of sockets takes a moment)
 UDP_TIMEOUT_S = 0.25           # kube-proxy's --udp-timeout default
@@ -148,7 +148,7 @@ class UserspaceProxier(Proxier):
     The oldest kube-proxy mode, and the one the classic Kubernetes networking walk-throughs
     trace. Per node:
 
-    - one proxy process (:mod:`.userspace_proxy`, started in the node's namespace, its PID
+    - one proxy process (:mod:`.portal_proxy`, started in the node's namespace, its PID
       recorded) holds, for every Service port, a listening socket on a port the kernel picked at
       random. For each connection it accepts it opens a second TCP connection to a backend pod,
       round robin (``sessionAffinity: ClientIP`` honoured), and copies bytes both ways; UDP is
