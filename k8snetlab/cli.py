@@ -86,6 +86,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
         print(f"removed {line}")
     if report.empty():
         print("nothing to clean")
+    for name in report.unowned:
+        print(f"left alone: interface {name} (named like the testbed's but not marked as made by a "
+              f"dead cluster; if it is a leftover: ip link del {name})")
     return 0
 
 
