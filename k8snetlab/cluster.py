@@ -35,7 +35,7 @@ from mininet.log import setLogLevel
 from mininet.net import Mininet
 from mininet.nodelib import LinuxBridge
 
-from . import addons as addonmod, cleanup, manifests, naming, proc, spec as specmod
+from . import addons as addonmod, checks, cleanup, manifests, naming, proc, spec as specmod
 from .cni import CNIRuntime, ExecInvoker, Invoker, NetworkConfigList, RuntimeConf
 from .errors import K8sNetLabError, SpecError
 from .manifests import PodSpec, Workload
@@ -131,7 +131,9 @@ class Cluster:
             self._start_node_agents()
             self.timings["agents_s"] = time.monotonic() - t0 - self.timings["underlay_s"]
             t1 = time.monotonic()
-            self._add_pods(self.spec.pods())
+            pods = self.spec.pods()
+            for i in range(0, len(pods), checks.POD_BATCH):   # bounded: sandboxes a batch at a time
+                self._add_pods(pods[i:i + checks.POD_BATCH])
             self.timings["pods_s"] = time.monotonic() - t1
             t2 = time.monotonic()
             for cls in addonmod.addon_classes():

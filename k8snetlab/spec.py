@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from . import manifests
+from . import checks, manifests
 from .errors import SpecError
 from .manifests import PodSpec, Workload
 
@@ -258,6 +258,7 @@ def from_dict(data: Any, source: str = "<cluster>", base_dir: Path | None = None
         raise SpecError(f"{source}: kubeProxy must be a mapping like {{mode: iptables}}")
     spec = ClusterSpec(str(name), source, underlay, nodes, network, cni, tuple(workloads), kp, tuple(services))
     _check_addresses(spec)
+    checks.check_pod_bounds(spec)       # before any pod list is expanded
     _check_scheduling(spec)
     _validate_mode(spec)
     return spec
@@ -360,6 +361,7 @@ def _parse_network(raw: Any, src: str) -> NetworkSpec:
 
 def _parse_nodes(raw: Any, underlay: UnderlaySpec, network: NetworkSpec, src: str) -> tuple[NodeSpec, ...]:
     items = _list(raw, f"{src}: nodes")
+    checks.check_node_count(len(items), f"{src}: nodes")
     free = network.cluster_cidr.subnets(new_prefix=network.node_mask)
     explicit = {}
     for i, n in enumerate(items):
