@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 from typing import Any, Callable, Sequence
 
 from .errors import K8sNetLabError, NotRoot, SpecError, ToolMissing, KernelFeatureMissing
@@ -36,11 +34,10 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def sigterm_as_interrupt() -> None:
-    """SIGTERM tears the cluster down like Ctrl-C does."""
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
+    """SIGTERM tears the cluster down like Ctrl-C does (and SIGINT works also when the
+    process started with it ignored); see :mod:`k8snetlab.signals`."""
+    from . import signals
+    signals.install()
 
 
 def guarded(fn: Callable[[], int], prog: str = "k8snetlab") -> int:
@@ -56,12 +53,15 @@ def guarded(fn: Callable[[], int], prog: str = "k8snetlab") -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; everything was torn down", file=sys.stderr)
         return 130
+    finally:
+        from . import signals
+        signals.quiet()             # exiting: a late signal must not raise on the way out
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     from .cluster import Cluster
     from .proc import require_root
-    from . import spec
+    from . import signals, spec
     s = spec.load(args.file, cni=args.cni, params=spec.parse_params(args.param))
     require_root()
     sigterm_as_interrupt()
@@ -72,7 +72,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             c.cli()
         else:
             print("holding the cluster; press Ctrl-C to tear it down", flush=True)
-            threading.Event().wait()
+            signals.wait()
     print("cluster stopped and removed")
     return 0
 
@@ -194,9 +194,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    setup_logging(args.verbose)
-    return guarded(lambda: args.fn(args))
+    sigterm_as_interrupt()          # first: a signal while loading is a clean exit too
+
+    def run() -> int:
+        args = parser().parse_args(argv)
+        setup_logging(args.verbose)
+        return args.fn(args)
+    return guarded(run)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from mininet.log import setLogLevel
 from mininet.net import Mininet
 from mininet.nodelib import LinuxBridge
 
-from . import addons as addonmod, checks, cleanup, manifests, naming, proc, spec as specmod
+from . import addons as addonmod, checks, cleanup, signals, manifests, naming, proc, spec as specmod
 from .cni import CNIRuntime, ExecInvoker, Invoker, NetworkConfigList, RuntimeConf
 from .errors import K8sNetLabError, SpecError
 from .manifests import PodSpec, Workload
@@ -117,6 +117,7 @@ class Cluster:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
+    @signals.deferring      # SIGINT/SIGTERM act at the checkpoints between steps, then stop()
     def start(self) -> "Cluster":
         proc.require_root()
         proc.require(*BASE_TOOLS, *self.mode.tools)
@@ -128,12 +129,15 @@ class Cluster:
             self._write_cni_bin()
             self._build_underlay()
             self.timings["underlay_s"] = time.monotonic() - t0
+            signals.checkpoint()
             self._start_node_agents()
+            signals.checkpoint()
             self.timings["agents_s"] = time.monotonic() - t0 - self.timings["underlay_s"]
             t1 = time.monotonic()
             pods = self.spec.pods()
             for i in range(0, len(pods), checks.POD_BATCH):   # bounded: sandboxes a batch at a time
                 self._add_pods(pods[i:i + checks.POD_BATCH])
+                signals.checkpoint()
             self.timings["pods_s"] = time.monotonic() - t1
             t2 = time.monotonic()
             for cls in addonmod.addon_classes():
@@ -141,6 +145,7 @@ class Cluster:
                     addon = cls(self)
                     self.addons.append(addon)
                     addon.start()
+                    signals.checkpoint()
             self.timings["addons_s"] = time.monotonic() - t2
         except BaseException:
             self.stop()
@@ -150,6 +155,7 @@ class Cluster:
                  len(self.nodes), len(self.pods), self.timings["start_s"])
         return self
 
+    @signals.deferring      # a signal during teardown takes effect once it is complete
     def stop(self) -> None:
         """Tear everything down; safe to call twice and after a failed start."""
         if not self._started:
