@@ -15,6 +15,9 @@ Bounds (README "Errors"):
 from __future__ import annotations
 
 import os
+import shutil
+from ipaddress import IPv4Network
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from .errors import SpecError
@@ -90,3 +93,120 @@ def check_pod_bounds(spec: "ClusterSpec", workloads: Iterable["Workload"] | None
             where = f"nodeName {node_name}" if node_name else f"nodeSelector {dict(selector)}"
             raise SpecError(f"{src}: {count} pods go to {where}, whose pod CIDRs hold {fits}: "
                             "spread them over more nodes or use larger pod CIDRs")
+
+
+# -- files -------------------------------------------------------------------------------------
+ALLOW_OUTSIDE_ENV = "K8SNETLAB_ALLOW_OUTSIDE_FILES"
+
+
+def read_text(path: Path, what: str, where: str = "") -> str:
+    """A file's text, or one line saying why not (missing, unreadable, binary); ``where``
+    names the key that refers to the file."""
+    at = f"{where}: " if where else ""
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise SpecError(f"{at}{path}: cannot read {what}: it is a directory") from None
+    except OSError as e:
+        raise SpecError(f"{at}{path}: cannot read {what}: {e.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{at}{path}: not a {what}: not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x}); "
+                        "give a YAML file") from None
+
+
+def workload_file(base: Path, ref: Any, where: str) -> Path:
+    """A ``workloads: [{file: ...}]`` reference: relative to the cluster file's directory and
+    inside it (the file is read as root), unless ``$K8SNETLAB_ALLOW_OUTSIDE_FILES`` is 1
+    (``--allow-outside-files``)."""
+    if not isinstance(ref, str) or not ref:
+        raise SpecError(f"{where}: must be a path relative to the cluster file, like manifests/web.yaml")
+    path = (base / ref).resolve()
+    if os.environ.get(ALLOW_OUTSIDE_ENV) != "1" and not path.is_relative_to(base.resolve()):
+        raise SpecError(f"{where}: {ref[:200]!r} is outside the cluster file's directory {base.resolve()}: "
+                        "move it there, or allow it with --allow-outside-files")
+    return path
+
+
+# -- addresses ---------------------------------------------------------------------------------
+SPECIAL_RANGES = {
+    "0.0.0.0/8": "reserved ('this network')",
+    "127.0.0.0/8": "loopback",
+    "169.254.0.0/16": "link-local",
+    "224.0.0.0/4": "multicast",
+    "240.0.0.0/4": "reserved (class E and broadcast)",
+}
+
+
+def check_usable_ranges(spec: "ClusterSpec") -> None:
+    """Cluster, service, pod and underlay CIDRs must be ordinary unicast ranges: addresses in
+    loopback, link-local, multicast or reserved space cannot be routed as pod or node IPs."""
+    items = [("network.clusterCIDR", spec.network.cluster_cidr), ("network.serviceCIDR", spec.network.service_cidr)]
+    items += [(f"nodes {n.name} podCIDR", n.pod_cidr) for n in spec.nodes]
+    items += [(f"underlay subnet {s.name}", s.cidr) for s in spec.underlay.subnets]
+    for label, net in items:
+        for special, what in SPECIAL_RANGES.items():
+            if net.overlaps(IPv4Network(special)):
+                raise SpecError(f"{spec.source}: {label} {net} is in the {what} range {special}: "
+                                "use private unicast ranges (10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16)")
+
+
+def check_node_not_gateway(spec: "ClusterSpec") -> None:
+    for n in spec.nodes:
+        gw = spec.underlay.subnet(n.subnet).gateway
+        if gw is not None and n.ip == gw:
+            raise SpecError(f"{spec.source}: node {n.name}: ip {n.ip} is the gateway of subnet {n.subnet}: "
+                            "give the node another address")
+
+
+# -- names and commands ------------------------------------------------------------------------
+def reserved_host_names(spec: "ClusterSpec") -> dict[str, str]:
+    """Host names the add-ons this cluster runs will take: name -> what takes it."""
+    from .services.addon import EXTERNAL_HOST, ServicesAddon
+    from .services.loadbalancer import HOST as LB_HOST
+    if not ServicesAddon.wanted(spec):
+        return {}
+    return {EXTERNAL_HOST: "the Services add-on's external client", LB_HOST: "the load balancer"}
+
+
+def check_reserved_names(spec: "ClusterSpec", pod_names: Iterable[str]) -> None:
+    reserved = reserved_host_names(spec)
+    if not reserved:
+        return
+    for kind, names in (("node", [n.name for n in spec.nodes]), ("pod", pod_names),
+                        ("underlay host", [h.name for h in spec.underlay.hosts]),
+                        ("router", [r.name for r in spec.underlay.routers])):
+        for name in names:
+            if name in reserved:
+                raise SpecError(f"{spec.source}: {kind} name {name!r} is reserved in a cluster with Services "
+                                f"({reserved[name]} uses it): rename the {kind}")
+
+
+def check_container_commands(spec: "ClusterSpec") -> None:
+    """Every container's program exists on this machine (containers run its programs)."""
+    seen: set[str] = set()
+    for w in spec.workloads:
+        for c in w.template.containers:
+            argv = c.argv
+            if not argv or argv[0] in seen:
+                continue
+            prog = argv[0]
+            found = os.access(prog, os.X_OK) and os.path.isfile(prog) if "/" in prog else shutil.which(prog)
+            if not found:
+                raise SpecError(f"{spec.source}: workload {w.name}, container {c.name}: command {prog[:200]!r} "
+                                "is not an executable on this machine: install it or fix the command")
+            seen.add(prog)
+
+
+# -- results files ------------------------------------------------------------------------------
+def check_comparable(a: str, a_rows: list[Any], b: str, b_rows: list[Any]) -> None:
+    """``k8snetlab compare``: both files hold measurements, of the same experiment."""
+    for path, rows in ((a, a_rows), (b, b_rows)):
+        if not rows:
+            raise SpecError(f"{path}: no measurements (only the header): compare files of finished runs")
+    ea = sorted({r.experiment for r in a_rows})
+    eb = sorted({r.experiment for r in b_rows})
+    if not set(ea) & set(eb):
+        raise SpecError(f"{a} is experiment {', '.join(ea)} but {b} is {', '.join(eb)}: "
+                        "compare two runs of one experiment")

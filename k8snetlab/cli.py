@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -44,6 +45,12 @@ def guarded(fn: Callable[[], int], prog: str = "k8snetlab") -> int:
     """Run ``fn``; turn our errors into one line on stderr and an exit status."""
     try:
         return fn()
+    except BrokenPipeError:
+        # the reader went away ('k8snetlab compare ... | head'): not an error of ours; stdout
+        # is pointed at /dev/null so that the flush at exit does not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141      # as a shell reports a command ended by SIGPIPE
     except BAD_INPUT as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
@@ -58,10 +65,18 @@ def guarded(fn: Callable[[], int], prog: str = "k8snetlab") -> int:
         signals.quiet()             # exiting: a late signal must not raise on the way out
 
 
+def allow_outside_files(args: argparse.Namespace) -> None:
+    """``--allow-outside-files``: workload files outside the cluster file's directory."""
+    from .checks import ALLOW_OUTSIDE_ENV
+    if getattr(args, "allow_outside_files", False):
+        os.environ[ALLOW_OUTSIDE_ENV] = "1"
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from .cluster import Cluster
     from .proc import require_root
     from . import signals, spec
+    allow_outside_files(args)
     s = spec.load(args.file, cni=args.cni, params=spec.parse_params(args.param))
     require_root()
     sigterm_as_interrupt()
@@ -93,8 +108,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from . import results
+    from . import checks, results
     a, b = results.read_rows(args.a), results.read_rows(args.b)
+    checks.check_comparable(args.a, a, args.b, b)
     rows = results.compare(a, b)
     headers = ["mode", "datapath", "scenario", "metric", "unit", "A", "B", "B/A"]
     table = [[r.get("mode"), r.get("datapath"), r.get("scenario"), r.get("metric"), r.get("unit"),
@@ -107,8 +123,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_check_model(args: argparse.Namespace) -> int:
     from . import model_check, spec
     from .proc import require_root
+    allow_outside_files(args)
     s = spec.load(args.file)
-    modes = [m for m in (args.cni or s.cni.type).split(",") if m]
+    modes = [m.strip() for m in (args.cni if args.cni is not None else s.cni.type).split(",") if m.strip()]
+    if not modes:
+        raise SpecError(f"--cni {args.cni!r}: name at least one mode, e.g. --cni host-gw,ipip")
     require_root("k8snetlab check-model")
     sigterm_as_interrupt()
     results = model_check.check_modes(s, modes)
@@ -167,6 +186,8 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--cli", action="store_true", help="open the Mininet CLI (pod names are hosts)")
     up.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                     help="a parameter of a Python topology file (topologies/*.py), e.g. leaves=4; repeatable")
+    up.add_argument("--allow-outside-files", action="store_true",
+                    help="read workloads: [{file: ...}] also outside the cluster file's directory")
     up.set_defaults(fn=cmd_up)
     cl = sub.add_parser("clean", help="remove what killed runs left behind")
     cl.set_defaults(fn=cmd_clean)
@@ -180,6 +201,8 @@ def parser() -> argparse.ArgumentParser:
     cm.add_argument("--cni", help="modes to check, comma-separated (default: the file's cni.type)")
     cm.add_argument("--csv", help="write every check with its evidence to this CSV file")
     cm.add_argument("--details", action="store_true", help="list every failed check")
+    cm.add_argument("--allow-outside-files", action="store_true",
+                    help="read workloads: [{file: ...}] also outside the cluster file's directory")
     cm.set_defaults(fn=cmd_check_model)
     md = sub.add_parser("modes", help="list CNI types and their options")
     md.set_defaults(fn=cmd_modes)

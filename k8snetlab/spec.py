@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from . import checks, manifests
+from . import checks, manifests, yamlio
 from .errors import SpecError
 from .manifests import PodSpec, Workload
 
@@ -154,12 +154,9 @@ def load(path: str | Path, cni: str | None = None, params: dict[str, Any] | None
     if params:
         raise SpecError(f"{path}: parameter {next(iter(params))!r} given, but only Python topology files "
                         "(.py) take parameters: remove --param or use a .py generator")
+    text = checks.read_text(path, "cluster file")
     try:
-        text = path.read_text()
-    except OSError as e:
-        raise SpecError(f"{path}: cannot read cluster file: {e.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
+        data = yamlio.load(text, str(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -186,6 +183,9 @@ def generate(path: Path, params: dict[str, Any]) -> Any:
     sys.modules[name] = module      # dataclasses and pickling look their module up there
     try:
         mod_spec.loader.exec_module(module)
+    except SystemExit as e:
+        raise SpecError(f"{path}: the topology generator called sys.exit({e.code!r}) while loading: "
+                        "a topology file defines cluster() and raises an exception to refuse") from None
     except Exception as e:
         raise SpecError(f"{path}: loading the topology generator failed: {type(e).__name__}: {e}") from None
     fn = getattr(module, "cluster", None)
@@ -201,11 +201,14 @@ def generate(path: Path, params: dict[str, Any]) -> Any:
         default = named[key]
         if default is not inspect.Parameter.empty and default is not None and not _same_kind(value, default):
             raise SpecError(f"{path}: parameter {key}: expected {type(default).__name__} like {default!r}, "
-                            f"got {value!r}")
+                            f"got {value!r}: valid parameters are {valid}")
     try:
         data = fn(**params)
     except SpecError as e:
         raise SpecError(f"{path}: {e}") from None
+    except SystemExit as e:
+        raise SpecError(f"{path}: cluster() called sys.exit({e.code!r}): a topology generator returns "
+                        "a dict, or raises an exception to refuse") from None
     except Exception as e:
         raise SpecError(f"{path}: cluster({', '.join(f'{k}={v!r}' for k, v in params.items())}) failed: "
                         f"{type(e).__name__}: {e}") from None
@@ -258,8 +261,12 @@ def from_dict(data: Any, source: str = "<cluster>", base_dir: Path | None = None
         raise SpecError(f"{source}: kubeProxy must be a mapping like {{mode: iptables}}")
     spec = ClusterSpec(str(name), source, underlay, nodes, network, cni, tuple(workloads), kp, tuple(services))
     _check_addresses(spec)
+    checks.check_usable_ranges(spec)
+    checks.check_node_not_gateway(spec)
     checks.check_pod_bounds(spec)       # before any pod list is expanded
     _check_scheduling(spec)
+    checks.check_reserved_names(spec, (p.name for p in spec.pods()))
+    checks.check_container_commands(spec)
     _validate_mode(spec)
     return spec
 
@@ -461,11 +468,10 @@ def _parse_workloads(items: Any, src: str, base: Path) -> tuple[list[Workload], 
     for i, item in enumerate(items):
         where = f"{src}: workloads[{i}]"
         if isinstance(item, dict) and set(item) == {"file"}:
-            path = base / str(item["file"])
+            path = checks.workload_file(base, item["file"], f"{where}.file")
             try:
-                docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-            except OSError as e:
-                raise SpecError(f"{where}.file: cannot read {path}: {e.strerror}") from None
+                docs = [d for d in yamlio.load_all(checks.read_text(path, "manifest file", f"{where}.file"), str(path))
+                        if d is not None]
             except yaml.YAMLError as e:
                 raise SpecError(f"{where}.file: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
             for j, d in enumerate(docs):
