@@ -5,7 +5,14 @@ is installed without touching this file. Non-Python files the code reads at run 
 source, speaker config templates) are package data.
 """
 
+import os
+import runpy
+
 from setuptools import find_packages, setup
+
+# our built-in choices of every axis, declared as entry points (the registry reads the same table)
+ENTRY_POINTS = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "k8snetlab",
+                                            "extensions.py"))["ENTRY_POINTS"]
 
 setup(
     name="k8snetlab",
@@ -17,5 +24,5 @@ setup(
     python_requires=">=3.10",
     install_requires=["pyroute2>=0.9", "PyYAML>=6", "mininet>=2.3.0.dev6", "scapy>=2.5", "jinja2>=3"],
     extras_require={"plot": ["matplotlib>=3.5"], "test": ["pytest>=7", "pytest-timeout>=2"]},
-    entry_points={"console_scripts": ["k8snetlab = k8snetlab.cli:main"]},
+    entry_points={"console_scripts": ["k8snetlab = k8snetlab.cli:main"], **ENTRY_POINTS},
 )

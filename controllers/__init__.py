@@ -5,8 +5,9 @@ Python; os-ken, OpenStack's maintained fork, has the same API under the package 
 This package holds:
 
 - ``APPS``, the registry: app name -> :class:`AppInfo` (module, what it can do). Adding an app
-  is one module in ``controllers/`` plus one line here. The registry imports nothing, so
-  ``k8snetlab controllers`` and cluster-file validation work without os-ken installed.
+  is one module plus an ``AppInfo`` declared in the ``k8snetlab.controller_apps`` entry-point
+  group. An ``AppInfo`` imports no framework, so ``k8snetlab controllers`` and cluster-file
+  validation work without os-ken installed.
 - the import shim: an app writes ``from controllers import App, set_ev_cls, MAIN_DISPATCHER``
   and gets the names from ``os_ken`` (or from ``ryu`` where that is what is installed); see
   ``_SHIM`` for every name. Names are resolved on first use (PEP 562 ``__getattr__``).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import json
 import os
 import time
@@ -29,7 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
+from k8snetlab.errors import SpecError
+from k8snetlab.registry import Registry
+
 OPENFLOW_PORT = 6653                      # IANA's OpenFlow port; each cluster has its own loopback
 STATE_ENV = "K8SNETLAB_CONTROLLER_STATE"  # where an app may export its view (JSON), see export_state
 FRAMEWORKS = ("os_ken", "ryu")            # tried in this order
@@ -51,24 +55,30 @@ class AppInfo:
     exports: bool = False
 
     @property
-    def path(self) -> Path:
-        return HERE.parent.joinpath(*self.module.split(".")).with_suffix(".py")
+    def path(self) -> Path | None:
+        """The app's source file, found without importing it."""
+        try:
+            found = importlib.util.find_spec(self.module)
+        except (ImportError, ValueError):
+            return None
+        return Path(found.origin) if found is not None and found.origin else None
 
     @property
     def description(self) -> str:
         """The first line of the module's docstring, read without importing it."""
         try:
-            doc = ast.get_docstring(ast.parse(self.path.read_text()))
+            doc = ast.get_docstring(ast.parse(self.path.read_text())) if self.path else None
         except (OSError, SyntaxError):
             doc = None
         return (doc or "(no description)").strip().splitlines()[0]
 
 
-APPS: dict[str, AppInfo] = {a.name: a for a in (
-    AppInfo("l2_learning", "controllers.l2_learning", exports=True),
-    AppInfo("fabric", "controllers.fabric", loops=True, observe_links=True, exports=True),
-    AppInfo("service_lb", "controllers.service_lb", exports=True),
-)}
+L2_LEARNING = AppInfo("l2_learning", "controllers.l2_learning", exports=True)
+FABRIC = AppInfo("fabric", "controllers.fabric", loops=True, observe_links=True, exports=True)
+SERVICE_LB = AppInfo("service_lb", "controllers.service_lb", exports=True)
+
+# app name -> AppInfo, from the ``k8snetlab.controller_apps`` entry-point group
+APPS: Registry[AppInfo] = Registry("controller app", "k8snetlab.controller_apps")
 
 
 class AppError(Exception):
@@ -77,10 +87,9 @@ class AppError(Exception):
 
 def get(name: str) -> AppInfo:
     try:
-        return APPS[name]
-    except KeyError:
-        raise AppError(f"unknown controller app {name!r}: use one of {', '.join(sorted(APPS))} "
-                       "(or none)") from None
+        return APPS.get(name)
+    except SpecError as e:
+        raise AppError(f"{e} (or none)") from None
 
 
 _import_errors: dict[str, str | None] = {}

@@ -34,7 +34,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from k8snetlab import experiment, proc, results, spec  # noqa: E402
-from k8snetlab.bgp import fib, plan as bgpplan  # noqa: E402
+from k8snetlab.bgp import SPEAKERS, fib, plan as bgpplan  # noqa: E402
 from k8snetlab.cluster import Cluster  # noqa: E402
 from k8snetlab.errors import SpecError  # noqa: E402
 
@@ -51,7 +51,7 @@ def build_parser():
                    f"at most {MAX_NODES})")
     p.add_argument("--reflectors", type=int, default=2, help="route reflectors (default %(default)s)")
     p.add_argument("--hold-time", type=int, default=30, help="BGP hold time in s (default %(default)s)")
-    p.add_argument("--speaker", default="bird", choices=bgpplan.SPEAKER_NAMES, help="BGP daemon (default %(default)s)")
+    p.add_argument("--speaker", default="bird", choices=SPEAKERS.names(), help="BGP daemon (default %(default)s)")
     p.add_argument("--timeout", type=float, default=60.0, help="longest wait for convergence, s (default %(default)s)")
     return p
 

@@ -56,7 +56,7 @@ def applicable(base: spec.ClusterSpec, wanted: list[str] | None) -> tuple[list[s
 def with_services(base: spec.ClusterSpec, kube_proxy: str) -> spec.ClusterSpec:
     """Turn the Services add-on on (if it is installed) so pod/external-to-Service are checked."""
     from k8snetlab import addons
-    if kube_proxy == "none" or base.kube_proxy or not addons._MODULES:
+    if kube_proxy == "none" or base.kube_proxy or "services" not in addons.ADDONS:
         return base
     new = dataclasses.replace(base, kube_proxy={"mode": kube_proxy})
     spec._validate_mode(new)

@@ -1,26 +1,26 @@
 """Add-ons: cluster parts that run beside the pods and follow them (kube-proxy, Endpoints, DNS).
 
-An add-on class is listed in ``_MODULES`` (module path; the module defines ``ADDON``). The
-spec asks every add-on to check the cluster file (``validate``, no root needed); the cluster
+An add-on is an :class:`Addon` subclass declared in the ``k8snetlab.addons`` entry-point
+group (:data:`ADDONS`). The spec asks every add-on to check the cluster file (``validate``, no root needed); the cluster
 creates those that are ``wanted`` and calls them as pods and nodes come and go:
 
     start()                  after the initial pods are up
     pods_added(pods)         after add_pod / scale made pods (containers started, ready)
     pod_removing(pod)        before a pod's containers stop (graceful: leave endpoints first)
+    pod_updated(pod)         a running pod's labels changed (Cluster.label_pod)
     node_added(node) / node_removed(name)
     stop()                   first thing in Cluster.stop()
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from .registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     from .cluster import Cluster
     from .spec import ClusterSpec
-
-_MODULES: tuple[str, ...] = ("k8snetlab.services.addon",)
 
 
 class Addon:
@@ -43,6 +43,8 @@ class Addon:
 
     def pod_removing(self, pod: Any) -> None: ...
 
+    def pod_updated(self, pod: Any) -> None: ...
+
     def node_added(self, node: Any) -> None: ...
 
     def node_removed(self, name: str) -> None: ...
@@ -50,5 +52,8 @@ class Addon:
     def stop(self) -> None: ...
 
 
+ADDONS: Registry[type[Addon]] = Registry("add-on", "k8snetlab.addons", base=Addon)
+
+
 def addon_classes() -> list[type[Addon]]:
-    return [importlib.import_module(m).ADDON for m in _MODULES]
+    return [cls for _, cls in ADDONS.items()]

@@ -8,6 +8,8 @@
     k8snetlab controllers                    the OpenFlow controller apps (underlay.controller)
     k8snetlab bgp status [--cluster NAME]    BGP sessions and routes per node, asked of the speakers
     k8snetlab check-model FILE [--cni A,B]   the Kubernetes network model, checked, with evidence
+    k8snetlab policy matrix [--namespace NS] [--port P]   reachability probed vs the NetworkPolicies
+    k8snetlab policy explain SRC DST PORT    which policy/rule allows a flow, or which isolation denies it
 
 Only this module (and the experiments' ``main``) prints and picks exit codes: 0 success,
 1 a failure during a run, 2 bad input (file, option, missing tool, not root) with one line
@@ -144,24 +146,42 @@ def cmd_check_model(args: argparse.Namespace) -> int:
 
 def cmd_controllers(args: argparse.Namespace) -> int:
     import controllers
-    for name in sorted(controllers.APPS):
-        app = controllers.APPS[name]
+    for name, app in controllers.APPS.items():
         notes = [n for n, on in (("handles loops", app.loops), ("LLDP discovery", app.observe_links)) if on]
         extra = f" [{', '.join(notes)}]" if notes else ""
-        print(f"{name}: {app.description}{extra}")
+        print(f"{name}: {app.description}{extra}{_from(controllers.APPS, name)}")
+    return 0
+
+
+def _from(registry: Any, name: str) -> str:
+    """`` (from PACKAGE)`` for a choice another installed package declares."""
+    from .registry import OURS
+    source = registry.source(name)
+    return "" if source == OURS else f" (from {source})"
+
+
+def cmd_extensions(args: argparse.Namespace) -> int:
+    """Every axis of choice: entry-point group, names, where each is declared."""
+    from .extensions import ENTRY_POINTS
+    from .registry import Registry
+    for group in ENTRY_POINTS:
+        reg: Registry[Any] = Registry(group.split(".", 1)[1], group)
+        names = ", ".join(f"{n}{_from(reg, n)}" for n in reg.names()) or "(none)"
+        print(f"{group}: {names}")
     return 0
 
 
 def cmd_modes(args: argparse.Namespace) -> int:
     import dataclasses
+    from . import options
     from .modes import MODES
     for name in MODES.names():
         mode = MODES.get(name)
         doc = (mode.__doc__ or sys.modules[mode.__module__].__doc__ or "-").strip().splitlines()[0]
-        print(f"{name}: {doc}")
+        print(f"{name}: {doc}{_from(MODES, name)}")
         for f in dataclasses.fields(mode.Options):
             key = f.metadata.get("key") or f.name
-            choices = f.metadata.get("choices")
+            choices = options.choice_names(f)
             extra = f" ({'|'.join(choices)})" if choices else ""
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
             print(f"    {key}: default {default!r}{extra}  {f.metadata.get('help', '')}")
@@ -173,6 +193,40 @@ def cmd_bgp_status(args: argparse.Namespace) -> int:
     from .proc import require_root
     require_root("k8snetlab bgp status (the speakers' control sockets)")
     print(status_report(args.cluster))
+    return 0
+
+
+def cmd_policy_matrix(args: argparse.Namespace) -> int:
+    from .policy import cluster_state
+    from .policy.matrix import run_matrix
+    from .proc import require_root
+    require_root("k8snetlab policy matrix (probes run in the pods' namespaces)")
+    protocols = tuple(p.strip().upper() for p in args.protocol.split(",") if p.strip())
+    bad = [p for p in protocols if p not in ("TCP", "UDP")]
+    if bad or not protocols:
+        raise SpecError(f"--protocol {args.protocol}: use TCP, UDP or TCP,UDP")
+    if not 1 <= args.port <= 65535:
+        raise SpecError(f"--port {args.port}: must be 1-65535")
+    state = cluster_state(args.cluster)
+    if args.namespace and not set(args.namespace) <= set(state["namespaces"]):
+        missing = sorted(set(args.namespace) - set(state["namespaces"]))
+        raise SpecError(f"--namespace {missing[0]}: no such namespace: there are {', '.join(sorted(state['namespaces']))}")
+    tables = run_matrix(state, args.port, protocols, args.namespace, args.timeout)
+    print("\n\n".join(t.format() for t in tables))
+    return 1 if any(t.differences for t in tables) else 0
+
+
+def cmd_policy_explain(args: argparse.Namespace) -> int:
+    from .policy import cluster_state
+    from .policy.matrix import explain
+    from .proc import require_root
+    require_root("k8snetlab policy explain (rule counters are read in the nodes' namespaces)")
+    if not 1 <= args.port <= 65535:
+        raise SpecError(f"port {args.port}: must be 1-65535")
+    proto = args.protocol.upper()
+    if proto not in ("TCP", "UDP"):
+        raise SpecError(f"--protocol {args.protocol}: use TCP or UDP")
+    print(explain(cluster_state(args.cluster), args.src, args.dst, args.port, proto))
     return 0
 
 
@@ -208,11 +262,29 @@ def parser() -> argparse.ArgumentParser:
     md.set_defaults(fn=cmd_modes)
     ctl = sub.add_parser("controllers", help="list the OpenFlow controller apps for underlay.controller")
     ctl.set_defaults(fn=cmd_controllers)
+    ext = sub.add_parser("extensions", help="list every axis of choice (entry-point groups) and what is installed")
+    ext.set_defaults(fn=cmd_extensions)
     bgp = sub.add_parser("bgp", help="BGP speakers of running clusters (cni bgp)")
     bgp_sub = bgp.add_subparsers(dest="bgp_command", required=True)
     bst = bgp_sub.add_parser("status", help="sessions (peer, state, since, routes received) per node")
     bst.add_argument("--cluster", help="a cluster name or state dir (knlN); default: every running cluster")
     bst.set_defaults(fn=cmd_bgp_status)
+    pol = sub.add_parser("policy", help="NetworkPolicy on a running cluster: reachability matrix, explain")
+    pol_sub = pol.add_subparsers(dest="policy_command", required=True)
+    pm = pol_sub.add_parser("matrix", help="probe every pod pair; expected vs observed (exit 1 on a difference)")
+    pm.add_argument("--namespace", action="append", help="only pods of this namespace (repeatable)")
+    pm.add_argument("--port", type=int, default=80, help="port to probe (default 80)")
+    pm.add_argument("--protocol", default="TCP", help="TCP, UDP or TCP,UDP (default TCP)")
+    pm.add_argument("--timeout", type=float, default=1.0, help="s to wait for each probe (default 1)")
+    pm.add_argument("--cluster", help="a cluster name or state dir (knlN) when several run")
+    pm.set_defaults(fn=cmd_policy_matrix)
+    pe = pol_sub.add_parser("explain", help="which policy and rule allow SRC -> DST:PORT, or what denies it")
+    pe.add_argument("src", help="a pod (ns/name or its host name, e.g. a.x) or an IPv4 address")
+    pe.add_argument("dst", help="a pod (ns/name or host name) or an IPv4 address")
+    pe.add_argument("port", type=int)
+    pe.add_argument("--protocol", default="TCP")
+    pe.add_argument("--cluster", help="a cluster name or state dir (knlN) when several run")
+    pe.set_defaults(fn=cmd_policy_explain)
     return p
 
 

@@ -36,7 +36,7 @@ from mininet.net import Mininet
 from mininet.nodelib import LinuxBridge
 
 from . import addons as addonmod, checks, cleanup, signals, manifests, naming, proc, spec as specmod
-from .cni import CNIRuntime, ExecInvoker, Invoker, NetworkConfigList, RuntimeConf
+from .cni import INVOKERS, CNIRuntime, NetworkConfigList, RuntimeConf
 from .errors import K8sNetLabError, SpecError
 from .manifests import PodSpec, Workload
 from .modes import MODES, Mode
@@ -261,6 +261,8 @@ class Cluster:
         for host in self.hosts.values():
             self._node_defaults(host)
         self._route_underlay()
+        from . import shaping
+        self.shaped_links = shaping.apply(self)     # link properties of the cluster file
 
     def _add_node_host(self, n: NodeSpec, ports: dict[str, int]) -> NodeHost:
         assert self.net is not None and self.state is not None
@@ -382,11 +384,7 @@ class Cluster:
         netd = node.state_dir / "net.d"
         netd.mkdir(exist_ok=True)
         (netd / f"10-{conf.name}.conflist").write_text(json.dumps(conf.to_dict(), indent=2) + "\n")
-        if self.spec.cni.invoke == "inprocess":
-            from cni_plugins.inprocess import InProcessInvoker
-            invoker: Invoker = InProcessInvoker()
-        else:
-            invoker = ExecInvoker()
+        invoker = INVOKERS.get(self.spec.cni.invoke)()
         self._runtimes[node.name] = CNIRuntime(node.netns, node.state_dir / "results", invoker)
 
     def sync_routes(self) -> None:
@@ -485,8 +483,9 @@ class Cluster:
             manifest = manifests.parse_workload(manifest, "manifest")
         pods = manifest.pods() if isinstance(manifest, Workload) else [manifest]
         for p in pods:
-            if p.name in self.pods or p.name in self.nodes or p.name in self.routers or p.name in self.hosts:
-                raise SpecError(f"pod name {p.name!r} is already taken")
+            h = p.host_name
+            if h in self.pods or h in self.nodes or h in self.routers or h in self.hosts:
+                raise SpecError(f"pod {p.key}: the name {h!r} is already taken")
         if isinstance(manifest, Workload) and manifest.kind != "Pod":
             self.workloads[manifest.name] = manifest
         return self._add_pods(pods)
@@ -506,7 +505,7 @@ class Cluster:
         index = {name: i for i, name in enumerate(wanted)}
         keep = sorted(mine, key=lambda n: index.get(n, 1 << 30))[:replicas]
         for name in set(mine) - set(keep):
-            self.delete_pod(name)
+            self.delete_pod(mine[name].name)
         missing = replicas - len(keep)
         new = [ps for ps in wanted.values() if ps.name not in mine][:missing]
         if new:
@@ -519,11 +518,11 @@ class Cluster:
         pods = []
         for ps in specs:
             node_name = self.schedule(ps)
-            pod = self._new_host(ps.name, Pod, spec=ps, ip=None)
+            pod = self._new_host(ps.host_name, Pod, spec=ps, ip=None)
             pod.node_name = node_name
             pod.container_id = secrets.token_hex(32)
-            self.pods[ps.name] = pod
-            with Netns(pod.netns, ps.name) as ns:
+            self.pods[ps.host_name] = pod
+            with Netns(pod.netns, ps.host_name) as ns:
                 ns.link_up("lo")   # what the runtime's loopback plugin does
             pods.append(pod)
         errors: list[str] = []
@@ -607,6 +606,27 @@ class Cluster:
             assert self.net is not None
             self.net.delHost(pod)
 
+    def label_pod(self, name: str, labels: dict[str, str | None]) -> dict[str, str]:
+        """``kubectl label pod``: set labels of a running pod (a value None removes the key);
+        the add-ons follow (network policies select by labels). Returns the new labels."""
+        pod = self.pods.get(name)
+        if pod is None:
+            raise K8sNetLabError(f"no pod {name!r}: pods are {', '.join(sorted(self.pods)) or '(none)'}")
+        new = {**pod.spec.labels, **{k: str(v) for k, v in labels.items() if v is not None}}
+        new = {k: v for k, v in new.items() if labels.get(k, "") is not None}
+        manifests._str_map(new, f"pod {name} labels")
+        pod.spec = dataclasses.replace(pod.spec, labels=new)
+        for addon in self.addons:
+            addon.pod_updated(pod)
+        return new
+
+    def label_namespace(self, namespace: str, labels: dict[str, str | None]) -> dict[str, str]:
+        """``kubectl label namespace`` (namespaces are the policy add-on's, see k8snetlab.policy)."""
+        policies = getattr(self, "policies", None)
+        if policies is None:
+            raise K8sNetLabError("namespaces are kept by the network policy add-on, which is not running")
+        return policies.label_namespace(namespace, labels)
+
     def _parallel(self, jobs: list[tuple[Any, Any]], errors: list[str], what: str) -> None:
         if not jobs:
             return
@@ -634,6 +654,16 @@ class Cluster:
                 cleanup.kill_pid(pid, proc.start_time(pid), grace=0.5)
 
     # -- conveniences ----------------------------------------------------------------------------
+    def addon(self, name: str) -> addonmod.Addon | None:
+        """The running add-on of that name (``services``...), None when the cluster has none."""
+        return next((a for a in self.addons if a.name == name), None)
+
+    @property
+    def services(self) -> Any:
+        """The Services add-on (``k8snetlab.services.addon.ServicesAddon``): kube-proxy,
+        Endpoints, DNS, load balancer; None when the cluster file asks for no Services."""
+        return self.addon("services")
+
     @property
     def switches(self) -> dict[str, Any]:
         """The underlay's switches (Mininet objects) by their cluster-file name: the subnet's
@@ -666,7 +696,7 @@ class Cluster:
         mode = self.mode
 
         class ClusterCLI(CLI):
-            identchars = CLI.identchars + "-"   # Kubernetes names hold dashes
+            identchars = CLI.identchars + "-."  # Kubernetes names hold dashes; a.x: pod a of namespace x
 
             def do_bgp(self, line: str) -> None:
                 """bgp: BGP sessions and routes of every node, asked of its speaker (cni bgp)"""
@@ -683,10 +713,11 @@ class Cluster:
     # -- CNI plugin executables -------------------------------------------------------------------
     def _write_cni_bin(self) -> None:
         """Our plugins as CNI executables named by type, in this cluster's CNI_PATH."""
-        from cni_plugins import _MODULES
+        from cni_plugins import PLUGINS
         assert self.state is not None
         self.state.cni_bin.mkdir(parents=True, exist_ok=True)
-        for ptype, module in _MODULES.items():
+        for ptype in PLUGINS.names():
+            module = PLUGINS.entry(ptype).module
             path = self.state.cni_bin / ptype
             path.write_text(f"#!{sys.executable}\n"
                             "import sys\n"

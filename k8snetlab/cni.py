@@ -16,7 +16,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .cni_protocol import (COMMANDS, ERR_DECODE, ERR_INCOMPATIBLE_VERSION, ERR_INVALID_CONFIG,  # noqa: F401
                            ERR_INVALID_ENV, ERR_IO, ERR_NOT_AVAILABLE, ERR_NOT_AVAILABLE_DAMAGED,
@@ -24,8 +24,12 @@ from .cni_protocol import (COMMANDS, ERR_DECODE, ERR_INCOMPATIBLE_VERSION, ERR_I
                            SUPPORTED_VERSIONS, CNIError, ExecInvoker, Interface, Invoker, IPConfig,
                            Result, Route, find_plugin, plugin_env)
 from .errors import K8sNetLabError, SpecError
+from .registry import Registry
 
 log = logging.getLogger(__name__)
+
+# how the runtime runs a plugin (``cni.invoke`` in a cluster file)
+INVOKERS: Registry[Callable[[], Invoker]] = Registry("CNI invoker", "k8snetlab.cni_invokers")
 
 
 # ---------------------------------------------------------------------------------------

@@ -56,6 +56,12 @@ class PodSpec:
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 
+    @property
+    def host_name(self) -> str:
+        """The pod's Mininet host name: its name in ``default`` (``web-0``), ``<name>.<namespace>``
+        elsewhere (``a.x``, ``kube-dns-0.kube-system``): unique, since names hold no dots."""
+        return self.name if self.namespace == "default" else f"{self.name}.{self.namespace}"
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -175,12 +181,12 @@ def parse_workload(doc: Any, where: str) -> Workload:
 
 
 def expand(workloads: list[Workload]) -> list[PodSpec]:
-    """All pods of all workloads; duplicate pod names are an error."""
+    """All pods of all workloads; duplicate pod names in one namespace are an error."""
     pods: dict[str, PodSpec] = {}
     for w in workloads:
         for p in w.pods():
-            if p.name in pods:
-                raise SpecError(f"duplicate pod name {p.name!r} (from {p.owner or 'Pod'} and "
-                                f"{pods[p.name].owner or 'Pod'}): rename one of the workloads")
-            pods[p.name] = p
+            if p.key in pods:
+                raise SpecError(f"duplicate pod name {p.name!r} in namespace {p.namespace} (from "
+                                f"{p.owner or 'Pod'} and {pods[p.key].owner or 'Pod'}): rename one of the workloads")
+            pods[p.key] = p
     return list(pods.values())

@@ -256,9 +256,11 @@ def parse_iperf3(json_text: str) -> TcpResult:
 
 def iperf3(client_netns: str, server_netns: str, server_ip: str, duration_s: float = 5,
            port: int = 5201, omit_s: float = 0.5, timeout_s: float | None = None,
-           connect_ip: str | None = None) -> TcpResult:
+           connect_ip: str | None = None, bitrate: str | None = None) -> TcpResult:
     """Measure one TCP stream from ``client_netns`` to ``server_ip`` in ``server_netns``.
 
+    ``bitrate``: a fixed sending rate (iperf3 ``-b``, e.g. ``5G``) instead of as fast as
+    possible, to compare CPU cost at equal throughput.
     ``connect_ip``: the address the client connects to when it is not ``server_ip`` itself,
     e.g. a Service's ClusterIP in front of the server pod (the server still binds ``server_ip``).
 
@@ -300,6 +302,8 @@ def iperf3(client_netns: str, server_netns: str, server_ip: str, duration_s: flo
                         min(deadline, time.monotonic() + SERVER_START_TIMEOUT_S))
         client_args = ["iperf3", "-c", connect_ip or server_ip, "-p", str(port), "-t", str(t), "-O", str(omit),
                        "--json", "--connect-timeout", str(IPERF3_CONNECT_TIMEOUT_MS)]
+        if bitrate:
+            client_args += ["-b", bitrate]
         where = f"netns {client_netns}"
         remaining = max(1.0, deadline - time.monotonic())
         done = proc.run(client_args, netns=client_netns, timeout=remaining, check=False,

@@ -17,13 +17,22 @@ from .errors import SpecError
 T = TypeVar("T")
 
 
-def opt(default: Any, key: str | None = None, choices: tuple[Any, ...] | None = None,
+def opt(default: Any, key: str | None = None, choices: Any = None,
         help: str = "", min: float | None = None, max: float | None = None) -> Any:
-    """A dataclass field with its cluster-file key, allowed values and a one-line help."""
+    """A dataclass field with its cluster-file key, allowed values (a tuple, or a registry whose
+    names are the values) and a one-line help."""
     meta = {"key": key, "choices": choices, "help": help, "min": min, "max": max}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def choice_names(f: dataclasses.Field) -> list[str]:
+    """The allowed values of an option, [] when any value of its type is."""
+    choices = f.metadata.get("choices")
+    if choices is None:
+        return []
+    return list(choices.names()) if hasattr(choices, "names") else [str(c) for c in choices]
 
 
 def _key(f: dataclasses.Field) -> str:
@@ -67,8 +76,8 @@ def parse(cls: type[T], data: Any, where: str) -> T:
         if not _check_type(value, hints[f.name]):
             raise SpecError(f"{where}.{key}: expected {_type_name(hints[f.name])}, got {value!r}")
         choices = f.metadata.get("choices")
-        if choices and value not in choices:
-            raise SpecError(f"{where}.{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        if choices is not None and value not in choices:
+            raise SpecError(f"{where}.{key}: {value!r} is not one of {', '.join(choice_names(f))}")
         lo, hi = f.metadata.get("min"), f.metadata.get("max")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             raise SpecError(f"{where}.{key}: {value} is out of range {lo}..{hi}")

@@ -1,50 +1,113 @@
-"""Name -> class registries: every axis of choice (CNI mode, route speaker, kube-proxy mode,
-topology, controller app) is one of these. Adding a choice is one module plus one
-``@REGISTRY.register("name")`` line; an unknown name is an error listing the valid ones.
+"""Name -> implementation, for every axis of choice (CNI modes and plugins, kube-proxy modes,
+add-ons, controller apps, BGP speakers, ...).
+
+Each axis is one :class:`Registry` over one entry-point group: our own choices come from the
+table in :mod:`k8snetlab.extensions`, other installed packages add theirs by declaring entry
+points in that group. A name is imported only when it is asked for; a name that is unknown
+lists the valid ones, and one that cannot be imported is an error with its cause.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Callable, Generic, TypeVar
+import importlib.metadata
+from typing import Any, Generic, Iterator, TypeVar
 
-from .errors import SpecError
+from .errors import K8sNetLabError, SpecError
+from .extensions import ENTRY_POINTS
 
 T = TypeVar("T")
 
+OURS = "k8snetlab"     # the distribution name of this project
+
+
+class ExtensionError(K8sNetLabError):
+    """A registered choice cannot be used: its module fails to import, or two packages claim a name."""
+
+
+def _installed(group: str) -> list[importlib.metadata.EntryPoint]:
+    """Entry points of ``group`` from installed distributions other than ours (an installed copy
+    of this project declares the same table, which wins: it is the tree being run)."""
+    out = []
+    for ep in importlib.metadata.entry_points(group=group):
+        dist = getattr(ep, "dist", None)
+        if dist is not None and (dist.metadata["Name"] or "").lower() == OURS:
+            continue
+        out.append(ep)
+    return out
+
+
+def _dist_name(ep: importlib.metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return dist.metadata["Name"] if dist is not None else OURS
+
 
 class Registry(Generic[T]):
-    def __init__(self, what: str, modules: tuple[str, ...] = ()):
-        self.what = what
-        self._items: dict[str, T] = {}
-        self._modules = modules  # imported lazily so that registering is side-effect free
-        self._loaded = False
+    """The choices of one axis: ``names()``, ``get(name)``, ``entry(name)`` (no import)."""
 
-    def register(self, name: str) -> Callable[[T], T]:
-        def deco(obj: T) -> T:
-            if name in self._items and self._items[name] is not obj:
-                raise ValueError(f"{self.what} {name!r} registered twice")
-            self._items[name] = obj
-            return obj
-        return deco
+    def __init__(self, what: str, group: str, base: type | None = None):
+        self.what = what                    # for messages: "CNI type", "kube-proxy mode"...
+        self.group = group
+        self.base = base                    # what a loaded class must subclass, when given
+        self._entries: dict[str, importlib.metadata.EntryPoint] | None = None
+        self._loaded: dict[str, T] = {}
 
-    def _load(self) -> None:
-        if not self._loaded:
-            self._loaded = True
-            for mod in self._modules:
-                importlib.import_module(mod)
-
-    def get(self, name: str) -> T:
-        self._load()
-        try:
-            return self._items[name]
-        except KeyError:
-            raise SpecError(f"unknown {self.what} {name!r}: use one of {', '.join(self.names())}") from None
+    def entries(self) -> dict[str, importlib.metadata.EntryPoint]:
+        if self._entries is None:
+            entries: dict[str, importlib.metadata.EntryPoint] = {}
+            for line in ENTRY_POINTS.get(self.group, []):
+                name, _, value = (s.strip() for s in line.partition("="))
+                entries[name] = importlib.metadata.EntryPoint(name, value, self.group)
+            for ep in _installed(self.group):
+                have = entries.get(ep.name)
+                if have is not None and have.value != ep.value:
+                    raise ExtensionError(
+                        f"{self.what} {ep.name!r} is declared twice in entry-point group {self.group}: "
+                        f"{have.value} ({_dist_name(have)}) and {ep.value} ({_dist_name(ep)}): "
+                        "uninstall one of the packages or rename its entry point")
+                entries[ep.name] = ep
+            self._entries = entries
+        return self._entries
 
     def names(self) -> list[str]:
-        self._load()
-        return sorted(self._items)
+        return sorted(self.entries())
 
-    def __contains__(self, name: str) -> bool:
-        self._load()
-        return name in self._items
+    def __contains__(self, name: object) -> bool:
+        return name in self.entries()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def entry(self, name: str) -> importlib.metadata.EntryPoint:
+        """Where ``name`` lives (``.module``, ``.attr``), without importing it."""
+        try:
+            return self.entries()[name]
+        except KeyError:
+            valid = ", ".join(self.names()) or "(none installed)"
+            raise SpecError(f"unknown {self.what} {name!r}: use one of {valid}") from None
+
+    def source(self, name: str) -> str:
+        """The distribution that declares ``name`` (``k8snetlab`` for ours)."""
+        return _dist_name(self.entry(name))
+
+    def get(self, name: str) -> T:
+        if name in self._loaded:
+            return self._loaded[name]
+        ep = self.entry(name)
+        try:
+            obj: Any = ep.load()
+        except Exception as e:
+            raise ExtensionError(f"{self.what} {name!r} ({ep.value}, from {_dist_name(ep)}) cannot be "
+                                 f"loaded: {type(e).__name__}: {e}") from e
+        if self.base is not None and not (isinstance(obj, type) and issubclass(obj, self.base)):
+            raise ExtensionError(f"{self.what} {name!r} ({ep.value}) is not a {self.base.__name__} subclass")
+        self._loaded[name] = obj
+        return obj
+
+    def items(self) -> list[tuple[str, T]]:
+        """Every choice, loaded (raises on the first that cannot be)."""
+        return [(name, self.get(name)) for name in self.names()]
+
+    def reset(self) -> None:
+        """Read the installed entry points again (after a package was installed)."""
+        self._entries = None
+        self._loaded.clear()

@@ -20,6 +20,9 @@ Columns, in this order:
 - ``unit``        the unit of ``value``, always written out, e.g. ``ms``
 - ``mtu``         MTU of the path's interfaces in bytes; empty when not applicable
 - ``kernel``      ``uname -r`` of the machine (``kernel_release()``)
+- ``load1``       the machine's 1-minute load average when the measurement started (empty for
+  one-off rows); files written before this column existed are read without it
+- ``steal``       the share of CPU time the hypervisor stole during the measurement (0..1)
 
 Metrics and their units (``METRIC_UNITS``; a row naming one of these with another unit is
 refused when written): ``rtt_min``, ``rtt_mean``, ``rtt_p50``, ``rtt_p90``, ``rtt_p99``,
@@ -39,6 +42,13 @@ kube-proxy modes: ``conn_rate`` (sequential connections per second) in ``conn/s`
 ``change_time`` (a sync after one Service lost its endpoint) in ``s``.
 Equal-cost paths: ``ecmp_next_hops`` and ``ecmp_paths_used`` (next hops carrying at least 10%
 of the connection attempts) as a ``count``, ``ecmp_max_share`` as a ``fraction``.
+
+Golden signals of a TCP measurement (the framework, :mod:`k8snetlab.framework`):
+``cpu_per_gbit`` (CPU-seconds the whole machine spent per gigabit moved, idle baseline
+subtracted) in ``s/Gbit``; ``rx_pps`` (packets per second the receiver took in) in
+``packets/s``; ``if_drops`` (interface drops at both ends) as a ``count``; ``softirq_share``
+(softirq time over all busy CPU time) as a ``fraction``; on shaped links ``qdisc_drops`` as a
+``count`` and ``qdisc_backlog`` (the largest backlog seen) in ``bytes``.
 
 Summaries take the median over rounds (and over every row of a group): one round disturbed
 by another process on a shared machine moves a median little and a mean a lot.
@@ -62,7 +72,9 @@ from .errors import K8sNetLabError, SpecError
 log = logging.getLogger(__name__)
 
 COLUMNS = ["run_id", "timestamp", "experiment", "topology", "mode", "datapath", "scenario",
-           "src", "dst", "round", "metric", "value", "unit", "mtu", "kernel"]
+           "src", "dst", "round", "metric", "value", "unit", "mtu", "kernel", "load1", "steal"]
+# columns added later: a file without them is still read (the cells are empty)
+OPTIONAL_COLUMNS = ("load1", "steal")
 
 METRIC_UNITS: dict[str, str] = {
     "rtt_min": "ms", "rtt_mean": "ms", "rtt_p50": "ms", "rtt_p90": "ms", "rtt_p99": "ms",
@@ -82,6 +94,9 @@ METRIC_UNITS: dict[str, str] = {
     # equal-cost paths (experiments/cni_modes.py on a fabric): next hops of the source node's
     # router, how many carried at least 10% of the connection attempts, the largest share
     "ecmp_next_hops": "count", "ecmp_paths_used": "count", "ecmp_max_share": "fraction",
+    # golden signals of a TCP measurement: saturation, traffic, errors
+    "cpu_per_gbit": "s/Gbit", "rx_pps": "packets/s", "if_drops": "count", "softirq_share": "fraction",
+    "qdisc_drops": "count", "qdisc_backlog": "bytes",
 }
 
 PLOT_METRICS = ("rtt_p50", "tcp_throughput")
@@ -113,11 +128,15 @@ class Row:
     unit: str
     mtu: int | None
     kernel: str
+    load1: float | None = None
+    steal: float | None = None
 
     def __post_init__(self) -> None:
         self.round = int(self.round)
         self.value = float(self.value)
         self.mtu = None if self.mtu is None else int(self.mtu)
+        self.load1 = None if self.load1 in (None, "") else float(self.load1)
+        self.steal = None if self.steal in (None, "") else float(self.steal)
 
     def cells(self) -> list[str]:
         """The row as CSV cells; repr() keeps every digit of the float."""
@@ -188,10 +207,10 @@ def read_rows(path: str | os.PathLike) -> list[Row]:
             if header is None:
                 raise ResultsFileError(f"{path}: empty file, {what} "
                                      f"(expected the header {','.join(COLUMNS)})")
-            missing = [c for c in COLUMNS if c not in header]
+            missing = [c for c in COLUMNS if c not in header and c not in OPTIONAL_COLUMNS]
             if missing:
                 raise ResultsFileError(f"{path}: {what}: missing columns {', '.join(missing)}")
-            index = {c: header.index(c) for c in COLUMNS}
+            index = {c: header.index(c) for c in COLUMNS if c in header}
             rows = []
             for cells in reader:
                 if not cells:
@@ -222,6 +241,11 @@ def _row_from(cells: list[str], index: dict[str, int], width: int, where: str) -
         d["mtu"] = int(d["mtu"]) if d["mtu"] != "" else None
     except ValueError:
         raise ResultsFileError(f"{where}: column 'mtu' is not an integer: {d['mtu']!r}") from None
+    for name in OPTIONAL_COLUMNS:
+        try:
+            d[name] = float(d[name]) if d.get(name, "") != "" else None
+        except ValueError:
+            raise ResultsFileError(f"{where}: column {name!r} is not a number: {d[name]!r}") from None
     return Row(**d)
 
 
@@ -366,12 +390,14 @@ def format_table(headers: list[str], rows: list[list[Any]]) -> str:
 def plot(rows: Iterable[Row], path_png: str | os.PathLike,
          metrics: Sequence[str] = PLOT_METRICS, modes: Sequence[str] | None = None,
          skip_scenarios: Sequence[str] = ("lifecycle",), title: str | None = None) -> Path | None:
-    """Bar charts, one panel per metric: the median over rounds per scenario (groups on the
-    x axis) and mode (one bar each). A bar is drawn only where there are rows.
+    """Bar charts, one panel per metric: per scenario (groups on the x axis) and mode (one
+    bar each) the mean over rounds, an error bar for its 95 % confidence interval (Student's
+    t) and one dot per round. A bar is drawn only where there are rows.
 
     Returns the PNG's path; None (and a log line) when matplotlib is not installed or no
     row has one of ``metrics``.
     """
+    from . import stats
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -394,14 +420,25 @@ def plot(rows: Iterable[Row], path_png: str | os.PathLike,
         groups = _group(these, lambda r: (r.scenario, r.mode))
         width = 0.8 / max(1, len(modes))
         for i, mode in enumerate(modes):
-            xs = [x + (i - (len(modes) - 1) / 2) * width
-                  for x, sc in enumerate(scenarios) if (sc, mode) in groups]
-            ys = [median(groups[(sc, mode)]) for sc in scenarios if (sc, mode) in groups]
+            xs, ys, lo, hi = [], [], [], []
+            for x, sc in enumerate(scenarios):
+                vals = groups.get((sc, mode))
+                if not vals or any(math.isnan(v) for v in vals):
+                    continue
+                s = stats.describe(vals)
+                xc = x + (i - (len(modes) - 1) / 2) * width
+                xs.append(xc)
+                ys.append(s.mean)
+                lo.append(s.mean - s.ci_low)
+                hi.append(s.ci_high - s.mean)
+                ax.scatter([xc + (k - (len(vals) - 1) / 2) * width / max(4, 2 * len(vals)) for k in range(len(vals))],
+                           vals, s=9, color="black", zorder=3)
             if xs:
-                bars = ax.bar(xs, ys, width, label=mode, color=f"C{i % 10}")   # one colour per mode in every panel
-                ax.bar_label(bars, labels=[format_number(y) for y in ys], fontsize=7)
+                bars = ax.bar(xs, ys, width, label=mode, color=f"C{i % 10}",   # one colour per mode in every panel
+                              yerr=[lo, hi], capsize=3, ecolor="dimgray")
+                ax.bar_label(bars, labels=[format_number(y) for y in ys], fontsize=7, label_type="center")
         units = sorted({r.unit for r in these})
-        ax.set_title(f"{metric}, median over rounds")
+        ax.set_title(f"{metric}: mean, 95 % CI, rounds", fontsize=9)
         ax.set_ylabel(" / ".join(units))
         ax.set_xticks(range(len(scenarios)))
         ax.set_xticklabels(scenarios, fontsize=8)

@@ -33,15 +33,17 @@ from typing import Any
 
 import yaml
 
-from . import checks, manifests, yamlio
+from . import checks, manifests, shaping, yamlio
 from .errors import SpecError
 from .manifests import PodSpec, Workload
 
 DEFAULT_CLUSTER_CIDR = "10.244.0.0/16"
 DEFAULT_SERVICE_CIDR = "10.96.0.0/12"
 DEFAULT_NODE_MASK = 24
-TOP_KEYS = ("apiVersion", "kind", "name", "underlay", "nodes", "network", "cni", "kubeProxy", "workloads")
-INVOKE_MODES = ("exec", "inprocess")
+TOP_KEYS = ("apiVersion", "kind", "name", "underlay", "nodes", "network", "cni", "kubeProxy", "networkPolicy",
+            "workloads")
+# API objects in ``workloads`` that add-ons parse and check (k8snetlab.policy): kept raw here
+ADDON_KINDS = ("Namespace", "NetworkPolicy")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class SubnetSpec:
     name: str
     cidr: IPv4Network
     gateway: IPv4Address | None = None   # the subnet's router address (nodes' default route)
+    link: Any = None                     # shaping.LinkProps: rate, loss, delay, mtu of its ports
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class RouterSpec:
     """An underlay router: a host with forwarding on and one address per subnet it joins."""
     name: str
     interfaces: tuple[tuple[str, IPv4Address], ...]   # (subnet name, address)
+    links: tuple[Any, ...] = ()                       # shaping.LinkProps or None, per interface
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,9 @@ class ClusterSpec:
     kube_proxy: dict[str, Any] = field(default_factory=dict, hash=False)
     # kind: Service manifests from ``workloads``, raw (k8snetlab.services parses and checks them)
     services: tuple[tuple[str, dict[str, Any]], ...] = field(default=(), hash=False)
+    # kind: Namespace / NetworkPolicy manifests, raw, and the networkPolicy section (k8snetlab.policy)
+    objects: tuple[tuple[str, dict[str, Any]], ...] = field(default=(), hash=False)
+    network_policy: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def node(self, name: str) -> NodeSpec:
         for n in self.nodes:
@@ -256,10 +263,16 @@ def from_dict(data: Any, source: str = "<cluster>", base_dir: Path | None = None
     nodes = _parse_nodes(data.get("nodes"), underlay, network, source)
     cni = _parse_cni(data.get("cni") or {"type": "bridge"}, source)
     workloads, services = _parse_workloads(data.get("workloads") or [], source, base_dir or Path("."))
+    objects = [s for s in services if s[1].get("kind") in ADDON_KINDS]
+    services = [s for s in services if s[1].get("kind") not in ADDON_KINDS]
     kp = data.get("kubeProxy") or {}
     if not isinstance(kp, dict):
         raise SpecError(f"{source}: kubeProxy must be a mapping like {{mode: iptables}}")
-    spec = ClusterSpec(str(name), source, underlay, nodes, network, cni, tuple(workloads), kp, tuple(services))
+    npol = data.get("networkPolicy") or {}
+    if not isinstance(npol, dict):
+        raise SpecError(f"{source}: networkPolicy must be a mapping like {{dataplane: iptables}}")
+    spec = ClusterSpec(str(name), source, underlay, nodes, network, cni, tuple(workloads), kp, tuple(services),
+                       tuple(objects), npol)
     _check_addresses(spec)
     checks.check_usable_ranges(spec)
     checks.check_node_not_gateway(spec)
@@ -312,7 +325,7 @@ def _parse_underlay(raw: Any, src: str) -> UnderlaySpec:
     subnets, seen = [], set()
     for i, s in enumerate(_list(u.get("subnets"), f"{src}: underlay.subnets")):
         w = f"{src}: underlay.subnets[{i}]"
-        s = _map(s, w, ("name", "cidr", "gateway"))
+        s = _map(s, w, ("name", "cidr", "gateway", "link"))
         name = _ifname_safe(s.get("name"), f"{w}.name")
         if name in seen:
             raise SpecError(f"{w}.name: duplicate subnet name {name!r}")
@@ -321,7 +334,7 @@ def _parse_underlay(raw: Any, src: str) -> UnderlaySpec:
         gw = _addr(s["gateway"], f"{w}.gateway") if s.get("gateway") else None
         if gw is not None and gw not in cidr:
             raise SpecError(f"{w}.gateway: {gw} is not inside {cidr}")
-        subnets.append(SubnetSpec(name, cidr, gw))
+        subnets.append(SubnetSpec(name, cidr, gw, shaping.parse_link(s.get("link"), f"{w}.link")))
     for a in subnets:
         for b in subnets:
             if a is not b and a.cidr.overlaps(b.cidr):
@@ -330,13 +343,15 @@ def _parse_underlay(raw: Any, src: str) -> UnderlaySpec:
     for i, r in enumerate(u.get("routers") or []):
         w = f"{src}: underlay.routers[{i}]"
         r = _map(r, w, ("name", "interfaces"))
-        itfs = []
+        itfs, links = [], []
         for j, itf in enumerate(_list(r.get("interfaces"), f"{w}.interfaces")):
-            itf = _map(itf, f"{w}.interfaces[{j}]", ("subnet", "ip"))
+            itf = _map(itf, f"{w}.interfaces[{j}]", ("subnet", "ip", "link"))
+            links.append(shaping.parse_link(itf.get("link"), f"{w}.interfaces[{j}].link"))
             if itf.get("subnet") not in seen:
                 raise SpecError(f"{w}.interfaces[{j}].subnet: {itf.get('subnet')!r} is not a subnet of underlay.subnets")
             itfs.append((itf["subnet"], _addr(itf.get("ip"), f"{w}.interfaces[{j}].ip")))
-        routers.append(RouterSpec(_ifname_safe(r.get("name"), f"{w}.name"), tuple(itfs)))
+        routers.append(RouterSpec(_ifname_safe(r.get("name"), f"{w}.name"), tuple(itfs),
+                                  tuple(links) if any(links) else ()))
     hosts = []
     for i, h in enumerate(u.get("hosts") or []):
         w = f"{src}: underlay.hosts[{i}]"
@@ -421,6 +436,7 @@ def _parse_nodes(raw: Any, underlay: UnderlaySpec, network: NetworkSpec, src: st
 
 def _parse_cni(raw: Any, src: str) -> CNISpec:
     from . import options
+    from .cni import INVOKERS
     from .modes import MODES  # the registry imports the modes lazily
     if isinstance(raw, str):
         raw = {"type": raw}
@@ -447,8 +463,8 @@ def _parse_cni(raw: Any, src: str) -> CNISpec:
         raise SpecError(f"{src}: cni.reference: the reference plugins (containernetworking-plugins) "
                         f"are used for type bridge only, not {cni_type}")
     invoke = raw.get("invoke", "exec")
-    if invoke not in INVOKE_MODES:
-        raise SpecError(f"{src}: cni.invoke: {invoke!r} is not one of {', '.join(INVOKE_MODES)}")
+    if invoke not in INVOKERS:
+        raise SpecError(f"{src}: cni.invoke: {invoke!r} is not one of {', '.join(INVOKERS.names())}")
     return CNISpec(cni_type, opts, reference, invoke, dict(raw))
 
 
@@ -460,7 +476,7 @@ def _parse_workloads(items: Any, src: str, base: Path) -> tuple[list[Workload], 
     services: list[tuple[str, dict]] = []
 
     def add(doc: Any, where: str) -> None:
-        if isinstance(doc, dict) and doc.get("kind") == "Service":
+        if isinstance(doc, dict) and doc.get("kind") in ("Service", *ADDON_KINDS):
             services.append((where, doc))
         else:
             out.append(manifests.parse_workload(doc, where))
@@ -523,7 +539,7 @@ def _check_scheduling(spec: ClusterSpec) -> None:
     except SpecError as e:
         raise SpecError(f"{spec.source}: workloads: {e}") from None
     nodes = {n.name for n in spec.nodes}
-    clash = nodes & {p.name for p in pods}
+    clash = nodes & {p.host_name for p in pods}
     if clash:
         raise SpecError(f"{spec.source}: pod name {sorted(clash)[0]!r} is also a node name: rename the workload")
     for p in pods:

@@ -196,7 +196,7 @@ def _check_loops_allowed(level: SwitchLevel, subnet: str, src: str) -> None:
                         "switches would circle broadcasts forever: use switch: ovs with controller: fabric, "
                         "or remove a link")
     if not controllers.get(level.controller).loops:
-        able = [a.name for a in controllers.APPS.values() if a.loops]
+        able = [name for name, a in controllers.APPS.items() if a.loops]
         raise SpecError(f"{src}: underlay.links: the switches of subnet {subnet} form a loop, and controller "
                         f"app {level.controller} floods: use controller: {' or '.join(able)}, or remove a link")
 

@@ -34,6 +34,7 @@ dnsutils
 openvswitch-switch
 sockperf
 linux-perf
+ipset
 "
 
 if [ "$(id -u)" -ne 0 ]; then

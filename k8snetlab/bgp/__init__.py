@@ -16,6 +16,11 @@ import json
 import os
 from pathlib import Path
 
+from ..registry import Registry
+
+# speaker name -> its driver (a speakers.Speaker subclass)
+SPEAKERS: Registry[type] = Registry("BGP speaker", "k8snetlab.bgp_speakers")
+
 
 def running_clusters(root: Path | None = None) -> list[tuple[str, str, Path]]:
     """(state dir name, cluster name, path) of every cluster whose runtime is alive."""

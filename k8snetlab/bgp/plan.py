@@ -37,7 +37,6 @@ if TYPE_CHECKING:  # pragma: no cover
 DEFAULT_AS = 64512                 # Calico's default node AS (private range)
 FIRST_TOR_AS = 65001               # routers get 65001, 65002, ... unless torASNumbers says otherwise
 RR_CLUSTER_ID = "244.0.0.1"        # Calico's example routeReflectorClusterID, shared by all reflectors
-SPEAKER_NAMES = ("bird", "exabgp")
 
 # roles of a speaker
 NODE, REFLECTOR, ROUTER = "node", "reflector", "router"

@@ -13,7 +13,8 @@ asks it for its status through its own control channel.
   dir via ``EXABGP_ROOT``); its API process :mod:`k8snetlab.bgp.installer` installs the
   learned routes. Status goes through ExaBGP's CLI pipes.
 
-Adding a speaker (FRR, GoBGP...) means one class here with ``@SPEAKERS.register("name")``.
+Adding a speaker (FRR, GoBGP...) means one Speaker class declared in the
+``k8snetlab.bgp_speakers`` entry-point group.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from .. import proc
 from ..errors import CommandError, K8sNetLabError, ToolMissing
-from ..registry import Registry
 from . import render
 from . import status as st
 from .plan import SpeakerPlan
@@ -46,7 +46,6 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SPEAKERS: Registry[type["Speaker"]] = Registry("BGP speaker")
 START_TIMEOUT = 10.0
 STOP_GRACE = 3.0
 
@@ -245,7 +244,6 @@ class Speaker:
 
 # ============================================================================ BIRD
 
-@SPEAKERS.register("bird")
 class BirdSpeaker(Speaker):
     kind = "bird"
     tools = ("bird", "birdc")
@@ -314,7 +312,6 @@ def parse_bird_memory(text: str) -> int | None:
 
 # ============================================================================ ExaBGP
 
-@SPEAKERS.register("exabgp")
 class ExabgpSpeaker(Speaker):
     kind = "exabgp"
 
@@ -538,3 +535,4 @@ def _pss_kb(pid: int) -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
+

@@ -28,12 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..bgp import plan as bgpplan
+from ..bgp import SPEAKERS, plan as bgpplan
 from ..bgp.status import SpeakerStatus, table
 from ..errors import K8sNetLabError, SpecError
 from ..netutil import Netns
 from ..options import opt
-from . import MODES
 from .ipip import CalicoMode
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -54,7 +53,7 @@ class BgpOptions:
     topology: str = opt("mesh", choices=("mesh", "route-reflector"),
                         help="node-to-node full mesh, or clients peering with route reflectors")
     reflectors: list[str] = opt([], help="nodes acting as route reflectors (topology route-reflector)")
-    speaker: str = opt("bird", choices=bgpplan.SPEAKER_NAMES, help="the BGP daemon of every node")
+    speaker: str = opt("bird", choices=SPEAKERS, help="the BGP daemon of every node")
     speakers: dict[str, str] = opt({}, help="per-node speaker for mixed clusters, e.g. {node3: exabgp}")
     hold_time: int = opt(90, key="holdTime", min=3, max=65535,
                          help="BGP hold time in seconds (BIRD's minimum is 3); keepalive is a third")
@@ -64,7 +63,6 @@ class BgpOptions:
                                          help="AS of each underlay router, e.g. {tor-a: 65001}; default 65001, 65002...")
 
 
-@MODES.register("bgp")
 class BgpMode(CalicoMode):
     """Calico BGP: plain routed pod traffic, routes from BIRD or ExaBGP speakers on every node."""
 
@@ -91,9 +89,9 @@ class BgpMode(CalicoMode):
         for node, sp in o.speakers.items():
             if node not in nodes:
                 raise SpecError(f"{where}.speakers: {node!r} is not a node: nodes are {', '.join(nodes)}")
-            if sp not in bgpplan.SPEAKER_NAMES:
+            if sp not in SPEAKERS:
                 raise SpecError(f"{where}.speakers.{node}: unknown speaker {sp!r}: use one of "
-                                f"{', '.join(bgpplan.SPEAKER_NAMES)}")
+                                f"{', '.join(SPEAKERS.names())}")
         subnets = list(dict.fromkeys(n.subnet for n in spec.nodes))
         if o.peer_with_tor:
             if len(subnets) == 1:
@@ -155,7 +153,6 @@ class BgpMode(CalicoMode):
     def prepare(self, first_node: "Node") -> None:
         """Check the daemons are installed; configure the underlay routers' BIRD (peerWithToR),
         started with the nodes' speakers."""
-        from ..bgp.speakers import SPEAKERS
         for kind in sorted({s.speaker for s in self.plan().speakers.values()}):
             SPEAKERS.get(kind).check_tools()
         for sp in self.plan().routers():
@@ -213,7 +210,6 @@ class BgpMode(CalicoMode):
                     drv.reload()
 
     def _driver(self, sp: bgpplan.SpeakerPlan, host: Any, state_dir: Path) -> "Speaker":
-        from ..bgp.speakers import SPEAKERS
         drv = self.speakers.get(sp.name)
         if drv is None or drv.kind != sp.speaker:
             drv = SPEAKERS.get(sp.speaker)(sp, host, state_dir)

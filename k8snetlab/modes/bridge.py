@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 from .. import naming
 from ..cni import NetworkConfigList
-from . import MODES
 from .base import Mode
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -21,7 +20,6 @@ REFERENCE_DIRS = ("/usr/lib/cni", "/opt/cni/bin")
 REFERENCE_VERSION = "1.0.0"   # containernetworking-plugins 1.1 speaks up to 1.0.0
 
 
-@MODES.register("bridge")
 class BridgeMode(Mode):
     name = "bridge"
 

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 from .. import proc
 from ..errors import K8sNetLabError, SpecError
 from ..netutil import Netns
-from . import MODES
 from .base import Mode
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -57,7 +56,6 @@ def publish_rules(ip: str, proto: str, host_port: int, container_port: int) -> l
              "--dport", str(container_port), "-j", "MASQUERADE"]]
 
 
-@MODES.register("docker")
 class DockerMode(Mode):
     name = "docker"
     network_name = "bridge"        # Docker's name for its default network

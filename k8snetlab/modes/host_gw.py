@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import SpecError
 from ..netutil import Netns
-from . import MODES
 from .base import Mode, uplink
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -42,7 +41,6 @@ class FlannelMode(Mode):
             f"FLANNEL_MTU={self.mtu}\nFLANNEL_IPMASQ=false\n")
 
 
-@MODES.register("host-gw")
 class HostGwMode(FlannelMode):
     name = "host-gw"
 

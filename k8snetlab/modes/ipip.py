@@ -36,7 +36,6 @@ from .. import naming
 from ..errors import KernelFeatureMissing
 from ..netutil import Netns
 from ..options import opt
-from . import MODES
 from .base import Mode, uplink
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -61,7 +60,6 @@ class CalicoMode(Mode):
         return [{"type": "calico", "mtu": self.mtu, "ipam": self.host_local(node)}]
 
 
-@MODES.register("ipip")
 class IpipMode(CalicoMode):
     name = "ipip"
     Options = IpipOptions

@@ -41,7 +41,6 @@ from .. import naming
 from ..errors import K8sNetLabError
 from ..netutil import Netns
 from ..options import opt
-from . import MODES
 from .base import uplink
 from .host_gw import FlannelMode
 
@@ -86,7 +85,6 @@ class Lease:
                            "BackendData": {"VNI": self.vni, "VtepMAC": self.vtep_mac}}, indent=2) + "\n"
 
 
-@MODES.register("vxlan")
 class VxlanMode(FlannelMode):
     """flannel VXLAN: bridge + flannel.1 VTEP, neighbour and FDB entries per node."""
 

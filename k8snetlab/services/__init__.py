@@ -12,8 +12,8 @@ The pieces, in the order a packet meets them:
 - ``dns`` (cluster DNS) and ``loadbalancer`` (an external load balancer host).
 - :mod:`.addon`: wires it all into a running cluster; reachable as ``cluster.services``.
 
-Adding a kube-proxy mode: a module here defining ``PROXIER = <Proxier subclass>`` with a
-``mode`` name, plus one line in ``PROXIERS`` in :mod:`.proxy`.
+Adding a kube-proxy mode: a :class:`~.proxy.Proxier` subclass with a ``mode`` name, declared
+in the ``k8snetlab.kube_proxy_modes`` entry-point group (see :mod:`k8snetlab.extensions`).
 """
 
 from .model import Endpoint, KubeProxyOptions, Service, ServicePort, Snapshot

@@ -2,8 +2,8 @@
 
 It plays the control plane's part for Services (the API server's ClusterIP and nodePort
 allocation, the Endpoints controller) and starts the node agents (kube-proxy in the mode of
-``kubeProxy.mode``) plus, when their modules are present, the cluster DNS and the emulated
-external load balancer. An ``external`` host joins the underlay as the client from outside
+``kubeProxy.mode``) plus the cluster DNS and the emulated external load balancer when the
+options ask for them. An ``external`` host joins the underlay as the client from outside
 the cluster (NodePort and LoadBalancer traffic).
 
 Every change — pods added or being removed (``scale``, ``delete_pod``), Services added or
@@ -13,7 +13,7 @@ A pod leaves its Services *before* its containers stop, as with graceful termina
 Besides, a background thread re-applies the last snapshot to every proxier every
 ``syncPeriod`` seconds: kube-proxy's periodic resync, which repairs rules deleted by hand.
 
-Use it as ``cluster.services`` (set by the add-on)::
+Use it as ``cluster.services``::
 
     svc = cluster.services.add_service({"apiVersion": "v1", "kind": "Service", ...})
     cluster.services.add_services([...])            # many, with one sync of every node
@@ -25,8 +25,6 @@ Use it as ``cluster.services`` (set by the add-on)::
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 import threading
 from dataclasses import replace
@@ -35,7 +33,9 @@ from typing import TYPE_CHECKING, Any
 from .. import proc
 from ..addons import Addon
 from ..errors import K8sNetLabError, KernelFeatureMissing, SpecError
+from .dns import ClusterDNS
 from .endpoints import EndpointsController
+from .loadbalancer import LoadBalancer
 from .model import (
     DNS_OFFSET,
     Endpoint,
@@ -57,8 +57,6 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 EXTERNAL_HOST = "external"
-DNS_MODULE = "k8snetlab.services.dns"
-LB_MODULE = "k8snetlab.services.loadbalancer"
 
 
 class ServicesAddon(Addon):
@@ -109,7 +107,6 @@ class ServicesAddon(Addon):
         if why is not None:
             raise KernelFeatureMissing(why)
         proc.require(*cls.tools)
-        self.cluster.services = self            # type: ignore[attr-defined]
         for svc in plan(self.cluster.spec.services, self.allocator):
             self._services[svc.key] = svc
         self.external = self.cluster.add_host(EXTERNAL_HOST, str(self.options.external_host))
@@ -124,11 +121,11 @@ class ServicesAddon(Addon):
         self._thread.start()
 
     def _start_optional(self) -> None:
-        """Cluster DNS and the load balancer, when their modules exist."""
-        if self.options.dns and importlib.util.find_spec(DNS_MODULE) is not None:
-            self.dns = self._start_part("cluster DNS", importlib.import_module(DNS_MODULE).ClusterDNS(self))
-        if self.options.load_balancer_pool and importlib.util.find_spec(LB_MODULE) is not None:
-            lb = self.lb = self._start_part("load balancer", importlib.import_module(LB_MODULE).LoadBalancer(self))
+        """Cluster DNS and the load balancer, when the options ask for them."""
+        if self.options.dns:
+            self.dns = self._start_part("cluster DNS", ClusterDNS(self))
+        if self.options.load_balancer_pool:
+            lb = self.lb = self._start_part("load balancer", LoadBalancer(self))
             for key, svc in list(self._services.items()):
                 if svc.type == "LoadBalancer" and not svc.load_balancer_ip:
                     self._services[key] = replace(svc, load_balancer_ip=lb.assign(key))
@@ -173,8 +170,6 @@ class ServicesAddon(Addon):
                     except Exception as e:
                         log.warning("services: stop kube-proxy on %s: %s", name, e)
             self.proxiers.clear()
-        if getattr(self.cluster, "services", None) is self:
-            self.cluster.services = None        # type: ignore[attr-defined]
 
     # -- the public API ----------------------------------------------------------------------------
     def add_service(self, manifest: dict[str, Any]) -> Service:
@@ -333,5 +328,3 @@ class ServicesAddon(Addon):
                             log.warning("services: periodic resync on %s", msg)
                             self._last_error = msg
 
-
-ADDON = ServicesAddon

@@ -392,6 +392,3 @@ class IptablesProxier(Proxier):
         except K8sNetLabError as e:
             log.warning("kube-proxy (iptables) on %s: could not remove rules: %s", self.node.name, e)
         super().stop()
-
-
-PROXIER = IptablesProxier

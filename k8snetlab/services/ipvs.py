@@ -62,6 +62,3 @@ class IpvsProxier(Proxier):
 
     def sync(self, snap: Snapshot) -> None:   # pragma: no cover - start() always refuses
         raise KernelFeatureMissing(self.unavailable() or "kube-proxy mode ipvs is unavailable")
-
-
-PROXIER = IpvsProxier

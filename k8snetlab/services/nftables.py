@@ -341,6 +341,3 @@ class NftablesProxier(Proxier):
         except K8sNetLabError as e:
             log.warning("kube-proxy (nftables) on %s: could not remove table %s: %s", self.node.name, T, e)
         super().stop()
-
-
-PROXIER = NftablesProxier

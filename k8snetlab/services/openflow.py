@@ -104,6 +104,3 @@ class OpenFlowProxier(Proxier):
 def _mac(node) -> str:
     out = node.run(["ip", "-j", "link", "show", "dev", "eth0"]).stdout
     return json.loads(out)[0]["address"]
-
-
-PROXIER = OpenFlowProxier

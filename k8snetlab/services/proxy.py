@@ -3,8 +3,9 @@
 One :class:`Proxier` runs per node (the add-on makes them). It is handed the whole desired
 state, a :class:`~.model.Snapshot`, on every change and periodically (``syncPeriod``), and
 makes its node match it: ``sync`` is idempotent and also repairs what was changed by hand,
-as kube-proxy's full resync does. A mode is one module exposing ``PROXIER = <class>``; it is
-listed in :data:`PROXIERS` and chosen with ``kubeProxy.mode`` in the cluster file.
+as kube-proxy's full resync does. A mode is one :class:`Proxier` subclass, declared in the
+``k8snetlab.kube_proxy_modes`` entry-point group (:data:`PROXIERS`) and chosen with
+``kubeProxy.mode`` in the cluster file.
 
 Shared here, because every NAT-based mode needs them:
 
@@ -22,10 +23,9 @@ Shared here, because every NAT-based mode needs them:
 
 from __future__ import annotations
 
-import importlib
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from .. import naming, proc
 from ..errors import CommandError, NetlinkError
@@ -192,33 +192,7 @@ def stale_udp_flows(old: Snapshot | None, new: Snapshot) -> list[tuple[str, ...]
 
 
 # -- the registry ------------------------------------------------------------------------------
-class ProxierRegistry(Registry[type[Proxier]]):
-    """kube-proxy modes by name. Each module defines ``PROXIER``, whose ``mode`` is its name.
-
-    A mode's module that is not there (yet) is skipped, so the other modes keep working; an
-    ImportError from *inside* a present module is a bug and propagates.
-    """
-
-    def _load(self) -> None:
-        if self._loaded:
-            return
-        self._loaded = True
-        for mod in self._modules:
-            try:
-                m = importlib.import_module(mod)
-            except ModuleNotFoundError as e:
-                if e.name == mod:
-                    log.debug("kube-proxy mode module %s is not present", mod)
-                    continue
-                raise
-            cls: Any = getattr(m, "PROXIER", None)
-            if cls is not None:
-                self.register(cls.mode)(cls)
-
-
-PROXIERS: ProxierRegistry = ProxierRegistry("kube-proxy mode", (
-    "k8snetlab.services.userspace", "k8snetlab.services.iptables",
-    "k8snetlab.services.nftables", "k8snetlab.services.ipvs", "k8snetlab.services.openflow"))
+PROXIERS: Registry[type[Proxier]] = Registry("kube-proxy mode", "k8snetlab.kube_proxy_modes", base=Proxier)
 
 
 def available_modes() -> list[str]:

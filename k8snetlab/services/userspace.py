@@ -345,6 +345,3 @@ def _redirect_works(cluster: "Cluster", node: "NodeHost") -> bool:
     except Exception:  # a mode without a plugin list: assume a bridge with a gateway address
         return True
     return not any(p.get("type") == "calico" for p in plugins)
-
-
-PROXIER = UserspaceProxier

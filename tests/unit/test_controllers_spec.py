@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import controllers
-from k8snetlab import cli, proc, spec, switching
+from k8snetlab import cli, extensions, proc, spec, switching
 from k8snetlab.errors import SpecError
 
 
@@ -58,10 +58,10 @@ def error(d: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------- registry
 def test_registry_lists_every_app_with_a_description_and_a_module():
     assert {"l2_learning", "fabric", "service_lb"} <= set(controllers.APPS)
-    for app in controllers.APPS.values():
-        assert app.path.is_file(), app.module
+    for _, app in controllers.APPS.items():
+        assert app.path is not None and app.path.is_file(), app.module
         assert app.description and app.description != "(no description)"
-    assert controllers.APPS["fabric"].loops and not controllers.APPS["l2_learning"].loops
+    assert controllers.APPS.get("fabric").loops and not controllers.APPS.get("l2_learning").loops
 
 
 def test_k8snetlab_controllers_prints_one_line_per_app(capsys):
@@ -120,10 +120,16 @@ def test_unknown_app_lists_the_valid_ones(ovs_installed):
         assert name in msg
 
 
-def test_app_that_fails_to_import_names_the_cause(ovs_installed, monkeypatch, tmp_path):
+def test_app_that_fails_to_import_names_the_cause(ovs_installed, monkeypatch, tmp_path, request):
     (tmp_path / "broken_app.py").write_text("import os_ken_does_not_exist\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(controllers.APPS, "broken", controllers.AppInfo("broken", "broken_app"))
+    (tmp_path / "broken_info.py").write_text("from controllers import AppInfo\n"
+                                             "BROKEN = AppInfo('broken', 'broken_app')\n")
+    apps = extensions.ENTRY_POINTS["k8snetlab.controller_apps"]
+    monkeypatch.setitem(extensions.ENTRY_POINTS, "k8snetlab.controller_apps",
+                        [*apps, "broken = broken_info:BROKEN"])
+    controllers.APPS.reset()
+    request.addfinalizer(controllers.APPS.reset)     # read the restored table again
     monkeypatch.setattr(controllers, "_import_errors", {})
     msg = error(cluster(switch="ovs", controller="broken"))
     assert "app 'broken' cannot be imported" in msg and "os_ken_does_not_exist" in msg

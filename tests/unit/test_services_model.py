@@ -278,9 +278,10 @@ def test_ipvs_proxier_refuses_to_start():
         ipvs.IpvsProxier.__new__(ipvs.IpvsProxier).start()
 
 
-def test_registry_skips_a_mode_module_that_is_not_there():
-    from k8snetlab.services.proxy import ProxierRegistry
-    reg = ProxierRegistry("kube-proxy mode", ("k8snetlab.services.no_such_mode", "k8snetlab.services.iptables"))
-    assert reg.names() == ["iptables"]
-    with pytest.raises(SpecError, match="use one of iptables"):
-        reg.get("no_such_mode")
+def test_every_kube_proxy_mode_is_registered_and_loads():
+    from k8snetlab.services.proxy import PROXIERS, Proxier
+    assert PROXIERS.names() == ["iptables", "ipvs", "nftables", "openflow", "userspace"]
+    for name, cls in PROXIERS.items():
+        assert issubclass(cls, Proxier) and cls.mode == name
+    with pytest.raises(SpecError, match="use one of iptables, ipvs, nftables, openflow, userspace"):
+        PROXIERS.get("no_such_mode")

@@ -1,0 +1,231 @@
+"""NetworkPolicy enforced: the reachability cases of Kubernetes' policy e2e suite (namespaces x, y, z;
+pods a, b, c) on one cluster per CNI mode and dataplane, each case's ``policy matrix`` (probed over
+TCP/UDP between every pod pair) compared with the table expected for it.
+
+By default four clusters cover every mode and both dataplanes (host-gw+iptables, vxlan+nftables,
+ipip+iptables, bgp+nftables); ``K8SNETLAB_POLICY_ALL=1`` runs all eight combinations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from helpers import REPO, require_root_and
+from leftover_check import Footprint
+from k8snetlab import cli, proc, spec
+from k8snetlab.cluster import Cluster
+
+pytestmark = pytest.mark.integration
+
+COMBOS = [("host-gw", "iptables"), ("vxlan", "nftables"), ("ipip", "iptables"), ("bgp", "nftables")]
+if os.environ.get("K8SNETLAB_POLICY_ALL"):
+    COMBOS = [(m, d) for m in ("host-gw", "vxlan", "ipip", "bgp") for d in ("iptables", "nftables")]
+NAMESPACES = ["x", "y", "z"]
+KEYS = [f"{n}/{p}" for n in NAMESPACES for p in "abc"]
+
+
+@pytest.fixture(scope="module", params=COMBOS, ids=[f"{m}-{d}" for m, d in COMBOS])
+def c(request):
+    mode, dataplane = request.param
+    require_root_and("ipset", "nft", "iptables-restore", *(("bird",) if mode == "bgp" else ()))
+    s = spec.load(REPO / "topologies" / "policy.yaml", cni=mode)
+    s = dataclasses.replace(s, name=f"pol-{mode}-{dataplane[:3]}", kube_proxy={"mode": "iptables"},
+                            network_policy={"dataplane": dataplane, "resyncPeriod": 0.5})
+    cluster = Cluster(s).start()
+    footprint = Footprint(cluster)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        footprint.assert_gone()
+
+
+def policy(name: str, ns: str = "x", **spec_: object) -> dict:
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": name, "namespace": ns}, "spec": spec_}
+
+
+def expect(ingress_denied: tuple[str, ...] = (), egress_denied: tuple[str, ...] = (),
+           allow: tuple[tuple[str, str], ...] = (), deny: tuple[tuple[str, str], ...] = ()) -> dict:
+    """The table a case should give, built by hand (as the e2e suite's Reachability)."""
+    t = {(a, b): not (b in ingress_denied or a in egress_denied) or a == b for a in KEYS for b in KEYS}
+    t.update({k: True for k in allow})
+    t.update({k: False for k in deny})
+    return t
+
+
+def assert_matrix(c: Cluster, want: dict, port: int = 80, protocol: str = "TCP") -> None:
+    (table,) = c.policies.matrix(port, (protocol,), NAMESPACES)
+    wrong_model = [k for k in want if table.expected[k] != want[k]]
+    assert not wrong_model, f"the model's table differs from the case's at {wrong_model[:4]}\n{table.format()}"
+    assert not table.differences, table.format()
+
+
+@pytest.fixture
+def policies(c):
+    made: list[str] = []
+
+    def add(manifest: dict) -> None:
+        c.policies.add(manifest)
+        made.append(f"{manifest['metadata']['namespace']}/{manifest['metadata']['name']}")
+    yield add
+    for key in made:
+        if key in c.policies.policies:
+            c.policies.delete(key)
+
+
+class Prober(threading.Thread):
+    """Connections from one pod to ip:port every 50 ms (each at most 0.3 s): traffic that runs
+    while policies come and go."""
+
+    def __init__(self, pod, ip: str, port: int = 80):
+        super().__init__(daemon=True)
+        self.netns, self.ip, self.port = pod.netns, ip, port
+        self.results: list[tuple[float, bool]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        proc.setns(self.netns)
+        deadline = time.monotonic() + 60
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            ok = True
+            try:
+                socket.create_connection((self.ip, self.port), timeout=0.3).close()
+            except OSError:
+                ok = False
+            self.results.append((time.monotonic(), ok))
+            time.sleep(0.05)
+
+
+def test_deny_all_added_and_removed_while_traffic_runs(c, policies):
+    assert_matrix(c, expect())
+    xa = c.pods["a.x"]
+    traffic = Prober(c.pods["a.y"], xa.ip)
+    traffic.start()
+    time.sleep(0.3)
+    t_add = time.monotonic()
+    policies(policy("deny-all", podSelector={}))
+    assert_matrix(c, expect(ingress_denied=("x/a", "x/b", "x/c")))
+    time.sleep(0.3)
+    t_del = time.monotonic()
+    c.policies.delete("x/deny-all")
+    time.sleep(0.5)
+    traffic.stop.set()
+    traffic.join(5)
+    before = [ok for t, ok in traffic.results if t < t_add]
+    during = [ok for t, ok in traffic.results if t_add + 0.1 < t < t_del - 0.4]
+    after = [ok for t, ok in traffic.results if t > t_del + 0.1]
+    assert before and all(before) and during and not any(during) and after and after[-1], traffic.results
+    assert_matrix(c, expect())
+
+
+def test_allow_from_namespace_and_namespace_relabelled(c, policies):
+    policies(policy("from-y", podSelector={"matchLabels": {"pod": "a"}},
+                    ingress=[{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}]}]))
+    assert_matrix(c, expect(ingress_denied=("x/a",), allow=(("y/a", "x/a"), ("y/b", "x/a"), ("y/c", "x/a"))))
+    c.label_namespace("z", {"ns": "y"})
+    try:
+        allowed = tuple((f"{n}/{p}", "x/a") for n in "yz" for p in "abc")
+        assert_matrix(c, expect(ingress_denied=("x/a",), allow=allowed))
+    finally:
+        c.label_namespace("z", {"ns": "z"})
+
+
+def test_allow_from_pod_in_namespace_and_udp(c, policies):
+    peer = {"namespaceSelector": {"matchLabels": {"ns": "y"}}, "podSelector": {"matchLabels": {"pod": "b"}}}
+    policies(policy("from-yb", podSelector={"matchLabels": {"pod": "a"}}, ingress=[{"from": [peer]}]))
+    want = expect(ingress_denied=("x/a",), allow=(("y/b", "x/a"),))
+    assert_matrix(c, want)
+    assert_matrix(c, want, protocol="UDP")
+
+
+def test_pod_relabelled(c, policies):
+    policies(policy("from-b", podSelector={"matchLabels": {"pod": "a"}},
+                    ingress=[{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]))
+    assert_matrix(c, expect(ingress_denied=("x/a",), allow=(("x/b", "x/a"),)))
+    c.label_pod("c.x", {"pod": "b"})
+    try:
+        assert_matrix(c, expect(ingress_denied=("x/a",), allow=(("x/b", "x/a"), ("x/c", "x/a"))))
+    finally:
+        c.label_pod("c.x", {"pod": "c"})
+
+
+def test_ip_block_with_except(c, policies):
+    yb = c.pods["b.y"].ip
+    policies(policy("cidr", podSelector={"matchLabels": {"pod": "a"}}, policyTypes=["Egress"],
+                    egress=[{"to": [{"ipBlock": {"cidr": str(c.spec.network.cluster_cidr), "except": [f"{yb}/32"]}}]}]))
+    assert_matrix(c, expect(deny=(("x/a", "y/b"),)))
+
+
+def test_named_port_and_end_port(c, policies):
+    policies(policy("named", podSelector={"matchLabels": {"pod": "a"}},
+                    ingress=[{"ports": [{"port": "serve-81-udp", "protocol": "UDP"}]}]))
+    assert_matrix(c, expect(), port=81, protocol="UDP")
+    assert_matrix(c, expect(ingress_denied=("x/a",)), port=80, protocol="UDP")
+    c.policies.delete("x/named")
+    policies(policy("range", podSelector={"matchLabels": {"pod": "a"}},
+                    ingress=[{"ports": [{"port": 81, "endPort": 90}]}]))
+    assert_matrix(c, expect(ingress_denied=("x/a",)), port=80)
+    assert_matrix(c, expect(), port=81)
+
+
+def test_egress_denied_but_dns(c, policies):
+    dns = {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}}],
+           "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
+    policies(policy("egress-dns-only", podSelector={}, policyTypes=["Egress"], egress=[dns]))
+    assert_matrix(c, expect(egress_denied=("x/a", "x/b", "x/c")))
+    # the query goes to the kube-dns Service; policy applies after DNAT, to the kube-dns pod
+    out = c.pods["a.x"].run(["python3", "-c", "import socket; print(socket.gethostbyname('kube-dns.kube-system'))"],
+                            timeout=20).stdout.strip()
+    assert out == str(c.spec.network.service_cidr.network_address + 10)
+
+
+def test_policy_applies_behind_a_service(c, policies):
+    svc = c.services.add_service({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "xa", "namespace": "x"},
+                                  "spec": {"selector": {"pod": "a"}, "ports": [{"port": 8080, "targetPort": 80}]}})
+    try:
+        policies(policy("from-yb", podSelector={"matchLabels": {"pod": "a"}},
+                        ingress=[{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}},
+                                            "podSelector": {"matchLabels": {"pod": "b"}}}]}]))
+        ok = "import socket,sys; socket.create_connection((sys.argv[1], 8080), timeout=1).close()"
+        c.pods["b.y"].run(["python3", "-c", ok, svc.cluster_ip], timeout=10)
+        r = c.pods["c.y"].run(["python3", "-c", ok, svc.cluster_ip], timeout=10, check=False)
+        assert r.returncode != 0 and "timed out" in r.stderr
+    finally:
+        c.services.delete_service("x/xa")
+
+
+def test_resync_restores_rules_deleted_by_hand_and_explain(c, policies, capsys):
+    policies(policy("deny-all", podSelector={}))
+    node = c.nodes[c.pods["a.x"].node_name]
+    if c.policies.options.dataplane == "iptables":
+        node.run(["iptables", "-D", "FORWARD", "-m", "comment", "--comment", "cali:policy agent", "-j", "cali-FORWARD"])
+    else:
+        node.run(["nft", "delete", "table", "ip", "calico"])
+    deadline = time.monotonic() + 10
+    while not c.policies.agents[node.name].intact() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert c.policies.agents[node.name].intact()
+    assert_matrix(c, expect(ingress_denied=("x/a", "x/b", "x/c")))
+    assert cli.main(["policy", "explain", "y/a", "x/a", "80", "--cluster", c.state.path.name]) == 0
+    out = capsys.readouterr().out
+    assert "DENIED" in out and "isolated for ingress by x/deny-all" in out
+    drops = [ln for ln in out.splitlines() if "Drop if no policies passed packet" in ln]
+    assert drops and int(drops[0].split()[0]) > 0, out
+
+
+def test_partial_sync_after_a_relabel(c, policies):
+    policies(policy("from-b", podSelector={"matchLabels": {"pod": "a"}},
+                    ingress=[{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]))
+    c.label_pod("c.x", {"pod": "b"})
+    try:
+        stats = c.policies.last_sync[c.pods["a.x"].node_name]
+        assert not stats.full and stats.chains_written == 0 and stats.elements_changed == 1
+    finally:
+        c.label_pod("c.x", {"pod": "c"})
