@@ -144,7 +144,10 @@ class StateDir:
                 if any((r / prefix).exists() for r in roots) or _links_with_prefix(prefix):
                     continue
                 path = root / prefix
-                path.mkdir()
+                try:
+                    path.mkdir()        # the claim itself (a runtime of before the registry
+                except FileExistsError:  # locks only its own root)
+                    continue
                 st = cls(i, path)
                 st._write("owner.json", {"pid": os.getpid(), "start": proc.start_time(os.getpid()),
                                          "name": name, "created": time.time(),

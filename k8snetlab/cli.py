@@ -289,13 +289,21 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    sigterm_as_interrupt()          # first: a signal while loading is a clean exit too
+    """The ``k8snetlab`` command. Called with ``argv`` (from Python, a test), it puts the
+    caller's signal handlers back when it returns; run as a program it keeps its own to the
+    end, so that a late signal cannot raise on the way out."""
+    from . import signals
+    previous = signals.install()    # first: a signal while loading is a clean exit too
 
     def run() -> int:
         args = parser().parse_args(argv)
         setup_logging(args.verbose)
         return args.fn(args)
-    return guarded(run)
+    try:
+        return guarded(run)
+    finally:
+        if argv is not None:
+            signals.restore(previous)
 
 
 if __name__ == "__main__":

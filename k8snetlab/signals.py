@@ -37,14 +37,29 @@ _wake = threading.Event()
 _installed = False
 
 
-def install() -> None:
-    """Handle SIGINT and SIGTERM alike (call from the main thread of a command)."""
+def install() -> dict[int, Any]:
+    """Handle SIGINT and SIGTERM alike (call from the main thread of a command); returns the
+    handlers it replaced, for :func:`restore`."""
     global _installed
     if threading.current_thread() is not threading.main_thread():
-        return
+        return {}
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     for sig in STOP_SIGNALS:
         signal.signal(sig, _handler)    # also un-ignores SIGINT inherited as SIG_IGN
     _installed = True
+    return previous
+
+
+def restore(previous: dict[int, Any]) -> None:
+    """Put back the handlers :func:`install` replaced, and forget any pending signal (for a
+    caller that runs a command in its own process, e.g. a test calling ``cli.main([...])``)."""
+    global _installed, _received, _depth
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig, handler in previous.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    _installed, _received, _depth = False, None, 0
+    _wake.clear()
 
 
 def received() -> int | None:
