@@ -95,7 +95,7 @@ def csv_file(tmp_path: Path, name: str, experiment: str, rows: int) -> Path:
                  "topology": "three_nodes", "mode": "host-gw", "datapath": "kernel", "scenario": f"s{i}",
                  "src": "a", "dst": "b", "round": "1", "metric": "rtt_p50", "value": "0.1", "unit": "ms",
                  "mtu": "1500", "kernel": "6.1"}
-        lines.append(",".join(cells[c] for c in COLUMNS))
+        lines.append(",".join(cells.get(c, "") for c in COLUMNS))   # later optional columns empty
     path = tmp_path / name
     path.write_text("\n".join(lines) + "\n")
     return path
