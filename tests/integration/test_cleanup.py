@@ -90,7 +90,8 @@ def test_clean_leaves_a_live_cluster_alone():
 
 def test_missing_tool_is_one_line_exit_2(tmp_path):
     require_root_and("mnexec")
-    env = {**os.environ, "PATH": str(tmp_path)}   # no mnexec, brctl... on PATH
+    (tmp_path / "python3").symlink_to(sys.executable)   # the containers' command is there,
+    env = {**os.environ, "PATH": str(tmp_path)}          # but no mnexec, brctl... on PATH
     p = subprocess.Popen([sys.executable, "-m", "k8snetlab.cli", "up", str(THREE_NODES)], cwd=REPO,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     out, err = p.communicate(timeout=60)

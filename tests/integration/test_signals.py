@@ -5,7 +5,8 @@ Each run starts ``k8snetlab up`` the way a script does, in the background (``cmd
 state root, sends a signal at one moment (while loading, right after the state dir appears,
 while the underlay, the agents and the pods are being made, while holding, during teardown),
 and checks: exit status 130, no traceback or "Exception ignored", no state dir, no
-``knl<index>`` link, no process the cluster recorded, nothing in its namespaces.
+``knl<index>`` link, no process the cluster recorded or started (they carry the run's state root in
+their environment).
 The moments are spread over the start as it runs on this machine; the runs are bounded
 (nine in all, each at most 60 s).
 """
@@ -56,25 +57,20 @@ class Run:
         self.t0 = time.monotonic()
         self.index: int | None = None
         self.pids: set[tuple[int, int]] = set()
-        self.inodes: set[int] = set()
 
     def poll(self) -> None:
         for d in self.root.glob("knl*"):
             self.index = naming.cluster_index_of(d.name)
-            for name, into in (("pids.jsonl", "pids"), ("netns.jsonl", "inodes")):
+            try:
+                lines = (d / "pids.jsonl").read_text().splitlines()
+            except OSError:
+                continue
+            for line in lines:
                 try:
-                    lines = (d / name).read_text().splitlines()
-                except OSError:
+                    r = json.loads(line)
+                except ValueError:
                     continue
-                for line in lines:
-                    try:
-                        r = json.loads(line)
-                    except ValueError:
-                        continue
-                    if into == "pids":
-                        self.pids.add((r["pid"], r.get("start", 0)))
-                    else:
-                        self.inodes.add(r["ino"])
+                self.pids.add((r["pid"], r.get("start", 0)))
 
     def handles_stop_signals(self) -> bool:
         """Has the runtime installed its SIGINT and SIGTERM handlers (SigCgt)? Before that,
@@ -115,8 +111,19 @@ class Run:
         if self.index is not None:
             out += [f"link {n}" for n in os.listdir("/sys/class/net") if naming.cluster_index_of(n) == self.index]
         out += [f"process {pid}" for pid, start in self.pids if start and proc.running(pid, start)]
-        if self.inodes:
-            out += [f"process {pid} in a cluster namespace" for pid in cleanup.processes_in_netns(self.inodes)]
+        # every process the runtime started inherited its environment, with this run's own
+        # state root (namespace inodes would not do: the kernel reuses them for other clusters)
+        mine = f"K8SNETLAB_STATE={self.root}".encode()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) in (os.getpid(), self.pid):
+                continue
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    env = f.read().split(b"\0")
+            except OSError:
+                continue
+            if mine in env:
+                out.append(f"process {entry} ({proc.cmdline(int(entry))[:60]})")
         return out
 
 
