@@ -17,7 +17,7 @@ import sys
 from typing import Any
 
 from cni_plugins import skel
-from cni_plugins.common import field, host_ns, pod_ns, pod_ns_if_exists
+from cni_plugins.common import check_routes, field, host_ns, pod_ns, pod_ns_if_exists
 from k8snetlab import cni_protocol as cni, naming
 from k8snetlab.cni_protocol import CNIError, Interface, IPConfig, Result, Route
 
@@ -102,6 +102,7 @@ def check(conf: dict[str, Any], args: skel.CmdArgs) -> None:
         want = prev.sandbox_ip(args.ifname)
         if want not in pod.addrs(args.ifname):
             raise CNIError(cni.ERR_INVALID_CONFIG, f"{args.ifname} does not hold {want}")
+        check_routes(pod, prev.routes, args.ifname)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from typing import Any
 
@@ -36,3 +37,20 @@ def field(conf: dict[str, Any], key: str, kind: type, default: Any) -> Any:
     if value is not None and not isinstance(value, kind):
         raise CNIError(cni.ERR_INVALID_CONFIG, f"network config field {key!r} must be a {kind.__name__}")
     return value
+
+
+def check_routes(pod: Netns, routes: Any, ifname: str) -> None:
+    """CHECK's route half, as the reference plugins' ``ip.ValidateExpectedRoute``: every
+    route of the result (``prevResult.routes``) is in the pod's main table, with the result's
+    gateway when it names one. Raises CNIError naming the first one missing."""
+    have = set()
+    for r in pod.routes():
+        dst = "0.0.0.0/0" if r["dst"] == "default" else str(ipaddress.ip_network(r["dst"], strict=False))
+        have.add((dst, r["gateway"]))
+        have.add((dst, None))
+    for r in routes:
+        dst = str(ipaddress.ip_network(r.dst, strict=False))
+        if (dst, r.gw or None) not in have:
+            via = f" via {r.gw}" if r.gw else ""
+            raise CNIError(cni.ERR_INVALID_CONFIG, f"route {dst}{via} of the result is missing in the pod",
+                           f"the pod's routing table no longer matches what ADD set up on {ifname}")

@@ -65,12 +65,21 @@ def add(conf: dict[str, Any], args: skel.CmdArgs) -> Result:
     d = _delegate_conf(conf, env)
     path = _saved(conf, args)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(d))
+    # A saved config means an earlier ADD of this container succeeded: it is what a DEL must
+    # hand back to the delegate. A second ADD (the delegate refuses it: the interface is
+    # there) must leave it alone, or the runtime's DEL after the failure would leak the veth,
+    # eth0 and the IP of the first ADD.
+    first = not path.exists()
+    if first:
+        path.write_text(json.dumps(d))
     try:
         res = skel.delegate("ADD", d["type"], d, args)
     except Exception:
-        path.unlink(missing_ok=True)
+        if first:
+            path.unlink(missing_ok=True)
         raise
+    if not first:
+        path.write_text(json.dumps(d))
     return Result.from_dict(res or {})
 
 

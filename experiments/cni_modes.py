@@ -38,11 +38,9 @@ targets as ratios from this one run.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import resource
 import statistics
 import subprocess
 import sys
@@ -54,9 +52,9 @@ from typing import Any, Iterable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from k8snetlab import experiment, measure, naming, proc, results  # noqa: E402
-from k8snetlab.cli import BAD_INPUT  # noqa: E402
+from k8snetlab import experiment, framework, measure, naming, results, spec as specmod  # noqa: E402
 from k8snetlab.errors import SpecError  # noqa: E402
+from k8snetlab.framework import Comparison, Target  # noqa: E402
 from k8snetlab.modes import MODES  # noqa: E402
 
 log = logging.getLogger("cni_modes")
@@ -79,12 +77,9 @@ PLOT_METRICS = ("rtt_p50", "tcp_throughput", "encap_overhead")
 
 
 @dataclass(frozen=True)
-class Variant:
+class Variant(framework.Variant):
     """One column of the comparison: a CNI type with the options that make it this variant."""
 
-    label: str                                   # the CSV's mode column
-    cni: str                                     # cni.type
-    options: dict[str, Any] = field(default_factory=dict)   # merged into cni.<type>
     same_node_only: bool = False                 # wires nothing between nodes
     # merged in too when the nodes span several subnets (and the mode has these options)
     routed_options: dict[str, Any] = field(default_factory=dict)
@@ -104,12 +99,21 @@ VARIANTS = (
             expected_overhead={"pod-cross-node": 0, "pod-cross-subnet": 0}),
 )
 
-# the issue's speed targets: (what, numerator mode, scenario, low, high) on TCP throughput
+X = "pod-cross-node"
+# the issue's speed targets on TCP throughput, with verdicts from paired intervals
 TARGETS = (
-    ("vxlan cross-node TCP >= 0.7 x host-gw", "vxlan", "pod-cross-node", 0.7, None),
-    ("ipip CrossSubnet in one subnet TCP within 0.95-1.05 x host-gw", "ipip-crosssubnet",
-     "pod-cross-node", 0.95, 1.05),
-    ("bgp cross-node TCP within 0.95-1.05 x host-gw", "bgp", "pod-cross-node", 0.95, 1.05),
+    Target("vxlan cross-node TCP >= 0.7 x host-gw", "ratio", "vxlan", "host-gw", X, low=0.7),
+    Target("ipip CrossSubnet in one subnet TCP within 0.95-1.05 x host-gw", "ratio", "ipip-crosssubnet",
+           "host-gw", X, low=0.95, high=1.05),
+    Target("bgp cross-node TCP within 0.95-1.05 x host-gw", "ratio", "bgp", "host-gw", X, low=0.95, high=1.05),
+    Target("bgp / ipip-crosssubnet (one kernel path, the Calico layout) within 0.95-1.05", "ratio", "bgp",
+           "ipip-crosssubnet", X, low=0.95, high=1.05),
+)
+COMPARISONS = (
+    Comparison("vxlan", "host-gw", X), Comparison("ipip", "host-gw", X),
+    Comparison("ipip-crosssubnet", "host-gw", X), Comparison("bgp", "host-gw", X),
+    Comparison("bgp", "ipip-crosssubnet", X, name="bgp / ipip-crosssubnet (same kernel path)"),
+    Comparison("vxlan", "host-gw", "pod-cross-subnet"), Comparison("ipip", "bgp", "pod-cross-subnet"),
 )
 
 
@@ -187,7 +191,7 @@ def plan(base, wanted: Iterable[str], available: Iterable[str]) -> tuple[list[tu
         if wanted_opts:
             overrides[v.cni] = {**(base.cni.sections.get(v.cni) or {}), **wanted_opts}
         try:
-            s = base.with_cni(v.cni, **overrides)
+            s = specmod.with_cni(base, v.cni, **overrides)
         except SpecError as e:
             skipped[v.label] = str(e)
             continue
@@ -335,148 +339,21 @@ def measure_ecmp(c, src, dst, wire_dst: str) -> tuple[str, dict[str, int]] | Non
     return router.name, {f"{dev} via {gw_ip}": after[dev] - before[dev] for dev, gw_ip in hops}
 
 
-def run(args) -> int:
-    if args.quick:
-        args.repeat, args.duration, args.pings = 1, 1.0, 50
-    if args.pings < 50:
-        raise SpecError("--pings: at least 50 samples are needed for p99")
-    labels = [v.label for v in VARIANTS]
-    wanted = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else labels
-    bad = [m for m in wanted if m not in labels]
-    if bad:
-        raise SpecError(f"--modes: unknown mode {bad[0]!r}: use some of {', '.join(labels)}")
-    base = experiment.load_topology(args)
-    todo, skipped = plan(base, wanted, MODES.names())
-    if not todo:
-        raise SpecError(f"{base.source}: none of the modes {', '.join(wanted)} applies to this underlay: "
-                        + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
-    where = placement(base)
-    proc.require_root(NAME)
-    proc.require("ping", "iperf3", "tcpdump")
-    for label, why in skipped.items():
-        log.info("skipping %s: %s", label, why)
-    out_dir, run_id, csv_path = experiment.output(args, NAME)
-    kernel = results.kernel_release()
-    omit = 0.0 if args.quick else 0.5
-
-    from k8snetlab.cluster import Cluster
-    with contextlib.ExitStack() as stack, results.CsvWriter(csv_path) as csv, \
-            tempfile.TemporaryDirectory(prefix="knl-cni-modes-") as tmp:
-        clusters: dict[str, Any] = {}
-        meta: dict[str, tuple[str, str, int]] = {}
-        variants = {v.label: v for v, _ in todo}
-
-        def row(label: str, sc: Scenario | None, rnd: int, metric: str, value: float, unit: str) -> None:
-            topology, datapath, mtu = meta.get(label, (base.name, "", None))
-            csv.write(results.Row(run_id=run_id, timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                  experiment=NAME, topology=topology, mode=label, datapath=datapath,
-                                  scenario=sc.name if sc else "lifecycle", src=sc.src if sc else "",
-                                  dst=sc.dst if sc else "", round=rnd, metric=metric, value=value,
-                                  unit=unit, mtu=mtu if sc else None, kernel=kernel))
-
-        for v, s in todo:
-            t0 = time.monotonic()
-            c = Cluster(s)
-            try:
-                c.start()
-            except BAD_INPUT as e:          # this machine cannot run it (kernel, tool): say so, go on
-                skipped[v.label] = str(e)
-                log.warning("skipping %s: %s", v.label, e)
-                continue
-            stack.callback(c.stop)
-            for name, node in where.probes().items():
-                c.add_pod(probe_manifest(name, node))
-            clusters[v.label] = c
-            meta[v.label] = (c.spec.name, c.mode.datapath, c.mode.mtu)
-            print(f"{v.label}: cluster up in {time.monotonic() - t0:.2f} s "
-                  f"(datapath {c.mode.datapath}, pod MTU {c.mode.mtu})", file=sys.stderr)
-            row(v.label, None, 0, "cluster_up", c.timings["start_s"], "s")
-        if not clusters:
-            raise SpecError(f"{base.source}: no mode could start here: "
-                            + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
-        plans = {label: scenarios(variants[label], where) for label in clusters}
-
-        # the wire: once per mode and cross-node scenario
-        for label, c in clusters.items():
-            for sc in plans[label]:
-                if sc.name == "pod-same-node":
-                    continue
-                src, dst = c.pods[sc.src], c.pods[sc.dst]
-                pkts = capture_wire(c.nodes[src.node_name], src, dst.ip, Path(tmp))
-                if not pkts:
-                    log.warning("%s %s: no echo request captured on %s", label, sc.name, src.node_name)
-                    continue
-                outer = statistics.median(p.outer_len for p in pkts)
-                inner = statistics.median(p.inner_len for p in pkts)
-                row(label, sc, 0, "wire_ip_bytes", outer, "bytes")
-                row(label, sc, 0, "inner_ip_bytes", inner, "bytes")
-                row(label, sc, 0, "encap_overhead", outer - inner, "bytes")
-                kinds = sorted({p.kind + (f" vni {p.vni} udp {p.udp_dport}" if p.vni is not None else "")
-                                for p in pkts})
-                log.info("%s %s: %s on the wire, %d bytes of overhead", label, sc.name, ", ".join(kinds),
-                         outer - inner)
-
-        # equal-cost paths: which next hops the connections of each mode take
-        for label, c in clusters.items():
-            for sc in plans[label]:
-                if sc.name != "pod-cross-subnet":
-                    continue
-                src, dst = c.pods[sc.src], c.pods[sc.dst]
-                overlay = variants[label].expected_overhead.get(sc.name, 0) > 0
-                got = measure_ecmp(c, src, dst, c.nodes[dst.node_name].ip if overlay else dst.ip)
-                if got is None:
-                    continue
-                router, per_hop = got
-                used, share = ecmp_spread(per_hop)
-                row(label, sc, 0, "ecmp_next_hops", len(per_hop), "count")
-                row(label, sc, 0, "ecmp_paths_used", used, "count")
-                row(label, sc, 0, "ecmp_max_share", share, "fraction")
-                log.info("%s %s: SYNs per next hop of %s: %s", label, sc.name, router, per_hop)
-
-        progress = experiment.Progress(args.repeat * sum(len(p) for p in plans.values()))
-        for rnd in range(1, args.repeat + 1):
-            for label, c in clusters.items():
-                for sc in plans[label]:
-                    progress.step(f"round {rnd} {label} {sc.name}")
-                    src, dst = c.pods[sc.src], c.pods[sc.dst]
-                    # warm-up: neighbour entries and caches, so the first sample is not an outlier
-                    measure.ping(src.netns, dst.ip, count=3, interval_s=0.01)
-                    rtt = measure.ping(src.netns, dst.ip, count=args.pings, interval_s=0.01)
-                    row(label, sc, rnd, "rtt_loss", rtt.loss, "fraction")
-                    if rtt.samples_ms:
-                        for metric, value in (("rtt_min", rtt.min), ("rtt_p50", rtt.p50),
-                                              ("rtt_p90", rtt.p90), ("rtt_p99", rtt.p99)):
-                            row(label, sc, rnd, metric, value, "ms")
-                    tcp = measure.iperf3(src.netns, dst.netns, dst.ip, duration_s=args.duration, omit_s=omit)
-                    row(label, sc, rnd, "tcp_throughput", tcp.gbit_s, "Gbit/s")
-                    row(label, sc, rnd, "tcp_retransmits", tcp.retransmits, "count")
-        for label in reversed(list(clusters)):
-            c = clusters.pop(label)
-            c.stop()
-            row(label, None, 0, "cluster_down", c.timings["stop_s"], "s")
-        row("all", None, 0, "runtime_peak_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "MB")
-
-    rows = results.read_rows(csv_path)
-    order = [v.label for v in VARIANTS if v.label in meta]
-    print(summary(rows, order, skipped))
-    print(f"\nCSV: {csv_path}")
-    png = results.plot(rows, csv_path.with_suffix(".png"), metrics=PLOT_METRICS, modes=order,
-                       title=f"{NAME} on {base.name}")
-    if png:
-        print(f"plot: {png}")
-    return 0
-
-
 # ---------------------------------------------------------------- summary (pure)
 
-def summary(rows: list, order: list[str], skipped: dict[str, str]) -> str:
-    """Medians per scenario and mode, the bytes on the wire, the issue's targets as ratios."""
+def summary(rows: list, order: list[str], skipped: dict[str, str], seed: int = 1,
+            link_rate: str | None = None, quick: bool = False) -> str:
+    """Means with intervals per scenario and mode, the comparisons, the issue's targets with
+    verdicts, the bytes on the wire, the equal-cost paths, the skipped modes."""
+    exp = CniModes(order)
+    exp.skipped = dict(skipped)
+    text = framework.summary(exp, rows, seed, quick=quick, link_rate=link_rate, targets=exp.targets_for(link_rate))
+    extra = extras(rows, order)
+    return text + ("\n" + "\n".join(extra) if extra else "")
+
+
+def extras(rows: list, order: list[str]) -> list[str]:
     lines = []
-    table = results.summarize([r for r in rows if r.metric in SUMMARY_METRICS], modes=order,
-                              skip_scenarios=("lifecycle",))
-    lines.append(results.format_table(["scenario", "metric", "unit", *order],
-                                      [[t["scenario"], t["metric"], t["unit"], *(t[m] for m in order)]
-                                       for t in table]))
     by_label = {v.label: v for v in VARIANTS}
     wire = {(r.mode, r.scenario, r.metric): r.value for r in rows if r.unit == "bytes"}
     wire_rows = []
@@ -500,39 +377,108 @@ def summary(rows: list, order: list[str], skipped: dict[str, str]) -> str:
         lines.append(f"\nEqual-cost paths ({ECMP_ATTEMPTS} connection attempts, pod-cross-subnet, "
                      "counted at the source node's router):")
         lines.append(results.format_table(["mode", "next hops", "used", "largest share"], ecmp_rows))
-    lines.append("\nTargets (ratios of medians from this run):")
-    for what, num, sc, lo, hi in TARGETS:
-        ratio = _ratio(rows, num, "host-gw", sc)
-        if isinstance(ratio, str):
-            lines.append(f"  n/a   {what}: {ratio}")
-            continue
-        ok = ratio >= lo and (hi is None or ratio <= hi)
-        lines.append(f"  {'met ' if ok else 'MISS'}  {what}: {ratio:.3g}")
-    if skipped:
-        lines.append("\nSkipped:")
-        lines.extend(f"  {label}: {why}" for label, why in skipped.items())
-    return "\n".join(lines)
+    return lines
 
 
-def _ratio(rows: list, num: str, den: str, scenario: str) -> float | str:
-    """Median TCP throughput of ``num`` over ``den`` in ``scenario``, or why there is none."""
-    vals = {}
-    for mode in (num, den):
-        xs = [r.value for r in rows if r.mode == mode and r.scenario == scenario and r.metric == "tcp_throughput"]
-        if not xs:
-            return f"no {mode} measurement in {scenario} (mode skipped or scenario absent)"
-        vals[mode] = results.median(xs)
-    return vals[num] / vals[den] if vals[den] else "host-gw measured 0"
+class CniModes(framework.Experiment):
+    name = NAME
+    description = __doc__.strip().splitlines()[0]
+    comparisons = COMPARISONS
+    targets = TARGETS
+    table_ratios = ()
+    table_metrics = ("rtt_p50", "rtt_p99", "tcp_throughput", "cpu_per_gbit", "proc_cpu_per_gbit", "rx_pps", "tcp_retransmits",
+                     "qdisc_drops")
+    plot_metrics = PLOT_METRICS
+    tools = ("ping", "iperf3", "tcpdump")
+    may_skip = True
+
+    def __init__(self, order: Iterable[str] | None = None):
+        super().__init__()
+        wanted = list(order) if order is not None else [v.label for v in VARIANTS]
+        self.variants = tuple(v for v in VARIANTS if v.label in wanted)
+        self.where: Placement | None = None
+        self.tmp: tempfile.TemporaryDirectory | None = None
+
+    def targets_for(self, link_rate):
+        if not link_rate:
+            return self.targets
+        from k8snetlab.shaping import goodput_fraction, parse_rate
+        limit = parse_rate(link_rate, "--link-rate") / 1e9 * goodput_fraction(1500, 0)
+        return (Target(f"host-gw cross-node goodput within 3 % of the limit {limit:.4f} Gbit/s", "value",
+                       "host-gw", scenario=X, metric="tcp_throughput", low=0.97 * limit, high=1.03 * limit),
+                Target("ipip / host-gw goodput within [0.97, 1.0] (limit 0.986)", "ratio", "ipip", "host-gw", X,
+                       low=0.97, high=1.0),
+                Target("vxlan / host-gw goodput within [0.95, 0.98] (limit 0.965)", "ratio", "vxlan", "host-gw", X,
+                       low=0.95, high=0.98))
+
+    def add_options(self, p):
+        p.add_argument("--modes", default=None,
+                       help=f"comma-separated subset of {','.join(v.label for v in VARIANTS)} (default: all that apply)")
+
+    def check_options(self, args):
+        labels = [v.label for v in VARIANTS]
+        wanted = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else labels
+        bad = [m for m in wanted if m not in labels]
+        if bad:
+            raise SpecError(f"--modes: unknown mode {bad[0]!r}: use some of {', '.join(labels)}")
+        self.variants = tuple(v for v in VARIANTS if v.label in wanted)
+
+    def specs(self, args, base):
+        todo, skipped = plan(base, [v.label for v in self.variants], MODES.names())
+        if not todo:
+            raise SpecError(f"{base.source}: none of the modes {', '.join(v.label for v in self.variants)} "
+                            "applies to this underlay: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+        self.skipped.update(skipped)          # logged once the run starts
+        self.where = placement(base)
+        return todo
+
+    def setup(self, run, variant, cluster):
+        for name, node in self.where.probes().items():
+            cluster.add_pod(probe_manifest(name, node))
+
+    def scenarios(self, run, variant, cluster):
+        ep = lambda p: experiment.Endpoint(p.name, p.netns, p.ip)
+        return [framework.Path2(sc.name, ep(cluster.pods[sc.src]), ep(cluster.pods[sc.dst]), cluster.mode.mtu)
+                for sc in scenarios(variant, self.where)]
+
+    def once(self, run, clusters):
+        """The wire (once per mode and cross-node scenario) and the equal-cost paths."""
+        with tempfile.TemporaryDirectory(prefix="knl-cni-modes-") as tmp:
+            for label, c in clusters.items():
+                v = next(x for x in self.variants if x.label == label)
+                for sc in self.scenarios(run, v, c):
+                    if sc.name == "pod-same-node":
+                        continue
+                    src, dst = c.pods[sc.src.name], c.pods[sc.dst.name]
+                    pkts = capture_wire(c.nodes[src.node_name], src, dst.ip, Path(tmp))
+                    if not pkts:
+                        log.warning("%s %s: no echo request captured on %s", label, sc.name, src.node_name)
+                        continue
+                    outer = statistics.median(p.outer_len for p in pkts)
+                    inner = statistics.median(p.inner_len for p in pkts)
+                    run.row(label, sc, 0, "wire_ip_bytes", outer, "bytes")
+                    run.row(label, sc, 0, "inner_ip_bytes", inner, "bytes")
+                    run.row(label, sc, 0, "encap_overhead", outer - inner, "bytes")
+                    if sc.name != "pod-cross-subnet":
+                        continue
+                    overlay = v.expected_overhead.get(sc.name, 0) > 0
+                    got = measure_ecmp(c, src, dst, c.nodes[dst.node_name].ip if overlay else dst.ip)
+                    if got is None:
+                        continue
+                    router, per_hop = got
+                    used, share = ecmp_spread(per_hop)
+                    run.row(label, sc, 0, "ecmp_next_hops", len(per_hop), "count")
+                    run.row(label, sc, 0, "ecmp_paths_used", used, "count")
+                    run.row(label, sc, 0, "ecmp_max_share", share, "fraction")
+                    log.info("%s %s: SYNs per next hop of %s: %s", label, sc.name, router, per_hop)
+
+    def extra_summary(self, run, rows):
+        return extras(rows, [v.label for v in self.variants if any(r.mode == v.label for r in rows)])
 
 
 def build_parser():
-    p = experiment.parser(__doc__.strip().splitlines()[0])
-    p.add_argument("--duration", type=float, default=5.0, help="seconds per iperf3 run (default %(default)s)")
-    p.add_argument("--pings", type=int, default=200, help="ping samples per measurement (default %(default)s)")
-    p.add_argument("--modes", default=None,
-                   help=f"comma-separated subset of {','.join(v.label for v in VARIANTS)} (default: all that apply)")
-    return p
+    return framework.parser(CniModes())
 
 
 if __name__ == "__main__":
-    sys.exit(experiment.main(run, build_parser()))
+    sys.exit(framework.main(CniModes()))

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from k8snetlab import framework  # noqa: E402
+from k8snetlab import framework, spec  # noqa: E402
 from k8snetlab.framework import Comparison, Target, Variant  # noqa: E402
 
 X = "pod-cross-node"
@@ -57,6 +57,8 @@ class HostGwVsIpip(framework.Experiment):
         Target("host-gw cross-node TCP >= 0.8 x node-to-node", "ratio", "host-gw", "host-gw", X,
                den_scenario="node-to-node", low=0.8),
         Target("ipip cross-node TCP >= 0.85 x host-gw", "ratio", "ipip", "host-gw", X, low=0.85),
+        Target("tunnel: ipip TCP <= ipip-crosssubnet (encapsulation only adds work)", "ratio", "ipip",
+               "ipip-crosssubnet", X, high=1.0, possible=(None, 1.0)),
         Target("ipip RTT p50 - host-gw p50 <= 10 us (in us)", "difference", "ipip", "host-gw", X,
                metric="rtt_p50", high=10, scale=1000, possible=(0, None)),
         Target("host-gw cluster up <= 5 s (s)", "value", "host-gw", metric="cluster_up", high=5),
@@ -67,9 +69,21 @@ class HostGwVsIpip(framework.Experiment):
                metric="runtime_peak_rss", high=300),
     )
     table_ratios = (("ipip", "host-gw"),)
-    table_metrics = ("rtt_p50", "rtt_p99", "tcp_throughput", "cpu_per_gbit", "rx_pps", "tcp_retransmits",
+    table_metrics = ("rtt_p50", "rtt_p99", "tcp_throughput", "cpu_per_gbit", "proc_cpu_per_gbit", "rx_pps", "tcp_retransmits",
                      "softirq_share", "qdisc_drops")
     default_ci = 3.0
+
+    def targets_for(self, link_rate):
+        if not link_rate:
+            return self.targets
+        from k8snetlab.shaping import goodput_fraction, parse_rate
+        limit = parse_rate(link_rate, "--link-rate") / 1e9 * goodput_fraction(1500, 0)
+        return (
+            Target(f"host-gw cross-node goodput within 3 % of the limit {limit:.4f} Gbit/s", "value", "host-gw",
+                   scenario=X, metric="tcp_throughput", low=0.97 * limit, high=1.03 * limit),
+            Target("ipip / host-gw goodput within [0.97, 1.0] (limit 0.986)", "ratio", "ipip", "host-gw", X,
+                   low=0.97, high=1.0),
+            *self.targets[1:])
 
     def add_options(self, p):
         p.add_argument("--datapath", default=None, choices=("auto", "kernel", "ebpf"),
@@ -82,7 +96,7 @@ class HostGwVsIpip(framework.Experiment):
             if v.cni == "ipip" and args.datapath:
                 opts["datapath"] = args.datapath
             section = {**base.cni.sections.get(v.cni, {}), **opts}
-            out.append((v, base.with_cni(v.cni, **({v.cni: section} if section else {}))))
+            out.append((v, spec.with_cni(base, v.cni, **({v.cni: section} if section else {}))))
         return out
 
 

@@ -24,7 +24,9 @@ one sync. At each size and for each mode:
   again (what the periodic resync costs; in iptables and nftables modes a partial sync, as
   kube-proxy's: nothing changed, so iptables rewrites its top-level chains only and nftables
   sends nothing); ``change_time``: a sync after one Service
-  lost its endpoint (one Service's chains change);
+  lost its endpoint (one Service's chains change); ``check_time``: the per-sync check that the
+  node's rules are still as the proxier left them (a fingerprint of the ruleset; 50 samples),
+  and ``repair_time``: the sync after ``iptables -t nat -F`` / ``nft flush table`` (a full one);
 - ``connect_p50`` / ``connect_p90``: TCP connect time of ``--probes`` fresh connections to the
   Service placed last in the node's rule order (kpm-probe sorts after the dummies; checked in
   ``iptables-save``), and ``first_packet_added``: connect_p50 minus the same with one Service.
@@ -53,7 +55,8 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from k8snetlab import experiment, manifests, measure, proc, results  # noqa: E402
+from k8snetlab import experiment, framework, manifests, measure, proc, results, stats  # noqa: E402
+from k8snetlab.framework import Target  # noqa: E402
 from k8snetlab.cluster import Cluster  # noqa: E402
 from k8snetlab.errors import K8sNetLabError, SpecError  # noqa: E402
 from k8snetlab.services import available_modes  # noqa: E402
@@ -219,9 +222,12 @@ class Bench:
                              "-t", str(secs), "--full-rtt"], timeout=secs + 30)
         return parse_sockperf(r.stdout + r.stderr)
 
-    def throughput(self, path: str) -> measure.TcpResult:
-        return measure.iperf3(self.client.netns, self.server.netns, self.server.ip, duration_s=self.args.duration,
-                              port=IPERF_PORT, connect_ip=self.dst(path))
+    def throughput(self, path: str, baseline_rate: float) -> list[tuple[str, float, str]]:
+        """iperf3 with its golden signals (k8snetlab.framework.tcp_signals)."""
+        got, _steal = framework.tcp_signals(self.client.netns, self.server.netns, self.server.ip,
+                                            self.args.duration, omit_s=1.0, connect_ip=self.dst(path),
+                                            baseline_rate=baseline_rate, port=IPERF_PORT)
+        return got
 
     def conn_rate(self, path: str) -> float:
         n = self.args.connections
@@ -266,6 +272,43 @@ class Bench:
             change = time.perf_counter() - t0
             p.sync(snap)
         return first, again, change
+
+    CHECK_SAMPLES = 50
+
+    def check_times_us(self) -> list[float]:
+        """The cost of the proxier's per-sync check that the node's rules are as it left them
+        (``rules_changed``: a fingerprint of the ruleset), ``CHECK_SAMPLES`` times; empty
+        for modes without one."""
+        p = self.addon.proxiers[self.node.name]
+        check = getattr(p, "rules_changed", None)
+        if check is None:
+            return []
+        out = []
+        with self.addon._lock:
+            p.sync(self.addon.snapshot())
+            for _ in range(self.CHECK_SAMPLES):
+                t0 = time.perf_counter()
+                if check():
+                    log.warning("%s: the node's rules changed under the check", self.mode)
+                out.append((time.perf_counter() - t0) * 1e6)
+        return out
+
+    def repair_time(self) -> float | None:
+        """Flush the mode's tables by hand on the first node, then time the sync that notices
+        and repairs it (a full sync); None for modes without the check."""
+        p = self.addon.proxiers[self.node.name]
+        if getattr(p, "rules_changed", None) is None:
+            return None
+        damage = (["nft", "flush", "table", "ip", "kube-proxy"] if self.mode == "nftables"
+                  else [getattr(p, "iptables", "iptables"), "-t", "nat", "-F"])
+        with self.addon._lock:
+            self.node.run(damage)
+            t0 = time.perf_counter()
+            p.sync(self.addon.snapshot())
+            took = time.perf_counter() - t0
+            if p.rules_changed():
+                raise K8sNetLabError(f"{self.mode}: the sync after the flush left the rules unlike its own")
+        return took
 
     def connect_times_us(self) -> list[float]:
         n = self.args.probes
@@ -395,11 +438,11 @@ def measure_paths(bench: Bench, modes: list[str], args, progress, row: Callable)
                 for metric, value in bench.rtt(path).items():
                     row(mode, path, rnd, metric, value, "ms", dst=SERVER if path == "pod-ip" else PROBE)
             progress.step(f"round {rnd} {mode}: TCP throughput")
+            baseline = framework.quiet_busy_rate()
             for path in ("pod-ip", "cluster-ip"):
-                tcp = bench.throughput(path)
                 dst = SERVER if path == "pod-ip" else PROBE
-                row(mode, path, rnd, "tcp_throughput", tcp.gbit_s, "Gbit/s", dst=dst)
-                row(mode, path, rnd, "tcp_retransmits", tcp.retransmits, "count", dst=dst)
+                for metric, value, unit in bench.throughput(path, baseline):
+                    row(mode, path, rnd, metric, value, unit, dst=dst)
             progress.step(f"round {rnd} {mode}: connection rate")
             for path in ("pod-ip", "cluster-ip"):
                 row(mode, path, rnd, "conn_rate", bench.conn_rate(path), "conn/s",
@@ -407,7 +450,7 @@ def measure_paths(bench: Bench, modes: list[str], args, progress, row: Callable)
 
 
 def measure_scaling(bench: Bench, steps: list[tuple[int, list[str]]], progress, row: Callable) -> None:
-    baseline: dict[str, float] = {}
+    baseline: dict[str, list[float]] = {}
     for total, modes in steps:
         # the mode in use first: growing is synced once in that mode, then each other mode
         ordered = sorted(modes, key=lambda m: m != bench.mode)
@@ -425,18 +468,52 @@ def measure_scaling(bench: Bench, steps: list[tuple[int, list[str]]], progress, 
             times = bench.connect_times_us()
             p50 = statistics.median(times)
             if total == 1:
-                baseline[mode] = p50
+                baseline[mode] = times
             row(mode, scenario, 0, "services", total, "count", dst=PROBE)
             row(mode, scenario, 0, "program_time", first, "s", src=bench.node.name, dst="")
             row(mode, scenario, 0, "resync_time", again, "s", src=bench.node.name, dst="")
             row(mode, scenario, 0, "change_time", change, "s", src=bench.node.name, dst="")
+            for i, t in enumerate(bench.check_times_us(), 1):
+                row(mode, scenario, i, "check_time", t, "us", src=bench.node.name, dst="")
+            repair = bench.repair_time()
+            if repair is not None:
+                row(mode, scenario, 0, "repair_time", repair, "s", src=bench.node.name, dst="")
             row(mode, scenario, 0, "connect_p50", p50, "us", dst=PROBE)
             row(mode, scenario, 0, "connect_p90", pct(times, 90), "us", dst=PROBE)
             if mode in baseline:
-                row(mode, scenario, 0, "first_packet_added", p50 - baseline[mode], "us", dst=PROBE)
+                # a difference of two medians: its interval by bootstrap over the connect times
+                d = stats.median_difference(times, baseline[mode])
+                row(mode, scenario, 0, "first_packet_added", d.mean, "us", dst=PROBE)
+                row(mode, scenario, 0, "first_packet_added_ci_low", d.ci_low, "us", dst=PROBE)
+                row(mode, scenario, 0, "first_packet_added_ci_high", d.ci_high, "us", dst=PROBE)
 
 
 # ---------------------------------------------------------------------------------- summary
+def path_targets(mode: str) -> list[Target]:
+    """ClusterIP against the pod IP it forwards to, paired by round. A ClusterIP faster than
+    its own backend (beyond the interval) is impossible: flagged as noise."""
+    return [Target(f"{mode}: ClusterIP throughput >= 0.9 x pod IP (ratio)", "ratio", mode, mode, "cluster-ip",
+                   den_scenario="pod-ip", low=0.9, possible=(None, 1.0)),
+            Target(f"{mode}: ClusterIP RTT p50 <= 1.1 x pod IP (ratio)", "ratio", mode, mode, "cluster-ip",
+                   metric="rtt_p50", den_scenario="pod-ip", high=1.1, possible=(1.0, None))]
+
+
+def value_line(rows: list[results.Row], what: str, mode: str, scenario: str, metric: str, high: float) -> str:
+    """A one-off figure against an upper bound; first_packet_added carries its bootstrap
+    interval (rows ..._ci_low/_ci_high), a timing of one sync is one sample."""
+    got = {r.metric: r.value for r in rows if r.mode == mode and r.scenario == scenario}
+    if metric not in got:
+        return f"  {'n/a':<13} {what}: not measured in this run"
+    value = got[metric]
+    lo, hi = got.get(f"{metric}_ci_low"), got.get(f"{metric}_ci_high")
+    if lo is None or hi is None:
+        return f"  {'met' if value <= high else 'MISSED':<13} {what}: {value:.3g} (one sample, no interval)"
+    shown = stats.fmt_ci(value, lo, hi)
+    if metric == "first_packet_added" and stats.impossible(lo, hi, low=0):
+        return f"  {'noise':<13} {what}: {shown}: a Service cannot make the first packet faster; disturbed, not a finding"
+    return f"  {stats.verdict(lo, hi, high=high):<13} {what}: {shown}"
+
+
 def summary(rows: list[results.Row], modes: list[str]) -> str:
     med: dict[tuple[str, str, str], float] = {}
     groups: dict[tuple[str, str, str], list[float]] = {}
@@ -444,13 +521,22 @@ def summary(rows: list[results.Row], modes: list[str]) -> str:
         groups.setdefault((r.mode, r.scenario, r.metric), []).append(r.value)
     for k, v in groups.items():
         med[k] = results.median(v)
-    lines = ["Per mode, median over rounds: straight to the pod IP vs through the ClusterIP"]
+    lines = ["Per mode, mean [95 % interval] over rounds: straight to the pod IP vs through the ClusterIP; "
+             "the ratio paired by round"]
     table = []
     for mode in modes:
         for metric, unit in (("rtt_p50", "ms"), ("rtt_p99", "ms"), ("tcp_throughput", "Gbit/s"),
-                             ("conn_rate", "conn/s")):
-            a, b = med.get((mode, "pod-ip", metric)), med.get((mode, "cluster-ip", metric))
-            table.append([mode, metric, unit, a, b, (b / a) if a and b is not None else None])
+                             ("cpu_per_gbit", "s/Gbit"), ("conn_rate", "conn/s")):
+            cells = []
+            for path in ("pod-ip", "cluster-ip"):
+                vals = groups.get((mode, path, metric))
+                s = stats.describe(vals) if vals else None
+                cells.append("-" if s is None else stats.fmt_ci(s.mean, s.ci_low, s.ci_high) if s.n > 1
+                             else f"{s.mean:.4g}")
+            a, b = framework.paired(rows, mode, mode, "cluster-ip", metric, "pod-ip")
+            rt = stats.paired_ratio(a, b) if a and sum(b) else None
+            table.append([mode, metric, unit, *cells,
+                          "-" if rt is None else stats.fmt_ratio(rt) if rt.n > 1 else f"{rt.value:.3g}"])
     lines.append(results.format_table(["mode", "metric", "unit", "pod-ip", "cluster-ip", "cluster-ip/pod-ip"], table))
     sizes = sorted({int(r.value) for r in rows if r.metric == "services"})
     lines.append("\nServices on the first node (one sync from an empty node; connect time to the last-placed Service)")
@@ -464,33 +550,31 @@ def summary(rows: list[results.Row], modes: list[str]) -> str:
                               med.get((mode, sc, "first_packet_added"))])
     lines.append(results.format_table(["mode", "services", "program s", "resync s", "change s",
                                        "connect p50 us", "added us"], table))
-    checks: list[tuple[str, float | None, float, str]] = []
+    table = []
     for mode in modes:
-        a, b = med.get((mode, "pod-ip", "tcp_throughput")), med.get((mode, "cluster-ip", "tcp_throughput"))
-        checks.append((f"{mode}: ClusterIP throughput >= 0.9 x pod IP (ratio)", b / a if a and b is not None else None,
-                       0.9, ">="))
-        a, b = med.get((mode, "pod-ip", "rtt_p50")), med.get((mode, "cluster-ip", "rtt_p50"))
-        checks.append((f"{mode}: ClusterIP RTT p50 <= 1.1 x pod IP (ratio)", b / a if a and b is not None else None,
-                       1.1, "<="))
-    checks.append(("iptables, 5,000 Services: first packet <= +120 us (us)",
-                   med.get(("iptables", "services-5000", "first_packet_added")), 120, "<="))
-    checks.append(("nftables, 30,000 Services: first packet <= +5 us (us)",
-                   med.get(("nftables", "services-30000", "first_packet_added")), 5, "<="))
-    checks.append(("iptables: programming 5,000 Services <= 0.5 s (s)",
-                   med.get(("iptables", "services-5000", "program_time")), 0.5, "<="))
-    checks.append(("iptables-legacy: programming 5,000 Services <= 0.5 s (s)",
-                   med.get((LEGACY, "services-5000", "program_time")), 0.5, "<="))
-    checks.append(("iptables-legacy, 5,000 Services: first packet <= +120 us (us)",
-                   med.get((LEGACY, "services-5000", "first_packet_added")), 120, "<="))
-    checks.append(("nftables: programming 5,000 Services <= 0.25 s (s)",
-                   med.get(("nftables", "services-5000", "program_time")), 0.25, "<="))
-    lines.append("\nTargets (from this run):")
-    for what, value, target, op in checks:
-        if value is None:
-            lines.append(f"  -     {what}: not measured in this run")
-            continue
-        ok = value >= target if op == ">=" else value <= target
-        lines.append(f"  {'met ' if ok else 'MISS'}  {what}: {value:.3g}")
+        for n in sizes:
+            samples = groups.get((mode, f"services-{n}", "check_time"))
+            if samples:
+                table.append([mode, n, len(samples), pct(samples, 10), results.median(samples), pct(samples, 90),
+                              med.get((mode, f"services-{n}", "repair_time"))])
+    if table:
+        lines.append("\nThe per-sync check that the node's rules are as the proxier left them, and the full "
+                     "sync after 'iptables -t nat -F' / 'nft flush table'")
+        lines.append(results.format_table(["mode", "services", "samples", "check p10 us", "check p50 us",
+                                           "check p90 us", "repair s"], table))
+    lines.append("\nTargets (met: the whole 95 % interval on the right side; MISSED: all of it on the wrong side; "
+                 "inconclusive: it crosses the target; noise: physically impossible):")
+    for mode in modes:
+        for t in path_targets(mode):
+            lines.append(framework.target_line(rows, t, seed=1))
+    for what, mode, size, metric, high in (
+            ("iptables, 5,000 Services: first packet <= +120 us (us)", "iptables", 5000, "first_packet_added", 120),
+            ("nftables, 30,000 Services: first packet <= +5 us (us)", "nftables", 30000, "first_packet_added", 5),
+            ("iptables: programming 5,000 Services <= 0.5 s (s)", "iptables", 5000, "program_time", 0.5),
+            ("iptables-legacy: programming 5,000 Services <= 0.5 s (s)", LEGACY, 5000, "program_time", 0.5),
+            ("iptables-legacy, 5,000 Services: first packet <= +120 us (us)", LEGACY, 5000, "first_packet_added", 120),
+            ("nftables: programming 5,000 Services <= 0.25 s (s)", "nftables", 5000, "program_time", 0.25)):
+        lines.append(value_line(rows, what, mode, f"services-{size}", metric, high))
     return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from k8snetlab import experiment, model_check, proc, results, spec  # noqa: E402
 from k8snetlab.errors import SpecError  # noqa: E402
+from k8snetlab.validate import validate  # noqa: E402
 from k8snetlab.modes import MODES  # noqa: E402
 
 NAME = "network_model"
@@ -44,7 +45,7 @@ def applicable(base: spec.ClusterSpec, wanted: list[str] | None) -> tuple[list[s
     run, skipped = [], []
     for m in names:
         try:
-            base.with_cni(m)
+            spec.with_cni(base, m)
             run.append(m)
         except SpecError as e:
             if wanted:
@@ -58,9 +59,7 @@ def with_services(base: spec.ClusterSpec, kube_proxy: str) -> spec.ClusterSpec:
     from k8snetlab import addons
     if kube_proxy == "none" or base.kube_proxy or "services" not in addons.ADDONS:
         return base
-    new = dataclasses.replace(base, kube_proxy={"mode": kube_proxy})
-    spec._validate_mode(new)
-    return new
+    return validate(dataclasses.replace(base, kube_proxy={"mode": kube_proxy}))
 
 
 def run(args) -> int:

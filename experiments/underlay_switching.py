@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from k8snetlab import experiment, measure, proc, results, spec, switching  # noqa: E402
+from k8snetlab import experiment, framework, measure, proc, results, spec  # noqa: E402
 from k8snetlab.cluster import Cluster  # noqa: E402
 from k8snetlab.errors import SpecError  # noqa: E402
 
@@ -58,8 +58,8 @@ def build_parser():
 def variants(args) -> dict[str, spec.ClusterSpec]:
     base = experiment.load_topology(args)
     ovs_mode = f"ovs+{args.controller}"
-    return {BASELINE: switching.with_underlay(base, "linuxbridge", "none"),
-            ovs_mode: switching.with_underlay(base, "ovs", args.controller)}
+    return {BASELINE: spec.with_underlay(base, "linuxbridge", "none"),
+            ovs_mode: spec.with_underlay(base, "ovs", args.controller)}
 
 
 def run(args) -> int:
@@ -98,6 +98,7 @@ def run(args) -> int:
             row(m, "lifecycle", "", "", 0, "cluster_up", c.timings["start_s"], "s", None)
         progress = experiment.Progress(args.repeat * len(modes) * 3)
         for rnd in range(1, args.repeat + 1):
+            baseline = framework.quiet_busy_rate()       # the machine's busy CPU when we are quiet
             for m in modes:
                 c = clusters[m]
                 for sc in scenarios[m]:
@@ -110,9 +111,10 @@ def run(args) -> int:
                     if rtt.samples_ms:
                         for metric in ("rtt_min", "rtt_p50", "rtt_p90", "rtt_p99"):
                             row(m, sc.name, sc.src.name, sc.dst.name, rnd, metric, getattr(rtt, metric[4:]), "ms")
-                    tcp = measure.iperf3(sc.src.netns, sc.dst.netns, sc.dst.ip, duration_s=args.duration)
-                    row(m, sc.name, sc.src.name, sc.dst.name, rnd, "tcp_throughput", tcp.gbit_s, "Gbit/s")
-                    row(m, sc.name, sc.src.name, sc.dst.name, rnd, "tcp_retransmits", tcp.retransmits, "count")
+                    got, _ = framework.tcp_signals(sc.src.netns, sc.dst.netns, sc.dst.ip, args.duration,
+                                                   baseline_rate=baseline)
+                    for metric, value, unit in got:       # throughput with its golden signals
+                        row(m, sc.name, sc.src.name, sc.dst.name, rnd, metric, value, unit)
                 talk_all(c)
                 for sw, n in switch_entries(c).items():
                     row(m, "switch", sw, "", rnd, "flows_per_switch", n, "count", None)
@@ -180,13 +182,16 @@ def switch_entries(c: Cluster) -> dict[str, int]:
 
 def summary(rows, modes) -> str:
     base, ovs = modes
+    exp = framework.Experiment()
+    exp.name, exp.variants = NAME, tuple(framework.Variant(m, "") for m in modes)
+    exp.table_ratios = ((ovs, base),)
+    exp.table_metrics = ("first_packet_rtt", "rtt_p50", "rtt_p99", "tcp_throughput", "cpu_per_gbit", "rx_pps",
+                         "tcp_retransmits")
+    lines = [framework.summary(exp, [r for r in rows if r.scenario != "switch"], seed=1)]
     table = results.ratio_table(rows, numerator_mode=ovs, denominator_mode=base,
                                 skip_scenarios=("lifecycle", "switch"))
-    headers = ["scenario", "metric", "unit", base, ovs, f"{ovs}/{base}"]
-    lines = [results.format_table(headers, [[r["scenario"], r["metric"], r["unit"], r["denominator"],
-                                              r["numerator"], r["ratio"]] for r in table])]
     med = {(r["scenario"], r["metric"]): r for r in table}
-    lines.append("\nPacket-in cost (first-packet RTT minus steady-state p50, pod-cross-node):")
+    lines.append("\nPacket-in cost (median first-packet RTT minus median steady-state p50, pod-cross-node):")
     fp, p50 = med.get(("pod-cross-node", "first_packet_rtt")), med.get(("pod-cross-node", "rtt_p50"))
     if fp and p50:
         for label, key in ((base, "denominator"), (ovs, "numerator")):

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from k8snetlab import experiment, naming, proc, results, spec  # noqa: E402
 from k8snetlab.cluster import Cluster  # noqa: E402
+from k8snetlab.validate import validate  # noqa: E402
 from k8snetlab.errors import K8sNetLabError  # noqa: E402
 
 NAME = "walkthrough_pod_service"
@@ -266,9 +267,7 @@ def run(args) -> int:
         args.requests = min(args.requests, 12)
     base = experiment.load_topology(args)
     modes = [m for m in args.modes.split(",") if m]
-    specs = [dataclasses.replace(base, kube_proxy={**base.kube_proxy, "mode": m}) for m in modes]
-    for s in specs:
-        spec._validate_mode(s)
+    specs = [validate(dataclasses.replace(base, kube_proxy={**base.kube_proxy, "mode": m})) for m in modes]
     proc.require_root(NAME)
     proc.require("tcpdump")
     out = Path(args.out)

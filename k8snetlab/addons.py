@@ -8,6 +8,7 @@ creates those that are ``wanted`` and calls them as pods and nodes come and go:
     pods_added(pods)         after add_pod / scale made pods (containers started, ready)
     pod_removing(pod)        before a pod's containers stop (graceful: leave endpoints first)
     pod_updated(pod)         a running pod's labels changed (Cluster.label_pod)
+    pods_readiness_changed(pods)  the kubelet marked pods ready or not (a container exited, came back)
     node_added(node) / node_removed(name)
     stop()                   first thing in Cluster.stop()
 """
@@ -19,14 +20,14 @@ from typing import TYPE_CHECKING, Any
 from .registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .cluster import Cluster
-    from .spec import ClusterSpec
+    from .cluster_view import ClusterView
+    from .clusterspec import ClusterSpec
 
 
 class Addon:
     name = "addon"
 
-    def __init__(self, cluster: "Cluster"):
+    def __init__(self, cluster: "ClusterView"):
         self.cluster = cluster
 
     @classmethod
@@ -44,6 +45,10 @@ class Addon:
     def pod_removing(self, pod: Any) -> None: ...
 
     def pod_updated(self, pod: Any) -> None: ...
+
+    def pods_readiness_changed(self, pods: list[Any]) -> None:
+        """The kubelet marked ``pods`` ready or not ready (``pod.ready``): a container exited,
+        or a restarted one serves again."""
 
     def node_added(self, node: Any) -> None: ...
 

@@ -198,15 +198,3 @@ def check_container_commands(spec: "ClusterSpec") -> None:
                                 "is not an executable on this machine: install it or fix the command")
             seen.add(prog)
 
-
-# -- results files ------------------------------------------------------------------------------
-def check_comparable(a: str, a_rows: list[Any], b: str, b_rows: list[Any]) -> None:
-    """``k8snetlab compare``: both files hold measurements, of the same experiment."""
-    for path, rows in ((a, a_rows), (b, b_rows)):
-        if not rows:
-            raise SpecError(f"{path}: no measurements (only the header): compare files of finished runs")
-    ea = sorted({r.experiment for r in a_rows})
-    eb = sorted({r.experiment for r in b_rows})
-    if not set(ea) & set(eb):
-        raise SpecError(f"{a} is experiment {', '.join(ea)} but {b} is {', '.join(eb)}: "
-                        "compare two runs of one experiment")

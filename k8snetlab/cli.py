@@ -3,7 +3,7 @@
     k8snetlab up FILE [--cni TYPE] [--cli]   start a cluster, print it, hold it until Ctrl-C
         [--param NAME=VALUE ...]             parameters of a .py topology (leaves=4)
     k8snetlab clean                          remove what killed runs left (only the testbed's)
-    k8snetlab compare A.csv B.csv            two experiment runs side by side, with ratios
+    k8snetlab compare A.csv B.csv            B/A per metric with a 95 % interval: faster, slower, no change
     k8snetlab modes                          the CNI types and their options
     k8snetlab controllers                    the OpenFlow controller apps (underlay.controller)
     k8snetlab bgp status [--cluster NAME]    BGP sessions and routes per node, asked of the speakers
@@ -80,11 +80,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     from . import signals, spec
     allow_outside_files(args)
     s = spec.load(args.file, cni=args.cni, params=spec.parse_params(args.param))
+    if args.metrics:
+        from .metrics import parse_listen
+        parse_listen(args.metrics)
     require_root()
     sigterm_as_interrupt()
     with Cluster(s) as c:
         print("\n".join(c.describe()))
         print(f"up in {c.timings['start_s']:.2f} s; state in {c.state.path if c.state else '?'}")
+        server = _serve_metrics(c, args.metrics) if args.metrics else None
+        if server is not None:
+            print(f"metrics: http://{args.metrics}/metrics (Prometheus text format)")
         if args.cli:
             c.cli()
         else:
@@ -92,6 +98,12 @@ def cmd_up(args: argparse.Namespace) -> int:
             signals.wait()
     print("cluster stopped and removed")
     return 0
+
+
+def _serve_metrics(cluster, listen: str):
+    """Per-node and per-pod counters for Prometheus while the cluster runs (k8snetlab.metrics)."""
+    from .metrics import serve
+    return serve(cluster, listen)
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
@@ -110,15 +122,21 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from . import checks, results
-    a, b = results.read_rows(args.a), results.read_rows(args.b)
-    checks.check_comparable(args.a, a, args.b, b)
-    rows = results.compare(a, b)
-    headers = ["mode", "datapath", "scenario", "metric", "unit", "A", "B", "B/A"]
-    table = [[r.get("mode"), r.get("datapath"), r.get("scenario"), r.get("metric"), r.get("unit"),
-              r.get("a"), r.get("b"), r.get("ratio")] for r in rows]
-    print(f"A = {args.a}\nB = {args.b}")
-    print(results.format_table(headers, table))
+    """B against A per metric: ratio B/A with its interval and faster / slower / no change."""
+    import os
+    from . import compare, results
+    entries = compare.compare(results.read_rows(args.a), results.read_rows(args.b),
+                              a_name=args.a, b_name=args.b)
+    headers, body = compare.table(entries)
+    try:
+        print(f"A = {args.a}\nB = {args.b}")
+        print(results.format_table(headers, body))
+        changed = [e for e in entries if e.verdict in ("faster", "slower", "higher", "lower")]
+        print(f"\n{len(changed)} of {len(entries)} metrics changed beyond their 95 % interval")
+        sys.stdout.flush()
+    except BrokenPipeError:          # '| head' closed the pipe: not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
     return 0
 
 
@@ -238,6 +256,8 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("file", help="cluster file (topologies/*.yaml, or a *.py generator)")
     up.add_argument("--cni", help="override cni.type (bridge, host-gw, ipip, ...)")
     up.add_argument("--cli", action="store_true", help="open the Mininet CLI (pod names are hosts)")
+    up.add_argument("--metrics", metavar="127.0.0.1:PORT",
+                    help="serve per-node and per-pod counters for Prometheus on this loopback address")
     up.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                     help="a parameter of a Python topology file (topologies/*.py), e.g. leaves=4; repeatable")
     up.add_argument("--allow-outside-files", action="store_true",
@@ -245,7 +265,8 @@ def parser() -> argparse.ArgumentParser:
     up.set_defaults(fn=cmd_up)
     cl = sub.add_parser("clean", help="remove what killed runs left behind")
     cl.set_defaults(fn=cmd_clean)
-    cmp_ = sub.add_parser("compare", help="compare two experiment CSV files")
+    cmp_ = sub.add_parser("compare", help="compare two runs of one experiment: B/A per metric with its "
+                          "95 %% interval, faster / slower / no significant change")
     cmp_.add_argument("a")
     cmp_.add_argument("b")
     cmp_.set_defaults(fn=cmd_compare)

@@ -26,6 +26,7 @@ import os
 import dataclasses
 import secrets
 import sys
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -40,9 +41,11 @@ from .cni import INVOKERS, CNIRuntime, NetworkConfigList, RuntimeConf
 from .errors import K8sNetLabError, SpecError
 from .manifests import PodSpec, Workload
 from .modes import MODES, Mode
+from .modes.resync import AgentResync
+from .supervisor import ContainerSupervisor
 from .netutil import Netns
 from .pod import NetnsHost, NodeHost, Pod, RouterHost
-from .spec import ClusterSpec, NodeSpec
+from .clusterspec import ClusterSpec, NodeSpec, parse_address
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +105,10 @@ class Cluster:
         self.switch_plan: Any = None             # switching.Plan: switches, links, who plugs where
         self.ovs: Any = None                     # underlay_ovs.OvsUnderlay with underlay.switch: ovs
         self._gone: dict[str, NodeHost] = {}     # nodes that left, until their routes are gone
+        # node agents: node-list changes and the periodic reconcile take turns
+        self.agent_lock = threading.RLock()
+        self.agent_resync: AgentResync | None = None
+        self.supervisor: ContainerSupervisor | None = None   # the kubelets' container restarts
         self._started = False
 
     @classmethod
@@ -131,6 +138,7 @@ class Cluster:
             self.timings["underlay_s"] = time.monotonic() - t0
             signals.checkpoint()
             self._start_node_agents()
+            self._start_agent_resync()
             signals.checkpoint()
             self.timings["agents_s"] = time.monotonic() - t0 - self.timings["underlay_s"]
             t1 = time.monotonic()
@@ -147,6 +155,7 @@ class Cluster:
                     addon.start()
                     signals.checkpoint()
             self.timings["addons_s"] = time.monotonic() - t2
+            self._start_supervisor()
         except BaseException:
             self.stop()
             raise
@@ -171,6 +180,12 @@ class Cluster:
                 errors.append(f"{what}: {e}")
                 log.warning("teardown: %s: %s", what, e)
 
+        if self.supervisor is not None:
+            attempt("stop the container supervision", self.supervisor.stop)
+            self.supervisor = None
+        if self.agent_resync is not None:
+            attempt("stop the node agents' resync", self.agent_resync.stop)
+            self.agent_resync = None
         for addon in reversed(self.addons):
             attempt(f"stop {addon.name}", addon.stop)
         self.addons.clear()
@@ -292,9 +307,9 @@ class Cluster:
         """A plain host joins the underlay of a running cluster (an external client, a load
         balancer): ``eth0`` on the subnet, default route via the subnet's gateway."""
         assert self.net is not None
-        addr = specmod._addr(ip, f"host {name}")
+        addr = parse_address(ip, f"host {name}")
         taken = {n.ip for n in self.spec.nodes} | {ip for r in self.spec.underlay.routers for _, ip in r.interfaces}
-        taken |= {specmod._addr(h.IP(), h.name) for h in self.hosts.values() if h.IP()}
+        taken |= {parse_address(h.IP(), h.name) for h in self.hosts.values() if h.IP()}
         if name in self.nodes or name in self.pods or name in self.routers or name in self.hosts:
             raise SpecError(f"host name {name!r} is already taken")
         if addr in taken:
@@ -375,6 +390,25 @@ class Cluster:
             self._start_node(node)
         self.sync_routes()
 
+    def _start_supervisor(self) -> None:
+        """The kubelets' container restarts and readiness (supervisor.py); the add-ons hear
+        of readiness changes (Endpoints follow)."""
+        assert self.state is not None
+
+        def tell(pods: list[Pod]) -> None:
+            for addon in self.addons:
+                addon.pods_readiness_changed(pods)
+
+        self.supervisor = ContainerSupervisor(lambda: self.pods, self.state.path / "logs", tell)
+        self.supervisor.start()
+
+    def _start_agent_resync(self) -> None:
+        """The node agents' periodic reconcile (modes/resync.py), when the mode has one."""
+        period = self.mode.resync_period
+        if period is not None and self.nodes:
+            self.agent_resync = AgentResync(self.mode, lambda: self.nodes, period, self.agent_lock)
+            self.agent_resync.start()
+
     def _start_node(self, node: NodeHost) -> None:
         assert self.state is not None
         with Netns(node.netns, node.name) as ns:
@@ -390,6 +424,10 @@ class Cluster:
     def sync_routes(self) -> None:
         """Program every node's routes to every other node's pod CIDR (what flanneld does on a
         node-list change); remove those of nodes that left."""
+        with self.agent_lock:
+            self._sync_routes()
+
+    def _sync_routes(self) -> None:
         want = {(a, b) for a in self.nodes for b in self.nodes if a != b}
         for a, b in sorted(self._peers - want):
             if a in self.nodes:
@@ -413,7 +451,7 @@ class Cluster:
                 **({"podCIDR": pod_cidr} if pod_cidr else {})}
         raw_nodes = [{"name": n.name, "ip": str(n.ip), "subnet": n.subnet, "podCIDR": str(n.pod_cidr),
                       "labels": dict(n.labels)} for n in self.spec.nodes] + [data]
-        new_spec = _respec_nodes(self.spec, raw_nodes)
+        new_spec = specmod.with_nodes(self.spec, raw_nodes)
         n = new_spec.node(name)
         host = self._add_node_host(n, self._ports)
         self._attach_last_link(n.subnet)
@@ -421,8 +459,9 @@ class Cluster:
         self._announce(host, ip)
         self.spec = new_spec
         self._node_defaults(host)
-        self._start_node(host)
-        self.sync_routes()
+        with self.agent_lock:
+            self._start_node(host)
+            self.sync_routes()
         for addon in self.addons:
             addon.node_added(host)
         return host
@@ -441,11 +480,12 @@ class Cluster:
             raise K8sNetLabError(f"no node {name!r}")
         for pod in [p for p in self.pods.values() if p.node_name == name]:
             self.delete_pod(pod.name)
-        self.mode.stop_node(node)
-        self._gone[name] = self.nodes.pop(name)
-        # the name and address are free again (a node may rejoin)
-        self.spec = dataclasses.replace(self.spec, nodes=tuple(n for n in self.spec.nodes if n.name != name))
-        self.sync_routes()
+        with self.agent_lock:
+            self.mode.stop_node(node)
+            self._gone[name] = self.nodes.pop(name)
+            # the name and address are free again (a node may rejoin)
+            self.spec = dataclasses.replace(self.spec, nodes=tuple(n for n in self.spec.nodes if n.name != name))
+            self.sync_routes()
         assert self.net is not None
         for intf in list(node.intfList()):
             if intf.link:
@@ -726,13 +766,3 @@ class Cluster:
                             "from cni_plugins import skel\n"
                             "skel.main(plugin)\n")
             path.chmod(0o755)
-
-
-def _respec_nodes(spec: ClusterSpec, raw_nodes: list[dict[str, Any]]) -> ClusterSpec:
-    """Re-validate the cluster with another node list (for add_node)."""
-    nodes = specmod._parse_nodes(raw_nodes, spec.underlay, spec.network, spec.source)
-    new = dataclasses.replace(spec, nodes=nodes)
-    specmod._check_addresses(new)
-    MODES.get(new.cni.type).validate(new)
-    return new
-

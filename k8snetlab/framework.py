@@ -44,12 +44,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from . import experiment, hoststat, measure, results, stats
+from . import experiment, hoststat, measure, results, spec, stats
 from .errors import SpecError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_REPEAT = 12
+DEFAULT_MAX_REPEAT = 8
 SUMMARY_COLUMNS = ["run_id", "experiment", "kind", "mode", "baseline", "scenario", "metric", "unit",
                    "n", "median", "mean", "sd", "ci_low", "ci_high", "method"]
 
@@ -137,6 +137,14 @@ class Experiment:
     default_repeat = 3
     default_ci: float | None = None
     tools: Sequence[str] = ("ping", "iperf3")
+    may_skip = False          # a variant this machine cannot start is skipped with its reason
+
+    def __init__(self) -> None:
+        self.skipped: dict[str, str] = {}
+
+    def targets_for(self, link_rate: str | None) -> Sequence[Target]:
+        """The targets of this run (some apply only on shaped links)."""
+        return self.targets
 
     # -- options
     def add_options(self, p: argparse.ArgumentParser) -> None:
@@ -151,7 +159,7 @@ class Experiment:
         out = []
         for v in self.variants:
             section = {**base.cni.sections.get(v.cni, {}), **v.options}
-            out.append((v, base.with_cni(v.cni, **({v.cni: section} if section else {}))))
+            out.append((v, spec.with_cni(base, v.cni, **({v.cni: section} if section else {}))))
         return out
 
     def setup(self, run: "Run", variant: Variant, cluster: Any) -> None:
@@ -217,7 +225,7 @@ def check_args(exp: Experiment, args: argparse.Namespace) -> None:
         parse_rate(args.rate, "--rate")
     if args.link_rate is not None:
         from .shaping import parse_rate
-        parse_rate(args.link_rate, "--link-rate")
+        parse_rate(link_rate, "--link-rate")
     exp.check_options(args)
 
 
@@ -240,7 +248,8 @@ class Run:
         self.notes: list[str] = []
         self.loads: list[float] = []
         self.steals: list[float] = []
-        self.shaped: list[tuple[str, str]] = []           # (netns path, device) of shaped links
+        self.shaped_by: dict[str, list[tuple[str | None, str]]] = {}   # label -> shaped (netns, device)
+        self.current = ""                                  # the label being measured
         self.command = " ".join(shlex.quote(a) for a in [sys.executable if sys.argv[0].endswith(".py") else "",
                                                          *sys.argv] if a)
         self.machine_start = hoststat.machine()
@@ -272,44 +281,68 @@ class Run:
 
     def tcp(self, path: Path2, duration_s: float) -> list[tuple[str, float, str]]:
         """iperf3 from src to dst and what the machine and both namespaces said meanwhile."""
-        before_src, before_dst = hoststat.ns_counters(path.src.netns), hoststat.ns_counters(path.dst.netns)
-        qdisc_before = self.qdisc_stats()
-        cpu0 = hoststat.cpu_times()
-        tcp = measure.iperf3(path.src.netns, path.dst.netns, path.dst.ip, duration_s=duration_s,
-                             omit_s=self.args.omit, connect_ip=path.connect_ip, bitrate=self.args.rate)
-        cpu = hoststat.delta(cpu0, hoststat.cpu_times())
-        after_src, after_dst = hoststat.ns_counters(path.src.netns), hoststat.ns_counters(path.dst.netns)
-        rx_bytes = hoststat.sum_delta(before_dst, after_dst, "rx_bytes")
-        rx_packets = hoststat.sum_delta(before_dst, after_dst, "rx_packets")
-        drops = sum(hoststat.sum_delta(a, b, f) for a, b in ((before_src, after_src), (before_dst, after_dst))
-                    for f in ("rx_drop", "tx_drop"))
-        out = [("tcp_throughput", tcp.gbit_s, "Gbit/s"), ("tcp_retransmits", tcp.retransmits, "count"),
-               ("rx_pps", rx_packets / cpu.wall_s if cpu.wall_s > 0 else 0.0, "packets/s"),
-               ("if_drops", drops, "count"),
-               ("softirq_share", cpu.softirq_s / cpu.busy_s if cpu.busy_s > 0 else 0.0, "fraction")]
-        per = hoststat.cpu_per_gbit(cpu, self.baseline_rate, rx_bytes * 8 / 1e9)
-        if per is not None:
-            out.append(("cpu_per_gbit", per, "s/Gbit"))
-        if self.shaped:
-            after = self.qdisc_stats()
-            out.append(("qdisc_drops", sum(after[k][0] - qdisc_before.get(k, (0, 0))[0] for k in after), "count"))
-            out.append(("qdisc_backlog", max((v[1] for v in after.values()), default=0), "bytes"))
-        self.last_steal = cpu.steal_fraction
-        return out
-
-    def qdisc_stats(self) -> dict[tuple[str, str], tuple[int, int]]:
-        from . import shaping
-        return {(ns, dev): shaping.qdisc_counters(ns, dev) for ns, dev in self.shaped}
+        got, self.last_steal = tcp_signals(path.src.netns, path.dst.netns, path.dst.ip, duration_s,
+                                           omit_s=self.args.omit, connect_ip=path.connect_ip,
+                                           bitrate=self.args.rate, baseline_rate=self.baseline_rate,
+                                           shaped=self.shaped_by.get(self.current, []))
+        return got
 
     def measure_baseline(self) -> None:
         """The machine's busy rate in a quiet second (every cluster paused): the CPU the
         rest of the machine spends, subtracted from each measurement's CPU time."""
         assert self.freezer is not None
         with self.freezer.only(None):
-            a = hoststat.cpu_times()
-            time.sleep(1.0)
-            d = hoststat.delta(a, hoststat.cpu_times())
-        self.baseline_rate = d.busy_rate
+            self.baseline_rate = quiet_busy_rate()
+
+
+def tcp_signals(src_netns: str, dst_netns: str, dst_ip: str, duration_s: float, omit_s: float = 1.0,
+                connect_ip: str | None = None, bitrate: str | None = None, baseline_rate: float = 0.0,
+                shaped: Sequence[tuple[str | None, str]] = (), port: int = 5201,
+                ) -> tuple[list[tuple[str, float, str]], float]:
+    """One iperf3 TCP test with its golden signals: throughput, retransmits, packets/s at the
+    receiver, interface drops at both ends, softirq share of the busy CPU time, CPU-seconds
+    per gigabit (``baseline_rate``, the machine's busy CPU-seconds per second when quiet,
+    subtracted) and, on shaped links, qdisc drops and backlog. Returns the (metric, value,
+    unit) triples and the share of CPU time stolen meanwhile. Any experiment may call it."""
+    from . import shaping
+    qdisc = lambda: {(ns, dev): shaping.qdisc_counters(ns, dev) for ns, dev in shaped}
+    before_src, before_dst = hoststat.ns_counters(src_netns), hoststat.ns_counters(dst_netns)
+    q0 = qdisc()
+    cpu0 = hoststat.cpu_times()
+    tcp = measure.iperf3(src_netns, dst_netns, dst_ip, duration_s=duration_s, omit_s=omit_s,
+                         connect_ip=connect_ip, bitrate=bitrate, port=port)
+    cpu = hoststat.delta(cpu0, hoststat.cpu_times())
+    after_src, after_dst = hoststat.ns_counters(src_netns), hoststat.ns_counters(dst_netns)
+    rx_bytes = hoststat.sum_delta(before_dst, after_dst, "rx_bytes")
+    rx_packets = hoststat.sum_delta(before_dst, after_dst, "rx_packets")
+    drops = sum(hoststat.sum_delta(a, b, f) for a, b in ((before_src, after_src), (before_dst, after_dst))
+                for f in ("rx_drop", "tx_drop"))
+    out = [("tcp_throughput", tcp.gbit_s, "Gbit/s"), ("tcp_retransmits", tcp.retransmits, "count"),
+           ("rx_pps", rx_packets / cpu.wall_s if cpu.wall_s > 0 else 0.0, "packets/s"),
+           ("if_drops", drops, "count"),
+           ("softirq_share", cpu.softirq_s / cpu.busy_s if cpu.busy_s > 0 else 0.0, "fraction")]
+    per = hoststat.cpu_per_gbit(cpu, baseline_rate, rx_bytes * 8 / 1e9)
+    if per is not None:
+        out.append(("cpu_per_gbit", per, "s/Gbit"))
+    out.append(("cpu_baseline", baseline_rate, "cores"))
+    gbit = tcp.gbit_s * tcp.duration_s
+    if tcp.cpu_sender_pct is not None and tcp.cpu_receiver_pct is not None and gbit > 0:
+        # the two iperf3 processes' own CPU time: robust to other load, without softirq work
+        out.append(("proc_cpu_per_gbit", (tcp.cpu_sender_pct + tcp.cpu_receiver_pct) / 100 * tcp.duration_s / gbit,
+                    "s/Gbit"))
+    if shaped:
+        q1 = qdisc()
+        out.append(("qdisc_drops", sum(q1[k][0] - q0.get(k, (0, 0))[0] for k in q1), "count"))
+        out.append(("qdisc_backlog", max((v[1] for v in q1.values()), default=0), "bytes"))
+    return out, cpu.steal_fraction
+
+
+def quiet_busy_rate(seconds: float = 1.0) -> float:
+    """The machine's busy CPU-seconds per second over ``seconds`` (call it with nothing of
+    ours running): the baseline :func:`tcp_signals` subtracts."""
+    a = hoststat.cpu_times()
+    time.sleep(seconds)
+    return hoststat.delta(a, hoststat.cpu_times()).busy_rate
 
 
 # ---------------------------------------------------------------- the run itself
@@ -326,26 +359,38 @@ def run(exp: Experiment, args: argparse.Namespace) -> int:
     proc.require_root(exp.name)
     proc.require(*exp.tools)
     r = Run(exp, args, base)
+    for label, why in exp.skipped.items():
+        log.info("skipping %s: %s", label, why)
     print(f"{exp.name}: run {r.run_id}, seed {r.seed} (--seed {r.seed} repeats this order)", file=sys.stderr)
 
     with contextlib.ExitStack() as stack, results.CsvWriter(r.csv_path) as writer:
         r.writer = writer
         clusters: dict[str, Any] = {}
         variants: dict[str, Variant] = {}
+        from .cli import BAD_INPUT
         for v, s in plan_specs:
             t0 = time.monotonic()
             c = Cluster(s)
             stack.callback(c.stop)
-            c.start()
+            try:
+                c.start()
+            except BAD_INPUT as e:
+                if not exp.may_skip:
+                    raise
+                exp.skipped[v.label] = str(e)        # this machine cannot run it: say so, go on
+                log.warning("skipping %s: %s", v.label, e)
+                continue
             clusters[v.label], variants[v.label] = c, v
             r.meta[v.label] = (c.spec.name, c.mode.datapath)
             exp.setup(r, v, c)
             print(f"{v.label}: cluster up in {time.monotonic() - t0:.2f} s (datapath {c.mode.datapath}, "
                   f"pod MTU {getattr(c.mode, 'mtu', '-')})", file=sys.stderr)
             r.row(v.label, None, 0, "cluster_up", c.timings["start_s"], "s")
-        if args.link_rate:
-            from .shaping import shaped_devices
-            r.shaped = [d for c in clusters.values() for d in shaped_devices(c)]
+        if not clusters:
+            raise SpecError(f"{base.source}: no variant could start here: "
+                            + "; ".join(f"{k}: {v}" for k, v in exp.skipped.items()))
+        from .shaping import shaped_devices
+        r.shaped_by = {k: shaped_devices(c) for k, c in clusters.items()}
         r.freezer = hoststat.Freezer({k: hoststat.host_namespaces(c) for k, c in clusters.items()},
                                      enabled=not args.no_pause)
         stack.callback(r.freezer.resume)
@@ -366,7 +411,7 @@ def run(exp: Experiment, args: argparse.Namespace) -> int:
                 if progress:
                     progress.step(f"round {rnd} {k} {p.name}")
                 load1 = hoststat.loadavg()
-                r.last_steal = None
+                r.last_steal, r.current = None, k
                 with r.freezer.only(k):
                     got = exp.measure(r, variants[k], clusters[k], p, duration, warmup=rnd == 0)
                 if rnd == 0:
@@ -411,7 +456,7 @@ def run(exp: Experiment, args: argparse.Namespace) -> int:
 
     rows = results.read_rows(r.csv_path)
     text = summary(exp, rows, r.seed, quick=args.quick, stop_reason=stop_reason,
-                   link_rate=args.link_rate)
+                   link_rate=args.link_rate, targets=exp.targets_for(args.link_rate))
     extra = exp.extra_summary(r, rows)
     if extra:
         text += "\n" + "\n".join(extra)
@@ -419,6 +464,11 @@ def run(exp: Experiment, args: argparse.Namespace) -> int:
     if warn:
         text += f"\n\nWARNING: {warn} (load average up to {max(r.loads):.2f}, steal up to " \
                 f"{100 * max(r.steals, default=0):.0f} %; columns load1 and steal of the CSV)"
+    base_cpu = [x.value for x in rows if x.metric == "cpu_baseline"]
+    if base_cpu and stats.describe(base_cpu).median > 0.5 * (os.cpu_count() or 1):
+        text += (f"\nWARNING: other programs kept {stats.describe(base_cpu).median:.1f} of {os.cpu_count()} CPUs busy "
+                 "in the quiet seconds: cpu_per_gbit (whole machine, baseline subtracted) means little; "
+                 "proc_cpu_per_gbit (the iperf3 processes' own time) still compares modes")
     print(text)
     summary_path = r.csv_path.with_name(r.csv_path.stem + "-summary.csv")
     write_summary(summary_path, exp, rows, r.run_id, r.seed)
@@ -505,17 +555,39 @@ def target_line(rows: list[results.Row], t: Target, seed: int) -> str:
     return f"  {v:<13} {t.what}: {shown}"
 
 
-def overhead_limits(exp: Experiment, rows: list[results.Row]) -> dict[str, float]:
-    """mode -> the payload per 1500-byte packet over host-gw's (1.0 for plain routing)."""
-    from .shaping import payload_per_packet
+def overhead_limits(exp: Experiment, rows: list[results.Row], scenario: str) -> dict[str, float]:
+    """mode -> TCP payload per byte the link's rate limiter counts, from the pod MTU the rows
+    of ``scenario`` carry and the mode's encapsulation (:func:`shaping.goodput_fraction`)."""
+    from .shaping import encap_bytes, goodput_fraction
     out = {}
     for v in exp.variants:
-        out[v.label] = payload_per_packet(v) / payload_per_packet(Variant("host-gw", "host-gw"))
+        mtus = [r.mtu for r in rows if r.mode == v.label and r.scenario == scenario and r.mtu]
+        if mtus:
+            out[v.label] = goodput_fraction(mtus[0], encap_bytes(v.cni, v.options))
     return out
 
 
+def link_rate_lines(exp: Experiment, rows: list[results.Row], link_rate: str, scenario: str) -> list[str]:
+    """Per mode: goodput with its interval beside what the rate leaves after the headers."""
+    from .shaping import parse_rate
+    gbit = parse_rate(link_rate, "--link-rate") / 1e9
+    lines = [f"\nGoodput on a {link_rate} underlay ({scenario}) against the header-overhead limit "
+             "(TCP payload per frame the rate limiter counts: 1448 of 1514 B plain, 1428 IPIP, 1398 VXLAN):"]
+    for mode, frac in overhead_limits(exp, rows, scenario).items():
+        vals = [r.value for r in rows if r.mode == mode and r.scenario == scenario
+                and r.metric == "tcp_throughput" and r.round >= 1]
+        if not vals:
+            continue
+        s = stats.describe(vals)
+        limit = gbit * frac
+        lines.append(f"  {mode:<18} {stats.fmt_ci(s.mean, s.ci_low, s.ci_high)} Gbit/s; limit {limit:.4f} "
+                     f"Gbit/s; measured/limit {s.mean / limit:.3f} [{s.ci_low / limit:.3f}, {s.ci_high / limit:.3f}]")
+    return lines
+
+
 def summary(exp: Experiment, rows: list[results.Row], seed: int, quick: bool = False,
-            stop_reason: str | None = None, link_rate: str | None = None) -> str:
+            stop_reason: str | None = None, link_rate: str | None = None,
+            targets: Sequence[Target] | None = None) -> str:
     """Per scenario and metric: every mode's mean [95 % CI], the table ratios with paired
     intervals; then the comparisons, the targets with verdicts, and how the run ended."""
     modes = [v.label for v in exp.variants if any(r.mode == v.label for r in rows)]
@@ -546,27 +618,35 @@ def summary(exp: Experiment, rows: list[results.Row], seed: int, quick: bool = F
         body.append(cells)
     lines = ["Mean [95 % confidence interval] over rounds; ratios: mean/mean with a paired bootstrap "
              f"interval over rounds (seed {seed})", results.format_table(headers, body)]
-    limits = overhead_limits(exp, rows) if link_rate else {}
-    comps = [c for c in exp.comparisons]
+    targets = exp.targets if targets is None else targets
+    comps = list(exp.comparisons)
     if comps:
         lines.append("\nComparisons (TCP throughput unless named):")
         for c in comps:
+            if not any(r.scenario == c.scenario and r.mode in (c.num, c.den) for r in rows):
+                continue                      # a scenario this topology does not have
             rt = comparison_ratio(rows, c, seed)
             shown = ("not measured" if rt is None else f"{stats.fmt_ratio(rt)} (n={rt.n})" if rt.n > 1
                      else f"{rt.value:.3g} (one round: no interval)")
             extra = ""
-            if limits and c.metric == "tcp_throughput" and c.num in limits and c.den in limits \
-                    and not c.den_scenario:
+            limits = overhead_limits(exp, rows, c.scenario) if link_rate else {}
+            if c.metric == "tcp_throughput" and c.num in limits and c.den in limits and not c.den_scenario:
                 lim = limits[c.num] / limits[c.den]
                 extra = f"   header-overhead limit {lim:.3f}"
             elif c.limit is not None:
                 extra = f"   limit {c.limit:.3f}"
             lines.append(f"  {'*' if c.headline else ' '} {c.label} ({c.scenario}"
                          f"{'' if c.metric == 'tcp_throughput' else ', ' + c.metric}): {shown}{extra}")
-    if exp.targets:
+    if link_rate:
+        scen = next((c.scenario for c in exp.comparisons if c.headline), "pod-cross-node")
+        lines += link_rate_lines(exp, rows, link_rate, scen)
+    if targets:
         lines.append("\nTargets (met: the whole interval on the right side; MISSED: all of it on the wrong "
                      "side; inconclusive: it crosses the target):")
-        lines += [target_line(rows, t, seed) for t in exp.targets]
+        lines += [target_line(rows, t, seed) for t in targets]
+    if exp.skipped:
+        lines.append("\nSkipped:")
+        lines += [f"  {k}: {v}" for k, v in exp.skipped.items()]
     if quick:
         lines.append("\n--quick: one short round; its ratios are indicative only (no interval can be computed "
                      "from one round).")

@@ -19,6 +19,7 @@ from .errors import SpecError
 
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 WORKLOAD_KINDS = ("Pod", "Deployment", "ReplicationController")
+RESTART_POLICIES = ("Always", "OnFailure", "Never")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class PodSpec:
     node_name: str | None = None
     node_selector: dict[str, str] = field(default_factory=dict, hash=False)
     owner: str | None = None  # "Deployment/web"
+    restart_policy: str = "Always"   # the kubelet restarts exited containers: Always | OnFailure | Never
 
     @property
     def key(self) -> str:
@@ -78,7 +80,8 @@ class Workload:
         n = self.replicas if replicas is None else replicas
         return [PodSpec(f"{self.name}-{i}", self.namespace, dict(self.template.labels),
                         self.template.containers, self.template.node_name,
-                        dict(self.template.node_selector), f"{self.kind}/{self.name}")
+                        dict(self.template.node_selector), f"{self.kind}/{self.name}",
+                        self.template.restart_policy)
                 for i in range(n)]
 
 
@@ -144,8 +147,12 @@ def _pod_spec(name: str, namespace: str, labels: dict[str, str], spec: Any, wher
     node = spec.get("nodeName")
     if node is not None and not isinstance(node, str):
         raise SpecError(f"{where}.nodeName: must be a node name")
+    policy = spec.get("restartPolicy", "Always")
+    if policy not in RESTART_POLICIES:
+        raise SpecError(f"{where}.restartPolicy: {policy!r} is not a restart policy: use one of "
+                        f"{', '.join(RESTART_POLICIES)}")
     return PodSpec(name, namespace, labels, _containers(spec, where), node,
-                   _str_map(spec.get("nodeSelector"), f"{where}.nodeSelector"))
+                   _str_map(spec.get("nodeSelector"), f"{where}.nodeSelector"), restart_policy=policy)
 
 
 def parse_workload(doc: Any, where: str) -> Workload:
@@ -177,6 +184,9 @@ def parse_workload(doc: Any, where: str) -> Workload:
     if any(tlabels.get(k) != v for k, v in selector.items()):
         raise SpecError(f"{where}.spec.selector: does not match the template's labels {tlabels}")
     template = _pod_spec(name, ns, tlabels, tmpl.get("spec"), f"{where}.spec.template.spec")
+    if template.restart_policy != "Always":     # as the API server validates a controller's template
+        raise SpecError(f"{where}.spec.template.spec.restartPolicy: a {kind} keeps its pods running: "
+                        f"only 'Always' is supported (use a Pod for {template.restart_policy})")
     return Workload(kind, name, ns, replicas, template, selector)
 
 

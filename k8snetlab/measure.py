@@ -212,6 +212,10 @@ class TcpResult:
     duration_s: float
     bytes: int
     mss: int | None = None
+    # CPU the two iperf3 processes used (user + system, % of one CPU over the test; iperf3's
+    # own getrusage figures; softirq work is not in them)
+    cpu_sender_pct: float | None = None
+    cpu_receiver_pct: float | None = None
 
 
 def _field(doc: dict, *path: str):
@@ -250,8 +254,11 @@ def parse_iperf3(json_text: str) -> TcpResult:
     mss = start.get("tcp_mss") or start.get("tcp_mss_default")
     if isinstance(mss, bool) or not isinstance(mss, int):
         mss = None
+    cpu = doc.get("end", {}).get("cpu_utilization_percent") or {}
+    num = lambda v: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None  # noqa: E731
     return TcpResult(gbit_s=bits / 1e9, retransmits=int(retransmits), duration_s=float(seconds),
-                     bytes=int(nbytes), mss=mss)
+                     bytes=int(nbytes), mss=mss, cpu_sender_pct=num(cpu.get("host_total")),
+                     cpu_receiver_pct=num(cpu.get("remote_total")))
 
 
 def iperf3(client_netns: str, server_netns: str, server_ip: str, duration_s: float = 5,

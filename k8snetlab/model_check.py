@@ -330,8 +330,9 @@ def write_csv(path: str | Path, mode: str, checks: list[Check], append: bool = F
 
 def check_modes(spec: Any, modes: list[str], progress: Any = None) -> dict[str, list[Check]]:
     """Start the cluster of ``spec`` once per CNI mode, check it, tear it down."""
+    from . import spec as specmod
     from .cluster import Cluster
-    specs = {m: spec.with_cni(m) if m != spec.cni.type else spec for m in modes}   # all refusals first
+    specs = {m: specmod.with_cni(spec, m) if m != spec.cni.type else spec for m in modes}   # all refusals first
     out: dict[str, list[Check]] = {}
     for mode, s in specs.items():
         with Cluster(s) as cluster:

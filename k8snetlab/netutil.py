@@ -242,6 +242,20 @@ class Netns:
             self._call(f"delete fdb {mac} dev {ifname}", self.ipr.fdb, "del", ifindex=idx,
                        lladdr=mac, dst=dst_ip, flags=NTF_SELF, ok=(errno.ENOENT, errno.ESRCH))
 
+    def neighbours(self, ifname: str) -> set[tuple[str, str]]:
+        """(IP, MAC) of the IPv4 neighbour entries on ``ifname`` (one dump)."""
+        idx = self.index(ifname)
+        if idx is None:
+            return set()
+        return {(n.get("NDA_DST"), n.get("NDA_LLADDR")) for n in self.ipr.get_neighbours(family=2, ifindex=idx)}
+
+    def fdb_entries(self, ifname: str) -> set[tuple[str, str]]:
+        """(MAC, destination IP) of the forwarding-database entries of ``ifname`` (one dump)."""
+        idx = self.index(ifname)
+        if idx is None:
+            return set()
+        return {(n.get("NDA_LLADDR"), n.get("NDA_DST")) for n in self.ipr.fdb("dump", ifindex=idx)}
+
     # -- sysctls ----------------------------------------------------------------------------
     def set_sysctl(self, key: str, value: str | int) -> str:
         """Write ``net.*`` sysctl ``key`` in this namespace; return the old value."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,7 +27,7 @@ from mininet.node import Host
 
 from . import proc
 from .manifests import ContainerSpec, PodSpec
-from .spec import NodeSpec
+from .clusterspec import NodeSpec
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,11 @@ class Pod(NetnsHost):
         self.container_id = ""
         self.result: Any = None             # the CNI result
         self.containers: dict[str, Container] = {}
+        # kept by the kubelet's container supervision (k8snetlab/supervisor.py)
+        self.ready = True                   # every container runs and its TCP ports listen
+        self.restarts: dict[str, int] = {}  # container -> restarts so far
+        self.stopping = False               # being deleted: nothing restarts any more
+        self.lifecycle = threading.Lock()   # container starts and the final stop take turns
 
     @property
     def mntns(self) -> str:
@@ -141,6 +147,11 @@ class Pod(NetnsHost):
         return cont
 
     def stop_containers(self, grace: float = 1.0) -> None:
+        with self.lifecycle:
+            self.stopping = True
+            self._stop_containers(grace)
+
+    def _stop_containers(self, grace: float) -> None:
         for c in self.containers.values():
             if c.running():
                 c.process.terminate()

@@ -37,15 +37,21 @@ refused when written): ``rtt_min``, ``rtt_mean``, ``rtt_p50``, ``rtt_p90``, ``rt
 ``speaker_pss`` (from /proc) and ``speaker_mem`` (the daemon's own count) in ``MB``.
 kube-proxy modes: ``conn_rate`` (sequential connections per second) in ``conn/s``;
 ``connect_p50``/``connect_p90`` (TCP connect time of fresh connections) and
-``first_packet_added`` (connect_p50 minus that of a node with one Service) in ``us``;
+``first_packet_added`` (connect_p50 minus that of a node with one Service) in ``us``, with
+``first_packet_added_ci_low``/``_ci_high`` (its bootstrap 95 % interval) in ``us``;
 ``program_time`` (one sync on an empty node), ``resync_time`` (the same again) and
-``change_time`` (a sync after one Service lost its endpoint) in ``s``.
+``change_time`` (a sync after one Service lost its endpoint) in ``s``; ``check_time`` (the
+proxier's check that the node's rules are as it left them, one sample per row) in ``us``;
+``repair_time`` (the sync after the tables were flushed by hand) in ``s``.
 Equal-cost paths: ``ecmp_next_hops`` and ``ecmp_paths_used`` (next hops carrying at least 10%
 of the connection attempts) as a ``count``, ``ecmp_max_share`` as a ``fraction``.
 
 Golden signals of a TCP measurement (the framework, :mod:`k8snetlab.framework`):
 ``cpu_per_gbit`` (CPU-seconds the whole machine spent per gigabit moved, idle baseline
-subtracted) in ``s/Gbit``; ``rx_pps`` (packets per second the receiver took in) in
+subtracted) in ``s/Gbit``, with ``cpu_baseline`` (the machine's busy CPUs in a quiet second
+just before, in ``cores``: near the CPU count, the machine was saturated by others and
+cpu_per_gbit means little) and ``proc_cpu_per_gbit`` (user + system time of the two iperf3
+processes per gigabit, from iperf3's own report: robust to other load, softirq work not in it); ``rx_pps`` (packets per second the receiver took in) in
 ``packets/s``; ``if_drops`` (interface drops at both ends) as a ``count``; ``softirq_share``
 (softirq time over all busy CPU time) as a ``fraction``; on shaped links ``qdisc_drops`` as a
 ``count`` and ``qdisc_backlog`` (the largest backlog seen) in ``bytes``.
@@ -90,12 +96,14 @@ METRIC_UNITS: dict[str, str] = {
     "speaker_rss": "MB", "speaker_pss": "MB", "speaker_mem": "MB",
     # kube-proxy modes (experiments/kube_proxy_modes.py): fresh connections, rule programming
     "conn_rate": "conn/s", "connect_p50": "us", "connect_p90": "us", "first_packet_added": "us",
+    "first_packet_added_ci_low": "us", "first_packet_added_ci_high": "us",
     "program_time": "s", "resync_time": "s", "change_time": "s", "services": "count",
+    "check_time": "us", "repair_time": "s",
     # equal-cost paths (experiments/cni_modes.py on a fabric): next hops of the source node's
     # router, how many carried at least 10% of the connection attempts, the largest share
     "ecmp_next_hops": "count", "ecmp_paths_used": "count", "ecmp_max_share": "fraction",
     # golden signals of a TCP measurement: saturation, traffic, errors
-    "cpu_per_gbit": "s/Gbit", "rx_pps": "packets/s", "if_drops": "count", "softirq_share": "fraction",
+    "cpu_per_gbit": "s/Gbit", "proc_cpu_per_gbit": "s/Gbit", "cpu_baseline": "cores", "rx_pps": "packets/s", "if_drops": "count", "softirq_share": "fraction",
     "qdisc_drops": "count", "qdisc_backlog": "bytes",
 }
 

@@ -21,9 +21,11 @@ properties apply to the router's own interface and to the switch port facing it.
 
 - ``rate``: a token bucket (``tbf``) as the port's root qdisc. It counts the Ethernet header
   (14 bytes) of each packet, so 1 Gbit/s carries 1448 B of TCP payload per 1514 B frame.
-- ``loss``: a tc classifier on the port's ``clsact`` egress hook, a classic BPF program that
-  loads the kernel's per-packet random number (``SKF_AD_RANDOM``) and drops the packet when it
-  is below ``loss * 2**32`` (``action drop``). No netem needed.
+- ``loss``: a tc BPF program (``bpf/loss_tc.c``, direct action) on the port's ``clsact``
+  egress hook drops a packet when the kernel's per-packet random number is below
+  ``loss * 2**32``. No netem needed (this kernel has no netem, nor the gact and police
+  actions a classic-BPF filter would need). The program drops whole socket buffers, so the
+  sending host's ``eth0`` gets TSO/GSO off: one packet per buffer, as on a wire.
 - ``delay``/``jitter``: netem, where the kernel has it; here the load step refuses them
   naming the missing qdisc.
 - ``mtu``: the MTU of both ends of the wire.
@@ -47,7 +49,6 @@ log = logging.getLogger(__name__)
 LINK_KEYS = ("rate", "loss", "delay", "jitter", "mtu")
 ETHERNET_HEADER = 14
 TCP_IP_HEADERS = 52          # IPv4 20 + TCP 20 + timestamps 12
-SKF_AD_RANDOM = 0xFFFFF000 + 56
 TBF_LATENCY = "50ms"
 
 _UNITS = {"": 1, "bit": 1, "k": 1e3, "kbit": 1e3, "m": 1e6, "mbit": 1e6, "g": 1e9, "gbit": 1e9,
@@ -163,15 +164,34 @@ def goodput_fraction(pod_mtu: int, encap: int) -> float:
 
 # ---------------------------------------------------------------- applying it (root)
 
-def loss_bytecode(loss: float) -> str:
-    """Classic BPF for ``tc filter ... bpf bytecode``: match (-> drop) when the random u32 is
-    below ``loss * 2**32``."""
-    threshold = min(0xFFFFFFFF, int(round(loss * 2 ** 32)))
-    prog = [(0x20, 0, 0, SKF_AD_RANDOM),          # ld [rand]
-            (0x35, 1, 0, threshold),              # jge #threshold -> no match
-            (0x06, 0, 0, 0xFFFFFFFF),             # ret match
-            (0x06, 0, 0, 0)]                      # ret no match
-    return f"{len(prog)}," + ",".join(f"{c} {jt} {jf} {k}" for c, jt, jf, k in prog)
+LOSS_SOURCE = "loss_tc.c"
+
+
+def loss_threshold(loss: float) -> int:
+    """The random u32 below which a packet is dropped: ``loss * 2**32``."""
+    return min(0xFFFFFFFF, int(round(loss * 2 ** 32)))
+
+
+def loss_object(loss: float):
+    """``bpf/loss_tc.c`` compiled for this loss rate (cached by source, compiler and rate)."""
+    import hashlib
+    import os
+    from . import ebpf, proc
+    src = ebpf.SOURCE.with_name(LOSS_SOURCE)
+    clang = proc.require("clang")["clang"]
+    flags = (*ebpf.CFLAGS, f"-I/usr/include/{ebpf._multiarch(clang)}", f"-DLOSS_THRESHOLD={loss_threshold(loss)}u")
+    digest = hashlib.sha256(src.read_bytes() + proc.run([clang, "--version"]).stdout.encode()
+                            + " ".join(flags).encode()).hexdigest()[:16]
+    out = ebpf.CACHE_DIR / f"loss_tc-{digest}.o"
+    if not out.exists():
+        ebpf.CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+        try:
+            proc.run([clang, *flags, "-c", str(src), "-o", str(tmp)], where=f"compiling {src.name}")
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return out
 
 
 def shape(dev: str, props: LinkProps, netns: str | None = None) -> None:
@@ -195,8 +215,8 @@ def shape(dev: str, props: LinkProps, netns: str | None = None) -> None:
             "burst", str(burst), "latency", TBF_LATENCY)
     if props.loss:
         run("qdisc", "replace", "dev", dev, "clsact")
-        run("filter", "add", "dev", dev, "egress", "prio", "1", "bpf", "bytecode",
-            loss_bytecode(props.loss), "action", "drop")
+        run("filter", "add", "dev", dev, "egress", "prio", "1", "bpf", "da", "obj", str(loss_object(props.loss)),
+            "sec", "tc")
 
 
 def qdisc_counters(netns: str | None, dev: str) -> tuple[int, int]:
@@ -241,9 +261,12 @@ def apply(cluster: Any) -> list[tuple[str | None, str]]:
             continue
         shape(port.name, props)
         done.append((None, port.name))
+        from . import proc
         if props.mtu is not None:
-            from . import proc
             proc.run(["ip", "link", "set", "dev", link.intf1.name, "mtu", str(props.mtu)], netns=host.netns)
+        if props.loss:
+            # the loss program drops whole skbs: let the sender hand the wire single packets
+            proc.run(["ethtool", "-K", link.intf1.name, "tso", "off", "gso", "off"], netns=host.netns)
     log.info("shaped %d underlay port(s)", len(done))
     return done
 

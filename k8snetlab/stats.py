@@ -223,3 +223,16 @@ def fmt_ci(value: float, low: float, high: float, digits: int | None = None) -> 
 
 def fmt_ratio(r: Ratio) -> str:
     return fmt_ci(r.value, r.ci_low, r.ci_high, digits=max(2, _digits(r.value, r.ci_low, r.ci_high)))
+
+
+def median_difference(a: Sequence[float], b: Sequence[float], seed: int = DEFAULT_SEED,
+                      samples: int = BOOTSTRAP_SAMPLES) -> Summary:
+    """median(a) - median(b) of two independent samples (e.g. connect times at two sizes)
+    with a bootstrap 95 % interval; ``Summary`` with mean = the observed difference."""
+    x, y = _clean(a, "values"), _clean(b, "values")
+    diff = statistics.median(x) - statistics.median(y)
+    rng = random.Random(seed)
+    boot = sorted(statistics.median(rng.choices(x, k=len(x))) - statistics.median(rng.choices(y, k=len(y)))
+                  for _ in range(samples))
+    return Summary(min(len(x), len(y)), diff, diff, statistics.pstdev(boot),
+                   _percentile(boot, 0.025), _percentile(boot, 0.975))

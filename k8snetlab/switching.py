@@ -22,111 +22,41 @@ at most one switch of each of its subnets (unlisted ones attach to the subnet's 
 switch); a loop in the links needs ``switch: ovs`` and a controller app that handles loops
 (``fabric``), since anything that floods would circle it forever.
 
-This module is plain data and checks; the runtime (:mod:`k8snetlab.cluster`,
-:mod:`k8snetlab.underlay_ovs`) builds the switches from :func:`plan`.
+:mod:`k8snetlab.clusterspec` parses these keys; :func:`check` (part of the validation) applies
+the rules; the runtime (:mod:`k8snetlab.cluster`, :mod:`k8snetlab.underlay_ovs`) builds the
+switches from :func:`plan`.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from . import manifests, proc
+from . import proc
+from .clusterspec import ClusterSpec, LinkSpec, SwitchSpec, UnderlaySpec
 from .errors import SpecError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .spec import ClusterSpec
-
-SWITCH_KINDS = ("linuxbridge", "ovs")
 # the programs an OVS underlay runs; all in Debian's openvswitch-switch (+ -common)
 OVS_TOOLS = ("ovsdb-tool", "ovsdb-server", "ovs-vswitchd", "ovs-vsctl", "ovs-ofctl", "ovs-appctl")
 
 
-@dataclass(frozen=True)
-class SwitchSpec:
-    name: str
-    subnet: str
-    attach: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class LinkSpec:
-    a: str
-    b: str
-
-
-@dataclass(frozen=True)
-class SwitchLevel:
-    """What ``underlay`` says about switches (the fields UnderlaySpec carries)."""
-    switch: str = "linuxbridge"
-    controller: str = "none"
-    switches: tuple[SwitchSpec, ...] = ()
-    links: tuple[LinkSpec, ...] = ()
-
-
-def parse(u: dict[str, Any], subnets: list[str], src: str) -> SwitchLevel:
-    """Read and check ``underlay.switch``, ``.controller``, ``.switches``, ``.links``."""
-    switch = u.get("switch", "linuxbridge")
-    if switch not in SWITCH_KINDS:
-        raise SpecError(f"{src}: underlay.switch: {switch!r} is not one of {', '.join(SWITCH_KINDS)}")
-    controller = u.get("controller", "none")
-    controller = "none" if controller is None else controller
-    if controller != "none":
-        _check_app(controller, switch, src)
-    if switch == "ovs":
+def check(spec: ClusterSpec) -> None:
+    """The switch level against the whole cluster: the controller app, Open vSwitch installed,
+    every subnet's switches connected, loops only under an app that handles them, the
+    ``attach`` lists, and what ``kubeProxy.mode: openflow`` needs."""
+    u, src = spec.underlay, spec.source
+    if u.controller != "none":
+        _check_app(u.controller, u.switch, src)
+    if u.switch == "ovs":
         missing = [t for t in OVS_TOOLS if proc.which(t) is None]
         if missing:
             raise SpecError(f"{src}: underlay.switch: ovs needs Open vSwitch, but '{missing[0]}' is not "
                             "installed: apt-get install openvswitch-switch (or run 'sudo make deps'), "
                             "or use switch: linuxbridge")
-    switches: list[SwitchSpec] = []
-    names: set[str] = set()
-    raw_switches = u.get("switches") or []
-    if not isinstance(raw_switches, list):
-        raise SpecError(f"{src}: underlay.switches must be a list like [{{name: leaf1, subnet: lan}}]")
-    for i, s in enumerate(raw_switches):
-        w = f"{src}: underlay.switches[{i}]"
-        if not isinstance(s, dict):
-            raise SpecError(f"{w}: must be a mapping with keys name, subnet, attach")
-        bad = [k for k in s if k not in ("name", "subnet", "attach")]
-        if bad:
-            raise SpecError(f"{w}: unknown key {bad[0]!r}: valid keys are name, subnet, attach")
-        name = s.get("name")
-        if not isinstance(name, str) or not manifests.NAME_RE.match(name) or len(name) > 32:
-            raise SpecError(f"{w}.name: {name!r} is not a valid name (lower-case letters, digits, '-')")
-        if name in names:
-            raise SpecError(f"{w}.name: duplicate switch name {name!r}")
-        if name in subnets:
-            raise SpecError(f"{w}.name: {name!r} is also a subnet name: give the switch another name")
-        subnet = s.get("subnet") if len(subnets) > 1 else s.get("subnet", subnets[0])
-        if subnet not in subnets:
-            raise SpecError(f"{w}.subnet: {subnet!r} is not a subnet of underlay.subnets "
-                            f"({', '.join(subnets)})")
-        attach = s.get("attach") or []
-        if not isinstance(attach, list) or not all(isinstance(a, str) for a in attach):
-            raise SpecError(f"{w}.attach: must be a list of node, host or router names")
-        names.add(name)
-        switches.append(SwitchSpec(name, subnet, tuple(attach)))
-    links = _parse_links(u.get("links") or [], {s.name: s for s in switches}, src)
-    level = SwitchLevel(switch, controller, tuple(switches), links)
-    _check_graph(level, src)
-    return level
-
-
-def with_underlay(spec: "ClusterSpec", switch: str, controller: str = "none") -> "ClusterSpec":
-    """The same cluster on another kind of switch / controller app, checked like a file that
-    said so (experiments compare ``linuxbridge`` with ``ovs`` + an app this way)."""
-    import dataclasses
-    u = spec.underlay
-    raw = {"switch": switch, "controller": controller,
-           "switches": [{"name": s.name, "subnet": s.subnet, "attach": list(s.attach)} for s in u.switches],
-           "links": [[l.a, l.b] for l in u.links]}
-    level = parse(raw, [s.name for s in u.subnets], f"{spec.source} (with underlay.switch {switch}, "
-                  f"controller {controller})")
-    new = dataclasses.replace(spec, underlay=dataclasses.replace(u, switch=level.switch, controller=level.controller))
-    check(new)
-    return new
+    _check_graph(u, src)
+    _check_attachments(spec)
+    _check_openflow_services(spec)
 
 
 def _check_app(name: Any, switch: str, src: str) -> None:
@@ -145,29 +75,7 @@ def _check_app(name: Any, switch: str, src: str) -> None:
         raise SpecError(f"{src}: underlay.controller: app {name!r} cannot be imported: {why}")
 
 
-def _parse_links(raw: Any, switches: dict[str, SwitchSpec], src: str) -> tuple[LinkSpec, ...]:
-    if not isinstance(raw, list):
-        raise SpecError(f"{src}: underlay.links must be a list of [switch, switch] pairs")
-    out = []
-    for i, link in enumerate(raw):
-        w = f"{src}: underlay.links[{i}]"
-        if not isinstance(link, list) or len(link) != 2:
-            raise SpecError(f"{w}: write a link as [switch-a, switch-b]")
-        for end in link:
-            if end not in switches:
-                raise SpecError(f"{w}: {end!r} is not a switch of underlay.switches "
-                                f"({', '.join(switches) or 'none declared'})")
-        a, b = switches[link[0]], switches[link[1]]
-        if a.name == b.name:
-            raise SpecError(f"{w}: a link joins two different switches, not {a.name} with itself")
-        if a.subnet != b.subnet:
-            raise SpecError(f"{w}: {a.name} is on subnet {a.subnet} and {b.name} on {b.subnet}: a subnet is "
-                            "one L2 segment; join subnets with underlay.routers instead")
-        out.append(LinkSpec(a.name, b.name))
-    return tuple(out)
-
-
-def _check_graph(level: SwitchLevel, src: str) -> None:
+def _check_graph(level: UnderlaySpec, src: str) -> None:
     for subnet in dict.fromkeys(s.subnet for s in level.switches):
         members = [s.name for s in level.switches if s.subnet == subnet]
         edges = [l for l in level.links if l.a in members]
@@ -189,7 +97,7 @@ def _check_graph(level: SwitchLevel, src: str) -> None:
             _check_loops_allowed(level, subnet, src)
 
 
-def _check_loops_allowed(level: SwitchLevel, subnet: str, src: str) -> None:
+def _check_loops_allowed(level: UnderlaySpec, subnet: str, src: str) -> None:
     import controllers
     if level.switch != "ovs" or level.controller == "none":
         raise SpecError(f"{src}: underlay.links: the switches of subnet {subnet} form a loop, where flooding "
@@ -201,14 +109,7 @@ def _check_loops_allowed(level: SwitchLevel, subnet: str, src: str) -> None:
                         f"app {level.controller} floods: use controller: {' or '.join(able)}, or remove a link")
 
 
-def check(spec: "ClusterSpec") -> None:
-    """After the whole file is parsed: the ``attach`` lists, and what ``kubeProxy.mode: openflow``
-    needs (the service_lb app, pod packets plain on one L2 segment)."""
-    _check_attachments(spec)
-    _check_openflow_services(spec)
-
-
-def _check_openflow_services(spec: "ClusterSpec") -> None:
+def _check_openflow_services(spec: ClusterSpec) -> None:
     src, u = spec.source, spec.underlay
     mode = spec.kube_proxy.get("mode") if isinstance(spec.kube_proxy, dict) else None
     if mode == "openflow":
@@ -224,7 +125,7 @@ def _check_openflow_services(spec: "ClusterSpec") -> None:
                         "add kubeProxy: {mode: openflow}, or use controller: l2_learning")
 
 
-def _check_attachments(spec: "ClusterSpec") -> None:
+def _check_attachments(spec: ClusterSpec) -> None:
     u = spec.underlay
     on: dict[str, set[str]] = {}
     for n in spec.nodes:
@@ -272,7 +173,7 @@ class Plan:
         return out
 
 
-def plan(spec: "ClusterSpec") -> Plan:
+def plan(spec: ClusterSpec) -> Plan:
     """Every subnet without declared switches gets one, named after the subnet."""
     u = spec.underlay
     declared = {s.subnet for s in u.switches}

@@ -48,7 +48,7 @@ from .switching import OVS_TOOLS
 
 if TYPE_CHECKING:  # pragma: no cover
     from .cleanup import StateDir
-    from .spec import ClusterSpec
+    from .clusterspec import ClusterSpec
 
 log = logging.getLogger(__name__)
 

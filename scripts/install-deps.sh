@@ -34,6 +34,7 @@ dnsutils
 openvswitch-switch
 sockperf
 linux-perf
+prometheus
 ipset
 "
 

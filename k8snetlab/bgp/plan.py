@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..spec import ClusterSpec
+    from ..clusterspec import ClusterSpec
 
 DEFAULT_AS = 64512                 # Calico's default node AS (private range)
 FIRST_TOR_AS = 65001               # routers get 65001, 65002, ... unless torASNumbers says otherwise

@@ -11,8 +11,9 @@ from ..cni import SPEC_VERSION, NetworkConfigList
 from ..netutil import Netns
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..cluster import Cluster, Node
-    from ..spec import ClusterSpec
+    from ..cluster_view import ClusterView
+    from ..pod import NodeHost
+    from ..clusterspec import ClusterSpec
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class Mode:
     network_name: ClassVar[str] = "k8s-pod-network"
     pod_mtu: ClassVar[int] = 1500
 
-    def __init__(self, cluster: "Cluster", options: Any):
+    def __init__(self, cluster: "ClusterView", options: Any):
         self.cluster = cluster
         self.options = options
 
@@ -48,24 +49,25 @@ class Mode:
     def mtu(self) -> int:
         return self.pod_mtu
 
-    def plugins(self, node: "Node") -> list[dict[str, Any]]:
+    def plugin_configs(self, node: "NodeHost") -> list[dict[str, Any]]:
+        """The plugin configs of the node's network config list, in order (``type`` first)."""
         raise NotImplementedError
 
-    def netconf(self, node: "Node") -> NetworkConfigList:
+    def netconf(self, node: "NodeHost") -> NetworkConfigList:
         """The node's network config list, as a kubelet finds it in /etc/cni/net.d."""
-        return NetworkConfigList(self.network_name, SPEC_VERSION, self.plugins(node),
+        return NetworkConfigList(self.network_name, SPEC_VERSION, self.plugin_configs(node),
                                  bin_dirs=(str(self.cluster.state.cni_bin),))
 
-    def host_local(self, node: "Node", **extra: Any) -> dict[str, Any]:
+    def host_local(self, node: "NodeHost", **extra: Any) -> dict[str, Any]:
         """host-local IPAM on the node's pod CIDR, state in the node's own directory."""
         return {"type": "host-local", "ranges": [[{"subnet": str(node.spec.pod_cidr)}]],
                 "dataDir": str(node.state_dir / "ipam"), **extra}
 
     # -- node agent ------------------------------------------------------------------------------
-    def prepare(self, first_node: "Node") -> None:
+    def prepare(self, first_node: "NodeHost") -> None:
         """Once per cluster, after the nodes exist and before any node agent starts."""
 
-    def start_node(self, node: "Node", ns: Netns) -> None:
+    def start_node(self, node: "NodeHost", ns: Netns) -> None:
         """Node-wide set-up before any pod (sysctls, devices, programs)."""
         ns.set_sysctl("net.ipv4.ip_forward", 1)
 
@@ -75,16 +77,36 @@ class Mode:
     def pod_removed(self, pod: Any) -> None:
         """Before CNI DEL of a pod."""
 
-    def stop_node(self, node: "Node") -> None:
+    def stop_node(self, node: "NodeHost") -> None:
         """Undo what start_node made outside the node's namespace (BPF pins...)."""
 
-    def add_peer(self, node: "Node", ns: Netns, peer: "Node") -> None:
+    def add_peer(self, node: "NodeHost", ns: Netns, peer: "NodeHost") -> None:
         """Make ``node`` reach ``peer``'s pod CIDR (called for every other node)."""
 
-    def remove_peer(self, node: "Node", ns: Netns, peer: "Node") -> None:
+    def remove_peer(self, node: "NodeHost", ns: Netns, peer: "NodeHost") -> None:
         ns.del_route(str(peer.spec.pod_cidr))
 
-    def underlay_next_hop(self, node: "Node", peer: "Node") -> str:
+    # -- the node agent's periodic reconcile (see modes/resync.py) -----------------------------
+    @property
+    def resync_period(self) -> float | None:
+        """Seconds between the node agents' reconcile rounds; None: the mode keeps nothing
+        between nodes that could be deleted by hand."""
+        return None
+
+    def resync_node(self, node: "NodeHost", ns: Netns, peers: list["NodeHost"]) -> list[str]:
+        """One reconcile of ``node``: ``add_peer`` again for every peer that lacks something;
+        return the names of those peers."""
+        todo = self.peers_to_repair(node, ns, peers)
+        for peer in todo:
+            self.add_peer(node, ns, peer)
+        return [p.name for p in todo]
+
+    def peers_to_repair(self, node: "NodeHost", ns: Netns, peers: list["NodeHost"]) -> list["NodeHost"]:
+        """The peers whose pod CIDR has no route on ``node`` (one route dump)."""
+        have = {r["dst"] for r in ns.routes()}
+        return [p for p in peers if str(p.spec.pod_cidr) not in have]
+
+    def underlay_next_hop(self, node: "NodeHost", peer: "NodeHost") -> str:
         """The underlay address ``node`` sends to, to reach ``peer``'s node address."""
         if node.spec.subnet == peer.spec.subnet:
             return str(peer.spec.ip)

@@ -37,8 +37,8 @@ from .ipip import CalicoMode
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..bgp.speakers import Speaker
-    from ..cluster import Node
-    from ..spec import ClusterSpec
+    from ..pod import NodeHost
+    from ..clusterspec import ClusterSpec
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,9 @@ class BgpOptions:
                               help="routed underlays: nodes peer by eBGP with their top-of-rack router")
     tor_as_numbers: dict[str, int] = opt({}, key="torASNumbers",
                                          help="AS of each underlay router, e.g. {tor-a: 65001}; default 65001, 65002...")
+    route_refresh_interval: float = opt(90.0, key="routeRefreshInterval", min=0.1, max=86400,
+                                        help="seconds between Felix-style refreshes of the local pod "
+                                             "routes (routes between nodes are the speakers')")
 
 
 class BgpMode(CalicoMode):
@@ -150,7 +153,7 @@ class BgpMode(CalicoMode):
         return self._plan
 
     # -- node agent --------------------------------------------------------------------------------
-    def prepare(self, first_node: "Node") -> None:
+    def prepare(self, first_node: "NodeHost") -> None:
         """Check the daemons are installed; configure the underlay routers' BIRD (peerWithToR),
         started with the nodes' speakers."""
         for kind in sorted({s.speaker for s in self.plan().speakers.values()}):
@@ -159,7 +162,7 @@ class BgpMode(CalicoMode):
             router = self.cluster.routers[sp.name]
             self._driver(sp, router, self._router_dir(sp.name)).configure()
 
-    def start_node(self, node: "Node", ns: Netns) -> None:
+    def start_node(self, node: "NodeHost", ns: Netns) -> None:
         super().start_node(node, ns)
         drv = self._driver(self.plan().speakers[node.name], node, Path(node.state_dir))
         drv.configure()
@@ -177,14 +180,18 @@ class BgpMode(CalicoMode):
         else:
             log.info("bgp: every node has every pod route (%.2f s)", took)
 
-    def add_peer(self, node: "Node", ns: Netns, peer: "Node") -> None:
+    def add_peer(self, node: "NodeHost", ns: Netns, peer: "NodeHost") -> None:
         """No route: BGP brings it. A new peer means new sessions: reconfigure the speakers."""
         self._follow_plan()
 
-    def remove_peer(self, node: "Node", ns: Netns, peer: "Node") -> None:
+    def peers_to_repair(self, node: "NodeHost", ns: Netns, peers: list["NodeHost"]) -> list["NodeHost"]:
+        """None: routes to other nodes are the BGP speakers' (BIRD rescans the kernel table)."""
+        return []
+
+    def remove_peer(self, node: "NodeHost", ns: Netns, peer: "NodeHost") -> None:
         self._follow_plan()
 
-    def stop_node(self, node: "Node") -> None:
+    def stop_node(self, node: "NodeHost") -> None:
         drv = self.speakers.pop(node.name, None)
         if drv is not None:
             drv.stop()

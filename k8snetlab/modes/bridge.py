@@ -14,7 +14,7 @@ from ..cni import NetworkConfigList
 from .base import Mode
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..cluster import Node
+    from ..pod import NodeHost
 
 REFERENCE_DIRS = ("/usr/lib/cni", "/opt/cni/bin")
 REFERENCE_VERSION = "1.0.0"   # containernetworking-plugins 1.1 speaks up to 1.0.0
@@ -23,14 +23,14 @@ REFERENCE_VERSION = "1.0.0"   # containernetworking-plugins 1.1 speaks up to 1.0
 class BridgeMode(Mode):
     name = "bridge"
 
-    def plugins(self, node: "Node") -> list[dict[str, Any]]:
+    def plugin_configs(self, node: "NodeHost") -> list[dict[str, Any]]:
         return [{"type": "bridge", "bridge": naming.BRIDGE, "isGateway": True, "isDefaultGateway": True,
                  "hairpinMode": True, "mtu": self.mtu, "ipam": self.host_local(node)}]
 
-    def netconf(self, node: "Node") -> NetworkConfigList:
+    def netconf(self, node: "NodeHost") -> NetworkConfigList:
         if not self.cluster.spec.cni.reference:
             return super().netconf(node)
-        return NetworkConfigList(self.network_name, REFERENCE_VERSION, self.plugins(node),
+        return NetworkConfigList(self.network_name, REFERENCE_VERSION, self.plugin_configs(node),
                                  bin_dirs=REFERENCE_DIRS)
 
     @property

@@ -28,8 +28,8 @@ from ..netutil import Netns
 from .base import Mode
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..cluster import Node
-    from ..spec import ClusterSpec
+    from ..pod import NodeHost
+    from ..clusterspec import ClusterSpec
 
 DOCKER_BRIDGE = "docker0"
 DOCKER_SUBNET = ipaddress.IPv4Network("172.17.0.0/16")
@@ -74,13 +74,13 @@ class DockerMode(Mode):
         if spec.network.service_cidr.overlaps(DOCKER_SUBNET):
             raise SpecError(f"{spec.source}: network.serviceCIDR overlaps Docker's {DOCKER_SUBNET}")
 
-    def plugins(self, node: "Node") -> list[dict[str, Any]]:
+    def plugin_configs(self, node: "NodeHost") -> list[dict[str, Any]]:
         ipam = {"type": "host-local", "ranges": [[{"subnet": str(DOCKER_SUBNET), "gateway": DOCKER_GATEWAY}]],
                 "dataDir": str(node.state_dir / "ipam")}
         return [{"type": "bridge", "bridge": DOCKER_BRIDGE, "isGateway": True, "isDefaultGateway": True,
                  "hairpinMode": False, "mtu": self.mtu, "ipam": ipam}]
 
-    def start_node(self, node: "Node", ns: Netns) -> None:
+    def start_node(self, node: "NodeHost", ns: Netns) -> None:
         super().start_node(node, ns)
         ns.ensure_bridge(DOCKER_BRIDGE, self.mtu)
         ns.ensure_addr(DOCKER_BRIDGE, f"{DOCKER_GATEWAY}/{DOCKER_SUBNET.prefixlen}")
@@ -88,10 +88,10 @@ class DockerMode(Mode):
         proc.run(["iptables-restore", "--noflush"], input=_nat_rules().encode(), netns=node.netns,
                  where=node.name)
 
-    def add_peer(self, node: "Node", ns: Netns, peer: "Node") -> None:
+    def add_peer(self, node: "NodeHost", ns: Netns, peer: "NodeHost") -> None:
         """Docker knows nothing of other hosts: no routes to their containers."""
 
-    def remove_peer(self, node: "Node", ns: Netns, peer: "Node") -> None:
+    def remove_peer(self, node: "NodeHost", ns: Netns, peer: "NodeHost") -> None:
         pass
 
     def publish(self, pod: Any, host_port: int, container_port: int, proto: str = "TCP") -> None:

@@ -9,29 +9,48 @@ CNI plugin reads before delegating to ``bridge``) and keeps one route per other 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SpecError
 from ..netutil import Netns
+from ..options import opt
 from .base import Mode, uplink
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..cluster import Node
-    from ..spec import ClusterSpec
+    from ..pod import NodeHost
+    from ..clusterspec import ClusterSpec
+
+
+def route_check_interval() -> Any:
+    """The option field; flanneld's host-gw backend checks its routes every 10 s."""
+    return opt(10.0, key="RouteCheckInterval", min=0.1, max=86400,
+               help="seconds between the node agent's checks of its routes (VXLAN: and its "
+                    "neighbour/FDB entries); what was deleted by hand comes back")
+
+
+@dataclass
+class FlannelOptions:
+    route_check_interval: float = route_check_interval()
 
 
 class FlannelMode(Mode):
     """Shared by flannel's backends: subnet.env + flannel plugin delegating to bridge."""
 
     network_name = "cbr0"
+    Options = FlannelOptions
 
-    def plugins(self, node: "Node") -> list[dict[str, Any]]:
+    @property
+    def resync_period(self) -> float | None:
+        return self.options.route_check_interval
+
+    def plugin_configs(self, node: "NodeHost") -> list[dict[str, Any]]:
         return [{"type": "flannel", "delegate": {"hairpinMode": True, "isDefaultGateway": True},
                  "subnetFile": str(node.state_dir / "subnet.env"),
                  "dataDir": str(node.state_dir / "flannel"),
                  "ipamDataDir": str(node.state_dir / "ipam")}]
 
-    def start_node(self, node: "Node", ns: Netns) -> None:
+    def start_node(self, node: "NodeHost", ns: Netns) -> None:
         super().start_node(node, ns)
         net = self.cluster.spec.network
         gw = next(node.spec.pod_cidr.hosts())
@@ -56,5 +75,5 @@ class HostGwMode(FlannelMode):
                             f"on subnet {a[0]} and {b[1]} on {b[0]}: use vxlan or ipip, or put the "
                             "nodes in one subnet")
 
-    def add_peer(self, node: "Node", ns: Netns, peer: "Node") -> None:
+    def add_peer(self, node: "NodeHost", ns: Netns, peer: "NodeHost") -> None:
         ns.add_route(str(peer.spec.pod_cidr), gateway=str(peer.spec.ip), dev=uplink())

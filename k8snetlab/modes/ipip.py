@@ -39,7 +39,7 @@ from ..options import opt
 from .base import Mode, uplink
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..cluster import Node
+    from ..pod import NodeHost
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,34 @@ class IpipOptions:
     ipip_mode: str = opt("Always", key="ipipMode", choices=("Always", "CrossSubnet"),
                          help="encapsulate all cross-node traffic, or only across subnets")
     mtu: int = opt(1480, min=576, max=9000, help="pod MTU (underlay MTU minus 20)")
+    route_refresh_interval: float = opt(90.0, key="routeRefreshInterval", min=0.1, max=86400,
+                                        help="seconds between Felix-style refreshes of the routes "
+                                             "(ebpf: and BPF maps, programs); what was deleted comes back")
 
 
 class CalicoMode(Mode):
     """Shared by the Calico modes: the calico plugin with host-local on the node's block."""
 
-    def plugins(self, node: "Node") -> list[dict[str, Any]]:
+    def plugin_configs(self, node: "NodeHost") -> list[dict[str, Any]]:
         return [{"type": "calico", "mtu": self.mtu, "ipam": self.host_local(node)}]
+
+    @property
+    def resync_period(self) -> float | None:
+        return self.options.route_refresh_interval
+
+    def resync_node(self, node: "NodeHost", ns: Netns, peers: list["NodeHost"]) -> list[str]:
+        """Felix's route refresh: the peers' routes, and the ``/32`` route of each local pod
+        on its ``cali*`` veth (what the calico plugin made at ADD)."""
+        fixed = super().resync_node(node, ns, peers)
+        have = {(r["dst"], r["dev"]) for r in ns.routes()}
+        for pod in list(self.cluster.pods.values()):
+            if pod.node_name != node.name or pod.result is None or not pod.ip:
+                continue
+            cali = naming.host_veth("cali", pod.container_id, naming.POD_IFNAME)
+            if (f"{pod.ip}/32", cali) not in have and ns.index(cali) is not None:
+                ns.add_route(f"{pod.ip}/32", dev=cali)
+                fixed.append(pod.name)
+        return fixed
 
 
 class IpipMode(CalicoMode):
@@ -78,7 +99,7 @@ class IpipMode(CalicoMode):
     def datapath(self) -> str:
         return self._datapath or self.options.datapath
 
-    def prepare(self, first_node: "Node") -> None:
+    def prepare(self, first_node: "NodeHost") -> None:
         """Resolve ``auto`` and check that the chosen datapath can run here."""
         from .. import ebpf, proc
         has_ipip = ebpf.kernel_has_ipip(first_node.netns)
@@ -95,10 +116,10 @@ class IpipMode(CalicoMode):
             ebpf.compile_object()
             self.cluster.state.mount_bpffs()
 
-    def encapsulates(self, node: "Node", peer: "Node") -> bool:
+    def encapsulates(self, node: "NodeHost", peer: "NodeHost") -> bool:
         return self.options.ipip_mode == "Always" or node.spec.subnet != peer.spec.subnet
 
-    def start_node(self, node: "Node", ns: Netns) -> None:
+    def start_node(self, node: "NodeHost", ns: Netns) -> None:
         super().start_node(node, ns)
         if self.datapath == "kernel":
             ns.add_link(naming.IPIP_DEV, "ipip")
@@ -111,12 +132,12 @@ class IpipMode(CalicoMode):
             tc.attach()
             self._tc[node.name] = tc
 
-    def stop_node(self, node: "Node") -> None:
+    def stop_node(self, node: "NodeHost") -> None:
         tc = self._tc.pop(node.name, None)
         if tc is not None:
             tc.detach()
 
-    def add_peer(self, node: "Node", ns: Netns, peer: "Node") -> None:
+    def add_peer(self, node: "NodeHost", ns: Netns, peer: "NodeHost") -> None:
         cidr = str(peer.spec.pod_cidr)
         if not self.encapsulates(node, peer):
             ns.add_route(cidr, gateway=str(peer.spec.ip), dev=uplink())
@@ -129,7 +150,34 @@ class IpipMode(CalicoMode):
             # mtu: what the node itself sends there must still fit the underlay once wrapped
             ns.add_route(cidr, gateway=self.underlay_next_hop(node, peer), dev=uplink(), mtu=self.mtu)
 
-    def remove_peer(self, node: "Node", ns: Netns, peer: "Node") -> None:
+    def bpf_datapath(self, node: str) -> Any:
+        """The node's eBPF IPIP datapath (its maps and counters), None on the kernel datapath."""
+        return self._tc.get(node)
+
+    def resync_node(self, node: "NodeHost", ns: Netns, peers: list["NodeHost"]) -> list[str]:
+        """ebpf: the programs first (a re-attach starts with empty maps, so every peer is then
+        repaired), then routes, map entries and pod routes."""
+        tc = self._tc.get(node.name)
+        if tc is not None and not tc.attached():
+            log.info("node %s: eBPF IPIP programs gone from %s, attaching them again", node.name, uplink())
+            tc.attach()
+        return super().resync_node(node, ns, peers)
+
+    def peers_to_repair(self, node: "NodeHost", ns: Netns, peers: list["NodeHost"]) -> list["NodeHost"]:
+        """Peers lacking their route or, in the ebpf datapath, their tunnel or peer map entry."""
+        todo = super().peers_to_repair(node, ns, peers)
+        tc = self._tc.get(node.name)
+        if tc is None:
+            return todo
+        tunnels, known = tc.tunnels(), tc.peers()
+        for peer in peers:
+            if peer in todo or not self.encapsulates(node, peer):
+                continue
+            if tunnels.get(str(peer.spec.pod_cidr)) != str(peer.spec.ip) or str(peer.spec.ip) not in known:
+                todo.append(peer)
+        return todo
+
+    def remove_peer(self, node: "NodeHost", ns: Netns, peer: "NodeHost") -> None:
         super().remove_peer(node, ns, peer)
         tc = self._tc.get(node.name)
         if tc is not None:

@@ -42,10 +42,10 @@ from ..errors import K8sNetLabError
 from ..netutil import Netns
 from ..options import opt
 from .base import uplink
-from .host_gw import FlannelMode
+from .host_gw import FlannelMode, route_check_interval
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..cluster import Node
+    from ..pod import NodeHost
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class VxlanOptions:
                     help="UDP destination port (8472, the Linux default; IANA's is 4789)")
     direct_routing: bool = opt(False, key="DirectRouting",
                                help="route plain to nodes of the same subnet, VXLAN only across")
+    route_check_interval: float = route_check_interval()
 
 
 @dataclass(frozen=True)
@@ -100,12 +101,12 @@ class VxlanMode(FlannelMode):
     def vtep(self) -> str:
         return naming.check_ifname(f"flannel.{self.options.vni}")
 
-    def direct(self, node: "Node", peer: "Node") -> bool:
+    def direct(self, node: "NodeHost", peer: "NodeHost") -> bool:
         """True when ``peer`` is routed plain (DirectRouting and one subnet)."""
         return self.options.direct_routing and node.spec.subnet == peer.spec.subnet
 
     # -- node agent -------------------------------------------------------------------------------
-    def start_node(self, node: "Node", ns: Netns) -> None:
+    def start_node(self, node: "NodeHost", ns: Netns) -> None:
         super().start_node(node, ns)      # ip_forward, subnet.env with FLANNEL_MTU=1450
         ns.add_link(self.vtep, "vxlan", vxlan_id=self.options.vni, vxlan_port=self.options.port,
                     vxlan_local=str(node.spec.ip), vxlan_link=ns.require_index(uplink()),
@@ -120,13 +121,13 @@ class VxlanMode(FlannelMode):
         self._leases[node.name] = lease
         log.debug("node %s: %s up, VTEP %s %s", node.name, self.vtep, lease.vtep_ip, lease.vtep_mac)
 
-    def lease(self, node: "Node") -> Lease:
+    def lease(self, node: "NodeHost") -> Lease:
         try:
             return self._leases[node.name]
         except KeyError:
             raise K8sNetLabError(f"node {node.name} has no flannel lease yet (its agent did not start)") from None
 
-    def add_peer(self, node: "Node", ns: Netns, peer: "Node") -> None:
+    def add_peer(self, node: "NodeHost", ns: Netns, peer: "NodeHost") -> None:
         cidr = str(peer.spec.pod_cidr)
         if self.direct(node, peer):
             ns.add_route(cidr, gateway=str(peer.spec.ip), dev=uplink())
@@ -136,7 +137,19 @@ class VxlanMode(FlannelMode):
         ns.set_fdb(self.vtep, lease.vtep_mac, lease.public_ip)
         ns.add_route(cidr, gateway=lease.vtep_ip, dev=self.vtep, onlink=True)
 
-    def remove_peer(self, node: "Node", ns: Netns, peer: "Node") -> None:
+    def peers_to_repair(self, node: "NodeHost", ns: Netns, peers: list["NodeHost"]) -> list["NodeHost"]:
+        """Peers lacking their route, or (tunnelled ones) their neighbour or FDB entry."""
+        todo = super().peers_to_repair(node, ns, peers)
+        neigh, fdb = ns.neighbours(self.vtep), ns.fdb_entries(self.vtep)
+        for peer in peers:
+            lease = self._leases.get(peer.name)
+            if peer in todo or lease is None or self.direct(node, peer):
+                continue
+            if (lease.vtep_ip, lease.vtep_mac) not in neigh or (lease.vtep_mac, lease.public_ip) not in fdb:
+                todo.append(peer)
+        return todo
+
+    def remove_peer(self, node: "NodeHost", ns: Netns, peer: "NodeHost") -> None:
         super().remove_peer(node, ns, peer)     # the route first: nothing new goes to the VTEP
         lease = self._leases.get(peer.name)
         if lease is not None and not self.direct(node, peer):

@@ -34,9 +34,9 @@ from .dataplane import DATAPLANES, Dataplane, SyncStats
 from .plan import NodePlan, build
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..cluster import Cluster
+    from ..cluster_view import ClusterView
     from ..pod import NodeHost, Pod
-    from ..spec import ClusterSpec
+    from ..clusterspec import ClusterSpec
 
 log = logging.getLogger(__name__)
 
@@ -93,22 +93,6 @@ def parse_spec(spec: "ClusterSpec") -> PolicySet:
     return PolicySet(opts, namespaces, tuple(policies.values()), raw)
 
 
-class NodeRef:
-    """A node by its namespace's PID (what the CLI has): ``run`` as NodeHost.run."""
-
-    def __init__(self, name: str, pid: int):
-        self.name, self.pid = name, pid
-
-    @property
-    def netns(self) -> str:
-        return f"/proc/{self.pid}/ns/net"
-
-    def run(self, args: list[str], **kw: Any) -> Any:
-        from .. import proc
-        kw.setdefault("where", self.name)
-        return proc.run(args, netns=self.netns, **kw)
-
-
 def pod_info(pod: "Pod") -> m.PodInfo:
     ports = tuple((p.name, p.protocol, p.container_port) for c in pod.spec.containers for p in c.ports if p.name)
     return m.PodInfo(pod.spec.name, pod.spec.namespace, dict(pod.spec.labels), pod.ip, pod.node_name, ports,
@@ -118,7 +102,7 @@ def pod_info(pod: "Pod") -> m.PodInfo:
 class PolicyAddon(Addon):
     name = "policy"
 
-    def __init__(self, cluster: "Cluster"):
+    def __init__(self, cluster: "ClusterView"):
         super().__init__(cluster)
         ps = parse_spec(cluster.spec)
         self.options = ps.options
@@ -362,6 +346,7 @@ class PolicyAddon(Addon):
 
     def verdict(self, src: str, dst: str, port: int, protocol: str = "TCP") -> m.Verdict:
         model = self.model()
+        from .matrix import resolve
         return model.verdict(resolve(model, src), resolve(model, dst), port, protocol)
 
     def matrix(self, port: int = 80, protocols: tuple[str, ...] = ("TCP",), namespaces: list[str] | None = None,
@@ -390,19 +375,3 @@ class PolicyAddon(Addon):
         tmp = st.path / f".{STATE_FILE}.tmp"
         tmp.write_text(json.dumps(self.state(), indent=1))
         tmp.replace(st.path / STATE_FILE)
-
-
-def resolve(model: m.PolicyModel, ref: str) -> m.Endpoint:
-    """A pod by ``ns/name``, by host name (``web-0``, ``a.x``) or by address; else an address."""
-    for p in model.pods:
-        if ref in (p.key, p.host, p.ip):
-            return p
-    try:
-        import ipaddress
-        ipaddress.IPv4Address(ref)
-    except ValueError:
-        raise SpecError(f"{ref!r} is neither a pod (ns/name or its host name) nor an IPv4 address") from None
-    return ref
-
-
-

@@ -15,6 +15,7 @@ about one timeout however many pods there are.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import select
 import socket
 import threading
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import proc
+from ..errors import SpecError
 from . import model as m
 
 PAYLOAD = b"k8snetlab-policy-probe"
@@ -216,7 +218,6 @@ def run_matrix(state: dict[str, Any], port: int = 80, protocols: tuple[str, ...]
 def explain(state: dict[str, Any], src: str, dst: str, port: int, protocol: str = "TCP") -> str:
     """Which policy and rule allows the flow, or which isolation denies it; and the counters of
     the rules on the nodes involved."""
-    from .addon import NodeRef, resolve
     from .dataplane import DATAPLANES, endpoint_chains, policy_chain, rule_comment
     from .plan import hash16
     model, _ = model_of(state)
@@ -247,3 +248,31 @@ def explain(state: dict[str, Any], src: str, dst: str, port: int, protocol: str 
                 if want in text:
                     lines.append(f"      {pk:>8} pkts {by:>10} bytes  {text}")
     return "\n".join(lines)
+
+
+class NodeRef:
+    """A node by its namespace's PID (what the CLI has): ``run`` as NodeHost.run."""
+
+    def __init__(self, name: str, pid: int):
+        self.name, self.pid = name, pid
+
+    @property
+    def netns(self) -> str:
+        return f"/proc/{self.pid}/ns/net"
+
+    def run(self, args: list[str], **kw: Any) -> Any:
+        from .. import proc
+        kw.setdefault("where", self.name)
+        return proc.run(args, netns=self.netns, **kw)
+
+
+def resolve(model: m.PolicyModel, ref: str) -> m.Endpoint:
+    """A pod by ``ns/name``, by host name (``web-0``, ``a.x``) or by address; else an address."""
+    for p in model.pods:
+        if ref in (p.key, p.host, p.ip):
+            return p
+    try:
+        ipaddress.IPv4Address(ref)
+    except ValueError:
+        raise SpecError(f"{ref!r} is neither a pod (ns/name or its host name) nor an IPv4 address") from None
+    return ref

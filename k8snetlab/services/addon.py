@@ -50,9 +50,9 @@ from .model import (
 from .proxy import PROXIERS, Proxier
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..cluster import Cluster
+    from ..cluster_view import ClusterView
     from ..pod import NetnsHost, NodeHost, Pod
-    from ..spec import ClusterSpec
+    from ..clusterspec import ClusterSpec
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ EXTERNAL_HOST = "external"
 class ServicesAddon(Addon):
     name = "services"
 
-    def __init__(self, cluster: "Cluster"):
+    def __init__(self, cluster: "ClusterView"):
         super().__init__(cluster)
         self.options: KubeProxyOptions = parse_kube_proxy(cluster.spec)
         self.allocator = ServiceAllocator(cluster.spec.network.service_cidr, dns=self.options.dns)
@@ -77,6 +77,7 @@ class ServicesAddon(Addon):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_error = ""
+        self.resyncs = 0          # periodic resync rounds done (every proxier once per round)
 
     # -- spec-load checks (no root) --------------------------------------------------------------
     @classmethod
@@ -90,6 +91,13 @@ class ServicesAddon(Addon):
         if not cls.wanted(spec):
             return
         opts = parse_kube_proxy(spec)
+        try:
+            mode = PROXIERS.get(opts.mode)
+        except SpecError as e:
+            raise SpecError(f"{spec.source}: kubeProxy.mode: {e}") from None
+        why = mode.unavailable()
+        if why is not None and opts.mode == "ipvs":   # other modes' tools are checked at start
+            raise SpecError(f"{spec.source}: kubeProxy.mode: {why}")
         cidr = spec.network.service_cidr
         if opts.dns and cidr.num_addresses <= DNS_OFFSET + 1:
             raise SpecError(f"{spec.source}: network.serviceCIDR {cidr} is too small for the cluster DNS at its "
@@ -267,6 +275,11 @@ class ServicesAddon(Addon):
         if self.dns is not None:
             self.dns.pods_added(pods)
 
+    def pods_readiness_changed(self, pods: list["Pod"]) -> None:
+        """Endpoints follow readiness: a pod whose container exited leaves its Services until
+        the kubelet restarted it and it serves again."""
+        self._changed()
+
     def pod_removing(self, pod: "Pod") -> None:
         self.controller.mark_terminating(pod)
         self._changed()
@@ -327,4 +340,5 @@ class ServicesAddon(Addon):
                         if msg != self._last_error:
                             log.warning("services: periodic resync on %s", msg)
                             self._last_error = msg
+                self.resyncs += 1
 

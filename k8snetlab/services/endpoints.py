@@ -6,8 +6,9 @@ ServicePort resolves to in that pod: a numeric ``targetPort`` as is, a named one
 among the pod's container ports of the same protocol (a pod without that name is left out
 of that port, as Kubernetes does). A Service without a selector has no endpoints.
 
-"Ready" here: the pod has its IP (CNI ADD returned), none of its containers has exited, and
-it is not being deleted. The add-on marks a pod *terminating* before its containers are
+"Ready" here: the pod has its IP (CNI ADD returned), none of its containers has exited, the
+kubelet's supervision says it is ready (after a restart: only once its TCP container ports
+listen again, see :mod:`k8snetlab.supervisor`), and it is not being deleted. The add-on marks a pod *terminating* before its containers are
 stopped (``pod_removing``), so it leaves every Service before it stops answering: the
 graceful-termination order of a real cluster.
 
@@ -44,7 +45,7 @@ def view(pod: "Pod", terminating: bool = False) -> PodView:
     ports = tuple(p for c in pod.spec.containers for p in c.ports)
     running = all(c.running() for c in pod.containers.values())
     return PodView(pod.name, pod.spec.namespace, dict(pod.spec.labels), pod.ip, pod.node_name, ports,
-                   ready=running and not terminating and pod.ip is not None)
+                   ready=running and getattr(pod, "ready", True) and not terminating and pod.ip is not None)
 
 
 def selects(svc: Service, pod: PodView) -> bool:

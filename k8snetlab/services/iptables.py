@@ -29,9 +29,12 @@ Every sync writes one ``iptables-restore --noflush`` batch. As kube-proxy's part
 (MinimizeIPTablesRestore) do, it rewrites the top-level chains (KUBE-SERVICES, KUBE-NODEPORTS,
 the filter chains...) and only those per-Service chains whose rules changed, and deletes the
 chains no longer needed; a full sync rewrites every KUBE-* chain (the first one, after a
-failure, hourly, and when kube-proxy's canary chain ``KUBE-PROXY-CANARY`` in mangle is gone:
-someone flushed the tables). A full sync first lists the built-in chains and adds the jumps
-from them that are missing, so other users of the tables are untouched.
+failure, hourly, and whenever the node's rules are not as the last restore left them). That
+last check does not trust kube-proxy's canary chain alone (``iptables -t nat -F`` or deleting
+the jumps leaves it in place): each sync compares a fingerprint of the node's whole ruleset,
+taken right after our own restore, with the kernel's (:mod:`.ruleset`: one netlink request).
+A full sync first lists the built-in chains and adds the jumps from them that are missing, so
+other users of the tables are untouched.
 Rendering (:class:`IptablesRules`) is pure and unit-tested without root.
 """
 
@@ -46,6 +49,7 @@ from dataclasses import dataclass, field
 from ..errors import K8sNetLabError
 from .model import Endpoint, Service, ServicePort, Snapshot
 from .proxy import MASQ_MARK, Proxier
+from .ruleset import RulesetWatch
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +120,9 @@ BASE_CHAINS = {"nat": ("KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "K
 # per-Service chains in nat: a partial sync rewrites only those whose rules changed
 SERVICE_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-SEP-")
 FULL_SYNC_PERIOD = 3600.0   # kube-proxy's: at least one full sync an hour
-# kube-proxy's canary: an empty chain in each table; when the one in mangle (a small table,
-# cheap to ask) is gone, someone flushed the tables and the next sync is a full one
+# kube-proxy's canary: an empty chain in each table, written as a real node has it; whether
+# the tables were touched is told by the ruleset fingerprint (ruleset.py), which also sees
+# what leaves the canary in place (iptables -t nat -F, a deleted jump)
 CANARY = "KUBE-PROXY-CANARY"
 CANARY_TABLES = ("mangle", "nat", "filter")
 
@@ -329,30 +334,41 @@ class IptablesProxier(Proxier):
         self._last_full = 0.0
         # fixed at start: after a switch of backend this proxier still removes its own rules
         self.iptables = f"iptables-{self.options.iptables_backend}"
+        self.watch = RulesetWatch(self.node.netns, self.options.iptables_backend, CANARY_TABLES)
+        self.full_syncs = 0
 
     def start(self) -> None:
         self.bridge_netfilter()
 
     def sync(self, snap: Snapshot) -> None:
         """One restore: a partial sync (the top-level chains and the per-Service chains that
-        changed) unless a full one is due: the first, one after a failure, one when the canary
-        chain in mangle is gone (someone flushed the tables), and one every
-        :data:`FULL_SYNC_PERIOD`. Only a full sync lists the built-in chains to re-add
-        missing jumps: on a node with thousands of rules each listing costs a table dump."""
+        changed) unless a full one is due: the first, one after a failure, one every
+        :data:`FULL_SYNC_PERIOD`, and one whenever the node's rules are not as this proxier
+        left them (:meth:`rules_changed`: flushed tables, deleted jumps or rules, anyone
+        else's write). Only a full sync lists the built-in chains to re-add missing jumps: on a
+        node with thousands of rules each listing costs a table dump."""
+        before = self.watch.fingerprint()
         full = not self._written or time.monotonic() - self._last_full > FULL_SYNC_PERIOD or \
-            self.node.run([self.iptables, "-w", "5", "-t", CANARY_TABLES[0], "-S", CANARY],
-                          check=False).returncode != 0
+            self.watch.changed(before)
         missing = [j for j in JUMPS if j not in present_jumps(self._list_builtin())] if full else []
         text, chains, holds = self.rules.render_partial(snap, self._chains, missing,
                                                         written=None if full else self._written)
         self._written = {}
+        self.watch.forget()
         self.restore(text)
+        self.watch.wrote(before, text.count("\nCOMMIT"))
         self._chains, self._written = chains, holds
         if full:
             self._last_full = time.monotonic()
+            self.full_syncs += 1
         self.bridge_hairpin()
         self.flush_conntrack(self.last, snap)
         self.last = snap
+
+    def rules_changed(self) -> bool:
+        """Are the node's rules other than this proxier's last restore left them? One netlink
+        request (see :mod:`.ruleset`), whatever the number of rules."""
+        return self.watch.changed(self.watch.fingerprint())
 
     def restore(self, text: str) -> None:
         """One ``iptables-restore --noflush`` (``-w``: wait for the xtables lock)."""
@@ -389,6 +405,7 @@ class IptablesProxier(Proxier):
             self.restore("\n".join(out) + "\n")
             self._chains.clear()
             self._written = {}
+            self.watch.forget()
         except K8sNetLabError as e:
             log.warning("kube-proxy (iptables) on %s: could not remove rules: %s", self.node.name, e)
         super().stop()

@@ -30,18 +30,18 @@ from .model import Snapshot
 from .proxy import Proxier
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..cluster import Cluster
+    from ..cluster_view import ClusterView
 
 log = logging.getLogger(__name__)
 
 SERVICES_FILE = "services.json"    # in the OVS run dir; the controller gets its path in $K8SNETLAB_SERVICES
 
 
-def services_file(cluster: "Cluster") -> Path:
+def services_file(cluster: "ClusterView") -> Path:
     return cluster.ovs.run_dir / SERVICES_FILE
 
 
-def render(cluster: "Cluster", snap: Snapshot, macs: dict[str, str]) -> dict:
+def render(cluster: "ClusterView", snap: Snapshot, macs: dict[str, str]) -> dict:
     """What the service_lb app serves (pure: unit-tested with a stand-in cluster)."""
     nodes = {n.name: {"ip": str(n.spec.ip), "mac": macs.get(n.name, ""), "pod_cidr": str(n.spec.pod_cidr)}
              for n in cluster.nodes.values()}

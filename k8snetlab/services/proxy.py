@@ -34,7 +34,7 @@ from ..registry import Registry
 from .model import KubeProxyOptions, Service, ServicePort, Snapshot
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..cluster import Cluster
+    from ..cluster_view import ClusterView
     from ..pod import NodeHost
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class Proxier:
     mode: ClassVar[str]
     tools: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, cluster: "Cluster", node: "NodeHost", options: KubeProxyOptions):
+    def __init__(self, cluster: "ClusterView", node: "NodeHost", options: KubeProxyOptions):
         self.cluster = cluster
         self.node = node
         self.options = options

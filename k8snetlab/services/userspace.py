@@ -59,7 +59,7 @@ from .model import Snapshot
 from .proxy import Proxier
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..cluster import Cluster
+    from ..cluster_view import ClusterView
     from ..pod import NodeHost
     from .model import KubeProxyOptions
 
@@ -182,7 +182,7 @@ class UserspaceProxier(Proxier):
     mode = "userspace"
     tools = ("iptables", "iptables-save", "iptables-restore")
 
-    def __init__(self, cluster: "Cluster", node: "NodeHost", options: "KubeProxyOptions"):
+    def __init__(self, cluster: "ClusterView", node: "NodeHost", options: "KubeProxyOptions"):
         super().__init__(cluster, node, options)
         self.dir = Path(node.state_dir or ".") / "kube-proxy"
         self.control = self.dir / "control.sock"
@@ -337,11 +337,11 @@ class UserspaceProxier(Proxier):
             self.node.run(["conntrack", "-D", "-p", "udp", *flt], check=False)
 
 
-def _redirect_works(cluster: "Cluster", node: "NodeHost") -> bool:
+def _redirect_works(cluster: "ClusterView", node: "NodeHost") -> bool:
     """False in the Calico layout: pods sit behind address-less ``cali*`` veths, where
     ``REDIRECT`` has no address to redirect to (see the module doc)."""
     try:
-        plugins = cluster.mode.plugins(node)
+        plugins = cluster.mode.plugin_configs(node)
     except Exception:  # a mode without a plugin list: assume a bridge with a gateway address
         return True
     return not any(p.get("type") == "calico" for p in plugins)

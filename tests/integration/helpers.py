@@ -18,6 +18,24 @@ REPO = Path(__file__).resolve().parents[2]
 THREE_NODES = REPO / "topologies" / "three_nodes.yaml"
 
 
+def wait_for(fn, timeout: float = 10.0, every: float = 0.2) -> Any:
+    """Poll ``fn`` until it returns something truthy or ``timeout`` seconds passed (bounded);
+    return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(every)
+
+
+def kernel_has_ipip() -> bool:
+    """Whether this kernel can create an ipip device (asked in a throwaway namespace)."""
+    r = subprocess.run(["unshare", "--net", "ip", "link", "add", "probe", "type", "ipip"],
+                       capture_output=True, text=True)
+    return r.returncode == 0
+
+
 def require_root_and(*tools: str) -> None:
     if os.geteuid() != 0:
         pytest.skip("emulation tests need root (network namespaces): run 'sudo make test'")

@@ -7,7 +7,6 @@ speakers say, and nothing is left after the cluster stops."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -15,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, THREE_NODES, clean_cli, require_root_and, up_then_kill_9
+from bgp_helpers import assert_gone, require_bgp, started
+from helpers import REPO, THREE_NODES, clean_cli, require_root_and, up_then_kill_9, wait_for
 
 from k8snetlab import proc, spec
 from k8snetlab.bgp import fib, plan
@@ -25,47 +25,6 @@ pytestmark = pytest.mark.integration
 
 PROTO = {"bird": "proto bird", "exabgp": "proto bgp"}
 SPEAKERS = {"bird": {}, "exabgp": {"speaker": "exabgp"}, "mixed": {"speakers": {"node2": "exabgp"}}}
-
-
-# ------------------------------------------------------------------------ shared by the bgp tests
-
-def require_bgp() -> None:
-    require_root_and("mnexec", "brctl", "bird", "birdc")
-    try:
-        import exabgp  # noqa: F401
-    except ImportError:
-        pytest.skip("exabgp is not installed ('sudo make deps' installs it)")
-
-
-def wait_for(cond, timeout: float, interval: float = 0.05) -> bool:
-    """Poll ``cond`` until it holds or ``timeout`` seconds passed (bounded); its last answer."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
-
-
-def started(s: spec.ClusterSpec) -> tuple[Cluster, dict]:
-    """Start a cluster; return it and what must be gone after it stops."""
-    c = Cluster(s)
-    c.start()
-    assert c.state is not None
-    record = {"state": c.state.path, "prefix": c.state.prefix,
-              "pids": [(d.pid, proc.start_time(d.pid)) for d in c.mode.speakers.values() if d.pid]}
-    return c, record
-
-
-def assert_gone(record: dict) -> None:
-    """Nothing of this cluster survives: state dir, speaker processes (and their helpers, which
-    lived in the cluster's namespaces), root-namespace links with its prefix."""
-    assert not Path(record["state"]).exists(), f"{record['state']} is left"
-    alive = [pid for pid, start in record["pids"] if proc.running(pid, start)]
-    assert not alive, f"speaker processes left: {alive}"
-    prefix = record["prefix"]
-    left = [n for n in os.listdir("/sys/class/net") if n.startswith(prefix) and not n[len(prefix):][:1].isdigit()]
-    assert not left, f"underlay links left: {left}"
 
 
 def routes_of(host) -> str:
@@ -97,7 +56,7 @@ def flat_spec(n: int, **bgp) -> spec.ClusterSpec:
 @pytest.fixture(scope="module", params=sorted(SPEAKERS))
 def mesh(request):
     require_bgp()
-    s = spec.load(THREE_NODES).with_cni("bgp", bgp={"holdTime": 9, **SPEAKERS[request.param]}, invoke="inprocess")
+    s = spec.with_cni(spec.load(THREE_NODES), "bgp", bgp={"holdTime": 9, **SPEAKERS[request.param]}, invoke="inprocess")
     c, record = started(s)
     yield c
     c.stop()
@@ -166,7 +125,7 @@ def test_a_joining_and_a_leaving_node_change_the_sessions(mesh):
     def back_to_three() -> bool:        # ExaBGP answers again once its reload is done
         return all({x.peer for x in st.sessions if x.established} == set(mesh.nodes) - {name}
                    and len(st.sessions) == 2 for name, st in mesh.mode.status(list(mesh.nodes)).items())
-    assert wait_for(back_to_three, 10, interval=0.2), mesh.mode.status_table()
+    assert wait_for(back_to_three, 10, every=0.2), mesh.mode.status_table()
 
 
 # ------------------------------------------------------------------------ route reflectors

@@ -11,7 +11,8 @@ import time
 
 import pytest
 from helpers import THREE_NODES
-from test_bgp import assert_gone, require_bgp, started, wait_for
+from bgp_helpers import assert_gone, require_bgp, started
+from helpers import wait_for
 
 from k8snetlab import spec
 from k8snetlab.bgp import fib
@@ -25,7 +26,7 @@ SLACK = 1.0      # a second of scheduling slack on a shared 2-core machine
 @pytest.fixture(scope="module")
 def cluster():
     require_bgp()
-    s = spec.load(THREE_NODES).with_cni("bgp", bgp={"holdTime": HOLD, "speakers": {"node3": "exabgp"}},
+    s = spec.with_cni(spec.load(THREE_NODES), "bgp", bgp={"holdTime": HOLD, "speakers": {"node3": "exabgp"}},
                                         invoke="inprocess")
     c, record = started(s)
     yield c

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 from helpers import REPO, capture, require_root_and
-from test_bgp import assert_gone, require_bgp, started
+from bgp_helpers import assert_gone, require_bgp, started
 
 from k8snetlab import spec
 from k8snetlab.bgp import plan
@@ -20,7 +20,7 @@ TWO_RACKS = REPO / "topologies" / "two_racks.yaml"
 @pytest.fixture(scope="module")
 def racks():
     require_bgp()
-    s = spec.load(TWO_RACKS).with_cni("bgp", bgp={"peerWithToR": True, "holdTime": 9,
+    s = spec.with_cni(spec.load(TWO_RACKS), "bgp", bgp={"peerWithToR": True, "holdTime": 9,
                                                    "speakers": {"node-b2": "exabgp"}}, invoke="inprocess")
     c, record = started(s)
     yield c

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from helpers import THREE_NODES, capture, require_root_and, seen_source
-from k8snetlab import cleanup, naming, spec
+from leftover_check import running
+from k8snetlab import naming, spec
 from k8snetlab.cluster import Cluster
 from k8snetlab.cni import CNIError
 
@@ -18,11 +19,8 @@ MODES = ["host-gw", "ipip"]
 @pytest.fixture(scope="module", params=MODES)
 def cluster(request):
     require_root_and("mnexec", "brctl", "tc", "clang", "bpftool")
-    c = Cluster(spec.load(THREE_NODES, cni=request.param))
-    c.start()
-    yield c
-    c.stop()
-    assert cleanup.leftovers().empty(), cleanup.leftovers().lines()
+    with running(Cluster(spec.load(THREE_NODES, cni=request.param))) as c:
+        yield c
 
 
 def pods_on(c, node):

@@ -10,9 +10,9 @@ import time
 import pytest
 
 from helpers import require_root_and
+from services_helpers import WHO, kube_proxy_modes, stop_and_check
 from k8snetlab import spec
 from k8snetlab.cluster import Cluster
-from test_userspace import WHO, modes_for, stop_and_check
 
 pytestmark = pytest.mark.integration
 
@@ -56,18 +56,15 @@ def root_resolv_state() -> tuple[bytes, int, str]:
     return content, st.st_ino, mounts
 
 
-@pytest.fixture(scope="module", params=modes_for(cluster_file))
+@pytest.fixture(scope="module", params=kube_proxy_modes())
 def cluster(request):
     require_root_and("mnexec", "brctl", "dnsmasq", "dig")
-    if request.param == "(none)":
-        pytest.skip("no kube-proxy mode can run here")
     before = root_resolv_state()
     c = Cluster(spec.from_dict(cluster_file(request.param), f"test_dns ({request.param})"))
     c.start()
     c.root_resolv_before = before
     yield c
-    if c._started:
-        stop_and_check(c)
+    stop_and_check(c)          # a test may have stopped it already
 
 
 def dig(pod, name: str, *opts: str) -> list[str]:

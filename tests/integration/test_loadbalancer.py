@@ -12,9 +12,9 @@ import sys
 import pytest
 
 from helpers import require_root_and
+from services_helpers import WHO, ask, kube_proxy_modes, stop_and_check
 from k8snetlab import spec
 from k8snetlab.cluster import Cluster
-from test_userspace import WHO, ask, modes_for, stop_and_check
 
 pytestmark = pytest.mark.integration
 
@@ -45,11 +45,9 @@ def cluster_file(mode: str) -> dict:
     }
 
 
-@pytest.fixture(scope="module", params=modes_for(cluster_file))
+@pytest.fixture(scope="module", params=kube_proxy_modes())
 def cluster(request):
     require_root_and("mnexec", "brctl", "iptables-restore", "conntrack")
-    if request.param == "(none)":
-        pytest.skip("no kube-proxy mode can run here")
     c = Cluster(spec.from_dict(cluster_file(request.param), f"test_loadbalancer ({request.param})"))
     c.start()
     yield c

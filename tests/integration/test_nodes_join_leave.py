@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from helpers import THREE_NODES, require_root_and
-from k8snetlab import cleanup, spec
+from leftover_check import running
+from k8snetlab import spec
 from k8snetlab.cluster import Cluster
 
 pytestmark = pytest.mark.integration
@@ -15,8 +16,8 @@ pytestmark = pytest.mark.integration
 @pytest.mark.parametrize("mode", ["host-gw", "ipip"])
 def test_routes_follow_nodes_joining_and_leaving(mode):
     require_root_and("mnexec", "brctl", "tc", "clang", "bpftool")
-    s = spec.load(THREE_NODES).with_cni(mode, invoke="inprocess")
-    with Cluster(s) as c:
+    s = spec.with_cni(spec.load(THREE_NODES), mode, invoke="inprocess")
+    with running(Cluster(s)) as c:
         node4 = c.add_node("node4", "192.168.1.132")
         cidr = str(node4.spec.pod_cidr)
         assert cidr == "10.244.3.0/24"
@@ -40,4 +41,3 @@ def test_routes_follow_nodes_joining_and_leaving(mode):
         # the name and address of a node that left are free again
         again = c.add_node("node4", "192.168.1.132")
         assert src.run(["ping", "-c", "1", "-W", "2", again.ip], check=False).returncode == 0
-    assert cleanup.leftovers().empty(), cleanup.leftovers().lines()

@@ -117,7 +117,7 @@ def test_bgp_leaves_merge_the_paths_through_both_spines():
     packets then spread over the spines by their 5-tuple."""
     require_root_and("mnexec", "brctl", "bird")
     s = spec.load(LEAF_SPINE, params={"leaves": 2, "nodes_per_leaf": 1, "spines": 2})
-    with running(Cluster(s.with_cni("bgp", bgp={"peerWithToR": True}))) as c:
+    with running(Cluster(spec.with_cni(s, "bgp", bgp={"peerWithToR": True}))) as c:
         cidr = str(c.nodes["leaf2-node1"].spec.pod_cidr)
         leaf1 = c.routers["leaf1"]
         route = ""

@@ -10,30 +10,11 @@ import time
 import pytest
 
 from helpers import require_root_and
-from k8snetlab import cleanup, naming, proc, spec
+from services_helpers import WHO, ask, stop_and_check
+from k8snetlab import proc, spec
 from k8snetlab.cluster import Cluster
-from k8snetlab.errors import SpecError
-from k8snetlab.services import available_modes
 
 pytestmark = pytest.mark.integration
-
-# each backend answers every connection with "<its own address> <the peer address it sees>"
-WHO = ("import socket\n"
-       "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-       "s.bind(('0.0.0.0', 8080)); s.listen(128)\n"
-       "while True:\n"
-       "    c, a = s.accept()\n"
-       "    c.sendall(f'{c.getsockname()[0]} {a[0]}\\n'.encode()); c.close()\n")
-
-# N connections from one process; one line per answer ("ERR ..." for a failure)
-ASK = ("import socket, sys\n"
-       "ip, port, n, t = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])\n"
-       "for _ in range(n):\n"
-       "    try:\n"
-       "        c = socket.create_connection((ip, port), t); print(c.makefile().readline().strip()); c.close()\n"
-       "    except OSError as e:\n"
-       "        print('ERR', e)\n")
-
 
 def cluster_file(cni: str) -> dict:
     return {
@@ -63,45 +44,11 @@ def start(cni: str) -> Cluster:
     return c
 
 
-def modes_for(cluster_file) -> list[str]:
-    """The kube-proxy modes this machine runs that can serve ``cluster_file(mode)`` (a mode
-    needing another underlay, e.g. openflow's OVS switch, is refused by the file's check)."""
-    out = []
-    for mode in available_modes():
-        try:
-            spec.from_dict(cluster_file(mode), f"check ({mode})")
-        except SpecError:
-            continue
-        out.append(mode)
-    return out or ["(none)"]
-
-
-def stop_and_check(c: Cluster) -> None:
-    """Stop the cluster; nothing of it may be left: no proxy process, no state, no link (other
-    clusters, e.g. of tests running beside us, are not ours to judge)."""
-    index, path = c.state.index, str(c.state.path)
-    procs = [getattr(p, "process", None) for p in c.services.proxiers.values()]
-    pids = [(p.pid, proc.start_time(p.pid)) for p in procs if p is not None]
-    c.stop()
-    left = cleanup.leftovers()
-    mine = [x for x in left.clusters if x == path.rsplit("/", 1)[-1]] + \
-        [x for x in left.links if naming.cluster_index_of(x) == index] + \
-        [x for x in left.mounts if x.startswith(path)] + \
-        [f"proxy pid {pid}" for pid, start in pids if proc.running(pid, start)]
-    assert not mine, mine
-
-
 @pytest.fixture(scope="module")
 def cluster():
     c = start("host-gw")
     yield c
     stop_and_check(c)
-
-
-def ask(host, ip: str, port: int, n: int, timeout: float = 3) -> list[str]:
-    """``n`` connections from ``host`` to ip:port, each bounded by ``timeout`` seconds."""
-    return host.run([sys.executable, "-c", ASK, ip, str(port), str(n), str(timeout)],
-                    timeout=60).stdout.splitlines()
 
 
 def cluster_ip(c: Cluster) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from test_cli_errors import THREE_NODES, cli, cluster, one_error_line
+from cli_harness import THREE_NODES, cli, cluster, one_error_line
 
 TWO_RACKS = THREE_NODES.parent / "two_racks.yaml"
 

@@ -46,10 +46,15 @@ def test_summary_targets():
             row(exp.MESH, 50, "speaker_rss", 5.9, "MB", "node1"),
             row(exp.MESH, 50, "bgp_sessions", 49, "count", "node1"), row(exp.RR, 50, "bgp_sessions", 2, "count", "node9")]
     out = exp.summary(rows, [50], 2)
-    assert "met   50-node mesh converges <= 10 s (s): 1.4" in out
-    assert "met   RR sessions <= 0.1 x mesh at 50 nodes (ratio): 0.0792" in out
-    assert "met   RR convergence <= 1.5 x mesh at 50 nodes (ratio): 1.14" in out
-    assert "met   speaker memory (PSS) <= 5 MB per node, largest (MB): 2.1" in out
-    assert "MISS  speaker memory (RSS" in out
+    assert "met           50-node mesh converges <= 10 s (s): 1.4 (one value, no interval)" in out, out
+    assert "met           RR sessions <= 0.1 x mesh at 50 nodes (ratio): 0.0792" in out
+    assert "met           RR convergence <= 1.5 x mesh at 50 nodes (ratio): 1.14" in out
+    assert "met           speaker memory (PSS) <= 5 MB per node, largest (MB): 2.1" in out
+    assert "MISSED        speaker memory (RSS" in out
+    # three rounds whose interval crosses the limit: never 'met'
+    more = [row(exp.MESH, 50, "bgp_converge", v, "s", rnd=k) for k, v in ((2, 1.3), (3, 1.5))]
+    more += [row(exp.RR, 50, "bgp_converge", v, "s", rnd=k) for k, v in ((2, 1.9), (3, 2.6))]
+    out = exp.summary(rows + more, [50], 2)
+    assert "inconclusive  RR convergence <= 1.5 x mesh at 50 nodes (ratio)" in out, out
     rows.append(row(exp.MESH, 50, "bgp_converge", float("nan"), "s", rnd=2))
     assert "not measured" in exp.summary(rows, [50], 2)

@@ -3,32 +3,11 @@ a Calico cluster, reflectors and ToR routers get the sessions Calico would give 
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import pytest
 
-from k8snetlab import spec
+from bgp_specs import build, flat, two_racks
+
 from k8snetlab.bgp import plan
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def flat(n: int, **bgp: Any) -> spec.ClusterSpec:
-    return spec.from_dict({
-        "name": f"flat-{n}",
-        "underlay": {"subnets": [{"name": "lan", "cidr": "192.168.0.0/16"}]},
-        "nodes": [{"name": f"node{i + 1}", "ip": f"192.168.1.{10 + i}"} for i in range(n)],
-        "cni": {"type": "bgp", "bgp": bgp}}, "flat.yaml")
-
-
-def two_racks(**bgp: Any) -> spec.ClusterSpec:
-    return spec.load(REPO / "topologies" / "two_racks.yaml").with_cni("bgp", bgp={"peerWithToR": True, **bgp})
-
-
-def build(s: spec.ClusterSpec) -> plan.BgpPlan:
-    return plan.build(s, s.cni.options)
-
 
 @pytest.mark.parametrize("n", [2, 3, 10, 50, 100])
 def test_mesh_has_n_n_minus_1_over_2_sessions(n):

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from test_bgp_plan import build, flat, two_racks
+from bgp_specs import build, flat, two_racks
 
 from k8snetlab.bgp import plan, render
 

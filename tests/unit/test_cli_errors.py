@@ -10,64 +10,15 @@ still never build a cluster.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-
-REPO = Path(__file__).resolve().parents[2]
-THREE_NODES = REPO / "topologies" / "three_nodes.yaml"
-EXPERIMENT = REPO / "experiments" / "hostgw_vs_ipip.py"
-EXPERIMENT_PROG = EXPERIMENT.name
-
-# Run as "not root", and make building a cluster impossible whatever the CLI does: a unit test
-# must never create namespaces, even if a regression lets it past validation and the root check.
-_NOT_ROOT = ("import os, runpy, sys\n"
-             "os.geteuid = lambda: 65534\n"
-             "from k8snetlab import cluster as _cluster\n"
-             "def _refuse(*a, **k):\n"
-             "    sys.stderr.write('TEST GUARD: a cluster would have been built\\n')\n"
-             "    os._exit(99)\n"
-             "_cluster.Cluster.__init__ = _refuse\n")
-def _run(argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, stdin=subprocess.DEVNULL)
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    """``python -m k8snetlab.cli ARGS`` as a user without root."""
-    code = _NOT_ROOT + (f"sys.argv = ['k8snetlab', *{list(args)!r}]\n"
-                        "runpy.run_module('k8snetlab.cli', run_name='__main__', alter_sys=True)\n")
-    return _run(["-c", code])
-
-
-def experiment(*args: str) -> subprocess.CompletedProcess:
-    """``python experiments/hostgw_vs_ipip.py ARGS`` as a user without root."""
-    code = _NOT_ROOT + (f"sys.argv = [{str(EXPERIMENT)!r}, *{list(args)!r}]\n"
-                        f"runpy.run_path({str(EXPERIMENT)!r}, run_name='__main__')\n")
-    return _run(["-c", code])
-
-
-def one_error_line(p: subprocess.CompletedProcess, prog: str = "k8snetlab", status: int = 2) -> str:
-    assert p.returncode == status, (p.returncode, p.stdout, p.stderr)
-    lines = p.stderr.splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{p.stderr}"
-    assert lines[0].startswith(f"{prog}: error: "), lines[0]
-    assert "Traceback" not in p.stderr
-    assert p.stdout == ""
-    return lines[0]
+from cli_harness import EXPERIMENT_PROG, THREE_NODES, cli, cluster, experiment, one_error_line, run
 
 
 # ------------------------------------------------------------------------ cluster files
-
-def cluster(**top: Any) -> dict[str, Any]:
-    d = yaml.safe_load(THREE_NODES.read_text())
-    d.update(top)
-    return d
-
 
 def two_subnets(cni_type: str) -> dict[str, Any]:
     d = cluster(cni={"type": cni_type})
@@ -123,7 +74,7 @@ def test_up_malformed_yaml_plain_invocation(tmp_path):
     so this is safe as root too)."""
     path = tmp_path / "broken.yaml"
     path.write_text("name: x\nnodes: [a, b\n")
-    line = one_error_line(_run(["-m", "k8snetlab.cli", "up", str(path)]))
+    line = one_error_line(run(["-m", "k8snetlab.cli", "up", str(path)]))
     assert str(path) in line and "line 3" in line
 
 

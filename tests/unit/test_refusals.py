@@ -116,7 +116,7 @@ def test_compare_refuses_header_only_and_different_experiments(tmp_path):
     line = one_error_line(cli("compare", str(a), str(empty)))
     assert "no measurements" in line and str(empty) in line
     line = one_error_line(cli("compare", str(a), str(other)))
-    assert "hostgw_vs_ipip" in line and "bgp_scale" in line and "one experiment" in line
+    assert "hostgw_vs_ipip" in line and "bgp_scale" in line and "same experiment" in line
 
 
 # ------------------------------------------------------------------ item 9: early refusals

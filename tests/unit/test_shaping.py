@@ -52,11 +52,10 @@ def test_header_overhead_limits_of_the_issue():
     assert shaping.encap_bytes("vxlan", {}) == 50
 
 
-def test_loss_program_drops_below_the_threshold():
-    code = shaping.loss_bytecode(0.25)
-    n, *ins = code.split(",")
-    assert int(n) == 4 == len(ins)
-    assert ins[1] == f"53 1 0 {2 ** 30}"
+def test_loss_threshold_is_the_share_of_the_random_u32_range():
+    assert shaping.loss_threshold(0.25) == 2 ** 30
+    assert shaping.loss_threshold(0) == 0
+    assert shaping.loss_threshold(0.9999999999) == 0xFFFFFFFF
 
 
 def cluster_file(tmp_path, link):

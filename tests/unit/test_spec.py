@@ -158,12 +158,12 @@ def test_cni_override_without_a_section_uses_defaults(write):
 
 
 def test_with_cni_does_not_mutate_the_original(three):
-    s = three.with_cni("ipip")
+    s = spec.with_cni(three, "ipip")
     assert s.cni.type == "ipip" and three.cni.type == "host-gw"
 
 
 def test_with_cni_overrides_a_section(three):
-    s = three.with_cni("ipip", ipip={"datapath": "kernel", "ipipMode": "CrossSubnet"})
+    s = spec.with_cni(three, "ipip", ipip={"datapath": "kernel", "ipipMode": "CrossSubnet"})
     assert (s.cni.options.datapath, s.cni.options.ipip_mode) == ("kernel", "CrossSubnet")
 
 

@@ -85,3 +85,11 @@ def test_formatting():
     assert stats.fmt_ci(25.13, 21.6, 28.0) == "25.1 [21.6, 28.0]"
     r = stats.Ratio(1.0, 1.0, 1.0, 3)
     assert stats.fmt_ratio(r) == "1.00 [1.00, 1.00]"
+
+
+def test_median_difference_interval_covers_the_shift_and_is_seeded():
+    a = [100 + (k % 7) for k in range(200)]
+    b = [80 + (k % 7) for k in range(200)]
+    d = stats.median_difference(a, b, seed=2)
+    assert d.mean == 20 and d.ci_low <= 20 <= d.ci_high and d.ci_high - d.ci_low < 4
+    assert d == stats.median_difference(a, b, seed=2)

@@ -151,11 +151,11 @@ def test_parse_params_reads_yaml_scalars():
 
 # ------------------------------------------------------------------------------ command line
 
-from test_cli_errors import _NOT_ROOT  # noqa: E402  (run as "not root", no cluster can be built)
+from cli_harness import NOT_ROOT  # noqa: E402  (run as "not root", no cluster can be built)
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", _NOT_ROOT + code], check=False, cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-c", NOT_ROOT + code], check=False, cwd=REPO, capture_output=True,
                           text=True, timeout=120, stdin=subprocess.DEVNULL)
 
 

@@ -300,20 +300,33 @@ def test_experiment_spec_keeps_underlay_drops_workloads():
 
 
 def test_experiment_summary_names_the_targets():
+    import dataclasses
     from k8snetlab import results
     exp = _experiment()
     row = lambda mode, sc, metric, value, unit: results.Row(   # noqa: E731
         "r", "t", exp.NAME, "three-nodes", mode, "host-gw", sc, "a", "b", 1, metric, value, unit, 1500, "k")
     rows = [row("iptables", "pod-ip", "tcp_throughput", 10.0, "Gbit/s"),
             row("iptables", "cluster-ip", "tcp_throughput", 9.5, "Gbit/s"),
+            row("iptables", "pod-ip", "rtt_p50", 0.05, "ms"),
+            row("iptables", "cluster-ip", "rtt_p50", 0.04, "ms"),
             row("iptables", "services-5000", "services", 5000, "count"),
             row("iptables", "services-5000", "program_time", 0.4, "s"),
             row("iptables", "services-5000", "resync_time", 0.4, "s"),
             row("iptables", "services-5000", "change_time", 0.125, "s"),
             row("iptables", "services-5000", "connect_p50", 150, "us"),
-            row("iptables", "services-5000", "first_packet_added", 100, "us")]
+            row("iptables", "services-5000", "first_packet_added", 100, "us"),
+            row("iptables", "services-5000", "first_packet_added_ci_low", 90, "us"),
+            row("iptables", "services-5000", "first_packet_added_ci_high", 125, "us"),
+            row("nftables", "services-30000", "first_packet_added", -44, "us"),
+            row("nftables", "services-30000", "first_packet_added_ci_low", -60, "us"),
+            row("nftables", "services-30000", "first_packet_added_ci_high", -20, "us")]
+    for k in (2, 3):       # three rounds of the paths
+        rows += [dataclasses.replace(r, round=k, value=r.value * (1 + 0.01 * k)) for r in rows[:4]]
     text = exp.summary(rows, ["iptables"])
-    assert "met   iptables: ClusterIP throughput >= 0.9 x pod IP (ratio): 0.95" in text
-    assert "met   iptables, 5,000 Services: first packet <= +120 us (us): 100" in text
+    assert "met           iptables: ClusterIP throughput >= 0.9 x pod IP (ratio): 0.950" in text, text
+    # the interval crosses 120: never 'met'
+    assert "inconclusive  iptables, 5,000 Services: first packet <= +120 us (us): 100 [90, 125]" in text, text
+    # a ClusterIP answering faster than its own backend: noise, not a finding
+    assert "noise         iptables: ClusterIP RTT p50" in text, text
     assert "change s" in text and "0.125" in text
-    assert "nftables, 30,000 Services: first packet <= +5 us (us): not measured" in text
+    assert "noise         nftables, 30,000 Services: first packet <= +5 us (us): -44 [-60, -20]" in text, text

@@ -1,0 +1,85 @@
+"""The node agents' periodic reconcile: what was deleted by hand comes back.
+
+flanneld checks its routes every 10 s (host-gw's route check) and calico-node's Felix
+refreshes its routes every ``routeRefreshInterval`` (90 s by default): an agent that only
+reacts to node-list changes leaves a node broken for good once someone runs ``ip route del``
+on it. One :class:`AgentResync` per cluster does the same for every node, every
+``period`` seconds (the mode's option, see each mode's ``resync_period``):
+
+1. it reads what the node has, once per node and kind (one route dump, one neighbour and
+   one FDB dump for VXLAN, the BPF maps for eBPF IPIP: no per-peer requests when all is well),
+2. asks the mode which peers lack something (:meth:`~.base.Mode.peers_to_repair`), and
+3. runs the mode's own ``add_peer`` for those only, the verb that made them in the first
+   place (replace semantics: repairing twice is harmless).
+
+It shares one lock with the cluster's node-list changes (``add_node``/``remove_node``), so it
+never re-adds the routes of a node that is leaving. ``stop()`` ends the thread before the
+node agents are stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Callable
+
+from ..errors import K8sNetLabError
+from ..netutil import Netns
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..pod import NodeHost
+    from .base import Mode
+
+log = logging.getLogger(__name__)
+
+
+class AgentResync:
+    """A thread that reconciles every node's inter-node state every ``period`` seconds."""
+
+    def __init__(self, mode: "Mode", nodes: Callable[[], dict[str, "NodeHost"]], period: float,
+                 lock: threading.RLock):
+        self.mode, self.nodes, self.period, self.lock = mode, nodes, period, lock
+        self.rounds = 0                              # reconcile rounds done
+        self.repaired: dict[str, list[str]] = {}     # node -> peers repaired in the last round
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._said: set[str] = set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=f"{self.mode.name}-agent-resync", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period):
+            self.resync_once()
+
+    def resync_once(self) -> dict[str, list[str]]:
+        """One round over every node; returns {node: [peers repaired]} (only nodes with any)."""
+        out: dict[str, list[str]] = {}
+        with self.lock:
+            if self._stop.is_set():
+                return out
+            nodes = dict(self.nodes())
+            for name, node in nodes.items():
+                peers = [p for n, p in nodes.items() if n != name]
+                try:
+                    with Netns(node.netns, name) as ns:
+                        fixed = self.mode.resync_node(node, ns, peers)
+                    self._said.discard(name)
+                except K8sNetLabError as e:        # keep going; say it once per node
+                    if name not in self._said:
+                        log.warning("%s agent resync on %s: %s", self.mode.name, name, e)
+                        self._said.add(name)
+                    continue
+                if fixed:
+                    log.info("%s agent on %s: repaired the state for %s", self.mode.name, name, ", ".join(fixed))
+                    out[name] = fixed
+            self.repaired = out
+            self.rounds += 1
+        return out

@@ -1,0 +1,117 @@
+"""The one validation step of a cluster file: after parsing, before anything is built.
+
+:func:`validate` takes the parsed :class:`~k8snetlab.clusterspec.ClusterSpec` and asks every
+registry what it makes of it: the CNI mode (its options section, then ``Mode.validate``), the
+CNI invoker, the switch level and controller app, every add-on (the Services add-on checks
+``kubeProxy`` and the Services). It returns the spec with the mode's options filled in, or
+raises one :class:`SpecError` naming the file, the key and the fix. Checks of the whole file
+that need no registry (addresses, scheduling) live here too, as small functions; the bounds,
+reserved ranges and names and container commands in :mod:`k8snetlab.checks`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from . import checks, options, switching
+from .addons import ADDONS
+from .clusterspec import ClusterSpec, CNISpec
+from .cni import INVOKERS
+from .errors import SpecError
+from .modes import MODES
+
+
+def validate(spec: ClusterSpec) -> ClusterSpec:
+    """Check ``spec`` against the registries; return it with typed CNI mode options."""
+    switching.check(spec)
+    spec = dataclasses.replace(spec, cni=resolve_cni(spec.cni, spec.source))
+    check_addresses(spec)
+    checks.check_usable_ranges(spec)
+    checks.check_node_not_gateway(spec)
+    checks.check_pod_bounds(spec)       # from replicas, before any pod list is expanded
+    check_scheduling(spec)
+    checks.check_reserved_names(spec, (p.host_name for p in spec.pods()))
+    checks.check_container_commands(spec)
+    MODES.get(spec.cni.type).validate(spec)
+    for _, addon in ADDONS.items():
+        addon.validate(spec)
+    return spec
+
+
+def resolve_cni(cni: CNISpec, src: str) -> CNISpec:
+    """The ``cni`` section against the mode registry: a known type, known sections (every mode's
+    section is checked, also those of other modes), the mode's options, a known invoker."""
+    try:
+        mode = MODES.get(cni.type)
+    except SpecError as e:  # name the place: the registry only knows the valid names
+        raise SpecError(f"{src}: cni.type: {e}") from None
+    raw = cni.sections
+    allowed = {"type", "reference", "invoke", *MODES.names()}
+    bad = [k for k in raw if k not in allowed]
+    if bad:
+        raise SpecError(f"{src}: cni: unknown key {bad[0]!r}: valid keys are type, reference, invoke "
+                        f"and a section per mode ({', '.join(MODES.names())})")
+    for name in MODES.names():
+        if name in raw:
+            options.parse(MODES.get(name).Options, raw[name], f"{src}: cni.{name}")
+    opts = options.parse(mode.Options, raw.get(cni.type), f"{src}: cni.{cni.type}")
+    if cni.reference and cni.type != "bridge":
+        raise SpecError(f"{src}: cni.reference: the reference plugins (containernetworking-plugins) "
+                        f"are used for type bridge only, not {cni.type}")
+    if cni.invoke not in INVOKERS:
+        raise SpecError(f"{src}: cni.invoke: {cni.invoke!r} is not one of {', '.join(INVOKERS.names())}")
+    return dataclasses.replace(cni, options=opts)
+
+
+def check_addresses(spec: ClusterSpec) -> None:
+    src = spec.source
+    for s in spec.underlay.subnets:
+        for label, net in (("clusterCIDR", spec.network.cluster_cidr), ("serviceCIDR", spec.network.service_cidr)):
+            if s.cidr.overlaps(net):
+                raise SpecError(f"{src}: underlay subnet {s.name} ({s.cidr}) overlaps network.{label} "
+                                f"({net}): node and pod addresses must be distinct")
+    node_subnets = list(dict.fromkeys(n.subnet for n in spec.nodes))
+    if len(node_subnets) > 1:
+        router_ips = {ip for r in spec.underlay.routers for _, ip in r.interfaces}
+        for name in node_subnets:
+            gw = spec.underlay.subnet(name).gateway
+            if gw is None or gw not in router_ips:
+                raise SpecError(f"{src}: underlay.subnets {name}: nodes are on several subnets, so subnet "
+                                f"{name} needs a gateway that is an address of one of underlay.routers")
+    used = {n.ip: f"node {n.name}" for n in spec.nodes}
+    names = {n.name for n in spec.nodes}
+    for h in spec.underlay.hosts:
+        if h.name in names:
+            raise SpecError(f"{src}: underlay host name {h.name!r} is already taken")
+        if h.ip in used or h.ip not in spec.underlay.subnet(h.subnet).cidr:
+            raise SpecError(f"{src}: underlay host {h.name}: {h.ip} is taken or not inside subnet {h.subnet}")
+        names.add(h.name)
+        used[h.ip] = f"host {h.name}"
+    for r in spec.underlay.routers:
+        if r.name in names:
+            raise SpecError(f"{src}: router name {r.name!r} is also a node or host name")
+        names.add(r.name)
+        for subnet, ip in r.interfaces:
+            if ip not in spec.underlay.subnet(subnet).cidr:
+                raise SpecError(f"{src}: router {r.name}: {ip} is not inside subnet {subnet}")
+            if ip in used:
+                raise SpecError(f"{src}: router {r.name}: {ip} is already used by {used[ip]}")
+            used[ip] = f"router {r.name}"
+
+
+def check_scheduling(spec: ClusterSpec) -> None:
+    try:
+        pods = spec.pods()
+    except SpecError as e:
+        raise SpecError(f"{spec.source}: workloads: {e}") from None
+    nodes = {n.name for n in spec.nodes}
+    clash = nodes & {p.host_name for p in pods}
+    if clash:
+        raise SpecError(f"{spec.source}: pod name {sorted(clash)[0]!r} is also a node name: rename the workload")
+    for p in pods:
+        if p.node_name and p.node_name not in nodes:
+            raise SpecError(f"{spec.source}: pod {p.name}: nodeName {p.node_name!r} is not a node "
+                            f"({', '.join(sorted(nodes))})")
+        if p.node_selector and not any(all(n.labels.get(k) == v for k, v in p.node_selector.items())
+                                       for n in spec.nodes):
+            raise SpecError(f"{spec.source}: pod {p.name}: no node matches nodeSelector {p.node_selector}")
