@@ -17,7 +17,7 @@ import yaml
 from k8snetlab import checks, spec
 from k8snetlab.errors import SpecError
 
-from test_cli_errors import cli, one_error_line
+from cli_harness import cli, one_error_line
 
 
 def cluster(replicas: Any = 3, nodes: int = 3, mask: int = 24, **pod_spec: Any) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from k8snetlab import checks, spec
 from k8snetlab.modes import MODES
 from k8snetlab.errors import SpecError
 
-from test_cli_errors import REPO, THREE_NODES, cli, one_error_line
+from cli_harness import REPO, THREE_NODES, cli, one_error_line
 
 README = (REPO / "README.md").read_text()
 LEAF_SPINE = REPO / "topologies" / "leaf_spine.py"

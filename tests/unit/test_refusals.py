@@ -22,7 +22,7 @@ from k8snetlab import spec
 from k8snetlab.errors import MAX_MESSAGE, SpecError
 from k8snetlab.results import COLUMNS
 
-from test_cli_errors import REPO, THREE_NODES, cli, one_error_line
+from cli_harness import REPO, THREE_NODES, cli, one_error_line
 
 SERVICES = REPO / "topologies" / "services.yaml"
 
