@@ -18,13 +18,12 @@ import os
 import shutil
 from ipaddress import IPv4Network
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 from .errors import SpecError
 
-if TYPE_CHECKING:
-    from .manifests import Workload
-    from .spec import ClusterSpec, NodeSpec
+# (type hints name ClusterSpec, NodeSpec and Workload as strings: this module imports none
+# of the project's but errors, so that the parser and the manifests can use it)
 
 DEFAULT_MAX_PODS = 5000
 MAX_NODES = 1000
@@ -161,17 +160,9 @@ def check_node_not_gateway(spec: "ClusterSpec") -> None:
 
 
 # -- names and commands ------------------------------------------------------------------------
-def reserved_host_names(spec: "ClusterSpec") -> dict[str, str]:
-    """Host names the add-ons this cluster runs will take: name -> what takes it."""
-    from .services.addon import EXTERNAL_HOST, ServicesAddon
-    from .services.loadbalancer import HOST as LB_HOST
-    if not ServicesAddon.wanted(spec):
-        return {}
-    return {EXTERNAL_HOST: "the Services add-on's external client", LB_HOST: "the load balancer"}
-
-
-def check_reserved_names(spec: "ClusterSpec", pod_names: Iterable[str]) -> None:
-    reserved = reserved_host_names(spec)
+def check_reserved_names(spec: "ClusterSpec", pod_names: Iterable[str], reserved: dict[str, str]) -> None:
+    """No node, pod, underlay host or router has a name an add-on will take (``reserved``:
+    name -> what takes it, from the add-ons' ``reserved_host_names``)."""
     if not reserved:
         return
     for kind, names in (("node", [n.name for n in spec.nodes]), ("pod", pod_names),

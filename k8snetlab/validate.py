@@ -30,7 +30,10 @@ def validate(spec: ClusterSpec) -> ClusterSpec:
     checks.check_node_not_gateway(spec)
     checks.check_pod_bounds(spec)       # from replicas, before any pod list is expanded
     check_scheduling(spec)
-    checks.check_reserved_names(spec, (p.host_name for p in spec.pods()))
+    reserved: dict[str, str] = {}
+    for _, addon in ADDONS.items():
+        reserved.update(addon.reserved_host_names(spec))
+    checks.check_reserved_names(spec, (p.host_name for p in spec.pods()), reserved)
     checks.check_container_commands(spec)
     MODES.get(spec.cni.type).validate(spec)
     for _, addon in ADDONS.items():
