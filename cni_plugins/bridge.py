@@ -46,29 +46,30 @@ def add(conf: dict[str, Any], args: skel.CmdArgs) -> Result:
     with host_ns() as host, pod_ns(args) as pod:
         if pod.index(args.ifname) is not None:
             raise CNIError(cni.ERR_INVALID_CONFIG, f"container already has an interface {args.ifname!r}")
-        host.ensure_bridge(c["bridge"], c["mtu"])
+        br_index = host.ensure_bridge(c["bridge"], c["mtu"])
         ipam = skel.ipam_add(conf, args)
         try:
             ip = ipam.ips[0]
             iface = ipaddress.ip_interface(ip.address)
             gw = ip.gateway or str(next(iface.network.hosts()))
-            host.add_veth(host_veth, args.ifname, pod, mtu=c["mtu"])
-            host.set_master(host_veth, c["bridge"])
+            # one request: the pair, both MTUs, the node end on the bridge and up
+            hv_index = host.add_veth(host_veth, args.ifname, pod, mtu=c["mtu"], master=br_index, up=True)
             if c["hairpin"]:
-                host.set_brport(host_veth, mode=1)   # IFLA_BRPORT_MODE: hairpin
-            host.link_up(host_veth)
+                host.set_brport(hv_index, mode=1)   # IFLA_BRPORT_MODE: hairpin
             if c["is_gw"] or c["default_gw"]:
-                host.ensure_addr(c["bridge"], f"{gw}/{iface.network.prefixlen}")
-            pod.ensure_addr(args.ifname, str(iface))
-            pod.link_up(args.ifname)
+                host.ensure_addr(br_index, f"{gw}/{iface.network.prefixlen}")
+            pv = pod.link(args.ifname)
+            if pv is None:
+                raise CNIError(cni.ERR_IO, f"{args.ifname} did not appear in the pod's namespace")
+            pod.ensure_addr(pv["index"], str(iface))
+            pod.link_up(pv["index"])
             routes = list(ipam.routes)
             if c["default_gw"]:
                 routes = [r for r in routes if r.dst != "0.0.0.0/0"] + [Route("0.0.0.0/0", gw)]
             for r in routes:
-                pod.add_route(r.dst, gateway=r.gw or gw, dev=args.ifname)
+                pod.add_route(r.dst, gateway=r.gw or gw, dev=pv["index"])
             bridge = host.link(c["bridge"])
             hv = host.link(host_veth)
-            pv = pod.link(args.ifname)
         except Exception:
             host.del_link(host_veth)
             skel.ipam_del(conf, args)

@@ -333,6 +333,10 @@ def _live_records(root: Path, skip: Path) -> tuple[set[int], set[int]]:
             continue
         inodes |= {r["ino"] for r in _read_jsonl(other / "netns.jsonl")}
         pids |= {r["pid"] for r in _read_jsonl(other / "pids.jsonl")}
+        try:   # its runtime: a child it started a moment ago may not be recorded yet
+            pids.add(json.loads((other / "owner.json").read_text())["pid"])
+        except (OSError, ValueError, KeyError):
+            pass
     return inodes, pids
 
 
@@ -342,17 +346,20 @@ def clean_state_dir(path: Path, report: Report) -> None:
         owner = json.loads((path / "owner.json").read_text())
     except (OSError, ValueError):
         owner = {}
-    for rec in _read_jsonl(path / "pids.jsonl"):
-        if kill_pid(rec["pid"], rec.get("start", 0), grace=0.2):
-            report.processes.append(f"{rec['pid']} ({rec.get('what', '')})")
+    records = list(_read_jsonl(path / "pids.jsonl"))
+    what = {rec["pid"]: rec.get("what", "") for rec in records}
+    for pid in kill_pids([(rec["pid"], rec.get("start", 0)) for rec in records], grace=0.2):
+        report.processes.append(f"{pid} ({what[pid]})")
     live_inodes, live_pids = _live_records(path.parent, path)
     inodes = {r["ino"] for r in _read_jsonl(path / "netns.jsonl")} - live_inodes
     if inodes:
-        for pid in processes_in_netns(inodes, owner.get("created_ticks", 0)):
-            if pid in live_pids:
-                continue
-            if kill_pid(pid, proc.start_time(pid), grace=0.2):
-                report.processes.append(f"{pid} ({proc.cmdline(pid)[:60] or 'in a testbed namespace'})")
+        # not a live cluster's, nor the child of a live runtime (its new namespace may reuse
+        # the inode number of one the dead cluster recorded, before the live one records it)
+        found = [pid for pid in processes_in_netns(inodes, owner.get("created_ticks", 0))
+                 if pid not in live_pids and proc.parent(pid) not in live_pids]
+        names = {pid: proc.cmdline(pid)[:60] or "in a testbed namespace" for pid in found}
+        for pid in kill_pids([(pid, proc.start_time(pid)) for pid in found], grace=0.2):
+            report.processes.append(f"{pid} ({names[pid]})")
     report.mounts += _umount_below(path)
     recorded = {(r.get("name"), r.get("ifindex")) for r in _read_jsonl(path / "links.jsonl")}
     for link in _links_with_prefix(path.name):
@@ -404,8 +411,49 @@ def leftovers() -> Report:
     """What the testbed has on the machine right now (for tests: should be empty)."""
     report = Report()
     root = _state_root()
+    others: set[str] = set()     # clusters another live process runs: not leftovers of ours
     if root.is_dir():
-        report.clusters = [p.name for p in root.iterdir() if p.is_dir()]
-    report.links = [n for n in os.listdir("/sys/class/net") if naming.cluster_index_of(n) is not None]
-    report.mounts = [m for m in _mounts() if m.startswith(str(root) + "/")]
+        for p in root.iterdir():
+            if not p.is_dir():
+                continue
+            if _owned_by_other_live_process(p):
+                others.add(p.name)
+            else:
+                report.clusters.append(p.name)
+    report.links = [n for n in os.listdir("/sys/class/net") if naming.cluster_index_of(n) is not None
+                    and naming.cluster_prefix(naming.cluster_index_of(n)) not in others]
+    report.mounts = [m for m in _mounts() if m.startswith(str(root) + "/")
+                     and Path(m).relative_to(root).parts[0] not in others]
     return report
+
+
+def _owned_by_other_live_process(path: Path) -> bool:
+    """A cluster another running process owns (several people share one machine)."""
+    try:
+        owner = json.loads((path / "owner.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return owner.get("pid") != os.getpid() and _owner_alive(path)
+
+
+def kill_pids(pids: list[tuple[int, int]], grace: float = 1.0) -> list[int]:
+    """SIGTERM many processes we started (pid, start time) at once, wait up to ``grace`` for
+    all of them together, SIGKILL the rest; return the PIDs that were running. One process
+    ignoring SIGTERM (an interactive shell) costs ``grace`` once, not once per process."""
+    alive = [(pid, start) for pid, start in pids if start and proc.running(pid, start)]
+    for pid, _ in alive:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    left = alive
+    while left and time.monotonic() < deadline:
+        time.sleep(0.02)
+        left = [(pid, start) for pid, start in left if proc.running(pid, start)]
+    for pid, _ in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return [pid for pid, _ in alive]

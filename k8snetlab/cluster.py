@@ -1,85 +1,67 @@
-"""The emulated cluster: Mininet underlay, node agents, pod sandboxes wired by CNI.
+"""The emulated cluster: a small facade over the parts a real cluster has.
 
 ``Cluster.start()`` (also ``with Cluster.from_file(path, cni="ipip") as c:``):
 
-1. builds the underlay with Mininet: one Linux bridge per subnet (no controller), a host per
-   node (``eth0`` on its subnet) and per router (forwarding on, static routes between subnets);
-2. starts the mode's node agent on every node (sysctls, VTEP or BPF programs, routes to the
-   other nodes' pod CIDRs), like flanneld / calico-node;
-3. for every pod: schedules it (``nodeName``, ``nodeSelector``, else the node with the fewest
-   pods of its workload, then the least loaded), creates its sandbox (a Mininet host without
-   links) and runs the node's CNI network config list with ``CNI_NETNS`` pointing at the
-   sandbox's namespace, exactly as a kubelet would; ADDs run concurrently; then starts the
-   pod's containers.
+1. :class:`~k8snetlab.underlay.Underlay` builds the underlay with Mininet (Mininet's
+   ``buildFromTopo`` role): switches, node / router / plain hosts, links, underlay routes;
+2. a :class:`~k8snetlab.kubelet.Kubelet` per node starts the mode's node agent (sysctls, VTEP
+   or BPF programs, like flanneld / calico-node), writes the node's CNI config list and, with
+   ``cni.invoke: exec``, the node's CNI server; then every node learns the other nodes' pod
+   CIDRs (:meth:`Cluster.sync_routes`);
+3. the pure :class:`~k8snetlab.scheduler.Scheduler` binds every pod to a node, and that node's
+   kubelet creates its sandbox, runs CNI ADD through the node's runtime with ``CNI_NETNS``
+   pointing at the sandbox, starts its containers and waits for readiness. Pods of all nodes
+   are created concurrently;
+4. the add-ons (Endpoints, kube-proxy, DNS, load balancer) start.
 
-``stop()`` undoes all of it in reverse: containers, CNI DEL per pod, node agents, Mininet,
-the state directory. It runs from ``__exit__`` and so after an exception or Ctrl-C too;
-whatever a ``kill -9`` leaves is found by ``k8snetlab clean`` (see :mod:`k8snetlab.cleanup`).
+``stop()`` undoes all of it in reverse: add-ons, containers, CNI DEL per pod, node agents,
+Mininet, the state directory. It runs from ``__exit__`` and so after an exception or Ctrl-C
+too; whatever a ``kill -9`` leaves is found by ``k8snetlab clean`` (see :mod:`k8snetlab.cleanup`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import json
+import dataclasses
 import logging
 import os
-import dataclasses
-import secrets
-import sys
 import threading
 import time
-from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mininet.log import setLogLevel
-from mininet.net import Mininet
-from mininet.nodelib import LinuxBridge
 
-from . import addons as addonmod, checks, cleanup, signals, manifests, naming, proc, spec as specmod
-from .cni import INVOKERS, CNIRuntime, NetworkConfigList, RuntimeConf
+from . import addons as addonmod, checks, cleanup, manifests, proc, signals, spec as specmod
 from .errors import K8sNetLabError, SpecError
+from .kubelet import PHASES, Kubelet
 from .manifests import PodSpec, Workload
 from .modes import MODES, Mode
 from .modes.resync import AgentResync
 from .supervisor import ContainerSupervisor
 from .netutil import Netns
-from .pod import NetnsHost, NodeHost, Pod, RouterHost
-from .clusterspec import ClusterSpec, NodeSpec, parse_address
+from .pod import NetnsHost, NodeHost, Pod
+from .scheduler import Scheduler
+from .clusterspec import ClusterSpec, parse_address
+from .underlay import ECMP_HASH_FIELDS, Underlay, underlay_first_hops  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BASE_TOOLS = ("ip", "mnexec", "brctl", "ifconfig")
+WORKERS = 16                  # pods started at once (each mostly waits for a CNI exec)
+READY_TIMEOUT_S = 10.0
 
 
-
-# the outer 5-tuple: source and destination address, protocol, source and destination port
-ECMP_HASH_FIELDS = "0x0037"
-
-
-def underlay_first_hops(router: str, on: dict[str, list[str]],
-                        addr: dict[tuple[str, str], str]) -> dict[str, list[str]]:
-    """For ``router``: every subnet it does not sit on -> the sorted gateways (addresses of
-    neighbour routers) that start a shortest path there, counted in router hops. ``on``:
-    router -> its subnets; ``addr``: (router, subnet) -> its address there."""
-    dist = {s: 0 for s in on[router]}
-    first: dict[str, set[str]] = {s: set() for s in on[router]}
-    queue = deque(on[router])
-    while queue:
-        s = queue.popleft()
-        for other, its in on.items():
-            if other == router or s not in its:
-                continue
-            via = first[s] or {addr[(other, s)]}
-            for nxt in its:
-                if nxt not in dist:
-                    dist[nxt] = dist[s] + 1
-                    first[nxt] = set(via)
-                    queue.append(nxt)
-                elif dist[nxt] == dist[s] + 1 and dist[nxt] > 0:
-                    first[nxt] |= via
-    return {s: sorted(g) for s, g in first.items() if dist[s] > 0}
+def slow_start_batches(n: int, first: int = 1) -> list[int]:
+    """Batch sizes the ReplicaSet controller creates ``n`` pods in (``slowStartBatch``:
+    1, 2, 4, ... until all are asked for)."""
+    sizes, size = [], max(1, first)
+    while n > 0:
+        sizes.append(min(size, n))
+        n -= sizes[-1]
+        size *= 2
+    return sizes
 
 
 class Cluster:
@@ -88,22 +70,15 @@ class Cluster:
     def __init__(self, spec: ClusterSpec):
         self.spec = spec
         self.mode: Mode = MODES.get(spec.cni.type)(self, spec.cni.options)
-        self.net: Mininet | None = None
         self.state: cleanup.StateDir | None = None
-        self.nodes: dict[str, NodeHost] = {}
-        self.routers: dict[str, RouterHost] = {}
-        self.hosts: dict[str, NetnsHost] = {}      # underlay hosts that are not nodes
+        self.underlay: Underlay | None = None
+        self.kubelets: dict[str, Kubelet] = {}
+        self.scheduler = Scheduler()
         self.pods: dict[str, Pod] = {}
         self.workloads: dict[str, Workload] = {w.name: w for w in spec.workloads if w.kind != "Pod"}
         self.addons: list[addonmod.Addon] = []
         self.timings: dict[str, float] = {}
-        self._netconfs: dict[str, NetworkConfigList] = {}
-        self._runtimes: dict[str, CNIRuntime] = {}
         self._peers: set[tuple[str, str]] = set()
-        self._switches: dict[str, Any] = {}
-        self._ports: dict[str, int] = {}         # last port number used on each subnet's switch(es)
-        self.switch_plan: Any = None             # switching.Plan: switches, links, who plugs where
-        self.ovs: Any = None                     # underlay_ovs.OvsUnderlay with underlay.switch: ovs
         self._gone: dict[str, NodeHost] = {}     # nodes that left, until their routes are gone
         # node agents: node-list changes and the periodic reconcile take turns
         self.agent_lock = threading.RLock()
@@ -115,6 +90,41 @@ class Cluster:
     def from_file(cls, path: str | Path, cni: str | None = None,
                   params: dict[str, Any] | None = None) -> "Cluster":
         return cls(specmod.load(path, cni=cni, params=params))
+
+    # -- what the underlay holds ------------------------------------------------------------------
+    @property
+    def net(self) -> Any:
+        return self.underlay.net if self.underlay else None
+
+    @property
+    def nodes(self) -> dict[str, NodeHost]:
+        return self.underlay.nodes if self.underlay else {}
+
+    @property
+    def routers(self) -> dict[str, Any]:
+        return self.underlay.routers if self.underlay else {}
+
+    @property
+    def hosts(self) -> dict[str, NetnsHost]:
+        return self.underlay.hosts if self.underlay else {}
+
+    @property
+    def switches(self) -> dict[str, Any]:
+        """The underlay's switches (Mininet objects) by their cluster-file name: the subnet's
+        name, or the names in underlay.switches."""
+        return dict(self.underlay.switches) if self.underlay else {}
+
+    @property
+    def switch_plan(self) -> Any:
+        return self.underlay.switch_plan if self.underlay else None
+
+    @property
+    def shaped_links(self) -> Any:
+        return self.underlay.shaped_links if self.underlay else []
+
+    @property
+    def ovs(self) -> Any:
+        return self.underlay.ovs if self.underlay else None
 
     # -- lifecycle ------------------------------------------------------------------------------
     def __enter__(self) -> "Cluster":
@@ -134,7 +144,8 @@ class Cluster:
         self._started = True
         try:
             self._write_cni_bin()
-            self._build_underlay()
+            self.underlay = Underlay(self.spec, self.state)
+            self.underlay.build(self.timings)
             self.timings["underlay_s"] = time.monotonic() - t0
             signals.checkpoint()
             self._start_node_agents()
@@ -189,124 +200,36 @@ class Cluster:
         for addon in reversed(self.addons):
             attempt(f"stop {addon.name}", addon.stop)
         self.addons.clear()
-        for pod in list(self.pods.values()):
-            attempt(f"stop containers of {pod.name}", pod.stop_containers)
-        self._parallel([(self._cni_del, p) for p in self.pods.values() if p.result is not None],
-                       errors, "CNI DEL")
-        for node in self.nodes.values():
-            attempt(f"stop node agent on {node.name}", self.mode.stop_node, node)
-        if self.net is not None:
+        kubelets = list(self.kubelets.values())
+        for k in kubelets:
+            for pod in list(k.pods.values()):
+                attempt(f"stop containers of {pod.name}", pod.stop_containers)
+        self._parallel([(lambda p=p: self.kubelets[p.node_name].cni_del(p), p) for p in self.pods.values()
+                        if p.result is not None and p.node_name in self.kubelets], errors, "CNI DEL")
+        for k in kubelets:
+            k.stop(attempt, cni_del=False)
+        self.kubelets.clear()
+        if self.underlay is not None:
             attempt("stop processes in testbed namespaces", self._kill_in,
                     *self.pods.values(), *self.nodes.values(), *self.routers.values(), *self.hosts.values())
-            attempt("stop Mininet", self.net.stop)
-        if self.ovs is not None:
-            attempt("stop Open vSwitch and its controller", self.ovs.stop)
-            self.ovs = None
+            for pod in self.pods.values():
+                self.underlay.forget(pod)
+                attempt(f"remove the sandbox of {pod.name}", pod.terminate)
+            self.underlay.stop(attempt)
+            self.underlay = None
         if self.state is not None:
             attempt("remove state", self.state.remove)
         self.pods.clear()
-        self.nodes.clear()
-        self.routers.clear()
-        self.hosts.clear()
-        self.net = None
+        self.scheduler = Scheduler()
         self.timings["stop_s"] = time.monotonic() - t0
         if errors:
             log.warning("teardown finished with %d problem(s); 'k8snetlab clean' removes leftovers", len(errors))
 
-    # -- underlay ---------------------------------------------------------------------------------
-    def _record(self, pid: int, what: str) -> None:
-        if self.state is not None:
-            self.state.record_pid(pid, what)
-
-    def _new_host(self, name: str, cls: type, **params: Any) -> Any:
-        assert self.net is not None and self.state is not None
-        host = self.net.addHost(name, cls=cls, **params)
-        host.on_popen = self._record
-        self.state.record_pid(host.pid, f"{cls.__name__} {name}")
-        self.state.record_netns(host.pid, name)
-        return host
-
-    def _build_underlay(self) -> None:
-        assert self.state is not None
-        from . import switching
-        self.switch_plan = plan = switching.plan(self.spec)
-        if self.spec.underlay.switch == "ovs":
-            from .underlay_ovs import OvsUnderlay
-            self.ovs = OvsUnderlay(self.spec, self.state)
-            self.ovs.start()
-        self.net = Mininet(topo=None, build=False, controller=None,
-                           switch=self.ovs.switch_class() if self.ovs else LinuxBridge,
-                           autoSetMacs=False, waitConnected=False, inNamespace=False)
-        ports = self._ports
-        for i, s in enumerate(plan.switches, start=1):
-            sw_name = naming.switch_name(self.state.index, i)
-            self._switches[s.name] = self.net.addSwitch(sw_name, dpid=f"{self.state.index:04x}{i:012x}")
-            ports[s.subnet] = 0
-        subnet_of = {s.name: s.subnet for s in plan.switches}
-        for link in plan.links:     # switch to switch; port numbers count on per subnet
-            a, b, sub = self._switches[link.a], self._switches[link.b], subnet_of[link.a]
-            ports[sub] += 2
-            self.net.addLink(a, b, intfName1=naming.switch_port(a.name, ports[sub] - 1),
-                             intfName2=naming.switch_port(b.name, ports[sub]))
-        for n in self.spec.nodes:
-            self._add_node_host(n, ports)
-        for h in self.spec.underlay.hosts:
-            self._add_plain_host(h.name, h.subnet, h.ip, ports)
-        for r in self.spec.underlay.routers:
-            router = self._new_host(r.name, RouterHost, ip=None)
-            self.routers[r.name] = router
-            for k, (subnet, ip) in enumerate(r.interfaces):
-                ports[subnet] += 1
-                sw = self._switch_at(r.name, subnet)
-                plen = self.spec.underlay.subnet(subnet).cidr.prefixlen
-                self.net.addLink(router, sw, intfName1=f"eth{k}",
-                                 intfName2=naming.switch_port(sw.name, ports[subnet]),
-                                 params1={"ip": f"{ip}/{plen}"})
-        self._mark_root_links()         # the veths exist now; the bridges after start()
-        self.net.build()
-        for sw in self._switches.values():
-            self.state.record_pid(sw.pid, f"switch shell {sw.name}")
-        self.net.start()
-        self._mark_root_links()
-        if self.ovs is not None:
-            self.ovs.prepare_all(list(self._switches.values()))
-            self.timings["controller_ready_s"] = self.ovs.wait_ready(list(self._switches.values()), len(plan.links))
-        for node in self.nodes.values():
-            self._node_defaults(node)
-        for host in self.hosts.values():
-            self._node_defaults(host)
-        self._route_underlay()
-        from . import shaping
-        self.shaped_links = shaping.apply(self)     # link properties of the cluster file
-
-    def _add_node_host(self, n: NodeSpec, ports: dict[str, int]) -> NodeHost:
-        assert self.net is not None and self.state is not None
-        subnet = self.spec.underlay.subnet(n.subnet)
-        host = self._new_host(n.name, NodeHost, spec=n, state_dir=self.state.node_dir(n.name),
-                              ip=f"{n.ip}/{subnet.cidr.prefixlen}")
-        ports[n.subnet] = ports.get(n.subnet, 0) + 1
-        sw = self._switch_at(n.name, n.subnet)
-        self.net.addLink(host, sw, intfName1=naming.NODE_UPLINK,
-                         intfName2=naming.switch_port(sw.name, ports[n.subnet]))
-        self.nodes[n.name] = host
-        return host
-
-    def _add_plain_host(self, name: str, subnet_name: str, ip: Any, ports: dict[str, int]) -> NetnsHost:
-        assert self.net is not None
-        subnet = self.spec.underlay.subnet(subnet_name)
-        host = self._new_host(name, NetnsHost, ip=f"{ip}/{subnet.cidr.prefixlen}")
-        host.subnet = subnet_name
-        ports[subnet_name] = ports.get(subnet_name, 0) + 1
-        sw = self._switch_at(name, subnet_name)
-        self.net.addLink(host, sw, intfName1=naming.NODE_UPLINK,
-                         intfName2=naming.switch_port(sw.name, ports[subnet_name]))
-        self.hosts[name] = host
-        return host
-
+    # -- underlay hosts ---------------------------------------------------------------------------
     def add_host(self, name: str, ip: str, subnet: str | None = None) -> NetnsHost:
         """A plain host joins the underlay of a running cluster (an external client, a load
         balancer): ``eth0`` on the subnet, default route via the subnet's gateway."""
-        assert self.net is not None
+        assert self.underlay is not None
         addr = parse_address(ip, f"host {name}")
         taken = {n.ip for n in self.spec.nodes} | {ip for r in self.spec.underlay.routers for _, ip in r.interfaces}
         taken |= {parse_address(h.IP(), h.name) for h in self.hosts.values() if h.IP()}
@@ -317,69 +240,7 @@ class Cluster:
         sub = subnet or next((s.name for s in self.spec.underlay.subnets if addr in s.cidr), None)
         if sub is None or addr not in self.spec.underlay.subnet(sub).cidr:
             raise SpecError(f"host {name}: {addr} is in none of the underlay subnets")
-        host = self._add_plain_host(name, sub, addr, self._ports)
-        self._attach_last_link(sub)
-        host.configDefault()
-        self._node_defaults(host)
-        return host
-
-    def _switch_at(self, host: str, subnet: str) -> Any:
-        """The switch where ``host`` plugs into ``subnet`` (underlay.switches, else the subnet's)."""
-        return self._switches[self.switch_plan.switch_for(host, subnet)]
-
-    def _mark_root_links(self) -> None:
-        """Mark the underlay's root-namespace links as this cluster's (``clean`` deletes only
-        marked or recorded links)."""
-        assert self.state is not None
-        sws = list(self._switches.values())
-        self.state.mark_links([sw.name for sw in sws] + [i.name for sw in sws for i in sw.intfList()])
-
-    def _attach_last_link(self, subnet: str) -> None:
-        """Plug the newest Mininet link into its (already running) switch."""
-        assert self.net is not None
-        link = self.net.links[-1]
-        self._mark_root_links()
-        if self.ovs is not None:
-            link.intf2.node.attach(link.intf2)
-            self.ovs.prepare_host_side(link.intf1.node, link.intf1.name)
-            return
-        proc.run(["brctl", "addif", link.intf2.node.name, link.intf2.name])
-        proc.run(["ip", "link", "set", link.intf2.name, "up"])
-
-    def _node_defaults(self, node: NetnsHost) -> None:
-        """A default route (Calico's proxy ARP needs one; on a flat L2 it points at the wire)."""
-        subnet = self.spec.underlay.subnet(node.spec.subnet if isinstance(node, NodeHost) else node.subnet)
-        with Netns(node.netns, node.name) as ns:
-            ns.link_up("lo")
-            if subnet.gateway is not None:
-                ns.add_route("default", gateway=str(subnet.gateway), dev=naming.NODE_UPLINK)
-            else:
-                ns.add_route("default", dev=naming.NODE_UPLINK)
-
-    def _route_underlay(self) -> None:
-        """Static routes between subnets through the routers: every shortest path by hops,
-        several first hops as one ECMP route, hashed on the outer 5-tuple as a fabric's
-        switches do (``fib_multipath_hash_policy=3`` with :data:`ECMP_HASH_FIELDS`): VXLAN's
-        UDP source ports spread over the paths, IPIP between two nodes always takes one."""
-        if not self.routers:
-            return
-        subnets = {s.name: s for s in self.spec.underlay.subnets}
-        on = {r.name: [s for s, _ in r.interfaces] for r in self.spec.underlay.routers}
-        addr = {(r.name, s): str(ip) for r in self.spec.underlay.routers for s, ip in r.interfaces}
-        for r in self.spec.underlay.routers:
-            hops = underlay_first_hops(r.name, on, addr)
-            with Netns(self.routers[r.name].netns, r.name) as ns:
-                ns.set_sysctl("net.ipv4.ip_forward", 1)
-                # policy 3 hashes the listed header fields; policy 1 would reuse the hash
-                # the sending socket put on the skb (it survives the veths), which a switch
-                # never sees: it would spread IPIP by the inner flow
-                ns.set_sysctl("net.ipv4.fib_multipath_hash_policy", 3)
-                ns.set_sysctl("net.ipv4.fib_multipath_hash_fields", ECMP_HASH_FIELDS)
-                for s, gateways in hops.items():
-                    if len(gateways) == 1:
-                        ns.add_route(str(subnets[s].cidr), gateway=gateways[0])
-                    elif gateways:
-                        ns.add_multipath_route(str(subnets[s].cidr), gateways)
+        return self.underlay.join_host(name, sub, addr)
 
     # -- node agents ------------------------------------------------------------------------------
     def _start_node_agents(self) -> None:
@@ -409,17 +270,14 @@ class Cluster:
             self.agent_resync = AgentResync(self.mode, lambda: self.nodes, period, self.agent_lock)
             self.agent_resync.start()
 
-    def _start_node(self, node: NodeHost) -> None:
+    def _start_node(self, node: NodeHost) -> Kubelet:
         assert self.state is not None
-        with Netns(node.netns, node.name) as ns:
-            self.mode.start_node(node, ns)
-        conf = self.mode.netconf(node)
-        self._netconfs[node.name] = conf
-        netd = node.state_dir / "net.d"
-        netd.mkdir(exist_ok=True)
-        (netd / f"10-{conf.name}.conflist").write_text(json.dumps(conf.to_dict(), indent=2) + "\n")
-        invoker = INVOKERS.get(self.spec.cni.invoke)()
-        self._runtimes[node.name] = CNIRuntime(node.netns, node.state_dir / "results", invoker)
+        self.scheduler.add_node(node.name, node.spec.labels)
+        kubelet = Kubelet(node, self.mode, self.spec.cni.invoke, self._log_dir(),
+                          self.state.record_pid, self.state.record_netns)
+        self.kubelets[node.name] = kubelet
+        kubelet.start(self._cni_run_dir() if self.spec.cni.invoke == "exec" else None)
+        return kubelet
 
     def sync_routes(self) -> None:
         """Program every node's routes to every other node's pod CIDR (what flanneld does on a
@@ -446,76 +304,48 @@ class Cluster:
 
     def add_node(self, name: str, ip: str, subnet: str | None = None, pod_cidr: str | None = None) -> NodeHost:
         """A node joins: underlay link, node agent, and every node's routes are updated."""
-        assert self.net is not None and self.state is not None
+        assert self.underlay is not None and self.state is not None
         data = {"name": name, "ip": ip, **({"subnet": subnet} if subnet else {}),
                 **({"podCIDR": pod_cidr} if pod_cidr else {})}
         raw_nodes = [{"name": n.name, "ip": str(n.ip), "subnet": n.subnet, "podCIDR": str(n.pod_cidr),
                       "labels": dict(n.labels)} for n in self.spec.nodes] + [data]
         new_spec = specmod.with_nodes(self.spec, raw_nodes)
-        n = new_spec.node(name)
-        host = self._add_node_host(n, self._ports)
-        self._attach_last_link(n.subnet)
-        host.configDefault()  # addresses the node's eth0 (Mininet's params1)
-        self._announce(host, ip)
-        self.spec = new_spec
-        self._node_defaults(host)
         with self.agent_lock:
+            host = self.underlay.join_node(new_spec.node(name))
+            self.spec = self.underlay.spec = new_spec
             self._start_node(host)
             self.sync_routes()
         for addon in self.addons:
             addon.node_added(host)
         return host
 
-    def _announce(self, host: NetnsHost, ip: str) -> None:
-        """A joining host may reuse the address of one that left: the others forget the old
-        MAC (what a gratuitous ARP does on a real segment, without waiting for ARP timers)."""
-        for other in [*self.nodes.values(), *self.routers.values(), *self.hosts.values()]:
-            if other is not host:
-                other.run(["ip", "neigh", "flush", "to", ip], check=False)
-
     def remove_node(self, name: str) -> None:
         """A node leaves: its pods are deleted, every node forgets its routes."""
         node = self.nodes.get(name)
         if node is None:
             raise K8sNetLabError(f"no node {name!r}")
+        assert self.underlay is not None
         for pod in [p for p in self.pods.values() if p.node_name == name]:
             self.delete_pod(pod.name)
+        kubelet = self.kubelets.pop(name)
+
+        def attempt(what: str, fn: Any, *args: Any) -> None:
+            fn(*args)
         with self.agent_lock:
-            self.mode.stop_node(node)
-            self._gone[name] = self.nodes.pop(name)
+            kubelet.stop(attempt)
+            self.scheduler.remove_node(name)
+            self._gone[name] = self.underlay.leave_node(name)
             # the name and address are free again (a node may rejoin)
             self.spec = dataclasses.replace(self.spec, nodes=tuple(n for n in self.spec.nodes if n.name != name))
+            self.underlay.spec = self.spec
             self.sync_routes()
-        assert self.net is not None
-        for intf in list(node.intfList()):
-            if intf.link:
-                self.net.delLink(intf.link)
-        self.net.delHost(node)
         for addon in self.addons:
             addon.node_removed(name)
 
     # -- pods -------------------------------------------------------------------------------------
     def schedule(self, pod: PodSpec) -> str:
-        if pod.node_name:
-            if pod.node_name not in self.nodes:
-                raise SpecError(f"pod {pod.name}: nodeName {pod.node_name!r} is not a node")
-            return pod.node_name
-        # kube-scheduler's default scoring, reduced to what matters here: spread the pods of
-        # one workload over the nodes (default topology spread on kubernetes.io/hostname), then
-        # prefer the node with the fewest pods; ties go to the node listed first.
-        siblings = {n: 0 for n in self.nodes}
-        load = {n: 0 for n in self.nodes}
-        for p in self.pods.values():
-            if p.node_name in load:
-                load[p.node_name] += 1
-                if pod.owner is not None and p.spec.owner == pod.owner:
-                    siblings[p.node_name] += 1
-        candidates = [n for n, host in self.nodes.items()
-                      if all(host.spec.labels.get(k) == v for k, v in pod.node_selector.items())]
-        if not candidates:
-            raise SpecError(f"pod {pod.name}: no node matches nodeSelector {pod.node_selector}")
-        order = list(self.nodes)
-        return min(candidates, key=lambda n: (siblings[n], load[n], order.index(n)))
+        """The node the scheduler would put ``pod`` on now (nothing is bound)."""
+        return self.scheduler.place(pod)
 
     def add_pod(self, manifest: dict[str, Any] | PodSpec | Workload) -> list[Pod]:
         """Add the pod(s) of a manifest (dict), a PodSpec or a Workload; return them."""
@@ -532,7 +362,8 @@ class Cluster:
 
     def scale(self, workload: str, replicas: int) -> list[Pod]:
         """``kubectl scale``: add pods ``<name>-<i>`` for the missing indexes, or delete the
-        highest ones; the add-ons (Endpoints, kube-proxy, DNS) follow. Returns the pods now."""
+        highest ones; the add-ons (Endpoints, kube-proxy, DNS) follow. New pods are asked for
+        in the ReplicaSet controller's slow-start batches (1, 2, 4, ...). Returns the pods now."""
         w = self.workloads.get(workload)
         if w is None:
             raise K8sNetLabError(f"no Deployment or ReplicationController {workload!r}: "
@@ -548,86 +379,63 @@ class Cluster:
             self.delete_pod(mine[name].name)
         missing = replicas - len(keep)
         new = [ps for ps in wanted.values() if ps.name not in mine][:missing]
-        if new:
-            self._add_pods(new)
+        for size in slow_start_batches(len(new)):
+            self._add_pods(new[:size])
+            new = new[size:]
         self.workloads[workload] = dataclasses.replace(w, replicas=replicas)
         return sorted((p for p in self.pods.values() if p.spec.owner == owner), key=lambda p: index[p.name])
 
     def _add_pods(self, specs: list[PodSpec]) -> list[Pod]:
-        assert self.state is not None
-        pods = []
-        for ps in specs:
-            node_name = self.schedule(ps)
-            pod = self._new_host(ps.host_name, Pod, spec=ps, ip=None)
-            pod.node_name = node_name
-            pod.container_id = secrets.token_hex(32)
-            self.pods[ps.host_name] = pod
-            with Netns(pod.netns, ps.host_name) as ns:
-                ns.link_up("lo")   # what the runtime's loopback plugin does
-            pods.append(pod)
+        """Bind, then start the pods on their nodes' kubelets concurrently, then wait for
+        readiness; a failed batch leaves none of its pods behind."""
+        asked = time.monotonic()
+        placed: list[tuple[PodSpec, str]] = []
+        try:
+            for ps in specs:
+                node = self.scheduler.place(ps)
+                self.scheduler.bind(ps.host_name, node, ps.owner)
+                placed.append((ps, node))
+        except BaseException:
+            for ps, _ in placed:
+                self.scheduler.unbind(ps.host_name)
+            raise
+        started: dict[str, Pod] = {}
         errors: list[str] = []
-        self._parallel([(self._cni_add, p) for p in pods], errors, "CNI ADD")
-        if errors:
-            for p in pods:  # a failed batch leaves none of its pods behind
-                if p.name in self.pods:
-                    self.delete_pod(p.name)
-            raise K8sNetLabError(errors[0])
-        logs = self.state.path / "logs"
-        logs.mkdir(exist_ok=True)
+
+        def run(item: tuple[PodSpec, str]) -> None:
+            ps, node = item
+            pod = self.kubelets[node].run_pod(ps)
+            pod.created_at = asked
+            started[ps.host_name] = pod
+
+        self._parallel([(run, item) for item in placed], errors, "start pod",
+                       label=lambda item: item[0].name)
+        pods = [started[ps.host_name] for ps, _ in placed if ps.host_name in started]
         for pod in pods:
-            for c in pod.spec.containers:
-                pod.start_container(c, logs)
-        self._wait_ready(pods)
+            self.pods[pod.name] = pod
+            assert self.underlay is not None
+            self.underlay.adopt(pod)
+        if errors:
+            for ps, _ in placed:
+                if ps.host_name in self.pods:
+                    self.delete_pod(ps.host_name)
+                else:
+                    self.scheduler.unbind(ps.host_name)
+            raise K8sNetLabError(errors[0])
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        by_node: dict[str, list[Pod]] = {}
+        for pod in pods:
+            by_node.setdefault(pod.node_name or "", []).append(pod)
+        for node, its in by_node.items():
+            self.kubelets[node].wait_ready(its, deadline)
         for addon in self.addons:
             addon.pods_added(pods)
         return pods
 
-    def _wait_ready(self, pods: list[Pod], timeout: float = 10.0) -> None:
-        """Wait until every declared TCP containerPort listens (a readiness probe), bounded."""
-        deadline = time.monotonic() + timeout
-        for pod in pods:
-            for c in pod.spec.containers:
-                cont = pod.containers.get(c.name)
-                for port in (p.container_port for p in c.ports if p.protocol == "TCP"):
-                    while cont is not None and not proc.listening(cont.pid, port):
-                        if not cont.running():
-                            raise K8sNetLabError(f"container {c.name} of pod {pod.name} exited "
-                                                 f"(status {cont.process.returncode}); see {cont.log_path}")
-                        if time.monotonic() > deadline:
-                            log.warning("pod %s: port %d not listening after %.0f s", pod.name, port, timeout)
-                            return
-                        time.sleep(0.02)
-
-    def _runtime_conf(self, pod: Pod) -> RuntimeConf:
-        s = pod.spec
-        return RuntimeConf(pod.container_id, pod.netns, naming.POD_IFNAME,
-                           {"IgnoreUnknown": "1", "K8S_POD_NAMESPACE": s.namespace,
-                            "K8S_POD_NAME": s.name, "K8S_POD_INFRA_CONTAINER_ID": pod.container_id})
-
-    def _cni_add(self, pod: Pod) -> None:
-        node = pod.node_name or ""
-        try:
-            result = self._runtimes[node].add(self._netconfs[node], self._runtime_conf(pod))
-        except K8sNetLabError as e:
-            raise K8sNetLabError(f"CNI ADD of pod {pod.name} on {node} failed: {e}") from None
-        cidr = result.sandbox_ip(naming.POD_IFNAME)
-        if cidr is None:
-            raise K8sNetLabError(f"CNI ADD of pod {pod.name} returned no address")
-        pod.result = result
-        pod.attach_interface(naming.POD_IFNAME, cidr)
-        self.mode.pod_added(pod)
-
-    def _cni_del(self, pod: Pod) -> None:
-        node = pod.node_name or ""
-        if node in self._runtimes:
-            self._runtimes[node].delete(self._netconfs[node], self._runtime_conf(pod))
-        pod.result = None
-
     def check_pod(self, name: str) -> None:
         """CNI CHECK for one pod (raises CNIError when its wiring is not as ADD left it)."""
         pod = self.pods[name]
-        node = pod.node_name or ""
-        self._runtimes[node].check(self._netconfs[node], self._runtime_conf(pod))
+        self.kubelets[pod.node_name or ""].check(pod)
 
     def delete_pod(self, name: str) -> None:
         pod = self.pods.get(name)
@@ -635,16 +443,13 @@ class Cluster:
             raise K8sNetLabError(f"no pod {name!r}: pods are {', '.join(sorted(self.pods)) or '(none)'}")
         for addon in self.addons:
             addon.pod_removing(pod)
-        pod.stop_containers()
         try:
-            if pod.result is not None:
-                self.mode.pod_removed(pod)
-                self._cni_del(pod)
+            self.kubelets[pod.node_name or ""].delete_pod(name, kill=self._kill_pod)
         finally:
-            self._kill_in(pod)
             del self.pods[name]
-            assert self.net is not None
-            self.net.delHost(pod)
+            self.scheduler.unbind(name)
+            if self.underlay is not None:
+                self.underlay.forget(pod)
 
     def label_pod(self, name: str, labels: dict[str, str | None]) -> dict[str, str]:
         """``kubectl label pod``: set labels of a running pod (a value None removes the key);
@@ -667,31 +472,45 @@ class Cluster:
             raise K8sNetLabError("namespaces are kept by the network policy add-on, which is not running")
         return policies.label_namespace(namespace, labels)
 
-    def _parallel(self, jobs: list[tuple[Any, Any]], errors: list[str], what: str) -> None:
+    def _parallel(self, jobs: list[tuple[Callable[[Any], Any], Any]], errors: list[str], what: str,
+                  label: Callable[[Any], str] = lambda a: getattr(a, "name", str(a))) -> None:
         if not jobs:
             return
-        workers = min(8, len(jobs))
-        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="cni") as ex:
+        workers = min(WORKERS, len(jobs))
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="kubelet") as ex:
             futs = {ex.submit(fn, arg): arg for fn, arg in jobs}
             for f in concurrent.futures.as_completed(futs):
                 e = f.exception()
                 if e is not None:
                     errors.append(str(e))
-                    log.warning("%s for %s: %s", what, futs[f].name, e)
+                    log.warning("%s for %s: %s", what, label(futs[f]), e)
 
     # -- processes --------------------------------------------------------------------------------
+    def _kill_pod(self, pod: Pod) -> None:
+        """Stop what runs in a pod besides its holder: what the runtime started and tracked,
+        or, if a shell or Mininet's popen ran there, everything in its namespace."""
+        if pod.touched:
+            self._kill_in(pod)
+            return
+        for p in pod.spawned:
+            if p.poll() is None:
+                cleanup.kill_pid(p.pid, proc.start_time(p.pid), grace=0.5)
+                p.wait(5)
+
     def _kill_in(self, *hosts: NetnsHost) -> None:
-        """Stop every process in the hosts' namespaces except their shells (Mininet stops those)."""
-        inodes, shells = set(), set()
+        """Stop every process in the hosts' namespaces except their shells and holders (their
+        own terminate() stops those), all signalled at once."""
+        inodes, keep = set(), set()
         for h in hosts:
             try:
                 inodes.add(os.stat(h.netns).st_ino)
-                shells.add(h.pid)
+                keep.add(h.pid)
+                if h.shell is not None:
+                    keep.add(h.shell.pid)
             except OSError:
                 continue
-        for pid in cleanup.processes_in_netns(inodes):
-            if pid not in shells:
-                cleanup.kill_pid(pid, proc.start_time(pid), grace=0.5)
+        pids = [pid for pid in cleanup.processes_in_netns(inodes) if pid not in keep]
+        cleanup.kill_pids([(pid, proc.start_time(pid)) for pid in pids], grace=0.5)
 
     # -- conveniences ----------------------------------------------------------------------------
     def addon(self, name: str) -> addonmod.Addon | None:
@@ -704,14 +523,16 @@ class Cluster:
         Endpoints, DNS, load balancer; None when the cluster file asks for no Services."""
         return self.addon("services")
 
-    @property
-    def switches(self) -> dict[str, Any]:
-        """The underlay's switches (Mininet objects) by their cluster-file name: the subnet's
-        name, or the names in underlay.switches."""
-        return dict(self._switches)
-
     def pod_ips(self) -> dict[str, str]:
         return {n: p.ip or "" for n, p in self.pods.items()}
+
+    def phase_timings(self) -> dict[str, float]:
+        """Seconds spent per pod-start phase, summed over the kubelets (threads overlap)."""
+        total = dict.fromkeys(PHASES, 0.0)
+        for k in self.kubelets.values():
+            for key, v in k.timings.items():
+                total[key] += v
+        return total
 
     def describe(self) -> list[str]:
         lines = [f"cluster {self.spec.name}: cni {self.spec.cni.type} (datapath {self.mode.datapath}, "
@@ -720,7 +541,8 @@ class Cluster:
             lines.append(f"  {self.ovs.describe()}")
         for n in self.nodes.values():
             lines.append(f"  node {n.name:<10} {n.spec.ip!s:<16} podCIDR {n.spec.pod_cidr}")
-            for p in sorted((p for p in self.pods.values() if p.node_name == n.name), key=lambda p: p.name):
+            its = self.kubelets[n.name].pods.values() if n.name in self.kubelets else ()
+            for p in sorted(its, key=lambda p: p.name):
                 cont = ", ".join(p.containers) or "-"
                 lines.append(f"    pod {p.name:<14} {p.ip or '?':<16} containers: {cont}")
         for r in self.routers.values():
@@ -751,18 +573,21 @@ class Cluster:
             setLogLevel("error")
 
     # -- CNI plugin executables -------------------------------------------------------------------
-    def _write_cni_bin(self) -> None:
-        """Our plugins as CNI executables named by type, in this cluster's CNI_PATH."""
-        from cni_plugins import PLUGINS
+    def _log_dir(self) -> Path:
         assert self.state is not None
-        self.state.cni_bin.mkdir(parents=True, exist_ok=True)
-        for ptype in PLUGINS.names():
-            module = PLUGINS.entry(ptype).module
-            path = self.state.cni_bin / ptype
-            path.write_text(f"#!{sys.executable}\n"
-                            "import sys\n"
-                            f"sys.path.insert(0, {str(REPO_ROOT)!r})\n"
-                            f"import {module} as plugin\n"
-                            "from cni_plugins import skel\n"
-                            "skel.main(plugin)\n")
-            path.chmod(0o755)
+        logs = self.state.path / "logs"
+        logs.mkdir(exist_ok=True)
+        return logs
+
+    def _cni_run_dir(self) -> Path:
+        from .cni_server import run_dir
+        assert self.state is not None
+        return run_dir(self.state.cni_bin)
+
+    def _write_cni_bin(self) -> None:
+        """Our plugins as CNI executables named by type, in this cluster's CNI_PATH: thin
+        shims forwarding to the node's CNI server (:mod:`k8snetlab.cni_server`)."""
+        from .cni_server import write_plugins
+        assert self.state is not None
+        write_plugins(self.state.cni_bin, self.state.path.parent)
+

@@ -174,8 +174,10 @@ class ExecInvoker:
                bin_dirs: tuple[str, ...]) -> bytes:
         path = find_plugin(plugin_type, bin_dirs)
         full_env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), **env}
-        res = proc.run([path], input=stdin, env=full_env, netns=node_netns, check=False,
-                       timeout=self.timeout)
+        # nsenter enters the node's namespace: a child that does it itself (preexec_fn) costs
+        # a full fork of the runtime (~90 ms at 200 MB), nsenter a vfork and one small exec
+        argv = ["nsenter", f"--net={node_netns}", "--", path] if node_netns else [path]
+        res = proc.run(argv, input=stdin, env=full_env, check=False, timeout=self.timeout)
         return decode_output(plugin_type, res.returncode, res.stdout, res.stderr)
 
 

@@ -327,7 +327,7 @@ class HostLocalStore:
                         f"by {who[0] or '?'}/{who[1] or '?'} (release that pod first, or "
                         f"request another address)", IPAMError.TRY_AGAIN_LATER)
                 self._write_last_reserved(rangeset_index, request)
-                log.info("allocated requested %s to %s/%s", request, container_id, ifname)
+                log.debug("allocated requested %s to %s/%s", request, container_id, ifname)
                 return self._allocation(request, ranges)
 
             start = self._read_last_reserved(rangeset_index, ranges)
@@ -336,7 +336,7 @@ class HostLocalStore:
                     continue
                 if self._reserve(ip, container_id, ifname):
                     self._write_last_reserved(rangeset_index, ip)
-                    log.info("allocated %s to %s/%s", ip, container_id, ifname)
+                    log.debug("allocated %s to %s/%s", ip, container_id, ifname)
                     return self._allocation(ip, ranges)
                 owners[ip] = ("", "")   # appeared behind our back: someone ignores the lock
         raise IPAMError(
@@ -359,7 +359,7 @@ class HostLocalStore:
                 ips = [ip for ip, who in owners.items() if who == (container_id, "")]
             for ip in sorted(ips):
                 self._unlink(ip)
-                log.info("released %s of %s/%s", ip, container_id, ifname)
+                log.debug("released %s of %s/%s", ip, container_id, ifname)
             return sorted(ips)
 
     def get(self, container_id: str, ifname: str) -> IPv4Address | None:

@@ -75,23 +75,32 @@ class Netns:
         found = self.ipr.link_lookup(ifname=ifname)
         return found[0] if found else None
 
-    def require_index(self, ifname: str) -> int:
+    def require_index(self, ifname: str | int) -> int:
+        """The index of ``ifname``; an int is taken as the index already (saves a request)."""
+        if isinstance(ifname, int):
+            return ifname
         idx = self.index(ifname)
         if idx is None:
             raise NetlinkError(f"no interface {ifname!r} in {self.label}")
         return idx
 
     def link(self, ifname: str) -> dict[str, Any] | None:
-        idx = self.index(ifname)
-        if idx is None:
-            return None
-        msg = self.ipr.get_links(idx)[0]
-        return {"index": idx, "ifname": ifname, "mtu": msg.get("mtu"),
+        """The link's index, mtu, mac, master, up and kind; None if there is none (one request)."""
+        try:
+            msg = self.ipr.link("get", ifname=ifname)[0]
+        except _PyNetlinkError as e:
+            if e.code in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
+                return None
+            raise NetlinkError(f"look up {ifname} in {self.label}: {os.strerror(e.code)}") from None
+        return {"index": msg["index"], "ifname": ifname, "mtu": msg.get("mtu"),
                 "mac": msg.get("address"), "master": msg.get("master"),
                 "up": bool(msg["flags"] & 1), "kind": _link_kind(msg)}
 
     def ensure_bridge(self, name: str, mtu: int | None = None) -> int:
         """Create bridge ``name`` (or accept the one there), set it up; return its index."""
+        info = self.link(name)      # every pod after the first: this one request
+        if info is not None and info["kind"] == "bridge" and info["up"]:
+            return info["index"]
         proc_kw = {"mtu": mtu} if mtu else {}
         created = self._call(f"create bridge {name}", self.ipr.link, "add", ifname=name, kind="bridge",
                              ok=(errno.EEXIST,), **proc_kw) is not None
@@ -110,28 +119,33 @@ class Netns:
         return idx
 
     def add_veth(self, ifname: str, peer_ifname: str, peer: "Netns", mtu: int | None = None,
-                 peer_mac: str | None = None) -> int:
-        """Create veth ``ifname`` here with its peer ``peer_ifname`` in namespace ``peer``."""
+                 peer_mac: str | None = None, master: str | int | None = None, up: bool = False) -> int:
+        """Create veth ``ifname`` here with its peer ``peer_ifname`` in namespace ``peer``;
+        both ends get ``mtu``; this end is enslaved to ``master`` and set up if asked, all in
+        the one request that creates it."""
         fd = os.open(peer.path or "/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
             peer_kw: dict[str, Any] = {"ifname": peer_ifname, "net_ns_fd": fd}
+            kw: dict[str, Any] = {}
             if peer_mac:
                 peer_kw["address"] = peer_mac
+            if mtu:
+                peer_kw["mtu"] = kw["mtu"] = mtu
+            if master is not None:
+                kw["master"] = self.require_index(master)
+            if up:
+                kw["state"] = "up"
             self._call(f"create veth {ifname} <-> {peer.label}:{peer_ifname}", self.ipr.link,
-                       "add", ifname=ifname, kind="veth", peer=peer_kw)
+                       "add", ifname=ifname, kind="veth", peer=peer_kw, **kw)
         finally:
             os.close(fd)
-        idx = self.require_index(ifname)
-        if mtu:
-            self.set_mtu(ifname, mtu)
-            peer.set_mtu(peer_ifname, mtu)
-        return idx
+        return self.require_index(ifname)
 
-    def set_mtu(self, ifname: str, mtu: int) -> None:
+    def set_mtu(self, ifname: str | int, mtu: int) -> None:
         self._call(f"set mtu {mtu} on {ifname}", self.ipr.link, "set",
                    index=self.require_index(ifname), mtu=mtu)
 
-    def link_up(self, ifname: str) -> None:
+    def link_up(self, ifname: str | int) -> None:
         self._call(f"set {ifname} up", self.ipr.link, "set", index=self.require_index(ifname),
                    state="up")
 
@@ -159,7 +173,7 @@ class Netns:
         return self.require_index(ifname)
 
     # -- addresses --------------------------------------------------------------------------
-    def ensure_addr(self, ifname: str, cidr: str) -> None:
+    def ensure_addr(self, ifname: str | int, cidr: str) -> None:
         iface = ipaddress.ip_interface(cidr)
         self._call(f"add address {cidr} to {ifname}", self.ipr.addr, "add",
                    index=self.require_index(ifname), address=str(iface.ip),
@@ -172,7 +186,7 @@ class Netns:
         return [f"{a.get('address')}/{a['prefixlen']}" for a in self.ipr.get_addr(index=idx, family=2)]
 
     # -- routes -----------------------------------------------------------------------------
-    def add_route(self, dst: str, *, gateway: str | None = None, dev: str | None = None,
+    def add_route(self, dst: str, *, gateway: str | None = None, dev: str | int | None = None,
                   onlink: bool = False, scope: int | None = None, proto: int | None = None,
                   src: str | None = None, table: int = MAIN_TABLE, replace: bool = True,
                   mtu: int | None = None) -> None:

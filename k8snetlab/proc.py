@@ -218,3 +218,29 @@ def listening_inodes(pid: int, port: int) -> set[str]:
 def listening(pid: int, port: int) -> bool:
     """Is a TCP socket listening on ``port`` in the network namespace of ``pid``?"""
     return bool(listening_inodes(pid, port))
+
+
+_SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
+
+
+def loopback_up(netns_path: str) -> None:
+    """Set ``lo`` up in a namespace (what CNI's loopback plugin does), with one ioctl on a
+    socket made inside it: no netlink socket, no process."""
+    import fcntl
+    import socket
+    import struct
+    with netns(netns_path):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with s:
+        req = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s, _SIOCGIFFLAGS, req))[1]
+        fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | _IFF_UP))
+
+
+def parent(pid: int) -> int:
+    """The parent PID of ``pid`` (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0

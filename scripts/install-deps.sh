@@ -34,6 +34,10 @@ dnsutils
 openvswitch-switch
 sockperf
 linux-perf
+gcc
+libc6-dev
+golang-go
+golang-github-appc-cni-dev
 prometheus
 ipset
 "

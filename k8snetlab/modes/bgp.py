@@ -77,6 +77,7 @@ class BgpMode(CalicoMode):
         super().__init__(cluster, options)
         self.speakers: dict[str, "Speaker"] = {}    # node and router name -> driver
         self.defer_start = False                    # True: start_node configures, start_speakers() starts
+        self.last_converge_s: float | None = None
         self._plan_key: tuple[Any, ...] | None = None
         self._plan: bgpplan.BgpPlan | None = None
         self._stopped: set[str] = set()
@@ -174,6 +175,7 @@ class BgpMode(CalicoMode):
         self._follow_plan()     # a joining node: the others learn of their new peer first
         self.start_speakers([n for n, d in self.speakers.items() if d.started_at is None])
         took = self.wait_converged(CONVERGE_TIMEOUT)
+        self.last_converge_s = took     # speakers started until every node has every pod route
         if took is None:
             log.warning("bgp: routes not everywhere after %.0f s: %s; see 'k8snetlab bgp status'",
                         CONVERGE_TIMEOUT, _lacking(self.missing_routes()))

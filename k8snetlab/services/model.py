@@ -125,7 +125,7 @@ class KubeProxyOptions:
     """The cluster file's ``kubeProxy`` section (KubeProxyConfiguration spelling)."""
     mode: str = opt("iptables", help="iptables | nftables | userspace | ipvs (where the kernel has IPVS)")
     sync_period: float = opt(1.0, key="syncPeriod", min=0.05, max=3600,
-                             help="seconds between full resyncs (repairs rules deleted by hand)")
+                             help="seconds between resyncs (a full one when the node's rules were changed by hand)")
     masquerade_all: bool = opt(False, key="masqueradeAll", help="SNAT all traffic to ClusterIPs")
     load_balancer_pool: str | None = opt(None, key="loadBalancerPool",
                                          help="CIDR on an underlay subnet (default: its last /28)")

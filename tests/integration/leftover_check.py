@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from k8snetlab import naming
+from k8snetlab import naming, proc
 
 
 class Footprint:
@@ -20,7 +20,8 @@ class Footprint:
     def __init__(self, cluster):
         self.index = cluster.state.index
         self.state = str(cluster.state.path)
-        self.pids = {h.name: h.pid for group in (cluster.nodes, cluster.routers, cluster.pods, cluster.hosts)
+        self.pids = {h.name: (h.pid, proc.start_time(h.pid))
+                     for group in (cluster.nodes, cluster.routers, cluster.pods, cluster.hosts)
                      for h in group.values()}
 
     def problems(self) -> list[str]:
@@ -31,15 +32,9 @@ class Footprint:
         out += [f"link {n}" for n in links]
         with open("/proc/self/mountinfo") as f:
             out += [f"mount {line.split()[4]}" for line in f if line.split()[4].startswith(self.state + "/")]
-        for name, pid in self.pids.items():
-            try:
-                with open(f"/proc/{pid}/ns/net"):
-                    pass
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if b"mininet:" + name.encode() in f.read():
-                        out.append(f"process {pid} holding {name}")
-            except OSError:
-                pass
+        for name, (pid, start) in self.pids.items():
+            if proc.running(pid, start):   # a shell, or a pod sandbox's holder
+                out.append(f"process {pid} holding {name}")
         return out
 
     def assert_gone(self) -> None:

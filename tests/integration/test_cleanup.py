@@ -49,7 +49,8 @@ def test_failed_start_leaves_nothing(monkeypatch):
 
     def broken(self, pod):
         raise cluster_mod.K8sNetLabError("injected CNI failure")
-    monkeypatch.setattr(cluster_mod.Cluster, "_cni_add", broken)
+    from k8snetlab import kubelet as kubelet_mod
+    monkeypatch.setattr(kubelet_mod.Kubelet, "cni_add", broken)
     c = Cluster(spec.load(THREE_NODES, cni="host-gw"))
     with pytest.raises(cluster_mod.K8sNetLabError, match="injected"):
         c.start()

@@ -68,8 +68,9 @@ def test_failed_second_add_then_del_leaves_nothing(cluster):
                 if l.split(":")[1].strip().startswith(("veth", "cali"))}
     before = veths()
     (pod,) = cluster.add_pod(sleeper("readd"))
-    runtime, net = cluster._runtimes["node2"], cluster._netconfs["node2"]
-    rt = cluster._runtime_conf(pod)
+    kubelet = cluster.kubelets["node2"]
+    runtime, net = kubelet.runtime, kubelet.netconf
+    rt = kubelet.runtime_conf(pod)
     ipam_dir = node.state_dir / "ipam" / net.name
     ip = pod.ip
     try:

@@ -110,8 +110,17 @@ def test_sandboxes_are_created_in_bounded_batches(tmp_path, monkeypatch):
     monkeypatch.setenv("K8SNETLAB_STATE", str(tmp_path / "state"))
     monkeypatch.setattr(cleanup, "ROOTS_FILE", tmp_path / "roots")
     monkeypatch.setattr(cleanup.naming, "STATE_ROOT", str(tmp_path / "default-root"))
-    for step in ("_write_cni_bin", "_build_underlay", "_start_node_agents"):
+    for step in ("_write_cni_bin", "_start_node_agents", "_start_agent_resync", "_start_supervisor"):
         monkeypatch.setattr(cluster_mod.Cluster, step, lambda self: None)
+
+    class NoUnderlay:
+        nodes: dict = {}
+        routers: dict = {}
+        hosts: dict = {}
+
+        def __init__(self, *a: Any) -> None: ...
+        def build(self, timings: Any) -> None: ...
+    monkeypatch.setattr(cluster_mod, "Underlay", NoUnderlay)
     monkeypatch.setattr(cluster_mod.Cluster, "_add_pods", lambda self, pods: batches.append(len(pods)) or [])
     monkeypatch.setattr(cluster_mod.Cluster, "stop", lambda self: None)
     c = cluster_mod.Cluster(s)

@@ -1,0 +1,476 @@
+#!/usr/bin/env python3
+"""How the testbed scales: clusters of 10, 100, 1,000 pods (2,000 with --large), through the
+default CNI exec path.
+
+Per size and mode (host-gw, ipip, bgp; rounds interleaved): cluster up and down time, where the
+up time goes (underlay, node agents, sandboxes, CNI, containers, readiness), the runtime's
+memory and the kernel's (``/proc/meminfo`` Slab + Percpu before and after, per pod), routes on a
+node, for bgp the time until every node has every pod CIDR; at 100 nodes a node joining and
+leaving. At the largest size host-gw also runs ``inprocess`` (the exec path's cost as a ratio).
+Then, on 20 nodes: one exec'd CNI ADD (median over 100, with the in-process call and the full
+plugin without the node's CNI server beside it), pod startup latency while a Deployment scales
+0 -> 200 (the ReplicaSet controller's slow-start batches; from the batch's request to the pod
+ready), pod delete latency, and churn with 200 pods in the background. Last, a cluster of the
+largest size is killed with SIGKILL and ``clean`` removes it (timed, checked).
+
+Writes ``scale-<run id>.csv`` (tidy rows), ``scale-<run id>.png`` (log-log up time against
+pods with the fitted growth exponent) and prints a table and the issue's targets, computed from
+this run's own data with the machine's load average beside them: on a shared machine the
+figures move with the load.
+
+    sudo python3 experiments/scale.py --quick            # 10 and 100 pods, host-gw: ~2 min
+    sudo python3 experiments/scale.py                    # 10, 100, 1000 pods x 3 modes x 3 rounds
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from k8snetlab import cleanup, experiment, naming, proc, results, spec, stats  # noqa: E402
+from k8snetlab.errors import SpecError  # noqa: E402
+
+NAME = "scale"
+MODES = ("host-gw", "ipip", "bgp")
+PODS_PER_NODE = 10
+STARTUP_NODES, STARTUP_REPLICAS = 20, 200
+CHURN_BACKGROUND, CHURN_BATCH, CHURN_ROUNDS = 200, 20, 5
+ADD_SAMPLES, FULL_EXEC_SAMPLES = 100, 10
+
+# metric -> unit, added to the results schema
+UNITS = {"pods_up": "s", "pods_down": "s", "underlay_up": "s", "agents_up": "s", "pods_start": "s",
+         "sandbox_cpu": "s", "cni_cpu": "s", "containers_cpu": "s", "readiness_cpu": "s",
+         "runtime_rss": "MB", "kernel_mem_per_pod": "kB", "runtime_mem_per_pod": "kB",
+         "routes_per_node": "count", "bgp_full_routes": "s", "node_join": "s", "node_leave": "s",
+         "cni_add": "ms", "pod_startup_p50": "s", "pod_startup_p99": "s", "pod_delete_p50": "s",
+         "pod_delete_p99": "s", "churn_rate": "pods/s", "clean_time": "s", "clean_leftovers": "count",
+         "growth_exponent": "ratio"}
+results.METRIC_UNITS.update({k: v for k, v in UNITS.items() if k not in results.METRIC_UNITS})
+
+
+def cluster_dict(pods: int, mode: str, invoke: str, replicas: int | None = None,
+                 nodes: int | None = None) -> dict[str, Any]:
+    """A flat L2 underlay, ``pods // 10`` nodes (at least 2), one Deployment of ``sleep`` pods."""
+    n = nodes or max(2, pods // PODS_PER_NODE)
+    node_list = [{"name": f"node{i + 1}", "ip": f"192.168.{1 + i // 200}.{10 + i % 200}"} for i in range(n)]
+    cni: dict[str, Any] = {"type": mode, "invoke": invoke}
+    if mode == "bgp":
+        cni["bgp"] = {"topology": "full-mesh"}
+    return {"name": f"scale-{pods}", "underlay": {"subnets": [{"name": "lan", "cidr": "192.168.0.0/16"}]},
+            "nodes": node_list, "network": {"clusterCIDR": "10.244.0.0/16", "nodeCIDRMaskSize": 24},
+            "cni": cni,
+            "workloads": [{"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "load"},
+                           "spec": {"replicas": pods if replicas is None else replicas,
+                                    "selector": {"matchLabels": {"app": "load"}},
+                                    "template": {"metadata": {"labels": {"app": "load"}},
+                                                 "spec": {"containers": [{"name": "sleep", "image": "busybox",
+                                                                          "command": ["sleep", "3600"]}]}}}}]}
+
+
+def meminfo_kb() -> float:
+    """Slab + Percpu of /proc/meminfo (kB): where the kernel keeps namespaces, links, routes."""
+    vals = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            k, v = line.split(":", 1)
+            vals[k] = float(v.split()[0])
+    return vals.get("Slab", 0.0) + vals.get("Percpu", 0.0)
+
+
+def rss_mb(pid: int | str = "self") -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return float(line.split()[1]) / 1024
+    return math.nan
+
+
+def load1() -> float:
+    return os.getloadavg()[0]
+
+
+class Recorder:
+    def __init__(self, writer: results.CsvWriter, run_id: str):
+        self.writer, self.run_id, self.rows = writer, run_id, []
+
+    def __call__(self, mode: str, scenario: str, rnd: int, metric: str, value: float,
+                 load: float | None = None) -> None:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return
+        row = results.Row(self.run_id, results.utc_timestamp(), NAME, "flat", mode, "", scenario, "", "",
+                          rnd, metric, float(value), UNITS.get(metric, results.METRIC_UNITS.get(metric, "")),
+                          None, results.kernel_release(), load if load is not None else load1())
+        self.writer.write(row)
+        self.rows.append(row)
+
+
+# ------------------------------------------------------------------------------ one size
+def measure_size(pods: int, mode: str, invoke: str, rnd: int, rec: Recorder, join_leave: bool) -> None:
+    from k8snetlab.cluster import Cluster
+    label = mode if invoke == "exec" else f"{mode}/{invoke}"
+    scenario = f"{pods} pods"
+    load = load1()
+    kernel0, rss0 = meminfo_kb(), rss_mb()
+    c = Cluster(spec.from_dict(cluster_dict(pods, mode, invoke), f"<{NAME}: {pods} pods, {mode}>"))
+    try:
+        c.start()
+        t = c.timings
+        rec(label, scenario, rnd, "pods_up", t["start_s"], load)
+        rec(label, scenario, rnd, "underlay_up", t.get("underlay_s", math.nan), load)
+        rec(label, scenario, rnd, "agents_up", t.get("agents_s", math.nan), load)
+        rec(label, scenario, rnd, "pods_start", t.get("pods_s", math.nan), load)
+        for phase, v in c.phase_timings().items():
+            rec(label, scenario, rnd, phase.replace("_s", "_cpu"), v, load)
+        rss = rss_mb()
+        rec(label, scenario, rnd, "runtime_rss", rss, load)
+        rec(label, scenario, rnd, "runtime_mem_per_pod", (rss - rss0) * 1024 / pods, load)
+        rec(label, scenario, rnd, "kernel_mem_per_pod", (meminfo_kb() - kernel0) / pods, load)
+        node1 = next(iter(c.nodes.values()))
+        from k8snetlab.netutil import Netns
+        with Netns(node1.netns, node1.name) as ns:
+            rec(label, scenario, rnd, "routes_per_node", len(ns.routes()), load)
+        if mode == "bgp":
+            took = getattr(c.mode, "last_converge_s", None)
+            rec(label, scenario, rnd, "bgp_full_routes", math.nan if took is None else took, load)
+        if join_leave:
+            n = len(c.nodes)
+            t0 = time.monotonic()
+            c.add_node(f"node{n + 1}", f"192.168.{1 + n // 200}.{10 + n % 200}")
+            rec(label, f"{n} nodes", rnd, "node_join", time.monotonic() - t0, load)
+            t0 = time.monotonic()
+            c.remove_node(f"node{n + 1}")
+            rec(label, f"{n} nodes", rnd, "node_leave", time.monotonic() - t0, load)
+    finally:
+        c.stop()
+    rec(label, scenario, rnd, "pods_down", c.timings.get("stop_s", math.nan), load)
+
+
+# ------------------------------------------------------------------------------ pods on 20 nodes
+def measure_pods(rec: Recorder, quick: bool) -> dict[str, Any]:
+    """CNI ADD latency, startup latency of a Deployment scaled 0 -> 200, delete latency, churn."""
+    from k8snetlab.cluster import Cluster
+    from k8snetlab.cni import CNIRuntime, NetworkConfigList
+    from k8snetlab.cni_protocol import ExecInvoker
+    from k8snetlab.manifests import PodSpec
+    from cni_plugins.inprocess import InProcessInvoker
+    nodes, replicas = (4, 40) if quick else (STARTUP_NODES, STARTUP_REPLICAS)
+    scenario = f"{nodes} nodes"
+    out: dict[str, Any] = {}
+    c = Cluster(spec.from_dict(cluster_dict(replicas, "host-gw", "exec", replicas=0, nodes=nodes),
+                               f"<{NAME}: pod latency>"))
+    with c:
+        k = c.kubelets["node1"]
+        full_conf = NetworkConfigList(k.netconf.name, k.netconf.cni_version, k.netconf.plugins,
+                                      bin_dirs=(str(c.state.cni_bin / ".full"),))
+        runtimes = {"exec": (k.runtime, k.netconf),
+                    "inprocess": (CNIRuntime(k.node.netns, k.node.state_dir / "results-inproc", InProcessInvoker()),
+                                  k.netconf),
+                    "exec-no-server": (CNIRuntime(k.node.netns, k.node.state_dir / "results-full", ExecInvoker()),
+                                       full_conf)}
+        samples = {"exec": 20 if quick else ADD_SAMPLES, "inprocess": 20 if quick else ADD_SAMPLES,
+                   "exec-no-server": 3 if quick else FULL_EXEC_SAMPLES}
+        for how, (runtime, conf) in runtimes.items():
+            lat = []
+            load = load1()
+            for i in range(samples[how]):
+                pod = k.create_sandbox(PodSpec(f"addbench-{how}-{i}"))
+                rt = k.runtime_conf(pod)
+                t0 = time.perf_counter()
+                runtime.add(conf, rt)
+                lat.append((time.perf_counter() - t0) * 1000)
+                runtime.delete(conf, rt)
+                k.delete_pod(pod.name)
+            for v in lat:
+                rec(how, scenario, 0, "cni_add", v, load)
+            out[f"cni_add_{how}"] = lat
+        # startup latency: 0 -> replicas
+        load = load1()
+        pods = c.scale("load", replicas)
+        lat = [p.ready_at - p.created_at for p in pods]
+        out["startup"] = lat
+        rec("host-gw", scenario, 0, "pod_startup_p50", _pct(lat, 50), load)
+        rec("host-gw", scenario, 0, "pod_startup_p99", _pct(lat, 99), load)
+        # delete latency: one pod at a time
+        dl = []
+        for p in list(pods)[-(10 if quick else 50):]:
+            t0 = time.monotonic()
+            c.delete_pod(p.name)
+            dl.append(time.monotonic() - t0)
+        out["delete"] = dl
+        rec("host-gw", scenario, 0, "pod_delete_p50", _pct(dl, 50), load1())
+        rec("host-gw", scenario, 0, "pod_delete_p99", _pct(dl, 99), load1())
+        # churn: pods made and removed per second, the others running
+        c.scale("load", min(CHURN_BACKGROUND, replicas))
+        churn = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "churn"},
+                 "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "churn"}},
+                          "template": {"metadata": {"labels": {"app": "churn"}},
+                                       "spec": {"containers": [{"name": "sleep", "image": "busybox",
+                                                                "command": ["sleep", "3600"]}]}}}}
+        c.add_pod(churn)
+        load = load1()
+        t0 = time.monotonic()
+        rounds = 2 if quick else CHURN_ROUNDS
+        for _ in range(rounds):
+            c.scale("churn", CHURN_BATCH)
+            c.scale("churn", 0)
+        rate = 2 * CHURN_BATCH * rounds / (time.monotonic() - t0)
+        out["churn"] = rate
+        rec("host-gw", f"{scenario}, {min(CHURN_BACKGROUND, replicas)} pods running", 0, "churn_rate", rate, load)
+    return out
+
+
+def _pct(vals: list[float], q: float) -> float:
+    s = sorted(vals)
+    if not s:
+        return math.nan
+    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
+
+
+# ------------------------------------------------------------------------------ kill -9 + clean
+CHILD = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from k8snetlab import spec
+from k8snetlab.cluster import Cluster
+c = Cluster(spec.from_dict({conf!r}, "<scale: kill -9>"))
+c.start()
+print(c.state.index, flush=True)
+time.sleep(3600)
+"""
+
+
+def measure_kill_clean(pods: int, rec: Recorder) -> dict[str, Any]:
+    repo = str(Path(__file__).resolve().parent.parent)
+    child = subprocess.Popen([sys.executable, "-c", CHILD.format(repo=repo, conf=cluster_dict(pods, "host-gw", "exec"))],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        line = child.stdout.readline().strip()
+        if not line.isdigit():
+            raise RuntimeError(f"the cluster to kill did not come up (it printed {line!r})")
+        index = int(line)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    prefix = naming.cluster_prefix(index)
+    state = Path(naming.STATE_ROOT) / prefix
+    holders = [int(l.split('"pid": ')[1].split(",")[0]) for l in (state / "pids.jsonl").read_text().splitlines()]
+    load = load1()
+    t0 = time.monotonic()
+    cleanup.clean()
+    took = time.monotonic() - t0
+    left = [n for n in os.listdir("/sys/class/net") if naming.cluster_index_of(n) == index]
+    left += [str(state)] if state.exists() else []
+    alive = [p for p in holders if proc.pid_alive(p) and f"{prefix}" in proc.cmdline(p)]
+    rec("host-gw", f"{pods} pods, kill -9", 0, "clean_time", took, load)
+    rec("host-gw", f"{pods} pods, kill -9", 0, "clean_leftovers", len(left), load)
+    return {"clean_s": took, "leftovers": left, "alive": alive}
+
+
+# ------------------------------------------------------------------------------ report
+def med(rows: list[results.Row], mode: str, scenario: str, metric: str) -> stats.Summary | None:
+    vals = [r.value for r in rows if r.mode == mode and r.scenario == scenario and r.metric == metric]
+    return stats.describe(vals) if vals else None
+
+
+def fmt(s: stats.Summary | None, digits: int = 1) -> str:
+    if s is None:
+        return "-"
+    if s.n == 1:
+        return f"{s.median:.{digits}f}"
+    return f"{s.median:.{digits}f} ({min_max(s, digits)})"
+
+
+def min_max(s: stats.Summary, digits: int) -> str:
+    return f"sd {s.sd:.{digits}f}, n {s.n}"
+
+
+def exponent(rows: list[results.Row], mode: str, a: int, b: int) -> float:
+    sa, sb = med(rows, mode, f"{a} pods", "pods_up"), med(rows, mode, f"{b} pods", "pods_up")
+    if sa is None or sb is None or sa.median <= 0:
+        return math.nan
+    return math.log(sb.median / sa.median) / math.log(b / a)
+
+
+def fit_exponent(xs: list[float], ys: list[float]) -> float:
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = statistics.fmean(lx), statistics.fmean(ly)
+    den = sum((x - mx) ** 2 for x in lx)
+    return math.nan if den == 0 else sum((x - mx) * (y - my) for x, y in zip(lx, ly)) / den
+
+
+def plot(rows: list[results.Row], sizes: list[int], modes: list[str], path: Path) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for mode in modes:
+        pts = [(n, med(rows, mode, f"{n} pods", "pods_up")) for n in sizes]
+        pts = [(n, s) for n, s in pts if s is not None]
+        if len(pts) < 2:
+            continue
+        k = fit_exponent([n for n, _ in pts], [s.median for _, s in pts])
+        ax.errorbar([n for n, _ in pts], [s.median for _, s in pts],
+                    yerr=[[s.median - s.ci_low if s.n > 1 else 0 for _, s in pts],
+                          [s.ci_high - s.median if s.n > 1 else 0 for _, s in pts]],
+                    marker="o", capsize=3, label=f"{mode} (slope {k:.2f})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("pods (10 per node)")
+    ax.set_ylabel("cluster up (s)")
+    ax.set_title("k8snetlab: up time against pods, exec CNI path")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def target(text: str, value: float, limit: float, unit: str = "", spread: str = "") -> str:
+    if value is None or math.isnan(value):
+        return f"  [ n/a ] {text}: not measured"
+    ok = "met" if value <= limit else "MISSED"
+    return f"  [{ok:^6}] {text}: {value:.3g}{unit}{spread} (target <= {limit:g}{unit})"
+
+
+def report(rows: list[results.Row], sizes: list[int], modes: list[str], extra: dict[str, Any]) -> str:
+    out = []
+    labels = [m for m in modes] + sorted({r.mode for r in rows if "/" in r.mode})
+    head = ["mode", "pods", "nodes", "up s", "down s", "underlay", "agents", "pods", "sandbox cpu",
+            "CNI cpu", "runtime MB", "kernel kB/pod", "routes/node", "bgp routes s"]
+    table = []
+    for mode in labels:
+        for n in sizes:
+            sc = f"{n} pods"
+            up = med(rows, mode, sc, "pods_up")
+            if up is None:
+                continue
+            g = lambda m, d=1: fmt(med(rows, mode, sc, m), d)
+            table.append([mode, n, max(2, n // PODS_PER_NODE), fmt(up), g("pods_down"), g("underlay_up"),
+                          g("agents_up"), g("pods_start"), g("sandbox_cpu"), g("cni_cpu"), g("runtime_rss", 0),
+                          g("kernel_mem_per_pod", 0), g("routes_per_node", 0), g("bgp_full_routes")])
+    out.append(results.format_table(head, table))
+    out.append("  (median over rounds; in brackets the sd and the number of rounds; 'cpu' columns sum the")
+    out.append("   seconds each phase took over all pods, which overlap in threads)")
+    loads = [r.load1 for r in rows if r.load1 is not None]
+    out.append(f"  load average (1 min) during the run: {min(loads):.1f} .. {max(loads):.1f} on "
+               f"{os.cpu_count()} CPUs" if loads else "")
+    big = max(sizes)
+    mid = max([n for n in sizes if n < big] or [big])
+    lines = ["Targets (this run's data):"]
+    for mode, limit in (("host-gw", 30), ("ipip", 40), ("bgp", 40)):
+        if mode in modes:
+            s = med(rows, mode, f"{big} pods", "pods_up")
+            lines.append(target(f"{mode} {big} pods up", s.median if s else math.nan, limit if big <= 1000 else 60, " s",
+                                f" (sd {s.sd:.1f}, n {s.n})" if s and s.n > 1 else ""))
+    s = med(rows, "host-gw", f"{big} pods", "pods_down")
+    lines.append(target(f"host-gw {big} pods down", s.median if s else math.nan, 10, " s"))
+    for how in ("exec", "inprocess", "exec-no-server"):
+        lat = extra.get(f"cni_add_{how}")
+        if lat:
+            sp = f" (p10 {_pct(lat, 10):.0f}, p90 {_pct(lat, 90):.0f}, n {len(lat)})"
+            if how == "exec":
+                lines.append(target("one exec'd CNI ADD (flannel -> bridge -> host-local), median", statistics.median(lat), 50, " ms", sp))
+            else:
+                lines.append(f"  [  info ] one CNI ADD, {how}: median {statistics.median(lat):.0f} ms{sp}")
+    e, i = med(rows, "host-gw", f"{big} pods", "pods_up"), med(rows, "host-gw/inprocess", f"{big} pods", "pods_up")
+    if e and i:
+        lines.append(target(f"exec / inprocess up time at {big} pods", e.median / i.median, 1.5, "x"))
+    st = extra.get("startup")
+    if st:
+        lines.append(target(f"pod startup p99, Deployment 0 -> {len(st)}", _pct(st, 99), 1.0, " s",
+                            f" (p50 {_pct(st, 50):.2f} s)"))
+    if mid < big:
+        for mode in modes:
+            k = exponent(rows, mode, mid, big)
+            lines.append(target(f"{mode} growth exponent of up time, {mid} -> {big} pods", k, 1.1))
+    s = med(rows, "host-gw", f"{big} pods", "runtime_rss")
+    lines.append(target(f"runtime RSS at {big} pods", s.median if s else math.nan, 300, " MB"))
+    kc = extra.get("kill")
+    if kc:
+        lines.append(target(f"clean after kill -9 at {extra.get('kill_pods')} pods", kc["clean_s"], 15, " s"))
+        lines.append(target("left after clean (links, state, live holders)", len(kc["leftovers"]) + len(kc["alive"]), 0))
+    if extra.get("delete"):
+        d = extra["delete"]
+        lines.append(f"  [  info ] pod delete: p50 {_pct(d, 50):.2f} s, p99 {_pct(d, 99):.2f} s (n {len(d)})")
+    if extra.get("churn"):
+        lines.append(f"  [  info ] churn: {extra['churn']:.1f} pods created+deleted per second, "
+                     f"{CHURN_BATCH} at a time, 200 running")
+    for r in rows:
+        if r.metric in ("node_join", "node_leave"):
+            lines.append(f"  [  info ] {r.metric.replace('_', ' ')} at {r.scenario}: {r.value:.2f} s ({r.mode})")
+    return "\n".join(out + [""] + lines)
+
+
+# ------------------------------------------------------------------------------ main
+def run(args) -> int:
+    sizes = sorted({int(s) for s in args.sizes.split(",")})
+    if args.large and 2000 not in sizes:
+        sizes.append(2000)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not sizes or min(sizes) < 2:
+        raise SpecError(f"--modes: {', '.join(bad)} not one of {', '.join(MODES)}" if bad
+                        else "--sizes: give pod counts of 2 or more, e.g. 10,100,1000")
+    if args.quick:
+        sizes, modes, args.repeat = [s for s in sizes if s <= 100] or [10], modes[:1], 1
+    proc.require_root("running the scale experiment")
+    out_dir, run_id, csv_path = experiment.output(args, NAME)
+    big = max(sizes)
+    plan = [(rnd, n, m, "exec") for rnd in range(1, args.repeat + 1) for n in sizes for m in modes]
+    if "host-gw" in modes and not args.quick:
+        plan += [(rnd, big, "host-gw", "inprocess") for rnd in range(1, args.repeat + 1)]
+    plan.sort(key=lambda p: (p[0], p[1]))
+    steps = len(plan) + (0 if args.skip_pods else 1) + (0 if args.quick or args.skip_kill else 1)
+    progress = experiment.Progress(steps)
+    extra: dict[str, Any] = {}
+    with results.CsvWriter(csv_path) as w:
+        rec = Recorder(w, run_id)
+        for rnd, n, mode, invoke in plan:
+            join = rnd == 1 and invoke == "exec" and max(2, n // PODS_PER_NODE) >= 100 and mode == "host-gw"
+            measure_size(n, mode, invoke, rnd, rec, join)
+            up = rec.rows[-1] if rec.rows else None
+            progress.step(f"{n} pods {mode} {invoke} round {rnd}: up {med(rec.rows, mode if invoke == 'exec' else f'{mode}/{invoke}', f'{n} pods', 'pods_up').median:.1f} s")
+        if not args.skip_pods:
+            extra.update(measure_pods(rec, args.quick))
+            progress.step("pod latency, CNI ADD, churn")
+        if not (args.quick or args.skip_kill):
+            extra["kill"] = measure_kill_clean(big, rec)
+            extra["kill_pods"] = big
+            progress.step("kill -9 + clean")
+        for mode in modes:
+            pts = [(n, med(rec.rows, mode, f"{n} pods", "pods_up")) for n in sizes]
+            pts = [(n, s.median) for n, s in pts if s is not None]
+            if len(pts) >= 2:
+                rec(mode, "all sizes", 0, "growth_exponent", fit_exponent([p[0] for p in pts], [p[1] for p in pts]))
+        rows = rec.rows
+    png = plot(rows, sizes, modes, out_dir / f"{NAME}-{run_id}.png")
+    print(report(rows, sizes, modes, extra))
+    print(f"\nrows: {csv_path}" + (f"\nplot: {png}" if png else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = experiment.parser(__doc__.split("\n\n")[0], default_repeat=3)
+    p.add_argument("--sizes", default="10,100,1000", help="pod counts (10 per node), default %(default)s")
+    p.add_argument("--large", action="store_true", help="add 2000 pods (200 nodes)")
+    p.add_argument("--modes", default=",".join(MODES), help="CNI modes, default %(default)s")
+    p.add_argument("--skip-pods", action="store_true", help="skip the 20-node latency part")
+    p.add_argument("--skip-kill", action="store_true", help="skip kill -9 + clean")
+    return experiment.main(run, p, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

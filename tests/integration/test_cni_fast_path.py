@@ -1,0 +1,93 @@
+"""The fast CNI exec path stays the CNI exec protocol.
+
+A plugin executable of a running cluster (the shim) started in a node's namespace is answered
+by that node's CNI server; started anywhere else it runs the full plugin. Both must answer
+byte for byte alike, errors included, and a full ADD / CHECK / DEL / DEL through the shim
+must wire and unwire a pod.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from helpers import require_root_and
+from k8snetlab import spec
+from k8snetlab.cluster import Cluster
+from k8snetlab.manifests import PodSpec
+from k8snetlab.pod import Pod
+from leftover_check import running
+
+pytestmark = pytest.mark.integration
+
+ONE_NODE = {"name": "fastpath", "underlay": {"subnets": [{"name": "lan", "cidr": "192.168.0.0/24"}]},
+            "nodes": [{"name": "node1", "ip": "192.168.0.10"}],
+            "cni": {"type": "host-gw"}}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    require_root_and("mnexec", "brctl", "nsenter")
+    with running(Cluster(spec.from_dict(ONE_NODE, "test_cni_fast_path"))) as c:
+        yield c
+
+
+def call(cluster, netns: str, ptype: str, env: dict[str, str], stdin: bytes) -> tuple[int, bytes]:
+    """Execute the plugin as a runtime does: in ``netns``, CNI env, config on stdin."""
+    path = cluster.state.cni_bin / ptype
+    r = subprocess.run(["nsenter", f"--net={netns}", "--", str(path)], input=stdin, capture_output=True,
+                       env={"PATH": os.environ["PATH"], **env}, timeout=60)
+    return r.returncode, r.stdout
+
+
+@pytest.fixture
+def elsewhere():
+    """A namespace that is no node: no CNI server answers there."""
+    p = Pod("fastpath-elsewhere")
+    yield p.netns
+    p.terminate()
+
+
+def test_the_server_and_the_full_plugin_answer_alike(cluster, elsewhere):
+    node = cluster.nodes["node1"]
+    server = cluster.kubelets["node1"].server
+    cases = [
+        ({"CNI_COMMAND": "VERSION"}, b"{}"),
+        # a quote and a backslash in the environment travel intact
+        ({"CNI_COMMAND": 'AD"D\\'}, b"{}"),
+        ({"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "x", "CNI_NETNS": "/nonexistent", "CNI_IFNAME": "eth0",
+          "CNI_PATH": str(cluster.state.cni_bin)}, b"not json"),
+        ({"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "x", "CNI_NETNS": "/nonexistent", "CNI_IFNAME": "eth0",
+          "CNI_PATH": str(cluster.state.cni_bin)}, json.dumps({"cniVersion": "9.9.9", "name": "n",
+                                                              "type": "bridge"}).encode()),
+    ]
+    for env, stdin in cases:
+        before = server.requests
+        fast = call(cluster, node.netns, "bridge", env, stdin)
+        assert server.requests == before + 1, f"{env}: the node's CNI server was not asked"
+        full = call(cluster, elsewhere, "bridge", env, stdin)
+        assert server.requests == before + 1, f"{env}: a namespace with no server reached one"
+        assert fast == full, f"{env}: server answered {fast}, the full plugin {full}"
+    assert call(cluster, node.netns, "bridge", {"CNI_COMMAND": 'AD"D\\'}, b"{}")[0] == 1
+
+
+def test_add_check_del_del_through_the_shim(cluster):
+    kubelet = cluster.kubelets["node1"]
+    pod = kubelet.create_sandbox(PodSpec("fastpath-pod"))
+    try:
+        rt = kubelet.runtime_conf(pod)
+        before = kubelet.server.requests
+        result = kubelet.runtime.add(kubelet.netconf, rt)
+        assert kubelet.server.requests > before, "ADD did not go through the node's CNI server"
+        cidr = result.sandbox_ip("eth0")
+        assert cidr and cidr.split("/")[0] in pod.run(["ip", "-4", "addr", "show", "eth0"]).stdout
+        kubelet.runtime.check(kubelet.netconf, rt)
+        kubelet.runtime.delete(kubelet.netconf, rt)
+        assert pod.run(["ip", "link", "show", "eth0"], check=False).returncode != 0
+        kubelet.runtime.delete(kubelet.netconf, rt)    # DEL again: idempotent
+    finally:
+        pod.result = None
+        kubelet.delete_pod(pod.name)
