@@ -22,7 +22,8 @@ setup(
                                     "controllers", "controllers.*"]),
     package_data={"k8snetlab": ["bpf/*.c", "cni_shim.c"], "k8snetlab.bgp": ["templates/*.j2"]},
     python_requires=">=3.10",
-    install_requires=["pyroute2>=0.9", "PyYAML>=6", "mininet>=2.3.0.dev6", "scapy>=2.5", "jinja2>=3"],
+    install_requires=["pyroute2>=0.9", "PyYAML>=6", "mininet>=2.3.0.dev6", "scapy>=2.5", "jinja2>=3",
+                      "psutil>=5.9"],
     extras_require={"plot": ["matplotlib>=3.5"], "test": ["pytest>=7", "pytest-timeout>=2"]},
     entry_points={"console_scripts": ["k8snetlab = k8snetlab.cli:main"], **ENTRY_POINTS},
 )

@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from cni_plugins import skel
-from cni_plugins.common import check_routes, field, host_ns, pod_ns, pod_ns_if_exists
+from cni_plugins.common import check_routes, field, host_ns, pod_ns, remove_attachment
 from k8snetlab import cni_protocol as cni, naming
 from k8snetlab.cni_protocol import CNIError, Interface, IPConfig, Result, Route
 
@@ -52,13 +52,7 @@ def add(conf: dict[str, Any], args: skel.CmdArgs) -> Result:
 
 
 def delete(conf: dict[str, Any], args: skel.CmdArgs) -> None:
-    with host_ns() as host:
-        host.del_link(naming.host_veth("cali", args.container_id, args.ifname))
-    pod = pod_ns_if_exists(args)
-    if pod is not None:
-        with pod:
-            pod.del_link(args.ifname)
-    skel.ipam_del(conf, args)
+    remove_attachment(conf, args, naming.host_veth("cali", args.container_id, args.ifname))
 
 
 def check(conf: dict[str, Any], args: skel.CmdArgs) -> None:

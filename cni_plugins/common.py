@@ -6,6 +6,7 @@ import ipaddress
 import os
 from typing import Any
 
+from cni_plugins import skel
 from k8snetlab import cni_protocol as cni
 from k8snetlab.cni_protocol import CNIError
 from k8snetlab.netutil import Netns
@@ -54,3 +55,15 @@ def check_routes(pod: Netns, routes: Any, ifname: str) -> None:
             via = f" via {r.gw}" if r.gw else ""
             raise CNIError(cni.ERR_INVALID_CONFIG, f"route {dst}{via} of the result is missing in the pod",
                            f"the pod's routing table no longer matches what ADD set up on {ifname}")
+
+
+def remove_attachment(conf: dict[str, Any], args: Any, host_ifname: str) -> None:
+    """DEL of a veth-wired pod: the host end, the pod's interface (if its namespace is still
+    there), then the IPAM reservation. Idempotent: what is gone already is fine."""
+    with host_ns() as host:
+        host.del_link(host_ifname)
+    pod = pod_ns_if_exists(args)
+    if pod is not None:
+        with pod:
+            pod.del_link(args.ifname)
+    skel.ipam_del(conf, args)

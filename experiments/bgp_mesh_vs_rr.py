@@ -201,7 +201,7 @@ def _per_round_max(rows, mode: str, scenario: str, metric: str) -> float | None:
 
 
 def summary(rows, ns: list[int], reflectors: int) -> str:
-    """Per size: mesh and route reflectors side by side with rr/mesh, then the issue's targets."""
+    """Per size: mesh and route reflectors side by side with rr/mesh, then the targets."""
     lines = []
     table = []
     what = [("sessions in total", "bgp_sessions_total", "count", _agg),
@@ -252,7 +252,7 @@ def summary(rows, ns: list[int], reflectors: int) -> str:
     if rss:
         lines.append(line("speaker memory (RSS, shared libraries counted in full) <= 5 MB per node, largest (MB)",
                           None, max(rss), None, 5.0, 1))
-    at = 50 if 50 in ns else max(ns)      # the issue's target is for 50 nodes (1,225 mesh sessions)
+    at = 50 if 50 in ns else max(ns)      # the target is for 50 nodes (1,225 mesh sessions)
     m, r = _agg(rows, MESH, f"{at} nodes", "bgp_sessions_total"), _agg(rows, RR, f"{at} nodes", "bgp_sessions_total")
     if m and r is not None:
         note = "" if at == 50 else " (the target is set for 50 nodes)"

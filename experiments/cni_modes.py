@@ -29,7 +29,7 @@ source port follows the inner flow, so its SYNs spread over the paths; IPIP betw
 has no ports to hash and takes one; bgp's plain packets spread (BIRD merges the equal routes
 learned through each spine into one ECMP route, ``merge paths on``, as Calico's config does).
 
-Output: a tidy CSV (k8snetlab.results), a PNG beside it, and a summary with the issue's
+Output: a tidy CSV (k8snetlab.results), a PNG beside it, and a summary with the
 targets as ratios from this one run.
 
     sudo python experiments/cni_modes.py [--topology FILE] [--param NAME=VALUE] [--quick]
@@ -100,7 +100,7 @@ VARIANTS = (
 )
 
 X = "pod-cross-node"
-# the issue's speed targets on TCP throughput, with verdicts from paired intervals
+# speed targets on TCP throughput, with verdicts from paired intervals
 TARGETS = (
     Target("vxlan cross-node TCP >= 0.7 x host-gw", "ratio", "vxlan", "host-gw", X, low=0.7),
     Target("ipip CrossSubnet in one subnet TCP within 0.95-1.05 x host-gw", "ratio", "ipip-crosssubnet",
@@ -181,7 +181,7 @@ def plan(base, wanted: Iterable[str], available: Iterable[str]) -> tuple[list[tu
         if v.label not in wanted:
             continue
         if v.cni not in available:
-            skipped[v.label] = f"cni type {v.cni!r} is not in this checkout (have: {', '.join(sorted(available))})"
+            skipped[v.label] = f"cni type {v.cni!r} is not installed (have: {', '.join(sorted(available))})"
             continue
         overrides = {}
         wanted_opts = dict(v.options)
@@ -343,7 +343,7 @@ def measure_ecmp(c, src, dst, wire_dst: str) -> tuple[str, dict[str, int]] | Non
 
 def summary(rows: list, order: list[str], skipped: dict[str, str], seed: int = 1,
             link_rate: str | None = None, quick: bool = False) -> str:
-    """Means with intervals per scenario and mode, the comparisons, the issue's targets with
+    """Means with intervals per scenario and mode, the comparisons, the targets with
     verdicts, the bytes on the wire, the equal-cost paths, the skipped modes."""
     exp = CniModes(order)
     exp.skipped = dict(skipped)

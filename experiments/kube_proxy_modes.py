@@ -35,7 +35,7 @@ one sync. At each size and for each mode:
   proxy, so the figure is not the same path as the others'.
 
 One CSV row per measurement (``mode`` = kube-proxy mode, ``datapath`` = CNI type), a summary
-with the issue's targets as ratios/values from this run, and two PNG plots.
+with the targets as ratios/values from this run, and two PNG plots.
 
     sudo python experiments/kube_proxy_modes.py [--quick] [--repeat N] [--modes iptables,nftables]
 """

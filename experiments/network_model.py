@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from k8snetlab import experiment, model_check, proc, results, spec  # noqa: E402
+from k8snetlab import experiment, conformance, proc, results, spec  # noqa: E402
 from k8snetlab.errors import SpecError  # noqa: E402
 from k8snetlab.validate import validate  # noqa: E402
 from k8snetlab.modes import MODES  # noqa: E402
@@ -73,13 +73,13 @@ def run(args) -> int:
         print(f"skipped {s}", file=sys.stderr)
 
     progress = experiment.Progress(len(modes))
-    found = model_check.check_modes(base, modes, progress=lambda m: progress.step(m))
-    keys = (*model_check.REQUIREMENTS, *model_check.TRAFFIC)
-    headers = ["mode", *[f"({k})" if k in model_check.REQUIREMENTS else k for k in keys]]
+    found = conformance.check_modes(base, modes, progress=lambda m: progress.step(m))
+    keys = (*conformance.REQUIREMENTS, *conformance.TRAFFIC)
+    headers = ["mode", *[f"({k})" if k in conformance.REQUIREMENTS else k for k in keys]]
     table = []
     for i, (mode, checks) in enumerate(found.items()):
-        model_check.write_csv(csv_path, mode, checks, append=i > 0)
-        summary = model_check.summarize(checks)
+        conformance.write_csv(csv_path, mode, checks, append=i > 0)
+        summary = conformance.summarize(checks)
         table.append([mode, *[_cell(*summary[k]) for k in keys]])
     text = results.format_table(headers, table)
     print(text)
@@ -108,17 +108,17 @@ def _cell(passed: int, total: int, verdict: bool | None) -> str:
     return f"{'pass' if verdict else 'FAIL'} {passed}/{total}"
 
 
-def _expectations(found: dict[str, list[model_check.Check]]) -> list[str]:
-    """The issue's expectations: docker fails (a); every CNI mode passes (a), (b), (c)."""
+def _expectations(found: dict[str, list[conformance.Check]]) -> list[str]:
+    """What is expected: docker fails (a); every CNI mode passes (a), (b), (c)."""
     out = []
     for mode, checks in found.items():
-        s = model_check.summarize(checks)
+        s = conformance.summarize(checks)
         if mode == "docker":
             ok = s["a"][2] is False and s["container-to-container"][2] is True
             out.append(f"{'ok' if ok else 'UNEXPECTED'}: docker fails (a) (pods of different nodes share "
                        f"172.17.0.0/16 and leave the node masqueraded) and passes container-to-container")
         else:
-            ok = all(s[k][2] is True for k in model_check.REQUIREMENTS)
+            ok = all(s[k][2] is True for k in conformance.REQUIREMENTS)
             out.append(f"{'ok' if ok else 'UNEXPECTED'}: {mode} passes (a), (b) and (c)")
     return out
 

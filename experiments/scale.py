@@ -331,7 +331,8 @@ def plot(rows: list[results.Row], sizes: list[int], modes: list[str], path: Path
     ax.set_ylabel("cluster up (s)")
     ax.set_title("k8snetlab: up time against pods, exec CNI path")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

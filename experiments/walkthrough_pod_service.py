@@ -174,10 +174,10 @@ def step1_pod(lab: Lab, c: Cluster) -> None:
 
 def step2_no_nat(lab: Lab, c: Cluster, tmp: Path) -> None:
     lab.step("2. Node to pod and pod to pod: no NAT, no port mapping")
-    from k8snetlab import model_check
+    from k8snetlab import conformance
     front, client = c.pods["frontend-0"], c.pods["client"]
     other = next(n for n in c.nodes.values() if n.name not in (front.node_name,))
-    srv = front.popen_ns([sys.executable, model_check.PROBE, "serve", front.name, str(PROBE_PORT)],
+    srv = front.popen_ns([sys.executable, conformance.PROBE, "serve", front.name, str(PROBE_PORT)],
                          what="walkthrough probe")
     try:
         deadline = time.monotonic() + 5
@@ -185,7 +185,7 @@ def step2_no_nat(lab: Lab, c: Cluster, tmp: Path) -> None:
             time.sleep(0.02)
         wire_host = c.nodes[front.node_name]
         cap = Capture(wire_host, "eth0", lab.pcaps / "step2-wire.pcap", f"tcp port {PROBE_PORT}")
-        checker = model_check.ModelChecker(c)
+        checker = conformance.ModelChecker(c)
         (a1,) = checker.ask(client, [f"{front.ip}:{PROBE_PORT}"])
         (a2,) = checker.ask(other, [f"{front.ip}:{PROBE_PORT}"])
         packets = cap.stop()

@@ -141,7 +141,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_check_model(args: argparse.Namespace) -> int:
-    from . import model_check, spec
+    from . import conformance, spec
     from .proc import require_root
     allow_outside_files(args)
     s = spec.load(args.file)
@@ -150,13 +150,13 @@ def cmd_check_model(args: argparse.Namespace) -> int:
         raise SpecError(f"--cni {args.cni!r}: name at least one mode, e.g. --cni host-gw,ipip")
     require_root("k8snetlab check-model")
     sigterm_as_interrupt()
-    results = model_check.check_modes(s, modes)
+    results = conformance.check_modes(s, modes)
     failed = False
     for mode, checks in results.items():
-        print("\n".join(model_check.format_report(mode, checks, details=args.details)))
+        print("\n".join(conformance.format_report(mode, checks, details=args.details)))
         if args.csv:
-            model_check.write_csv(args.csv, mode, checks, append=mode != modes[0])
-        failed |= any(c.passed is False for c in checks if c.check in model_check.REQUIREMENTS)
+            conformance.write_csv(args.csv, mode, checks, append=mode != modes[0])
+        failed |= any(c.passed is False for c in checks if c.check in conformance.REQUIREMENTS)
     if args.csv:
         print(f"every check with its evidence: {args.csv}")
     return 1 if failed else 0

@@ -149,7 +149,6 @@ class Cluster:
             self.timings["underlay_s"] = time.monotonic() - t0
             signals.checkpoint()
             self._start_node_agents()
-            self._start_agent_resync()
             signals.checkpoint()
             self.timings["agents_s"] = time.monotonic() - t0 - self.timings["underlay_s"]
             t1 = time.monotonic()
@@ -166,6 +165,9 @@ class Cluster:
                     addon.start()
                     signals.checkpoint()
             self.timings["addons_s"] = time.monotonic() - t2
+            # the periodic reconciles start once everything is up: at 100 nodes a resync round
+            # is seconds of the runtime's CPU, which the pods' start needs
+            self._start_agent_resync()
             self._start_supervisor()
         except BaseException:
             self.stop()
@@ -519,7 +521,7 @@ class Cluster:
 
     @property
     def services(self) -> Any:
-        """The Services add-on (``k8snetlab.services.addon.ServicesAddon``): kube-proxy,
+        """The Services add-on (``k8snetlab.services.services_addon.ServicesAddon``): kube-proxy,
         Endpoints, DNS, load balancer; None when the cluster file asks for no Services."""
         return self.addon("services")
 

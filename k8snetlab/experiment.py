@@ -1,5 +1,9 @@
 """What every experiment shares: its options, progress line, exit codes, and scenarios.
 
+The experiment framework (:mod:`k8snetlab.framework`: shuffled interleaved rounds, intervals,
+adaptive rounds, golden signals, reports) is built on these pieces; hostgw_vs_ipip and
+cni_modes run on it, the others use these helpers and the framework's statistics.
+
 Every experiment takes ``--topology``, ``--out``, ``--quick`` and ``--repeat`` (plus its own
 options), validates everything before it creates anything, runs the modes it compares
 *interleaved* (round 1: A B, round 2: A B, ...) so that drift of a shared machine hits all

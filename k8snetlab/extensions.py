@@ -34,7 +34,7 @@ ENTRY_POINTS: dict[str, list[str]] = {
         "openflow = k8snetlab.services.openflow:OpenFlowProxier",
     ],
     "k8snetlab.addons": [
-        "services = k8snetlab.services.addon:ServicesAddon",
+        "services = k8snetlab.services.services_addon:ServicesAddon",
         "policy = k8snetlab.policy.addon:PolicyAddon",
     ],
     "k8snetlab.controller_apps": [      # app name -> controllers.AppInfo (imports no framework)
@@ -48,6 +48,7 @@ ENTRY_POINTS: dict[str, list[str]] = {
     ],
     "k8snetlab.network_policy_dataplanes": [
         "iptables = k8snetlab.policy.iptables:IptablesDataplane",
+        "iptables-legacy = k8snetlab.policy.iptables:IptablesLegacyDataplane",
         "nftables = k8snetlab.policy.nftables:NftablesDataplane",
     ],
 }

@@ -225,7 +225,7 @@ def check_args(exp: Experiment, args: argparse.Namespace) -> None:
         parse_rate(args.rate, "--rate")
     if args.link_rate is not None:
         from .shaping import parse_rate
-        parse_rate(link_rate, "--link-rate")
+        parse_rate(args.link_rate, "--link-rate")
     exp.check_options(args)
 
 
@@ -250,8 +250,8 @@ class Run:
         self.steals: list[float] = []
         self.shaped_by: dict[str, list[tuple[str | None, str]]] = {}   # label -> shaped (netns, device)
         self.current = ""                                  # the label being measured
-        self.command = " ".join(shlex.quote(a) for a in [sys.executable if sys.argv[0].endswith(".py") else "",
-                                                         *sys.argv] if a)
+        python = os.path.basename(sys.executable) if sys.argv and sys.argv[0].endswith(".py") else ""
+        self.command = " ".join(shlex.quote(a) for a in [python, *sys.argv] if a)
         self.machine_start = hoststat.machine()
 
     # -- rows
@@ -623,10 +623,13 @@ def summary(exp: Experiment, rows: list[results.Row], seed: int, quick: bool = F
     if comps:
         lines.append("\nComparisons (TCP throughput unless named):")
         for c in comps:
-            if not any(r.scenario == c.scenario and r.mode in (c.num, c.den) for r in rows):
-                continue                      # a scenario this topology does not have
+            if not all(any(r.scenario == sc and r.mode == m for r in rows)
+                       for m, sc in ((c.num, c.scenario), (c.den, c.den_scenario or c.scenario))):
+                continue                      # a mode skipped, or a scenario this topology lacks
             rt = comparison_ratio(rows, c, seed)
-            shown = ("not measured" if rt is None else f"{stats.fmt_ratio(rt)} (n={rt.n})" if rt.n > 1
+            a, b = paired(rows, c.num, c.den, c.scenario, c.metric, c.den_scenario)
+            zero = f"no ratio: {c.den} measured 0 in every round" if a and not sum(b) else "not measured"
+            shown = (zero if rt is None else f"{stats.fmt_ratio(rt)} (n={rt.n})" if rt.n > 1
                      else f"{rt.value:.3g} (one round: no interval)")
             extra = ""
             limits = overhead_limits(exp, rows, c.scenario) if link_rate else {}

@@ -1,44 +1,9 @@
 """Host-local IPAM: which pod holds which IP of a node's pod CIDR, kept on disk.
 
-This is the address book behind every CNI plugin of the testbed. It behaves like the
-CNI reference plugin ``host-local``: addresses come from a *range set* (one or more
-:class:`Range` objects), handed out loosely round robin starting after the last address
-reserved, so a crash-looping pod does not get the same IP back until the range has been
-run through. The gateway, the network and the broadcast address are never handed out.
-
-Where the state lives
-    ``<data_dir>/<network>/`` (host-local's default ``data_dir`` is
-    ``/var/lib/cni/networks``; the testbed uses a directory under its own state root).
-
-Files in that directory
-    ``<ip>``                   one per allocated address, named by the dotted IPv4
-                               address; content ``<container_id>\\n<ifname>``. A file
-                               holding only ``<container_id>`` (written by old host-local
-                               versions) is read as owned by that container on any
-                               interface. ``\\r\\n`` (today's host-local) is read too.
-    ``last_reserved_ip.<n>``   the address last handed out from range set ``n``
-                               (the index of the set in the config's ``ranges`` list).
-    ``lock``                   empty; ``flock(2)``-ed for every operation.
-    ``.tmp-*``                 a file being written; a leftover of a crashed writer is
-                               removed by the next allocation.
-
-    Any other name is not ours and is left alone (logged at debug level). An ``<ip>``
-    file whose content is not one of the forms above (for instance empty) still keeps
-    its address out of use, is listed by :meth:`HostLocalStore.allocations` with the
-    owner ``("", "")``, logs a warning, and is released by :meth:`HostLocalStore.gc`.
-
-Locking and atomic writes
-    Every operation holds an exclusive ``flock`` on ``lock`` for its whole duration, on
-    a descriptor opened for that operation only: flock excludes other processes *and*
-    other threads of this one, and a process that dies holding it loses it. That is the
-    lock host-local takes, so both can share a directory. An ``<ip>`` file is written to
-    a temporary file, fsync-ed, then ``link(2)``-ed to its name: the link fails if the
-    name exists and the file appears complete or not at all, so a crash never leaves a
-    half-written reservation and one address is never reserved twice. ``last_reserved_ip``
-    is written to a temporary file and renamed over.
-
-Error codes follow the CNI spec (1.1, "Well-known error codes") and are carried in
-:attr:`IPAMError.code`; see the constants on that class.
+The address book behind every CNI plugin of the testbed, behaving like the reference
+``host-local`` plugin (round-robin allocation from range sets, one file per address, an
+``flock``-ed directory it can share with host-local itself). The on-disk layout and the
+locking are described at :class:`HostLocalStore`; error codes follow the CNI spec.
 """
 
 from __future__ import annotations
@@ -263,6 +228,41 @@ class HostLocalStore:
     Holds no open files or cached state between calls: any number of instances, in any
     number of threads and processes, can work on the same directory at once.
     ``lock_timeout`` (seconds, None = wait forever) bounds the wait for the lock.
+
+    Addresses come loosely round robin, starting after the last one reserved, so a
+    crash-looping pod does not get the same IP back until the range has been run through;
+    the gateway, the network and the broadcast address are never handed out.
+
+    Where the state lives
+        ``<data_dir>/<network>/`` (host-local's default ``data_dir`` is
+        ``/var/lib/cni/networks``; the testbed uses a directory under its own state root).
+
+    Files in that directory
+        ``<ip>``                   one per allocated address, named by the dotted IPv4
+                                   address; content ``<container_id>\\n<ifname>``. A file
+                                   holding only ``<container_id>`` (written by old host-local
+                                   versions) is read as owned by that container on any
+                                   interface. ``\\r\\n`` (today's host-local) is read too.
+        ``last_reserved_ip.<n>``   the address last handed out from range set ``n``
+                                   (the index of the set in the config's ``ranges`` list).
+        ``lock``                   empty; ``flock(2)``-ed for every operation.
+        ``.tmp-*``                 a file being written; a leftover of a crashed writer is
+                                   removed by the next allocation.
+
+        Any other name is not ours and is left alone (logged at debug level). An ``<ip>``
+        file whose content is not one of the forms above (for instance empty) still keeps
+        its address out of use, is listed by :meth:`HostLocalStore.allocations` with the
+        owner ``("", "")``, logs a warning, and is released by :meth:`HostLocalStore.gc`.
+
+    Locking and atomic writes
+        Every operation holds an exclusive ``flock`` on ``lock`` for its whole duration, on
+        a descriptor opened for that operation only: flock excludes other processes *and*
+        other threads of this one, and a process that dies holding it loses it. That is the
+        lock host-local takes, so both can share a directory. An ``<ip>`` file is written to
+        a temporary file, fsync-ed, then ``link(2)``-ed to its name: the link fails if the
+        name exists and the file appears complete or not at all, so a crash never leaves a
+        half-written reservation and one address is never reserved twice. ``last_reserved_ip``
+        is written to a temporary file and renamed over.
     """
 
     def __init__(self, data_dir: str | os.PathLike, network: str,

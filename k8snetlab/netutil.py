@@ -12,6 +12,7 @@ there, ``del_*`` treat "already gone" as success.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -149,6 +150,16 @@ class Netns:
         self._call(f"set {ifname} up", self.ipr.link, "set", index=self.require_index(ifname),
                    state="up")
 
+    def link_down(self, ifname: str) -> None:
+        self._call(f"set {ifname} down", self.ipr.link, "set", index=self.require_index(ifname),
+                   state="down")
+
+    def link_stats(self, ifname: str) -> dict[str, int]:
+        """The interface's counters (``rx_packets``, ``tx_bytes``, ...: IFLA_STATS64)."""
+        msg = self.ipr.get_links(self.require_index(ifname))[0]
+        stats = msg.get("IFLA_STATS64") or msg.get("IFLA_STATS") or {}
+        return {k: int(v) for k, v in dict(stats).items()}
+
     def set_master(self, ifname: str, bridge: str) -> None:
         self._call(f"attach {ifname} to {bridge}", self.ipr.link, "set",
                    index=self.require_index(ifname), master=self.require_index(bridge))
@@ -178,6 +189,16 @@ class Netns:
         self._call(f"add address {cidr} to {ifname}", self.ipr.addr, "add",
                    index=self.require_index(ifname), address=str(iface.ip),
                    prefixlen=iface.network.prefixlen, ok=(errno.EEXIST,))
+
+    def del_addr(self, ifname: str, cidr: str) -> None:
+        """Remove an address; already gone (or no such interface) is success."""
+        idx = self.index(ifname)
+        if idx is None:
+            return
+        iface = ipaddress.ip_interface(cidr)
+        self._call(f"delete address {cidr} from {ifname}", self.ipr.addr, "del", index=idx,
+                   address=str(iface.ip), prefixlen=iface.network.prefixlen,
+                   ok=(errno.EADDRNOTAVAIL, errno.ENOENT, errno.ENODEV))
 
     def addrs(self, ifname: str) -> list[str]:
         idx = self.index(ifname)
@@ -256,6 +277,15 @@ class Netns:
             self._call(f"delete fdb {mac} dev {ifname}", self.ipr.fdb, "del", ifindex=idx,
                        lladdr=mac, dst=dst_ip, flags=NTF_SELF, ok=(errno.ENOENT, errno.ESRCH))
 
+    def flush_neigh(self, ip: str) -> int:
+        """Forget ``ip``'s neighbour entries on every interface (``ip neigh flush to IP``);
+        return how many there were."""
+        entries = [n["ifindex"] for n in self.ipr.get_neighbours(family=2) if n.get("NDA_DST") == ip]
+        for idx in entries:
+            self._call(f"delete neighbour {ip}", self.ipr.neigh, "del", ifindex=idx, dst=ip,
+                       ok=(errno.ENOENT, errno.ESRCH))
+        return len(entries)
+
     def neighbours(self, ifname: str) -> set[tuple[str, str]]:
         """(IP, MAC) of the IPv4 neighbour entries on ``ifname`` (one dump)."""
         idx = self.index(ifname)
@@ -269,6 +299,23 @@ class Netns:
         if idx is None:
             return set()
         return {(n.get("NDA_LLADDR"), n.get("NDA_DST")) for n in self.ipr.fdb("dump", ifindex=idx)}
+
+    # -- conntrack --------------------------------------------------------------------------
+    def delete_conntrack(self, protocol: int, orig_dst: str | None = None, orig_dport: int | None = None,
+                         reply_src: str | None = None) -> int:
+        """Delete the conntrack entries matching all the given fields (what ``conntrack -D
+        -p PROTO --orig-dst .. --orig-port-dst .. --reply-src ..`` does); return how many."""
+        from pyroute2 import Conntrack
+        from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+        orig = NFCTAttrTuple(proto=protocol, daddr=orig_dst, dport=orig_dport)
+        reply = NFCTAttrTuple(saddr=reply_src) if reply_src else None
+        # all of it inside the namespace: pyroute2 opens the socket on first use, not at creation
+        with proc.netns(self.path), contextlib.closing(Conntrack()) as ct:
+            found = list(ct.dump_entries(tuple_orig=orig, tuple_reply=reply))
+            for entry in found:
+                self._call(f"delete conntrack entry {entry}", ct.entry, "del", tuple_orig=entry.tuple_orig,
+                           ok=(errno.ENOENT,))
+        return len(found)
 
     # -- sysctls ----------------------------------------------------------------------------
     def set_sysctl(self, key: str, value: str | int) -> str:

@@ -110,15 +110,19 @@ def run(args: Sequence[str], *, input: str | bytes | None = None, timeout: float
     return proc
 
 
-def setns(path: str) -> None:
-    """Move the calling thread into the network namespace at ``path``."""
+def _setns(path: str, nstype: int) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
+        if _libc.setns(fd, nstype) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"setns({path}): {os.strerror(err)}")
     finally:
         os.close(fd)
+
+
+def setns(path: str) -> None:
+    """Move the calling thread into the network namespace at ``path``."""
+    _setns(path, CLONE_NEWNET)
 
 
 def setns_mount(path: str) -> None:
@@ -126,13 +130,7 @@ def setns_mount(path: str) -> None:
     keeping its working directory. For a forked child before exec (``preexec_fn``) only: the
     kernel refuses it to a thread sharing its filesystem context, i.e. any multi-threaded one."""
     cwd = os.getcwd()
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if _libc.setns(fd, CLONE_NEWNS) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({path}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
+    _setns(path, CLONE_NEWNS)
     try:
         os.chdir(cwd)       # setns moved us to the namespace's root directory
     except OSError:

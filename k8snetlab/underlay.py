@@ -173,8 +173,9 @@ class Underlay:
             link.intf2.node.attach(link.intf2)
             self.ovs.prepare_host_side(link.intf1.node, link.intf1.name)
             return
-        proc.run(["brctl", "addif", link.intf2.node.name, link.intf2.name])
-        proc.run(["ip", "link", "set", link.intf2.name, "up"])
+        with Netns(None, "the root namespace") as ns:
+            ns.set_master(link.intf2.name, link.intf2.node.name)
+            ns.link_up(link.intf2.name)
 
     def _host_defaults(self, host: NetnsHost) -> None:
         """A default route (Calico's proxy ARP needs one; on a flat L2 it points at the wire)."""
@@ -234,7 +235,8 @@ class Underlay:
         MAC (what a gratuitous ARP does on a real segment, without waiting for ARP timers)."""
         for other in [*self.nodes.values(), *self.routers.values(), *self.hosts.values()]:
             if other is not host:
-                other.run(["ip", "neigh", "flush", "to", ip], check=False)
+                with Netns(other.netns, other.name) as ns:
+                    ns.flush_neigh(ip)
 
     def leave_node(self, name: str) -> NodeHost:
         """Unplug and stop a node host."""

@@ -44,6 +44,7 @@ from mininet.node import OVSSwitch, Switch
 
 from . import proc
 from .errors import K8sNetLabError
+from .netutil import Netns
 from .switching import OVS_TOOLS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -147,7 +148,8 @@ class OvsUnderlay:
         self._wait(lambda: proc.start_time(self._holder.pid) and
                    os.stat(self.netns).st_ino != os.stat("/proc/self/ns/net").st_ino, "namespace")
         self.state.record_netns(self._holder.pid, "Open vSwitch")
-        proc.run(["ip", "link", "set", "lo", "up"], netns=self.netns, where="Open vSwitch namespace")
+        with Netns(self.netns, "Open vSwitch namespace") as ns:
+            ns.link_up("lo")
         db = self.run_dir / "conf.db"
         proc.run([tools["ovsdb-tool"], "create", db, schema], where="Open vSwitch")
         r = self.run_dir
@@ -274,15 +276,13 @@ class OvsUnderlay:
 
     def set_link(self, intf: str, up: bool) -> None:
         """Carrier of a switch port (and so of its peer) up or down: a link failure."""
-        proc.run(["ip", "link", "set", intf, "up" if up else "down"], netns=self.netns,
-                 where="Open vSwitch namespace")
+        with Netns(self.netns, "Open vSwitch namespace") as ns:
+            (ns.link_up if up else ns.link_down)(intf)
 
     def tx_packets(self, intf: str) -> int:
         """Packets a switch port has sent (its veth's counter): which uplink carries traffic."""
-        import json
-        out = proc.run(["ip", "-j", "-s", "link", "show", "dev", intf], netns=self.netns,
-                       where="Open vSwitch namespace").stdout
-        return int(json.loads(out)[0]["stats64"]["tx"]["packets"])
+        with Netns(self.netns, "Open vSwitch namespace") as ns:
+            return ns.link_stats(intf)["tx_packets"]
 
     def describe(self) -> str:
         ctl = f"controller {self.app} on {CONTROLLER_HOST}:{CONTROLLER_PORT}" if self.app else \

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import psutil
+
 from .. import proc
 from ..errors import CommandError, K8sNetLabError, ToolMissing
 from . import render
@@ -168,7 +170,7 @@ class Speaker:
             self.process.send_signal(signal.SIGCONT)
 
     def rss_kb(self) -> int:
-        """Resident memory of the daemon and its helper processes, from /proc (kB)."""
+        """Resident memory of the daemon and its helper processes (kB)."""
         if not self.running():
             return 0
         assert self.process is not None
@@ -489,25 +491,13 @@ def query(desc: dict[str, Any]) -> st.SpeakerStatus:
 
 # ============================================================================ processes
 
-def _children(pid: int) -> list[int]:
-    out = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(x) for x in f.read().split()]
-    except OSError:
-        pass
-    return out
-
-
 def _descendants(pid: int) -> list[tuple[int, int]]:
     """(pid, start time) of every process below ``pid``."""
-    out, todo = [], _children(pid)
-    while todo:
-        child = todo.pop()
-        out.append((child, proc.start_time(child)))
-        todo += _children(child)
-    return out
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    return [(c.pid, proc.start_time(c.pid)) for c in children]
 
 
 def _stop_pid(pid: int, start: int, grace: float = 1.0) -> None:
@@ -517,22 +507,14 @@ def _stop_pid(pid: int, start: int, grace: float = 1.0) -> None:
 
 def _rss_kb(pid: int) -> int:
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+        return psutil.Process(pid).memory_info().rss // 1024
+    except psutil.Error:
+        return 0
 
 
 def _pss_kb(pid: int) -> int:
     try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+        return psutil.Process(pid).memory_full_info().pss // 1024
+    except psutil.Error:
+        return 0
 

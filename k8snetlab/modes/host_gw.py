@@ -76,4 +76,11 @@ class HostGwMode(FlannelMode):
                             "nodes in one subnet")
 
     def add_peer(self, node: "NodeHost", ns: Netns, peer: "NodeHost") -> None:
-        ns.add_route(str(peer.spec.pod_cidr), gateway=str(peer.spec.ip), dev=uplink())
+        # the uplink's index, asked once per node (eth0 lives as long as the node): one
+        # netlink request per route instead of two, 9,900 routes at 100 nodes
+        uplinks = self.__dict__.setdefault("_uplinks", {})
+        key = (node.name, node.pid)          # a node that rejoins has a new namespace
+        index = uplinks.get(key)
+        if index is None:
+            index = uplinks[key] = ns.require_index(uplink())
+        ns.add_route(str(peer.spec.pod_cidr), gateway=str(peer.spec.ip), dev=index)

@@ -46,8 +46,8 @@ BRIDGE_NF = "net.bridge.bridge-nf-call-iptables"
 
 @dataclass(frozen=True)
 class NetworkPolicyOptions:
-    dataplane: str = opt("iptables", choices=("iptables", "nftables"),
-                         help="iptables: felix's chain layout with ipsets; nftables: sets and verdict maps")
+    dataplane: str = opt("iptables", help="iptables (iptables-nft) or iptables-legacy: felix's chain layout "
+                         "with ipsets; nftables: sets and verdict maps (k8snetlab.network_policy_dataplanes)")
     enabled: bool = opt(True, help="false: policies are accepted and ignored (flannel alone)")
     resync_period: float = opt(2.0, key="resyncPeriod", min=0.1, help="s between checks of the nodes' rules")
 
@@ -121,7 +121,10 @@ class PolicyAddon(Addon):
     @classmethod
     def validate(cls, spec: "ClusterSpec") -> None:
         ps = parse_spec(spec)
-        DATAPLANES.get(ps.options.dataplane)
+        try:
+            DATAPLANES.get(ps.options.dataplane)
+        except SpecError as e:
+            raise SpecError(f"{spec.source}: networkPolicy.dataplane: {e}") from None
 
     @classmethod
     def wanted(cls, spec: "ClusterSpec") -> bool:

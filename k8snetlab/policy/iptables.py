@@ -30,6 +30,7 @@ then ``ipset restore`` again to destroy sets no longer referenced.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -37,7 +38,7 @@ import time
 from ..errors import K8sNetLabError
 from .dataplane import (Dataplane, Rendered, SyncStats, endpoint_chains, policy_chain,
                         rule_comment)
-from .plan import ACCEPT_MARK, NodePlan
+from .plan import ACCEPT_MARK, NodePlan, PolicyChain
 
 log = logging.getLogger(__name__)
 
@@ -60,29 +61,13 @@ def _c(text: str) -> str:
 def render(plan: NodePlan) -> Rendered:
     """The node's chains (rule texts without ``-A <chain>``) and ipsets."""
     out = Rendered()
-    sets = {s.id: s for s in plan.sets}
+    by_key = {(c.policy, c.direction): c for c in plan.chains}
     for s in plan.sets:
         elems = set(s.members)
         if s.kind == "ipport":
             elems = {f"{ip},{proto}:{port}" for ip, proto, port in (m.split(",") for m in s.members)}
         elems |= {f"{e} nomatch" for e in s.excepts}
         out.sets[set_name(s.kind, s.id)] = (f"{SET_TYPES[s.kind]} family inet", frozenset(elems))
-
-    def peer(p: tuple[str, ...], direction: str) -> str:
-        side = "src" if direction == "Ingress" else "dst"
-        if p[0] == "any":
-            return ""
-        return f"-m set --match-set {set_name(sets[p[1]].kind, p[1])} {side} "
-
-    def port(p: tuple[str, ...]) -> str:
-        if p[0] == "any":
-            return ""
-        if p[0] == "proto":
-            return f"-p {p[1]} "
-        if p[0] == "named":
-            return f"-p {p[1]} -m set --match-set {set_name('ipport', p[2])} dst,dst "
-        rng = p[2] if p[2] == p[3] else f"{p[2]}:{p[3]}"
-        return f"-p {p[1]} -m {p[1]} --dport {rng} "
 
     fwd = [f"-m conntrack --ctstate RELATED,ESTABLISHED {_c('cali:replies of allowed connections')} -j RETURN",
            f"-j MARK --set-xmark {CLEAR}", "-j cali-from-wl-dispatch",
@@ -99,7 +84,7 @@ def render(plan: NodePlan) -> Rendered:
             dispatch.append(f"{match} {ep.ip}/32 {_c(ep.key)} -g {chain}")
             rules = [f"{self_match} {ep.ip}/32 {_c('a pod always reaches itself')} -j RETURN"]
             for key in pols:
-                pc = plan.chain(key, direction)
+                pc = by_key[(key, direction)]
                 assert pc is not None
                 rules += [f"-j {policy_chain(pc.id, direction)}",
                           f"-m mark --mark {MARK} {_c('Return if policy accepted')} -j RETURN"]
@@ -108,13 +93,40 @@ def render(plan: NodePlan) -> Rendered:
     out.chains["cali-from-wl-dispatch"] = tuple(from_wl)
     out.chains["cali-to-wl-dispatch"] = tuple(to_wl)
     for pc in plan.chains:
-        rules: list[str] = []
-        for line in pc.lines:
-            rules.append(f"{peer(line.peer, pc.direction)}{port(line.port)}"
-                         f"{_c(rule_comment(pc.direction, line.rule))} -j MARK --set-xmark {MARK}")
-            rules.append(f"-m mark --mark {MARK} -j RETURN")
-        out.chains[policy_chain(pc.id, pc.direction)] = tuple(rules)
+        out.chains[policy_chain(pc.id, pc.direction)] = _policy_rules(pc)
     return out
+
+
+_PEER_KIND = {"set": "ip", "block": "net"}
+
+
+def _peer(p: tuple[str, ...], direction: str) -> str:
+    if p[0] == "any":
+        return ""
+    side = "src" if direction == "Ingress" else "dst"
+    return f"-m set --match-set {set_name(_PEER_KIND[p[0]], p[1])} {side} "
+
+
+def _port(p: tuple[str, ...]) -> str:
+    if p[0] == "any":
+        return ""
+    if p[0] == "proto":
+        return f"-p {p[1]} "
+    if p[0] == "named":
+        return f"-p {p[1]} -m set --match-set {set_name('ipport', p[2])} dst,dst "
+    rng = p[2] if p[2] == p[3] else f"{p[2]}:{p[3]}"
+    return f"-p {p[1]} -m {p[1]} --dport {rng} "
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _policy_rules(pc: PolicyChain) -> tuple[str, ...]:
+    """One policy chain's rules (cached: a sync re-renders only the chains that changed)."""
+    rules: list[str] = []
+    for line in pc.lines:
+        rules.append(f"{_peer(line.peer, pc.direction)}{_port(line.port)}"
+                     f"{_c(rule_comment(pc.direction, line.rule))} -j MARK --set-xmark {MARK}")
+        rules.append(f"-m mark --mark {MARK} -j RETURN")
+    return tuple(rules)
 
 
 def restore_text(old: Rendered | None, new: Rendered, add_jump: bool) -> tuple[str, str, str, int, int]:
@@ -181,13 +193,14 @@ def elements_from_save(save: str) -> dict[str, int]:
 
 class IptablesDataplane(Dataplane):
     name = "iptables"
+    binary = "iptables"          # Debian's default: iptables-nft
     tools = ("iptables", "iptables-restore", "iptables-save", "ipset")
 
     def render(self, plan: NodePlan) -> Rendered:
         return render(plan)
 
     def _jump_present(self) -> bool:
-        return self.node.run(["iptables", "-w", "5", "-C", "FORWARD", "-m", "comment", "--comment",
+        return self.node.run([self.binary, "-w", "5", "-C", "FORWARD", "-m", "comment", "--comment",
                               JUMP_COMMENT, "-j", "cali-FORWARD"], check=False).returncode == 0
 
     def sync(self, plan: NodePlan, full: bool = False) -> SyncStats:
@@ -201,7 +214,8 @@ class IptablesDataplane(Dataplane):
         self.written = None                 # a failure below: the next sync is a full one
         if pre:
             self.node.run(["ipset", "restore"], input=pre)
-        self.node.run(["iptables-restore", "-w", "5", "--noflush"], input=text)
+        if chains or add_jump or text != "*filter\nCOMMIT\n":
+            self.node.run([f"{self.binary}-restore", "-w", "5", "--noflush"], input=text)
         if post:
             self.node.run(["ipset", "restore"], input=post)
         self.written = new
@@ -212,7 +226,7 @@ class IptablesDataplane(Dataplane):
             return False
         if not self._jump_present():
             return False
-        save = self.node.run(["iptables-save", "-t", "filter"]).stdout
+        save = self.node.run([f"{self.binary}-save", "-t", "filter"]).stdout
         have = counts_from_save(save)
         want = {c: len(r) for c, r in self.written.chains.items()}
         if any(have.get(c) != n for c, n in want.items()):
@@ -221,7 +235,7 @@ class IptablesDataplane(Dataplane):
         return all(sets.get(s) == len(e) for s, (_, e) in self.written.sets.items())
 
     def counters(self, chain: str) -> list[tuple[int, int, str]]:
-        out = self.node.run(["iptables", "-w", "5", "-t", "filter", "-L", chain, "-v", "-x", "-n"],
+        out = self.node.run([self.binary, "-w", "5", "-t", "filter", "-L", chain, "-v", "-x", "-n"],
                             check=False).stdout
         rows = []
         for line in out.splitlines()[2:]:
@@ -231,7 +245,7 @@ class IptablesDataplane(Dataplane):
         return rows
 
     def listing(self) -> str:
-        save = self.node.run(["iptables-save", "-t", "filter"]).stdout
+        save = self.node.run([f"{self.binary}-save", "-t", "filter"]).stdout
         keep = [ln for ln in save.splitlines() if "cali" in ln or ln.startswith(("*", "COMMIT"))]
         sets = self.node.run(["ipset", "save"]).stdout
         return "\n".join(keep) + "\n" + "".join(ln + "\n" for ln in sets.splitlines() if "cali40" in ln)
@@ -240,7 +254,7 @@ class IptablesDataplane(Dataplane):
         """Remove the jump, every cali-* chain this agent wrote, then its sets."""
         if self.written is None:
             try:
-                save = self.node.run(["iptables-save", "-t", "filter"]).stdout
+                save = self.node.run([f"{self.binary}-save", "-t", "filter"]).stdout
             except K8sNetLabError:
                 return
             chains = sorted(counts_from_save(save))
@@ -252,7 +266,14 @@ class IptablesDataplane(Dataplane):
         if self._jump_present():
             lines.append(f"-D FORWARD {_c(JUMP_COMMENT)} -j cali-FORWARD")
         lines += [f"-X {c}" for c in chains] + ["COMMIT"]
-        self.node.run(["iptables-restore", "-w", "5", "--noflush"], input="\n".join(lines) + "\n")
+        self.node.run([f"{self.binary}-restore", "-w", "5", "--noflush"], input="\n".join(lines) + "\n")
         if sets:
             self.node.run(["ipset", "restore"], input="".join(f"destroy {s}\n" for s in sets))
         self.written = None
+
+
+class IptablesLegacyDataplane(IptablesDataplane):
+    """The same layout through the iptables-legacy binaries (x_tables; ipset matches native)."""
+    name = "iptables-legacy"
+    binary = "iptables-legacy"
+    tools = ("iptables-legacy", "iptables-legacy-restore", "iptables-legacy-save", "ipset")

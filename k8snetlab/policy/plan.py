@@ -19,16 +19,18 @@ enforce the same thing, and the model's unit tests cover both.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 from dataclasses import dataclass
 from ipaddress import IPv4Network
-from typing import Iterable
+from typing import Any, Iterable
 
-from .model import IPBlock, NetworkPolicy, Peer, PodInfo, PolicyModel, PolicyPort
+from .model import IPBlock, NetworkPolicy, Peer, PodInfo, PolicyModel
 
 ACCEPT_MARK = 0x10000         # felix's "accepted by policy" mark bit
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def hash16(text: str) -> str:
     return base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:16]
 
@@ -46,7 +48,7 @@ class SetPlan:
 class Line:
     """One rule line of a policy chain: peer AND port; rule = index of the policy's rule."""
     rule: int
-    peer: tuple[str, ...]                    # ("any",) | ("set", id) | ("block", id)
+    peer: tuple[str, ...]                    # ("any",) | ("set", id) | ("block", id, "except" or "")
     port: tuple[str, ...]                    # ("any",) | ("proto", P) | ("range", P, lo, hi) | ("named", P, id)
 
 
@@ -94,53 +96,57 @@ def _net_members(block: IPBlock) -> tuple[str, ...]:
     return (str(block.cidr),)
 
 
-class _Builder:
-    def __init__(self, model: PolicyModel):
-        self.model = model
-        self.sets: dict[str, SetPlan] = {}
+@functools.lru_cache(maxsize=1 << 14)
+def _lines(pol: NetworkPolicy, direction: str) -> tuple[PolicyChain, tuple[tuple[str, Any, str], ...]]:
+    """A policy's chain (pure, cached: only a changed policy is compiled again) and the sets its
+    lines name: (set id, what fills it: an IPBlock / a Peer / a PolicyPort, policy namespace)."""
+    lines: list[Line] = []
+    needs: dict[str, tuple[str, Any, str]] = {}
+    for i, rule in enumerate(pol.rules(direction)):
+        peers: list[tuple[str, ...]] = []
+        for pe in rule.peers:
+            if pe.ip_block is not None:
+                sid = hash16(f"block {pe.ip_block}")
+                needs[sid] = (sid, pe.ip_block, pol.namespace)
+                peers.append(("block", sid, "except" if pe.ip_block.excepts else ""))
+            else:
+                ns = f"ns[{pe.namespace_selector}]" if pe.namespace_selector is not None else f"ns={pol.namespace}"
+                pods = f"pods[{pe.pod_selector}]" if pe.pod_selector is not None else "pods[(all)]"
+                sid = hash16(f"sel {ns} {pods}")
+                needs[sid] = (sid, pe, pol.namespace)
+                peers.append(("set", sid))
+        ports: list[tuple[str, ...]] = []
+        for pp in rule.ports:
+            proto = pp.protocol.lower()
+            if pp.port is None:
+                ports.append(("proto", proto))
+            elif isinstance(pp.port, str):
+                sid = hash16(f"named {pp.port} {pp.protocol}")
+                needs[sid] = (sid, pp, pol.namespace)
+                ports.append(("named", proto, sid))
+            else:
+                ports.append(("range", proto, str(pp.port), str(pp.end_port or pp.port)))
+        lines += [Line(i, pe, po) for pe in peers or [("any",)] for po in ports or [("any",)]]
+    return PolicyChain(pol.key, direction, tuple(lines)), tuple(needs.values())
 
-    def peer(self, peer: Peer, policy_ns: str) -> tuple[str, ...]:
-        if peer.ip_block is not None:
-            b = peer.ip_block
-            sid = hash16(f"block {b}")
-            if sid not in self.sets:
-                self.sets[sid] = SetPlan(sid, "net", _net_members(b), tuple(str(e) for e in b.excepts),
-                                         f"ipBlock {b}")
-            return ("block", sid)
-        ns = f"ns[{peer.namespace_selector}]" if peer.namespace_selector is not None else f"ns={policy_ns}"
-        pods = f"pods[{peer.pod_selector}]" if peer.pod_selector is not None else "pods[(all)]"
-        sid = hash16(f"sel {ns} {pods}")
-        if sid not in self.sets:
-            ips = sorted({p.ip for p in self.model.peer_pods(peer, policy_ns) if p.ip},
-                         key=lambda ip: tuple(int(x) for x in ip.split(".")))
-            self.sets[sid] = SetPlan(sid, "ip", tuple(ips), (), peer.describe(policy_ns))
-        return ("set", sid)
 
-    def port(self, pp: PolicyPort) -> tuple[str, ...]:
-        proto = pp.protocol.lower()
-        if pp.port is None:
-            return ("proto", proto)
-        if isinstance(pp.port, str):
-            sid = hash16(f"named {pp.port} {pp.protocol}")
-            if sid not in self.sets:
-                members = sorted({f"{p.ip},{proto},{n}" for p in self.model.pods
-                                  if p.ip and (n := p.named_port(pp.port, pp.protocol)) is not None})
-                self.sets[sid] = SetPlan(sid, "ipport", tuple(members), (), f"named port {pp.port}/{pp.protocol}")
-            return ("named", proto, sid)
-        return ("range", proto, str(pp.port), str(pp.end_port or pp.port))
-
-    def chain(self, pol: NetworkPolicy, direction: str) -> PolicyChain:
-        lines = []
-        for i, rule in enumerate(pol.rules(direction)):
-            peers = [self.peer(pe, pol.namespace) for pe in rule.peers] or [("any",)]
-            ports = [self.port(pp) for pp in rule.ports] or [("any",)]
-            lines += [Line(i, pe, po) for pe in peers for po in ports]
-        return PolicyChain(pol.key, direction, tuple(lines))
+def _fill(model: PolicyModel, sid: str, what: Any, policy_ns: str) -> SetPlan:
+    """A set's members from the current pods and namespaces."""
+    if isinstance(what, IPBlock):
+        return SetPlan(sid, "net", _net_members(what), tuple(str(e) for e in what.excepts), f"ipBlock {what}")
+    if isinstance(what, Peer):
+        ips = sorted({p.ip for p in model.peer_pods(what, policy_ns) if p.ip},
+                     key=lambda ip: tuple(int(x) for x in ip.split(".")))
+        return SetPlan(sid, "ip", tuple(ips), (), what.describe(policy_ns))
+    proto = what.protocol.lower()
+    members = sorted({f"{p.ip},{proto},{n}" for p in model.pods
+                      if p.ip and (n := p.named_port(what.port, what.protocol)) is not None})
+    return SetPlan(sid, "ipport", tuple(members), (), f"named port {what.port}/{what.protocol}")
 
 
 def build(model: PolicyModel, node: str) -> NodePlan:
-    b = _Builder(model)
     endpoints, chains = [], {}
+    needs: dict[str, tuple[str, Any, str]] = {}
     by_key = {p.key: p for p in model.policies}
     for pod in sorted((p for p in model.pods if p.node == node and p.ip), key=lambda p: p.key):
         isolation = {}
@@ -149,10 +155,11 @@ def build(model: PolicyModel, node: str) -> NodePlan:
             isolation[direction] = tuple(p.key for p in pols) if pols else None
             for p in pols:
                 if (p.key, direction) not in chains:
-                    chains[(p.key, direction)] = b.chain(by_key[p.key], direction)
+                    chains[(p.key, direction)], sets = _lines(by_key[p.key], direction)
+                    needs.update((n[0], n) for n in sets)
         endpoints.append(EndpointPlan(pod.key, pod.ip or "", isolation["Ingress"], isolation["Egress"]))
     return NodePlan(node, tuple(endpoints), tuple(chains[k] for k in sorted(chains)),
-                    tuple(b.sets[k] for k in sorted(b.sets)))
+                    tuple(_fill(model, *needs[k]) for k in sorted(needs)))
 
 
 def model_from(namespaces: dict[str, dict[str, str]], pods: Iterable[PodInfo],

@@ -10,7 +10,7 @@ The pieces, in the order a packet meets them:
   one module per mode: :mod:`.iptables`, :mod:`.nftables`, ``userspace``, :mod:`.ipvs`
   (refused where the kernel has no IPVS).
 - ``dns`` (cluster DNS) and ``loadbalancer`` (an external load balancer host).
-- :mod:`.addon`: wires it all into a running cluster; reachable as ``cluster.services``.
+- :mod:`.services_addon`: wires it all into a running cluster; reachable as ``cluster.services``.
 
 Adding a kube-proxy mode: a :class:`~.proxy.Proxier` subclass with a ``mode`` name, declared
 in the ``k8snetlab.kube_proxy_modes`` entry-point group (see :mod:`k8snetlab.extensions`).

@@ -322,7 +322,7 @@ def present_jumps(listing: dict[tuple[str, str], str]) -> set[Jump]:
 
 class IptablesProxier(Proxier):
     mode = "iptables"
-    tools = ("iptables", "iptables-restore", "conntrack")
+    tools = ("iptables", "iptables-restore", "iptables-save")
 
     def __init__(self, *args, **kw) -> None:
         super().__init__(*args, **kw)
@@ -358,12 +358,7 @@ class IptablesProxier(Proxier):
         self.restore(text)
         self.watch.wrote(before, text.count("\nCOMMIT"))
         self._chains, self._written = chains, holds
-        if full:
-            self._last_full = time.monotonic()
-            self.full_syncs += 1
-        self.bridge_hairpin()
-        self.flush_conntrack(self.last, snap)
-        self.last = snap
+        self.synced(snap, full)
 
     def rules_changed(self) -> bool:
         """Are the node's rules other than this proxier's last restore left them? One netlink
@@ -375,19 +370,13 @@ class IptablesProxier(Proxier):
         self.node.run([f"{self.iptables}-restore", "-w", "5", "--noflush"], input=text)
 
     def _list_builtin(self) -> dict[tuple[str, str], str]:
-        """``iptables -S`` of the built-in chains we jump from, in one process (a shell loop)."""
-        script = "; ".join(f"echo '@@ {t} {c}'; {self.iptables} -w 5 -t {t} -S {c} 2>/dev/null"
-                           for t, c in BUILTIN)
-        out = self.node.run(["sh", "-c", script]).stdout
-        listing: dict[tuple[str, str], str] = {}
-        key = None
-        for line in out.splitlines():
-            if line.startswith("@@ "):
-                _, t, c = line.split()
-                key = (t, c)
-                listing[key] = ""
-            elif key is not None:
-                listing[key] += line + "\n"
+        """The rules of the built-in chains we jump from: one ``iptables-save -t TABLE`` per table."""
+        listing = {key: "" for key in BUILTIN}
+        for table in sorted({t for t, _ in BUILTIN}):
+            for line in self.node.run([f"{self.iptables}-save", "-t", table]).stdout.splitlines():
+                parts = line.split(maxsplit=2)
+                if len(parts) > 1 and parts[0] == "-A" and (table, parts[1]) in listing:
+                    listing[(table, parts[1])] += line + "\n"
         return listing
 
     def stop(self) -> None:

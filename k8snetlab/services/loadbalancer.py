@@ -200,6 +200,6 @@ class LoadBalancer:
         with Netns(self.host.netns, HOST) as ns:
             for ip in sorted(want - self._addresses):
                 ns.ensure_addr(naming.NODE_UPLINK, f"{ip}/32")
-        for ip in sorted(self._addresses - want):
-            self.host.run(["ip", "addr", "del", f"{ip}/32", "dev", naming.NODE_UPLINK], check=False)
+            for ip in sorted(self._addresses - want):
+                ns.del_addr(naming.NODE_UPLINK, f"{ip}/32")
         self._addresses = set(want)

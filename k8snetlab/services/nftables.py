@@ -285,7 +285,7 @@ class NftablesRules:
 
 class NftablesProxier(Proxier):
     mode = "nftables"
-    tools = ("nft", "conntrack")
+    tools = ("nft",)
 
     def __init__(self, *args, **kw) -> None:
         super().__init__(*args, **kw)
@@ -317,12 +317,7 @@ class NftablesProxier(Proxier):
         self.watch.wrote(before, 1 if rendered.text else 0)
         self._chains, self._sets = rendered.chains, rendered.sets
         self._before = rendered
-        if full:
-            self._last_full = time.monotonic()
-            self.full_syncs += 1
-        self.bridge_hairpin()
-        self.flush_conntrack(self.last, snap)
-        self.last = snap
+        self.synced(snap, full)
 
     def rules_changed(self) -> bool:
         """Is the node's ruleset other than our last transaction left it? One netlink request

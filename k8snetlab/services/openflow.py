@@ -25,7 +25,9 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import SpecError
+from .. import naming
+from ..errors import K8sNetLabError, SpecError
+from ..netutil import Netns
 from .model import Snapshot
 from .proxy import Proxier
 
@@ -102,5 +104,9 @@ class OpenFlowProxier(Proxier):
 
 
 def _mac(node) -> str:
-    out = node.run(["ip", "-j", "link", "show", "dev", "eth0"]).stdout
-    return json.loads(out)[0]["address"]
+    """The MAC of the node's underlay interface."""
+    with Netns(node.netns, node.name) as ns:
+        link = ns.link(naming.NODE_UPLINK)
+    if link is None or not link["mac"]:
+        raise K8sNetLabError(f"{node.name} has no {naming.NODE_UPLINK} to serve Services from")
+    return link["mac"]

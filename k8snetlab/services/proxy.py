@@ -24,11 +24,13 @@ Shared here, because every NAT-based mode needs them:
 from __future__ import annotations
 
 import logging
+import socket
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from .. import naming, proc
-from ..errors import CommandError, NetlinkError
+from ..errors import NetlinkError
 from ..netutil import Netns, get_sysctl, set_sysctl
 from ..registry import Registry
 from .model import KubeProxyOptions, Service, ServicePort, Snapshot
@@ -54,6 +56,8 @@ class Proxier:
         self.node = node
         self.options = options
         self.last: Snapshot | None = None          # what the node was last made to match
+        self.full_syncs = 0                        # full syncs so far (rule-writing modes)
+        self._last_full = 0.0                      # when the last one ran (time.monotonic)
         self._sysctls: dict[str, str] = {}         # sysctls changed -> old value
 
     @classmethod
@@ -122,18 +126,29 @@ class Proxier:
                 ns.ipr.brport("set", index=index, mode=1)    # IFLA_BRPORT_MODE: hairpin
             return len(ports)
 
+    def synced(self, snap: Snapshot, full: bool) -> None:
+        """What every rule-writing mode does once its rules match ``snap``: count a full sync,
+        hairpin the bridge ports, drop stale UDP flows, remember ``snap``."""
+        if full:
+            self._last_full = time.monotonic()
+            self.full_syncs += 1
+        self.bridge_hairpin()
+        self.flush_conntrack(self.last, snap)
+        self.last = snap
+
     def flush_conntrack(self, old: Snapshot | None, new: Snapshot) -> int:
         """Delete the node's conntrack entries that ``stale_udp_flows`` names; return how many
-        ``conntrack -D`` calls found something."""
-        hits = 0
-        for flt in stale_udp_flows(old, new):
-            r = self.node.run(["conntrack", "-D", "-p", "udp", *flt], check=False)
-            if r.returncode == 0:
-                hits += 1
-            elif "0 flow entries" not in r.stderr:
-                raise CommandError(["conntrack", "-D", "-p", "udp", *flt], r.returncode, r.stdout, r.stderr,
-                                   self.node.name)
-        return hits
+        filters found something."""
+        return sum(1 for flt in stale_udp_flows(old, new) if self.delete_udp_flows(flt))
+
+    def delete_udp_flows(self, flt: tuple[str, ...]) -> int:
+        """Delete the node's UDP conntrack entries a ``conntrack -D`` filter names (over netlink);
+        return how many there were."""
+        opts = dict(zip(flt[::2], flt[1::2]))
+        port = opts.get("--orig-port-dst")
+        with Netns(self.node.netns, self.node.name) as ns:
+            return ns.delete_conntrack(socket.IPPROTO_UDP, orig_dst=opts.get("--orig-dst"),
+                                       orig_dport=int(port) if port else None, reply_src=opts.get("--reply-src"))
 
 
 # -- conntrack clean-up --------------------------------------------------------------------------

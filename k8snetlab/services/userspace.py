@@ -1,43 +1,9 @@
 """kube-proxy ``userspace`` mode: iptables sends Service traffic to a proxy process on the node.
 
-The oldest kube-proxy mode, and the one the classic Kubernetes networking walk-throughs
-trace. Per node:
-
-- one proxy process (:mod:`.userspace_proxy`, started in the node's namespace, its PID
-  recorded) holds, for every Service port, a listening socket on a port the kernel picked at
-  random. For each connection it accepts it opens a second TCP connection to a backend pod,
-  round robin (``sessionAffinity: ClientIP`` honoured), and copies bytes both ways; UDP is
-  relayed per client with an idle timeout. So a capture shows two connections: client pod ->
-  Service IP inside the pod, node IP -> backend pod IP on the wire. The backend sees the node's
-  address (or the node's bridge address for a backend on the same node), never the client's.
-- iptables in the node's ``nat`` table, in kube-proxy's own chains:
-
-  ``KUBE-PORTALS-CONTAINER`` (first in ``PREROUTING``: traffic from pods)
-      ``-d <clusterIP>/32 -p tcp --dport <port> -j REDIRECT --to-ports <proxyPort>``
-  ``KUBE-PORTALS-HOST`` (first in ``OUTPUT``: traffic from the node itself)
-      ``-d <clusterIP>/32 -p tcp --dport <port> -j DNAT --to-destination <nodeIP>:<proxyPort>``
-  ``KUBE-NODEPORT-CONTAINER`` / ``KUBE-NODEPORT-HOST`` (last, ``-m addrtype --dst-type LOCAL``)
-      the same for ``--dport <nodePort>``.
-
-  A LoadBalancer Service's external IP gets portal rules too, as kube-proxy did for its
-  ingress IPs, so pods reaching it are served on their own node.
-
-``REDIRECT`` rewrites the destination to the first address of the interface the packet came
-in on: ``cni0``'s gateway address in the bridge layouts. Calico's ``cali*`` veths carry no
-address, and the kernel drops what it cannot redirect, so in the Calico layout the container
-rules ``DNAT`` to ``<nodeIP>:<proxyPort>`` instead (what kube-proxy did when bound to an
-address with ``--bind-address``).
-
-``externalTrafficPolicy: Local``: the proxy cannot keep the client's source address (it makes
-a new connection; real kube-proxy never offered Local in this mode). What *can* be honoured is
-the other half: a Local Service's nodePort is served by a second portal holding only the
-node's own endpoints, so a node without one refuses, and a load balancer's health check view
-(only nodes with endpoints) stays true.
-
-``sync(snap)`` sends the whole desired portal list to the proxy over its control socket (it
-answers with the proxy ports) and rewrites the four chains in one ``iptables-restore
---noflush`` batch; the jumps from ``PREROUTING``/``OUTPUT`` are re-added if someone removed
-them, so a periodic sync repairs hand-made damage as kube-proxy's resync does.
+The oldest kube-proxy mode, the one the classic walk-throughs trace: a proxy process per node
+(:mod:`.portal_proxy`) accepts each connection and opens a second one to a backend pod,
+so the backend sees the node, never the client. The rules and what differs from the other
+modes are described at :class:`UserspaceProxier`.
 """
 
 from __future__ import annotations
@@ -65,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-PROXY_PROGRAM = Path(__file__).with_name("userspace_proxy.py")
+PROXY_PROGRAM = Path(__file__).with_name("portal_proxy.py")
 START_TIMEOUT_S = 10.0         # bound on the proxy process coming up
 CONTROL_TIMEOUT_S = 60.0       # bound on one apply (opening thousands of sockets takes a moment)
 UDP_TIMEOUT_S = 0.25           # kube-proxy's --udp-timeout default
@@ -177,7 +143,47 @@ def missing_jumps(saved_nat: str) -> list[str]:
 
 # ---------------------------------------------------------------------------------- the proxier
 class UserspaceProxier(Proxier):
-    """kube-proxy ``--proxy-mode=userspace`` on one node."""
+    """kube-proxy ``--proxy-mode=userspace`` on one node.
+
+    The oldest kube-proxy mode, and the one the classic Kubernetes networking walk-throughs
+    trace. Per node:
+
+    - one proxy process (:mod:`.portal_proxy`, started in the node's namespace, its PID
+      recorded) holds, for every Service port, a listening socket on a port the kernel picked at
+      random. For each connection it accepts it opens a second TCP connection to a backend pod,
+      round robin (``sessionAffinity: ClientIP`` honoured), and copies bytes both ways; UDP is
+      relayed per client with an idle timeout. So a capture shows two connections: client pod ->
+      Service IP inside the pod, node IP -> backend pod IP on the wire. The backend sees the node's
+      address (or the node's bridge address for a backend on the same node), never the client's.
+    - iptables in the node's ``nat`` table, in kube-proxy's own chains:
+
+      ``KUBE-PORTALS-CONTAINER`` (first in ``PREROUTING``: traffic from pods)
+          ``-d <clusterIP>/32 -p tcp --dport <port> -j REDIRECT --to-ports <proxyPort>``
+      ``KUBE-PORTALS-HOST`` (first in ``OUTPUT``: traffic from the node itself)
+          ``-d <clusterIP>/32 -p tcp --dport <port> -j DNAT --to-destination <nodeIP>:<proxyPort>``
+      ``KUBE-NODEPORT-CONTAINER`` / ``KUBE-NODEPORT-HOST`` (last, ``-m addrtype --dst-type LOCAL``)
+          the same for ``--dport <nodePort>``.
+
+      A LoadBalancer Service's external IP gets portal rules too, as kube-proxy did for its
+      ingress IPs, so pods reaching it are served on their own node.
+
+    ``REDIRECT`` rewrites the destination to the first address of the interface the packet came
+    in on: ``cni0``'s gateway address in the bridge layouts. Calico's ``cali*`` veths carry no
+    address, and the kernel drops what it cannot redirect, so in the Calico layout the container
+    rules ``DNAT`` to ``<nodeIP>:<proxyPort>`` instead (what kube-proxy did when bound to an
+    address with ``--bind-address``).
+
+    ``externalTrafficPolicy: Local``: the proxy cannot keep the client's source address (it makes
+    a new connection; real kube-proxy never offered Local in this mode). What *can* be honoured is
+    the other half: a Local Service's nodePort is served by a second portal holding only the
+    node's own endpoints, so a node without one refuses, and a load balancer's health check view
+    (only nodes with endpoints) stays true.
+
+    ``sync(snap)`` sends the whole desired portal list to the proxy over its control socket (it
+    answers with the proxy ports) and rewrites the four chains in one ``iptables-restore
+    --noflush`` batch; the jumps from ``PREROUTING``/``OUTPUT`` are re-added if someone removed
+    them, so a periodic sync repairs hand-made damage as kube-proxy's resync does.
+    """
 
     mode = "userspace"
     tools = ("iptables", "iptables-save", "iptables-restore")
@@ -332,9 +338,9 @@ class UserspaceProxier(Proxier):
             old = self.ports.get(d.portal)
             if old is None or old == ports.get(d.portal):
                 continue
-            flt = ["--orig-dst", d.dst, "--orig-port-dst", str(d.dport)] if d.dst \
-                else ["--orig-port-dst", str(d.dport)]
-            self.node.run(["conntrack", "-D", "-p", "udp", *flt], check=False)
+            flt = ("--orig-dst", d.dst, "--orig-port-dst", str(d.dport)) if d.dst \
+                else ("--orig-port-dst", str(d.dport))
+            self.delete_udp_flows(flt)
 
 
 def _redirect_works(cluster: "ClusterView", node: "NodeHost") -> bool:

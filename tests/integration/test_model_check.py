@@ -11,7 +11,7 @@ import yaml
 
 from helpers import REPO, THREE_NODES, require_root_and, seen_source
 from leftover_check import running
-from k8snetlab import model_check, spec
+from k8snetlab import conformance, spec
 from k8snetlab.cluster import Cluster
 
 pytestmark = pytest.mark.integration
@@ -41,8 +41,8 @@ def test_docker_gives_every_node_the_same_addresses(docker):
 
 
 def test_docker_fails_a_with_evidence_and_passes_localhost(docker):
-    checks = model_check.ModelChecker(docker).run()
-    s = model_check.summarize(checks)
+    checks = conformance.ModelChecker(docker).run()
+    s = conformance.summarize(checks)
     # every node has 172.17.0.0/16 on its own docker0: (b) fails as (a) does (README says so)
     assert s["a"][2] is False and s["b"][2] is False and s["c"][2] is False
     assert s["container-to-container"][2] is True
@@ -54,7 +54,7 @@ def test_docker_fails_a_with_evidence_and_passes_localhost(docker):
     assert any(e.startswith("seen source ") and e.split()[2].rstrip(",") in node_ips for e in evidence), evidence[:3]
     # the probe's published ports are gone again
     out = docker.nodes["node1"].run(["iptables-save", "-t", "nat"]).stdout
-    assert f"--dport {model_check.PUBLISHED_BASE}" not in out
+    assert f"--dport {conformance.PUBLISHED_BASE}" not in out
 
 
 def test_docker_published_port_is_masqueraded(docker, tmp_path):
@@ -75,10 +75,10 @@ def test_docker_published_port_is_masqueraded(docker, tmp_path):
 
 def test_cni_mode_passes_the_model():
     require_root_and("mnexec", "brctl")
-    found = model_check.check_modes(spec.load(THREE_NODES), ["host-gw"])
-    s = model_check.summarize(found["host-gw"])
+    found = conformance.check_modes(spec.load(THREE_NODES), ["host-gw"])
+    s = conformance.summarize(found["host-gw"])
     bad = [c for c in found["host-gw"] if c.passed is False]
-    assert all(s[k][2] is True for k in model_check.REQUIREMENTS), bad[:3]
+    assert all(s[k][2] is True for k in conformance.REQUIREMENTS), bad[:3]
     assert s["a"][1] == 30   # 6 pods: every ordered pair
 
 
@@ -90,4 +90,4 @@ def test_check_model_cli_exit_status_and_csv(tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr       # a requirement failed
     assert "FAIL  (a)" in r.stdout
     rows = csv.read_text().splitlines()
-    assert rows[0] == ",".join(model_check.CHECK_COLUMNS) and len(rows) > 30
+    assert rows[0] == ",".join(conformance.CHECK_COLUMNS) and len(rows) > 30

@@ -35,7 +35,7 @@ ONLY_OURS = ("bridge", "host-gw", "vxlan", "ipip")     # a checkout without bgp
 def test_flat_runs_every_mode_and_says_why_one_is_missing(cm):
     todo, skipped = cm.plan(spec.load(THREE_NODES), ALL, ONLY_OURS)
     assert [v.label for v, _ in todo] == ["bridge", "host-gw", "vxlan", "ipip", "ipip-crosssubnet"]
-    assert "bgp" in skipped and "not in this checkout" in skipped["bgp"]
+    assert "bgp" in skipped and "is not installed" in skipped["bgp"]
     by = {v.label: s for v, s in todo}
     assert by["ipip"].cni.options.ipip_mode == "Always"
     assert by["ipip-crosssubnet"].cni.options.ipip_mode == "CrossSubnet"
@@ -126,7 +126,7 @@ def test_summary_shows_ratios_wire_and_skips(cm):
             ("ipip-crosssubnet", "pod-cross-node", "encap_overhead"): [20],
             ("ipip-crosssubnet", "pod-cross-node", "wire_ip_bytes"): [1048],
             ("ipip-crosssubnet", "pod-cross-node", "inner_ip_bytes"): [1028]}
-    text = cm.summary(rows(data), ["host-gw", "vxlan", "ipip-crosssubnet"], {"bgp": "not in this checkout"})
+    text = cm.summary(rows(data), ["host-gw", "vxlan", "ipip-crosssubnet"], {"bgp": "is not installed"})
     assert re.search(r"met +vxlan cross-node TCP >= 0.7 x host-gw: 0\.800 \[0\.7\d+, 0\.8\d+\]", text), text
     assert re.search(r"MISSED +ipip CrossSubnet in one subnet TCP within 0.95-1.05 x host-gw: 0\.90", text), text
     assert re.search(r"n/a +bgp cross-node TCP", text)
@@ -135,7 +135,7 @@ def test_summary_shows_ratios_wire_and_skips(cm):
     assert vx.split()[-1] == "yes"
     cs = next(line for line in lines if line.startswith("ipip-crosssubnet ") and "1048" in line)
     assert "NO (expected 0)" in cs              # encapsulated inside a subnet: flagged
-    assert "bgp: not in this checkout" in text
+    assert "bgp: is not installed" in text
 
 
 def test_a_target_inside_the_interval_is_inconclusive_never_met(cm):

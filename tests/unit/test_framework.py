@@ -95,3 +95,13 @@ def test_quick_options_make_a_smoke_run_without_adaptive_rounds():
     args = p.parse_args(["--quick"])
     framework.check_args(Two(), args)
     assert (args.repeat, args.ci) == (1, None)
+
+
+def test_rate_options_are_checked_before_anything_is_built():
+    import pytest
+    from k8snetlab.errors import SpecError
+    p = framework.parser(Two())
+    framework.check_args(Two(), p.parse_args(["--link-rate", "1gbit", "--rate", "5G"]))
+    for bad in (["--link-rate", "fast"], ["--rate", "quick"], ["--ci", "0"]):
+        with pytest.raises(SpecError):
+            framework.check_args(Two(), p.parse_args(bad))

@@ -2,7 +2,7 @@
 still asks about every pod, from every pod."""
 from collections import Counter
 
-from k8snetlab.model_check import sample_pairs
+from k8snetlab.conformance import sample_pairs
 
 
 def test_small_clusters_ask_every_pair():

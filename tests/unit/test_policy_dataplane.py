@@ -115,8 +115,8 @@ def test_counts_parsers_see_hand_deleted_rules():
 
 
 def test_dataplanes_registered():
-    assert DATAPLANES.names() == ["iptables", "nftables"]
-    with pytest.raises(SpecError, match="use one of iptables, nftables"):
+    assert DATAPLANES.names() == ["iptables", "iptables-legacy", "nftables"]
+    with pytest.raises(SpecError, match="use one of iptables, iptables-legacy, nftables"):
         DATAPLANES.get("ebpf")
 
 
@@ -187,3 +187,62 @@ def test_matrix_table_marks_differences():
     assert t.differences == [("x/a", "x/b")]
     comparison = out.split("Comparison")[1].splitlines()
     assert comparison[2].split() == ["x/a", ".", "X"] and out.endswith("1 difference(s): x/a -> x/b")
+
+
+def test_nftables_compiles_exact_rules_into_one_lookup_per_endpoint():
+    """1,000 policies selecting one pod, each allowing one peer on one port: the endpoint's chain
+    holds three lookups, not a jump per policy; the peers and ports are set elements."""
+    ps = [PodInfo("srv", "x", {"app": "srv"}, "10.244.0.2", "node1", (("http", "TCP", 8080),))]
+    ps += [PodInfo(f"c{i}", "x", {"peer": f"p{i}"}, f"10.244.1.{i + 2}", "node2") for i in range(200)]
+    pols = [{"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": f"p{i}", "namespace": "x"},
+             "spec": {"podSelector": {"matchLabels": {"app": "srv"}},
+                      "ingress": [{"from": [{"podSelector": {"matchLabels": {"peer": f"p{i}"}}}],
+                                   "ports": [{"port": "http"}, {"port": 9000, "endPort": 9001}]}]}} for i in range(200)]
+    pols.append({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "web", "namespace": "x"},
+                 "spec": {"podSelector": {}, "ingress": [{"ports": [{"port": 80}]}]}})
+    r = nft.render(build(PolicyModel(NS, ps, [parse_policy(p, "t") for p in pols]), "node1"))
+    tw, _ = endpoint_chains(hash16("x/srv"))
+    assert not any(rule.startswith("jump") for rule in r.chains[tw])
+    assert r.sets[f"{tw}-ap"][1] >= {"10.244.1.2 . tcp . 8080", "10.244.1.201 . tcp . 9001"}
+    assert len(r.sets[f"{tw}-ap"][1]) == 600 and r.sets[f"{tw}-p"][1] == {"tcp . 80"}
+    assert [c for c in r.chains if c.startswith("cali-pi-")] == []
+    # an ipBlock keeps its policy chain, jumped to after the lookups
+    r = nft.render(plan_for(pods()))
+    assert any(rule.startswith("jump cali-pi-") for rule in r.chains[endpoint_chains(hash16("x/a"))[0]])
+
+
+def test_disabled_is_flannel_alone_policies_accepted_and_ignored(tmp_path, caplog):
+    import logging
+    import types
+    from k8snetlab.policy.addon import PolicyAddon
+    from k8snetlab.policy.matrix import model_of
+    s = specmod.load(write(tmp_path, CLUSTER.replace("{dataplane: nftables}", "{enabled: false}")))
+    cluster = types.SimpleNamespace(spec=s, state=None, pods={}, nodes={})
+    addon = PolicyAddon(cluster)
+    with caplog.at_level(logging.WARNING):
+        addon.start()
+    assert not addon.agents and "NOT enforced" in caplog.text
+    addon.add({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+               "metadata": {"name": "more", "namespace": "x"}, "spec": {"podSelector": {}}})
+    assert not addon.agents and set(addon.policies) == {"x/deny", "x/more"}
+    state = addon.state()
+    a = PodInfo("a", "x", {}, "10.244.0.2", "node1")
+    state["pods"] = [dict(name="a", namespace="x", labels={}, ip="10.244.0.2", node="node1", ports=[], host="a.x")]
+    state["nodes"] = {}
+    model, _ = model_of(state)
+    assert model.allowed("10.1.1.1", model.pods[0], 80) and model.policies == [] and a.key == "x/a"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["policy", "matrix", "--port", "0"], "--port 0"),
+    (["policy", "matrix", "--protocol", "ICMP"], "--protocol ICMP"),
+    (["policy", "matrix", "--cluster", "no-such-cluster-anywhere"], "no running cluster of that name"),
+    (["policy", "explain", "a", "b", "70000"], "port 70000"),
+])
+def test_policy_cli_bad_input_one_line_exit_2(capsys, argv, words):
+    import os
+    if os.geteuid() != 0:
+        words = "needs root"
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0]

@@ -208,7 +208,7 @@ def test_small_service_cidr_without_room_for_dns_is_refused():
 
 
 def test_kube_proxy_section_alone_wants_the_addon_and_files_without_services_do_not():
-    from k8snetlab.services.addon import ServicesAddon
+    from k8snetlab.services.services_addon import ServicesAddon
     assert ServicesAddon.wanted(load(cluster(mode="nftables")))
     assert not ServicesAddon.wanted(spec.load(REPO / "topologies" / "three_nodes.yaml"))
 

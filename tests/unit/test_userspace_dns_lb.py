@@ -14,12 +14,12 @@ from k8snetlab.errors import K8sNetLabError
 from k8snetlab.services import dns, loadbalancer as lbmod, userspace as us
 from k8snetlab.services.model import Endpoint, Service, ServicePort, Snapshot
 
-PROXY = Path(us.__file__).with_name("userspace_proxy.py")
+PROXY = Path(us.__file__).with_name("portal_proxy.py")
 
 
 def _proxy_module():
     """The proxy program, loaded by path as the node runs it (it imports nothing of ours)."""
-    name = "userspace_proxy_under_test"
+    name = "portal_proxy_under_test"
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, PROXY)
         mod = importlib.util.module_from_spec(spec)

@@ -33,7 +33,7 @@ ones keep their port; UDP sessions and affinity entries of removed endpoints are
 userspace counterpart of flushing stale conntrack entries). SIGTERM stops it, and so does the
 end of the node (``--node-pid``: the process holding the node's namespace).
 
-    python3 userspace_proxy.py --control /run/k8snetlab/knl1/nodes/node1/kube-proxy/control.sock \
+    python3 portal_proxy.py --control /run/k8snetlab/knl1/nodes/node1/kube-proxy/control.sock \
         --node-pid 4242
 """
 
