@@ -325,6 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if argv is not None:
             signals.restore(previous)
+        else:
+            signals.ignore()        # done: a late signal must not kill the exit (status 143)
 
 
 if __name__ == "__main__":

@@ -124,6 +124,15 @@ def quiet() -> None:
     _depth += 1
 
 
+def ignore() -> None:
+    """Ignore stop signals from now on (a command that has finished its teardown and exits:
+    Python resets its own handlers to the default while it shuts down, and a signal then
+    would end the process by the signal instead of its exit status)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+
 def wait() -> None:
     """Block until a stop signal arrives, then raise ``KeyboardInterrupt``."""
     while True:
