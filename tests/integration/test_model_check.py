@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from helpers import REPO, THREE_NODES, require_root_and, seen_source
-from k8snetlab import cleanup, conformance, spec
+from leftover_check import running
+from k8snetlab import conformance, spec
 from k8snetlab.cluster import Cluster
 
 pytestmark = pytest.mark.integration
@@ -29,11 +30,8 @@ def docker_spec(tmp_path):
 @pytest.fixture(scope="module")
 def docker(tmp_path_factory):
     require_root_and("mnexec", "brctl", "iptables")
-    c = Cluster(spec.load(docker_spec(tmp_path_factory.mktemp("docker"))))
-    c.start()
-    yield c
-    c.stop()
-    assert cleanup.leftovers().empty(), cleanup.leftovers().lines()
+    with running(Cluster(spec.load(docker_spec(tmp_path_factory.mktemp("docker"))))) as c:
+        yield c
 
 
 def test_docker_gives_every_node_the_same_addresses(docker):
