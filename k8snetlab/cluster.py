@@ -203,18 +203,20 @@ class Cluster:
             attempt(f"stop {addon.name}", addon.stop)
         self.addons.clear()
         kubelets = list(self.kubelets.values())
-        for k in kubelets:
-            for pod in list(k.pods.values()):
-                attempt(f"stop containers of {pod.name}", pod.stop_containers)
-        self._parallel([(lambda p=p: self.kubelets[p.node_name].cni_del(p), p) for p in self.pods.values()
+        # every sandbox a kubelet holds, also one made on it directly (not through add_pod)
+        pods = list({id(p): p for p in [*self.pods.values(), *(p for k in kubelets for p in k.pods.values())]}
+                    .values())
+        for pod in pods:
+            attempt(f"stop containers of {pod.name}", pod.stop_containers)
+        self._parallel([(lambda p=p: self.kubelets[p.node_name].cni_del(p), p) for p in pods
                         if p.result is not None and p.node_name in self.kubelets], errors, "CNI DEL")
         for k in kubelets:
             k.stop(attempt, cni_del=False)
         self.kubelets.clear()
         if self.underlay is not None:
             attempt("stop processes in testbed namespaces", self._kill_in,
-                    *self.pods.values(), *self.nodes.values(), *self.routers.values(), *self.hosts.values())
-            for pod in self.pods.values():
+                    *pods, *self.nodes.values(), *self.routers.values(), *self.hosts.values())
+            for pod in pods:
                 self.underlay.forget(pod)
                 attempt(f"remove the sandbox of {pod.name}", pod.terminate)
             self.underlay.stop(attempt)

@@ -4,13 +4,13 @@ back within two resync periods, and pod traffic flows again."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 
 from helpers import require_root_and
-from k8snetlab import naming, spec
+from leftover_check import running
+from k8snetlab import spec
 from k8snetlab.cluster import Cluster
 
 pytestmark = pytest.mark.integration
@@ -35,13 +35,8 @@ def cluster_dict(cni: str) -> dict:
 @pytest.fixture(scope="module", params=list(MODES))
 def cluster(request):
     require_root_and("mnexec", "brctl", "tc", "clang", "bpftool", "bird")
-    c = Cluster(spec.from_dict(cluster_dict(request.param)))
-    c.start()
-    index, path = c.state.index, c.state.path
-    yield c
-    c.stop()
-    assert not path.exists(), f"state directory {path} is left"
-    assert not [n for n in os.listdir("/sys/class/net") if naming.cluster_index_of(n) == index]
+    with running(Cluster(spec.from_dict(cluster_dict(request.param)))) as c:
+        yield c
 
 
 def after_two_rounds(c) -> None:

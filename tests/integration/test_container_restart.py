@@ -13,8 +13,9 @@ import time
 
 import pytest
 
-from helpers import require_root_and
-from k8snetlab import naming, spec
+from helpers import require_root_and, wait_for
+from leftover_check import running
+from k8snetlab import spec
 from k8snetlab.cluster import Cluster
 
 pytestmark = pytest.mark.integration
@@ -74,26 +75,12 @@ def cluster_dict() -> dict:
 @pytest.fixture(scope="module")
 def cluster():
     require_root_and("mnexec", "brctl", "iptables", "iptables-restore", "conntrack")
-    c = Cluster(spec.from_dict(cluster_dict()))
-    c.start()
-    index, path = c.state.index, c.state.path
-    yield c
-    c.stop()
-    assert not path.exists(), f"state directory {path} is left"
-    assert not [n for n in os.listdir("/sys/class/net") if naming.cluster_index_of(n) == index]
+    with running(Cluster(spec.from_dict(cluster_dict()))) as c:
+        yield c
 
 
 def endpoint_pods(c) -> set[str]:
     return {e.pod for e in c.services.endpoints("default/web")}
-
-
-def wait_for(fn, timeout: float, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(every)
 
 
 def test_killed_container_restarts_and_endpoints_follow_readiness(cluster):

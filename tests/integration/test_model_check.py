@@ -30,8 +30,7 @@ def docker_spec(tmp_path):
 @pytest.fixture(scope="module")
 def docker(tmp_path_factory):
     require_root_and("mnexec", "brctl", "iptables")
-    c = Cluster(spec.load(docker_spec(tmp_path_factory.mktemp("docker"))))
-    with running(c):        # checks only this cluster's leftovers (others run beside it)
+    with running(Cluster(spec.load(docker_spec(tmp_path_factory.mktemp("docker"))))) as c:
         yield c
 
 

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from helpers import REPO, require_root_and
-from leftover_check import Footprint
+from leftover_check import running
 from k8snetlab import cli, proc, spec
 from k8snetlab.cluster import Cluster
 
@@ -37,13 +37,8 @@ def c(request):
     s = spec.load(REPO / "topologies" / "policy.yaml", cni=mode)
     s = dataclasses.replace(s, name=f"pol-{mode}-{dataplane[:3]}", kube_proxy={"mode": "iptables"},
                             network_policy={"dataplane": dataplane, "resyncPeriod": 0.5})
-    cluster = Cluster(s).start()
-    footprint = Footprint(cluster)
-    try:
+    with running(Cluster(s)) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-        footprint.assert_gone()
 
 
 def policy(name: str, ns: str = "x", **spec_: object) -> dict:

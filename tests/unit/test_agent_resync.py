@@ -71,7 +71,7 @@ def test_modes_without_peers_have_no_resync(cni):
 
 
 def nodes_of(s):
-    return {n.name: SimpleNamespace(name=n.name, spec=n, netns=f"/nonexistent/{n.name}") for n in s.nodes}
+    return {n.name: SimpleNamespace(name=n.name, spec=n, pid=i, netns=f"/nonexistent/{n.name}") for i, n in enumerate(s.nodes, 1)}
 
 
 def test_a_round_repairs_only_what_is_gone():
