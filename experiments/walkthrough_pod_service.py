@@ -76,7 +76,10 @@ class Lab:
         self.failed: list[str] = []
 
     def step(self, title: str) -> None:
-        if self.pause and sys.stdin.isatty():
+        if self.pause and not sys.stdin.isatty():
+            print("--step: stdin is not a terminal, so the lab runs straight through without pausing")
+            self.pause = False
+        if self.pause:
             input("\n[press Enter for the next step] ")
         print(f"\n=== {title}")
         self.md += ["", f"## {title}", ""]

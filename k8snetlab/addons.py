@@ -38,6 +38,12 @@ class Addon:
     def wanted(cls, spec: "ClusterSpec") -> bool:
         return False
 
+    @classmethod
+    def reserved_host_names(cls, spec: "ClusterSpec") -> dict[str, str]:
+        """Host names this add-on will take in ``spec``'s cluster (name -> what takes it):
+        no node, pod, host or router may have them (checked when the file loads)."""
+        return {}
+
     def start(self) -> None: ...
 
     def pods_added(self, pods: list[Any]) -> None: ...

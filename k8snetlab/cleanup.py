@@ -1,13 +1,20 @@
 """What the testbed leaves on the machine, and how it takes it all back.
 
-Each cluster gets an index ``N`` and a state directory ``/run/k8snetlab/knlN/``: its owner
-(PID and start time of the runtime), the PIDs it started (shells of the nodes and pods,
-containers, daemons), the namespaces it made (inode numbers), its CNI bin dir, IPAM state and
-result cache, and a private bpffs mount. Root-namespace interfaces (the underlay bridges and
-their ports) are named ``knlN...``. Nothing else is touched: :func:`clean` removes only state
-dirs whose owner is dead, processes recorded there (checked against their start time, so a
-reused PID is never hit) or living in a recorded namespace and started after the cluster,
-and root-namespace links whose name carries the prefix of a dead or unknown cluster.
+Each cluster gets an index ``N`` and a state directory ``<root>/knlN/`` (root
+``/run/k8snetlab``, or ``$K8SNETLAB_STATE``): its owner (PID and start time of the runtime),
+the PIDs it started (shells of the nodes and pods, containers, daemons), the namespaces it
+made (inode numbers), the root-namespace links it made (name and ifindex), its CNI bin dir,
+IPAM state and result cache, and a private bpffs mount. Every state root in use is listed in
+one fixed place, :data:`ROOTS_FILE`, so that a plain ``clean`` sees clusters of every root and
+indexes are unique across roots.
+
+Root-namespace interfaces (the underlay bridges and their ports) are named ``knlN...`` and
+carry a mark a stranger's link cannot: an ``ifalias`` ``k8snetlab <owner pid> <owner start>
+<state dir>``, set when they are created. :func:`clean` removes only what a dead cluster
+recorded: state dirs whose owner is dead, processes recorded there (checked against their
+start time, so a reused PID is never hit) or living in a recorded namespace and started after
+the cluster, links whose mark names a dead owner or that the dead cluster recorded by name
+*and* ifindex. A link that merely matches the prefix is reported and left alone.
 """
 
 from __future__ import annotations
@@ -29,10 +36,74 @@ from .errors import K8sNetLabError
 log = logging.getLogger(__name__)
 
 MAX_CLUSTERS = 100
+ROOTS_FILE = Path(naming.STATE_ROOT) / "roots"     # every state root in use, one path a line
+LINK_MARK = "k8snetlab"                            # first word of the ifalias of our links
 
 
 def _state_root() -> Path:
     return Path(os.environ.get("K8SNETLAB_STATE", naming.STATE_ROOT))
+
+
+def _read_roots() -> list[Path]:
+    try:
+        lines = ROOTS_FILE.read_text().splitlines()
+    except OSError:
+        return []
+    return [Path(x) for x in dict.fromkeys(line.strip() for line in lines) if x]
+
+
+def state_roots() -> list[Path]:
+    """Every state root in use: the default, ``$K8SNETLAB_STATE``, and those registered."""
+    roots = [Path(naming.STATE_ROOT), _state_root(), *_read_roots()]
+    return [r for r in dict.fromkeys(roots) if r.is_dir()]
+
+
+def _register_root(root: Path) -> None:
+    """Add ``root`` to :data:`ROOTS_FILE` (the caller holds the registry lock)."""
+    root = root.resolve()
+    if root == Path(naming.STATE_ROOT) or root in _read_roots():
+        return
+    with open(ROOTS_FILE, "a") as f:
+        f.write(f"{root}\n")
+
+
+def _prune_roots() -> None:
+    """Forget registered roots that no longer exist (their clusters are gone with them)."""
+    try:
+        with open(ROOTS_FILE.with_name(".roots.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            keep = [r for r in _read_roots() if r.is_dir()]
+            tmp = ROOTS_FILE.with_name(".roots.tmp")
+            tmp.write_text("".join(f"{r}\n" for r in keep))
+            tmp.replace(ROOTS_FILE)
+    except OSError as e:
+        log.debug("cannot prune %s: %s", ROOTS_FILE, e)
+
+
+def link_mark(pid: int, start: int, path: Path) -> str:
+    return f"{LINK_MARK} {pid} {start} {path}"
+
+
+def parse_link_mark(alias: str) -> tuple[int, int, Path] | None:
+    """(owner pid, owner start, state dir) of a mark made by :func:`link_mark`, or None."""
+    parts = alias.strip().split(" ", 3)
+    if len(parts) != 4 or parts[0] != LINK_MARK or not parts[1].isdigit() or not parts[2].isdigit():
+        return None
+    return int(parts[1]), int(parts[2]), Path(parts[3])
+
+
+def _ifalias(name: str) -> str:
+    try:
+        return Path(f"/sys/class/net/{name}/ifalias").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _ifindex(name: str) -> int:
+    try:
+        return int(Path(f"/sys/class/net/{name}/ifindex").read_text())
+    except (OSError, ValueError):
+        return 0
 
 
 def _boot_ticks_now() -> int:
@@ -52,19 +123,37 @@ class StateDir:
     def create(cls, name: str) -> "StateDir":
         root = _state_root()
         root.mkdir(parents=True, exist_ok=True)
-        with open(root / ".lock", "w") as lock:
+        root = root.resolve()
+        default = Path(naming.STATE_ROOT)
+        # one lock for every root: a cluster index is unique across all of them
+        try:
+            default.mkdir(parents=True, exist_ok=True)
+            lock_path = default / ".roots.lock"
+            lock = open(lock_path, "w")
+        except OSError:     # cannot use the registry (not root?): this root on its own
+            lock = open(root / ".lock", "w")
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                _register_root(root)
+            except OSError as e:
+                log.warning("cannot register state root %s in %s: %s", root, ROOTS_FILE, e)
+            roots = list(dict.fromkeys([root, *state_roots()]))
             for i in range(1, MAX_CLUSTERS):
-                path = root / naming.cluster_prefix(i)
-                if path.exists() or _links_with_prefix(naming.cluster_prefix(i)):
+                prefix = naming.cluster_prefix(i)
+                if any((r / prefix).exists() for r in roots) or _links_with_prefix(prefix):
                     continue
-                path.mkdir()
+                path = root / prefix
+                try:
+                    path.mkdir()        # the claim itself (a runtime of before the registry
+                except FileExistsError:  # locks only its own root)
+                    continue
                 st = cls(i, path)
                 st._write("owner.json", {"pid": os.getpid(), "start": proc.start_time(os.getpid()),
                                          "name": name, "created": time.time(),
                                          "created_ticks": _boot_ticks_now()})
                 return st
-        raise K8sNetLabError(f"{MAX_CLUSTERS - 1} clusters are registered in {root}: "
+        raise K8sNetLabError(f"{MAX_CLUSTERS - 1} clusters are registered in {', '.join(map(str, roots))}: "
                              "run 'k8snetlab clean' to remove those of dead runs")
 
     # -- records ------------------------------------------------------------------------------
@@ -86,6 +175,24 @@ class StateDir:
         except OSError:
             return
         self._append("netns.jsonl", {"ino": ino, "what": what})
+
+    def mark_links(self, names: list[str]) -> list[str]:
+        """Mark root-namespace links this cluster just made as its own (an ``ifalias`` naming
+        the owner and this state dir) and record their name and ifindex; links already marked
+        are skipped, names that do not exist (yet) too. Returns the names marked now."""
+        owner = json.loads((self.path / "owner.json").read_text())
+        mark = link_mark(owner["pid"], owner["start"], self.path)
+        done = []
+        for name in names:
+            if not name.startswith(self.prefix) or _ifalias(name) == mark:
+                continue
+            try:
+                Path(f"/sys/class/net/{name}/ifalias").write_text(mark + "\n")
+            except OSError:
+                continue        # not there (yet): a later call marks it
+            self._append("links.jsonl", {"name": name, "ifindex": _ifindex(name)})
+            done.append(name)
+        return done
 
     @property
     def cni_bin(self) -> Path:
@@ -119,6 +226,8 @@ class Report:
     processes: list[str] = field(default_factory=list)
     links: list[str] = field(default_factory=list)
     mounts: list[str] = field(default_factory=list)
+    # links that look like ours (knl prefix) but carry no mark of a dead cluster: left alone
+    unowned: list[str] = field(default_factory=list)
 
     def empty(self) -> bool:
         return not (self.clusters or self.processes or self.links or self.mounts)
@@ -252,20 +361,28 @@ def clean_state_dir(path: Path, report: Report) -> None:
         for pid in kill_pids([(pid, proc.start_time(pid)) for pid in found], grace=0.2):
             report.processes.append(f"{pid} ({names[pid]})")
     report.mounts += _umount_below(path)
-    prefix = path.name
-    for link in _links_with_prefix(prefix):
-        if proc.run(["ip", "link", "del", link], check=False).returncode == 0:
-            report.links.append(link)
+    recorded = {(r.get("name"), r.get("ifindex")) for r in _read_jsonl(path / "links.jsonl")}
+    for link in _links_with_prefix(path.name):
+        mark = parse_link_mark(_ifalias(link))
+        if mark is not None and proc.running(mark[0], mark[1]):
+            continue                     # a live cluster's (an index reused by an older runtime)
+        if (link, _ifindex(link)) in recorded or (mark is not None and mark[2] == path):
+            _del_link(link, report)
     shutil.rmtree(path, ignore_errors=True)
     report.clusters.append(f"{path.name} ({owner.get('name', '?')})")
 
 
+def _del_link(name: str, report: Report) -> None:
+    if proc.run(["ip", "link", "del", name], check=False).returncode == 0:
+        report.links.append(name)
+
+
 def clean(include_live: bool = False) -> Report:
-    """Remove leftovers of testbed runs whose runtime is gone (``k8snetlab clean``)."""
+    """Remove leftovers of testbed runs whose runtime is gone (``k8snetlab clean``), in every
+    state root in use; report links that only look like ours."""
     report = Report()
-    root = _state_root()
-    live = set()
-    if root.is_dir():
+    live: set[str] = set()
+    for root in state_roots():
         for path in sorted(root.iterdir()):
             if not path.is_dir() or naming.cluster_index_of(path.name) is None:
                 continue
@@ -274,16 +391,19 @@ def clean(include_live: bool = False) -> Report:
                 live.add(path.name)     # running, or being created right now
                 continue
             clean_state_dir(path, report)
-    # links of clusters that have no state dir at all (killed before it was written)
-    for name in os.listdir("/sys/class/net"):
+    _prune_roots()
+    # links whose cluster has no state dir any more (its root was removed): the mark says
+    # whose they were; a link with our prefix and no mark is not known to be ours
+    for name in sorted(os.listdir("/sys/class/net")):
         idx = naming.cluster_index_of(name)
         if idx is None:
             continue
-        prefix = naming.cluster_prefix(idx)
-        if prefix in live or (root / prefix).is_dir() and _owner_alive(root / prefix):
-            continue   # (a cluster that started while we were cleaning)
-        if proc.run(["ip", "link", "del", name], check=False).returncode == 0:
-            report.links.append(name)
+        mark = parse_link_mark(_ifalias(name))
+        if mark is None:
+            if naming.cluster_prefix(idx) not in live:   # (a live cluster may be marking it now)
+                report.unowned.append(name)
+        elif not proc.running(mark[0], mark[1]):
+            _del_link(name, report)
     return report
 
 

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
+import os
 import sys
-import threading
 from typing import Any, Callable, Sequence
 
 from .errors import K8sNetLabError, NotRoot, SpecError, ToolMissing, KernelFeatureMissing
@@ -38,17 +37,22 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def sigterm_as_interrupt() -> None:
-    """SIGTERM tears the cluster down like Ctrl-C does."""
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
+    """SIGTERM tears the cluster down like Ctrl-C does (and SIGINT works also when the
+    process started with it ignored); see :mod:`k8snetlab.signals`."""
+    from . import signals
+    signals.install()
 
 
 def guarded(fn: Callable[[], int], prog: str = "k8snetlab") -> int:
     """Run ``fn``; turn our errors into one line on stderr and an exit status."""
     try:
         return fn()
+    except BrokenPipeError:
+        # the reader went away ('k8snetlab compare ... | head'): not an error of ours; stdout
+        # is pointed at /dev/null so that the flush at exit does not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141      # as a shell reports a command ended by SIGPIPE
     except BAD_INPUT as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
@@ -58,12 +62,23 @@ def guarded(fn: Callable[[], int], prog: str = "k8snetlab") -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; everything was torn down", file=sys.stderr)
         return 130
+    finally:
+        from . import signals
+        signals.quiet()             # exiting: a late signal must not raise on the way out
+
+
+def allow_outside_files(args: argparse.Namespace) -> None:
+    """``--allow-outside-files``: workload files outside the cluster file's directory."""
+    from .checks import ALLOW_OUTSIDE_ENV
+    if getattr(args, "allow_outside_files", False):
+        os.environ[ALLOW_OUTSIDE_ENV] = "1"
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     from .cluster import Cluster
     from .proc import require_root
-    from . import spec
+    from . import signals, spec
+    allow_outside_files(args)
     s = spec.load(args.file, cni=args.cni, params=spec.parse_params(args.param))
     if args.metrics:
         from .metrics import parse_listen
@@ -80,7 +95,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             c.cli()
         else:
             print("holding the cluster; press Ctrl-C to tear it down", flush=True)
-            threading.Event().wait()
+            signals.wait()
     print("cluster stopped and removed")
     return 0
 
@@ -100,6 +115,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
         print(f"removed {line}")
     if report.empty():
         print("nothing to clean")
+    for name in report.unowned:
+        print(f"left alone: interface {name} (named like the testbed's but not marked as made by a "
+              f"dead cluster; if it is a leftover: ip link del {name})")
     return 0
 
 
@@ -125,8 +143,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_check_model(args: argparse.Namespace) -> int:
     from . import conformance, spec
     from .proc import require_root
+    allow_outside_files(args)
     s = spec.load(args.file)
-    modes = [m for m in (args.cni or s.cni.type).split(",") if m]
+    modes = [m.strip() for m in (args.cni if args.cni is not None else s.cni.type).split(",") if m.strip()]
+    if not modes:
+        raise SpecError(f"--cni {args.cni!r}: name at least one mode, e.g. --cni host-gw,ipip")
     require_root("k8snetlab check-model")
     sigterm_as_interrupt()
     results = conformance.check_modes(s, modes)
@@ -239,6 +260,8 @@ def parser() -> argparse.ArgumentParser:
                     help="serve per-node and per-pod counters for Prometheus on this loopback address")
     up.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                     help="a parameter of a Python topology file (topologies/*.py), e.g. leaves=4; repeatable")
+    up.add_argument("--allow-outside-files", action="store_true",
+                    help="read workloads: [{file: ...}] also outside the cluster file's directory")
     up.set_defaults(fn=cmd_up)
     cl = sub.add_parser("clean", help="remove what killed runs left behind")
     cl.set_defaults(fn=cmd_clean)
@@ -253,6 +276,8 @@ def parser() -> argparse.ArgumentParser:
     cm.add_argument("--cni", help="modes to check, comma-separated (default: the file's cni.type)")
     cm.add_argument("--csv", help="write every check with its evidence to this CSV file")
     cm.add_argument("--details", action="store_true", help="list every failed check")
+    cm.add_argument("--allow-outside-files", action="store_true",
+                    help="read workloads: [{file: ...}] also outside the cluster file's directory")
     cm.set_defaults(fn=cmd_check_model)
     md = sub.add_parser("modes", help="list CNI types and their options")
     md.set_defaults(fn=cmd_modes)
@@ -285,9 +310,23 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    setup_logging(args.verbose)
-    return guarded(lambda: args.fn(args))
+    """The ``k8snetlab`` command. Called with ``argv`` (from Python, a test), it puts the
+    caller's signal handlers back when it returns; run as a program it keeps its own to the
+    end, so that a late signal cannot raise on the way out."""
+    from . import signals
+    previous = signals.install()    # first: a signal while loading is a clean exit too
+
+    def run() -> int:
+        args = parser().parse_args(argv)
+        setup_logging(args.verbose)
+        return args.fn(args)
+    try:
+        return guarded(run)
+    finally:
+        if argv is not None:
+            signals.restore(previous)
+        else:
+            signals.ignore()        # done: a late signal must not kill the exit (status 143)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from mininet.log import setLogLevel
 
-from . import addons as addonmod, cleanup, manifests, proc, spec as specmod
+from . import addons as addonmod, checks, cleanup, manifests, proc, signals, spec as specmod
 from .errors import K8sNetLabError, SpecError
 from .kubelet import PHASES, Kubelet
 from .manifests import PodSpec, Workload
@@ -134,6 +134,7 @@ class Cluster:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
+    @signals.deferring      # SIGINT/SIGTERM act at the checkpoints between steps, then stop()
     def start(self) -> "Cluster":
         proc.require_root()
         proc.require(*BASE_TOOLS, *self.mode.tools)
@@ -146,10 +147,15 @@ class Cluster:
             self.underlay = Underlay(self.spec, self.state)
             self.underlay.build(self.timings)
             self.timings["underlay_s"] = time.monotonic() - t0
+            signals.checkpoint()
             self._start_node_agents()
+            signals.checkpoint()
             self.timings["agents_s"] = time.monotonic() - t0 - self.timings["underlay_s"]
             t1 = time.monotonic()
-            self._add_pods(self.spec.pods())
+            pods = self.spec.pods()
+            for i in range(0, len(pods), checks.POD_BATCH):   # bounded: sandboxes a batch at a time
+                self._add_pods(pods[i:i + checks.POD_BATCH])
+                signals.checkpoint()
             self.timings["pods_s"] = time.monotonic() - t1
             t2 = time.monotonic()
             for cls in addonmod.addon_classes():
@@ -157,6 +163,7 @@ class Cluster:
                     addon = cls(self)
                     self.addons.append(addon)
                     addon.start()
+                    signals.checkpoint()
             self.timings["addons_s"] = time.monotonic() - t2
             # the periodic reconciles start once everything is up: at 100 nodes a resync round
             # is seconds of the runtime's CPU, which the pods' start needs
@@ -170,6 +177,7 @@ class Cluster:
                  len(self.nodes), len(self.pods), self.timings["start_s"])
         return self
 
+    @signals.deferring      # a signal during teardown takes effect once it is complete
     def stop(self) -> None:
         """Tear everything down; safe to call twice and after a failed start."""
         if not self._started:
@@ -195,18 +203,20 @@ class Cluster:
             attempt(f"stop {addon.name}", addon.stop)
         self.addons.clear()
         kubelets = list(self.kubelets.values())
-        for k in kubelets:
-            for pod in list(k.pods.values()):
-                attempt(f"stop containers of {pod.name}", pod.stop_containers)
-        self._parallel([(lambda p=p: self.kubelets[p.node_name].cni_del(p), p) for p in self.pods.values()
+        # every sandbox a kubelet holds, also one made on it directly (not through add_pod)
+        pods = list({id(p): p for p in [*self.pods.values(), *(p for k in kubelets for p in k.pods.values())]}
+                    .values())
+        for pod in pods:
+            attempt(f"stop containers of {pod.name}", pod.stop_containers)
+        self._parallel([(lambda p=p: self.kubelets[p.node_name].cni_del(p), p) for p in pods
                         if p.result is not None and p.node_name in self.kubelets], errors, "CNI DEL")
         for k in kubelets:
             k.stop(attempt, cni_del=False)
         self.kubelets.clear()
         if self.underlay is not None:
             attempt("stop processes in testbed namespaces", self._kill_in,
-                    *self.pods.values(), *self.nodes.values(), *self.routers.values(), *self.hosts.values())
-            for pod in self.pods.values():
+                    *pods, *self.nodes.values(), *self.routers.values(), *self.hosts.values())
+            for pod in pods:
                 self.underlay.forget(pod)
                 attempt(f"remove the sandbox of {pod.name}", pod.terminate)
             self.underlay.stop(attempt)

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from . import manifests, shaping
+from . import checks, manifests, shaping, yamlio
 from .errors import SpecError
 from .manifests import PodSpec, Workload
 
@@ -258,6 +258,7 @@ def _parse_network(raw: Any, src: str) -> NetworkSpec:
 
 def parse_nodes(raw: Any, underlay: UnderlaySpec, network: NetworkSpec, src: str) -> tuple[NodeSpec, ...]:
     items = _list(raw, f"{src}: nodes")
+    checks.check_node_count(len(items), f"{src}: nodes")
     free = network.cluster_cidr.subnets(new_prefix=network.node_mask)
     explicit = {}
     for i, n in enumerate(items):
@@ -399,11 +400,10 @@ def _parse_workloads(items: Any, src: str, base: Path) -> tuple[list[Workload], 
     for i, item in enumerate(items):
         where = f"{src}: workloads[{i}]"
         if isinstance(item, dict) and set(item) == {"file"}:
-            path = base / str(item["file"])
+            path = checks.workload_file(base, item["file"], f"{where}.file")
             try:
-                docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-            except OSError as e:
-                raise SpecError(f"{where}.file: cannot read {path}: {e.strerror}") from None
+                docs = [d for d in yamlio.load_all(checks.read_text(path, "manifest file", f"{where}.file"), str(path))
+                        if d is not None]
             except yaml.YAMLError as e:
                 raise SpecError(f"{where}.file: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
             for j, d in enumerate(docs):

@@ -7,8 +7,26 @@ one line on stderr and an exit status. Every message names the problem *and* the
 from __future__ import annotations
 
 
+MAX_MESSAGE = 1000      # characters: a message quotes what a user wrote, never all of it
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` as one line of at most ``limit`` characters (the middle cut, the cut said)."""
+    text = " ".join(str(text).split("\n"))
+    if len(text) <= limit:
+        return text
+    keep = limit - 40
+    return f"{text[:keep - 100]} ...({len(text) - keep:,} characters cut)... {text[-100:]}"
+
+
 class K8sNetLabError(Exception):
-    """Base class: an error a user can act on. ``str(e)`` is the one line to print."""
+    """Base class: an error a user can act on. ``str(e)`` is the one line to print (newlines
+    joined, capped at :data:`MAX_MESSAGE` characters)."""
+
+    def __init__(self, *args: object):
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (one_line(args[0]),)
+        super().__init__(*args)
 
 
 class SpecError(K8sNetLabError):

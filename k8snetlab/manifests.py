@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .checks import check_replicas
 from .errors import SpecError
 
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -171,6 +172,7 @@ def parse_workload(doc: Any, where: str) -> Workload:
     replicas = spec.get("replicas", 1)
     if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
         raise SpecError(f"{where}.spec.replicas: must be a whole number >= 0")
+    check_replicas(replicas, f"{where}.spec.replicas")
     tmpl = _map(spec.get("template"), f"{where}.spec.template")
     tmeta = _map(tmpl.get("metadata"), f"{where}.spec.template.metadata")
     tlabels = _str_map(tmeta.get("labels"), f"{where}.spec.template.metadata.labels")

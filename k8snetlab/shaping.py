@@ -194,12 +194,18 @@ def loss_object(loss: float):
     return out
 
 
+def set_mtu(dev: str, mtu: int, netns: str | None) -> None:
+    from .netutil import Netns      # pyroute2 only where links are shaped, not where files parse
+    with Netns(netns, netns or "root namespace") as ns:
+        ns.set_mtu(dev, mtu)
+
+
 def shape(dev: str, props: LinkProps, netns: str | None = None) -> None:
     """Put ``props`` on the egress of ``dev`` (in ``netns``, or the caller's namespace)."""
     from . import proc
     run = lambda *a: proc.run(["tc", *a], netns=netns, where=netns or "root namespace")
     if props.mtu is not None:
-        proc.run(["ip", "link", "set", "dev", dev, "mtu", str(props.mtu)], netns=netns)
+        set_mtu(dev, props.mtu, netns)
     if props.delay_ms is not None:
         if not kernel_has_netem():
             raise KernelFeatureMissing("netem qdisc (sch_netem)", "link delay/jitter")
@@ -261,10 +267,10 @@ def apply(cluster: Any) -> list[tuple[str | None, str]]:
             continue
         shape(port.name, props)
         done.append((None, port.name))
-        from . import proc
         if props.mtu is not None:
-            proc.run(["ip", "link", "set", "dev", link.intf1.name, "mtu", str(props.mtu)], netns=host.netns)
+            set_mtu(link.intf1.name, props.mtu, host.netns)
         if props.loss:
+            from . import proc
             # the loss program drops whole skbs: let the sender hand the wire single packets
             proc.run(["ethtool", "-K", link.intf1.name, "tso", "off", "gso", "off"], netns=host.netns)
     log.info("shaped %d underlay port(s)", len(done))

@@ -33,6 +33,7 @@ import yaml
 from .clusterspec import (ADDON_KINDS, DEFAULT_CLUSTER_CIDR, DEFAULT_NODE_MASK, DEFAULT_SERVICE_CIDR,
                           TOP_KEYS, ClusterSpec, CNISpec, HostSpec, LinkSpec, NetworkSpec, NodeSpec,
                           RouterSpec, SubnetSpec, SwitchSpec, UnderlaySpec, parse, parse_cni, parse_nodes)
+from . import checks, yamlio
 from .errors import SpecError
 from .validate import validate
 
@@ -55,12 +56,9 @@ def load(path: str | Path, cni: str | None = None, params: dict[str, Any] | None
     if params:
         raise SpecError(f"{path}: parameter {next(iter(params))!r} given, but only Python topology files "
                         "(.py) take parameters: remove --param or use a .py generator")
+    text = checks.read_text(path, "cluster file")
     try:
-        text = path.read_text()
-    except OSError as e:
-        raise SpecError(f"{path}: cannot read cluster file: {e.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
+        data = yamlio.load(text, str(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -87,6 +85,9 @@ def generate(path: Path, params: dict[str, Any]) -> Any:
     sys.modules[name] = module      # dataclasses and pickling look their module up there
     try:
         mod_spec.loader.exec_module(module)
+    except SystemExit as e:
+        raise SpecError(f"{path}: the topology generator called sys.exit({e.code!r}) while loading: "
+                        "a topology file defines cluster() and raises an exception to refuse") from None
     except Exception as e:
         raise SpecError(f"{path}: loading the topology generator failed: {type(e).__name__}: {e}") from None
     fn = getattr(module, "cluster", None)
@@ -102,11 +103,14 @@ def generate(path: Path, params: dict[str, Any]) -> Any:
         default = named[key]
         if default is not inspect.Parameter.empty and default is not None and not _same_kind(value, default):
             raise SpecError(f"{path}: parameter {key}: expected {type(default).__name__} like {default!r}, "
-                            f"got {value!r}")
+                            f"got {value!r}: valid parameters are {valid}")
     try:
         data = fn(**params)
     except SpecError as e:
         raise SpecError(f"{path}: {e}") from None
+    except SystemExit as e:
+        raise SpecError(f"{path}: cluster() called sys.exit({e.code!r}): a topology generator returns "
+                        "a dict, or raises an exception to refuse") from None
     except Exception as e:
         raise SpecError(f"{path}: cluster({', '.join(f'{k}={v!r}' for k, v in params.items())}) failed: "
                         f"{type(e).__name__}: {e}") from None

@@ -116,10 +116,12 @@ class Underlay:
                 self.net.addLink(router, sw, intfName1=f"eth{k}",
                                  intfName2=naming.switch_port(sw.name, ports[subnet]),
                                  params1={"ip": f"{ip}/{plen}"})
+        self._mark_root_links()         # the veths exist now; the bridges after start()
         self.net.build()
         for sw in self.switches.values():
             self.state.record_pid(sw.pid, f"switch shell {sw.name}")
         self.net.start()
+        self._mark_root_links()
         if self.ovs is not None:
             self.ovs.prepare_all(list(self.switches.values()))
             timings["controller_ready_s"] = self.ovs.wait_ready(list(self.switches.values()), len(plan.links))
@@ -156,10 +158,17 @@ class Underlay:
         """The switch where ``host`` plugs into ``subnet`` (underlay.switches, else the subnet's)."""
         return self.switches[self.switch_plan.switch_for(host, subnet)]
 
+    def _mark_root_links(self) -> None:
+        """Mark the root-namespace links of the switches as this cluster's (``clean`` deletes
+        only marked or recorded links)."""
+        sws = list(self.switches.values())
+        self.state.mark_links([sw.name for sw in sws] + [i.name for sw in sws for i in sw.intfList()])
+
     def _attach_last_link(self) -> None:
         """Plug the newest Mininet link into its (already running) switch."""
         assert self.net is not None
         link = self.net.links[-1]
+        self._mark_root_links()
         if self.ovs is not None:
             link.intf2.node.attach(link.intf2)
             self.ovs.prepare_host_side(link.intf1.node, link.intf1.name)

@@ -5,14 +5,15 @@ registry what it makes of it: the CNI mode (its options section, then ``Mode.val
 CNI invoker, the switch level and controller app, every add-on (the Services add-on checks
 ``kubeProxy`` and the Services). It returns the spec with the mode's options filled in, or
 raises one :class:`SpecError` naming the file, the key and the fix. Checks of the whole file
-that need no registry (addresses, scheduling) live here too, as small functions.
+that need no registry (addresses, scheduling) live here too, as small functions; the bounds,
+reserved ranges and names and container commands in :mod:`k8snetlab.checks`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from . import options, switching
+from . import checks, options, switching
 from .addons import ADDONS
 from .clusterspec import ClusterSpec, CNISpec
 from .cni import INVOKERS
@@ -25,7 +26,15 @@ def validate(spec: ClusterSpec) -> ClusterSpec:
     switching.check(spec)
     spec = dataclasses.replace(spec, cni=resolve_cni(spec.cni, spec.source))
     check_addresses(spec)
+    checks.check_usable_ranges(spec)
+    checks.check_node_not_gateway(spec)
+    checks.check_pod_bounds(spec)       # from replicas, before any pod list is expanded
     check_scheduling(spec)
+    reserved: dict[str, str] = {}
+    for _, addon in ADDONS.items():
+        reserved.update(addon.reserved_host_names(spec))
+    checks.check_reserved_names(spec, (p.host_name for p in spec.pods()), reserved)
+    checks.check_container_commands(spec)
     MODES.get(spec.cni.type).validate(spec)
     for _, addon in ADDONS.items():
         addon.validate(spec)

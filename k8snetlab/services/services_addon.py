@@ -85,6 +85,13 @@ class ServicesAddon(Addon):
         return bool(spec.services) or bool(spec.kube_proxy)
 
     @classmethod
+    def reserved_host_names(cls, spec: "ClusterSpec") -> dict[str, str]:
+        if not cls.wanted(spec):
+            return {}
+        from .loadbalancer import HOST as LB_HOST
+        return {EXTERNAL_HOST: "the Services add-on's external client", LB_HOST: "the load balancer"}
+
+    @classmethod
     def validate(cls, spec: "ClusterSpec") -> None:
         """Parse the kubeProxy section and every Service, and allocate (dry run): any mistake
         is a SpecError naming the file and key, before anything is built."""

@@ -91,3 +91,17 @@ def test_add_check_del_del_through_the_shim(cluster):
     finally:
         pod.result = None
         kubelet.delete_pod(pod.name)
+
+
+def test_a_sandbox_made_on_a_kubelet_directly_goes_with_the_cluster():
+    """stop() removes every sandbox a kubelet holds, not only those add_pod made."""
+    require_root_and("mnexec", "brctl", "nsenter")
+    from k8snetlab import proc
+    c = Cluster(spec.from_dict(ONE_NODE, "test_cni_fast_path (stray sandbox)"))
+    c.start()
+    try:
+        pod = c.kubelets["node1"].create_sandbox(PodSpec("stray"))
+        holder = (pod.pid, proc.start_time(pod.pid))
+    finally:
+        c.stop()
+    assert not proc.running(*holder), "the sandbox's holder outlived the cluster"
