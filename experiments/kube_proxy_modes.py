@@ -71,41 +71,9 @@ NODE_MODES = ("userspace", "iptables", "nftables", "ipvs")
 LEGACY = "iptables-legacy"   # the iptables mode with the iptables-legacy binaries (kubeProxy.iptablesBackend)
 CLIENT, SERVER, PROBE = "kpm-client", "kpm-server", "kpm-probe"
 SERVER_LABELS = {"app": SERVER}
-IPERF_PORT, SOCKPERF_PORT, ACCEPT_PORT = 5201, 11111, 7000
-
-# the server pod's connection target: answer one byte, close
-ACCEPT_SERVER = ("import socket\n"
-                 "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-                 f"s.bind(('0.0.0.0', {ACCEPT_PORT})); s.listen(4096)\n"
-                 "while True:\n"
-                 "    c, _ = s.accept()\n"
-                 "    try:\n"
-                 "        c.sendall(b'x')\n"
-                 "    except OSError:\n"
-                 "        pass\n"
-                 "    c.close()\n")
-
-# n fresh connections: connect time of each (ns), closed with a reset (no TIME_WAIT pile-up)
-CONNECT_TIMES = ("import json, socket, struct, sys, time\n"
-                 "ip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])\n"
-                 "out = []\n"
-                 "for _ in range(n):\n"
-                 "    s = socket.socket()\n"
-                 "    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))\n"
-                 "    s.settimeout(2)\n"
-                 "    t0 = time.perf_counter_ns(); s.connect((ip, port)); out.append(time.perf_counter_ns() - t0)\n"
-                 "    s.close()\n"
-                 "print(json.dumps(out))\n")
-
-# n sequential connections that each read the server's byte: connections per second
-CONN_RATE = ("import socket, sys, time\n"
-             "ip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])\n"
-             "t0 = time.perf_counter(); ok = 0\n"
-             "for _ in range(n):\n"
-             "    s = socket.create_connection((ip, port), 2)\n"
-             "    ok += len(s.recv(1))\n"
-             "    s.close()\n"
-             "print(ok, time.perf_counter() - t0)\n")
+IPERF_PORT, SOCKPERF_PORT = 5201, 11111
+ACCEPT_PORT, ACCEPT_SERVER, CONNECT_TIMES, CONN_RATE = (measure.ACCEPT_PORT, measure.ACCEPT_SERVER,
+                                                   measure.CONNECT_TIMES, measure.CONN_RATE)
 
 
 def build_parser():

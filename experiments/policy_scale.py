@@ -52,39 +52,11 @@ log = logging.getLogger("policy_scale")
 
 NAME = "policy_scale"
 CLIENT, SERVER = "ps-client", "ps-server"
-ACCEPT_PORT, IPERF_PORT = 7000, 5201
+IPERF_PORT = 5201
+ACCEPT_PORT, ACCEPT_SERVER, CONNECT_TIMES, CONN_RATE = (measure.ACCEPT_PORT, measure.ACCEPT_SERVER,
+                                                   measure.CONNECT_TIMES, measure.CONN_RATE)
 TARGETS = {"nftables": 10.0, "iptables": 100.0, "iptables-legacy": 100.0}   # us added to the first packet at 1,000 policies
 PARTIAL_TARGET = 0.2                                 # s
-
-ACCEPT_SERVER = ("import socket\n"
-                 "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-                 f"s.bind(('0.0.0.0', {ACCEPT_PORT})); s.listen(4096)\n"
-                 "while True:\n"
-                 "    c, _ = s.accept()\n"
-                 "    try:\n"
-                 "        c.sendall(b'x')\n"
-                 "    except OSError:\n"
-                 "        pass\n"
-                 "    c.close()\n")
-CONNECT_TIMES = ("import json, socket, struct, sys, time\n"
-                 "ip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])\n"
-                 "out = []\n"
-                 "for _ in range(n):\n"
-                 "    s = socket.socket()\n"
-                 "    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))\n"
-                 "    s.settimeout(2)\n"
-                 "    t0 = time.perf_counter_ns(); s.connect((ip, port)); out.append(time.perf_counter_ns() - t0)\n"
-                 "    s.close()\n"
-                 "print(json.dumps(out))\n")
-CONN_RATE = ("import socket, sys, time\n"
-             "ip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])\n"
-             "t0 = time.perf_counter(); ok = 0\n"
-             "for _ in range(n):\n"
-             "    s = socket.create_connection((ip, port), 2)\n"
-             "    ok += len(s.recv(1))\n"
-             "    s.close()\n"
-             "print(ok, time.perf_counter() - t0)\n")
-
 
 def build_parser():
     p = experiment.parser(__doc__.strip().splitlines()[0], default_repeat=3)

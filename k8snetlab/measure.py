@@ -402,3 +402,43 @@ def _c_locale() -> dict[str, str]:
     env = dict(os.environ)
     env["LC_ALL"] = "C"
     return env
+
+
+# -- small probe programs run with ``python3 -c`` inside a pod ---------------------------------
+ACCEPT_PORT = 7000
+
+# the server pod's connection target: answer one byte, close
+ACCEPT_SERVER = ("import socket\n"
+                 "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+                 f"s.bind(('0.0.0.0', {ACCEPT_PORT})); s.listen(4096)\n"
+                 "while True:\n"
+                 "    c, _ = s.accept()\n"
+                 "    try:\n"
+                 "        c.sendall(b'x')\n"
+                 "    except OSError:\n"
+                 "        pass\n"
+                 "    c.close()\n")
+
+# argv: ip port n. n fresh connections: connect time of each (ns) as JSON, closed with a
+# reset (no TIME_WAIT pile-up)
+CONNECT_TIMES = ("import json, socket, struct, sys, time\n"
+                 "ip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])\n"
+                 "out = []\n"
+                 "for _ in range(n):\n"
+                 "    s = socket.socket()\n"
+                 "    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))\n"
+                 "    s.settimeout(2)\n"
+                 "    t0 = time.perf_counter_ns(); s.connect((ip, port)); out.append(time.perf_counter_ns() - t0)\n"
+                 "    s.close()\n"
+                 "print(json.dumps(out))\n")
+
+# argv: ip port n. n sequential connections that each read the server's byte: prints
+# "<bytes read> <seconds>", i.e. connections per second
+CONN_RATE = ("import socket, sys, time\n"
+             "ip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])\n"
+             "t0 = time.perf_counter(); ok = 0\n"
+             "for _ in range(n):\n"
+             "    s = socket.create_connection((ip, port), 2)\n"
+             "    ok += len(s.recv(1))\n"
+             "    s.close()\n"
+             "print(ok, time.perf_counter() - t0)\n")
