@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from k8snetlab import naming
-from k8snetlab.modes.host_gw import HostGwMode
+from k8snetlab.modes.host_gw import FlannelOptions, HostGwMode
 from k8snetlab.options import opt
 
 
 @dataclass
-class FlatL2Options:
+class FlatL2Options(FlannelOptions):
+    """host-gw's options (its node agent reads them) and one of ours."""
+
     mtu: int = opt(1500, min=576, max=9000, help="the pods' MTU")
 
 
