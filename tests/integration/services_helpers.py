@@ -101,7 +101,7 @@ def ask(host, ip: str, port: int, n: int, timeout: float = 3) -> list[str]:
 def stop_and_check(c) -> None:
     """Stop the cluster (if it still runs); nothing of it may be left: no proxy process, no
     state, no link (other clusters, e.g. of tests running beside us, are not ours to judge)."""
-    if c.state is None:          # never started, or stopped already
+    if c.state is None or c.services is None:    # never started, or stopped (and checked) already
         return
     index, path = c.state.index, str(c.state.path)
     procs = [getattr(p, "process", None) for p in c.services.proxiers.values()]
