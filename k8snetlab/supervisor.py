@@ -20,7 +20,6 @@ the pod's ``lifecycle`` lock in turn, so a container never comes back after its 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Callable
 
 from . import proc
 from .errors import K8sNetLabError
+from .periodic import Periodic
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pod import Pod
@@ -59,35 +59,25 @@ class ContainerState:
     gave_up: bool = False           # the policy keeps it down
 
 
-class ContainerSupervisor:
+class ContainerSupervisor(Periodic):
     """Restarts exited containers and keeps every pod's ``ready`` flag; see the module doc."""
+
+    thread_name = "kubelet-containers"
 
     def __init__(self, pods: Callable[[], dict[str, "Pod"]], log_dir: Path,
                  readiness_changed: Callable[[list["Pod"]], None], poll: float = POLL_S,
                  backoff_initial: float = BACKOFF_INITIAL_S, backoff_max: float = BACKOFF_MAX_S):
+        super().__init__()
         self.pods, self.log_dir, self.readiness_changed = pods, log_dir, readiness_changed
         self.poll, self.backoff_initial, self.backoff_max = poll, backoff_initial, backoff_max
         self.states: dict[tuple[str, str], ContainerState] = {}   # (pod sandbox id, container)
         self.events: deque[tuple[float, str, str, str]] = deque(maxlen=1000)   # (t, pod, container, what)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="kubelet-containers", daemon=True)
-        self._thread.start()
+    def interval(self) -> float:
+        return self.poll
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.poll):
-            try:
-                self.check_once()
-            except Exception as e:      # never let the supervision die silently
-                log.warning("kubelet: container supervision: %s", e)
+    def tick(self) -> object:
+        return self.check_once()
 
     def _event(self, pod: "Pod", container: str, what: str) -> None:
         self.events.append((time.monotonic(), pod.name, container, what))

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ..errors import K8sNetLabError
 from ..netutil import Netns
+from ..periodic import Periodic
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..pod import NodeHost
@@ -33,37 +34,29 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 
-class AgentResync:
+class AgentResync(Periodic):
     """A thread that reconciles every node's inter-node state every ``period`` seconds."""
 
     def __init__(self, mode: "Mode", nodes: Callable[[], dict[str, "NodeHost"]], period: float,
                  lock: threading.RLock):
+        super().__init__()
         self.mode, self.nodes, self.period, self.lock = mode, nodes, period, lock
+        self.thread_name = f"{mode.name}-agent-resync"
         self.rounds = 0                              # reconcile rounds done
         self.repaired: dict[str, list[str]] = {}     # node -> peers repaired in the last round
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._said: set[str] = set()
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name=f"{self.mode.name}-agent-resync", daemon=True)
-        self._thread.start()
+    def interval(self) -> float:
+        return self.period
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.period):
-            self.resync_once()
+    def tick(self) -> object:
+        return self.resync_once()
 
     def resync_once(self) -> dict[str, list[str]]:
         """One round over every node; returns {node: [peers repaired]} (only nodes with any)."""
         out: dict[str, list[str]] = {}
         with self.lock:
-            if self._stop.is_set():
+            if self.stopping:
                 return out
             nodes = dict(self.nodes())
             for name, node in nodes.items():

@@ -29,6 +29,7 @@ from .. import options as optmod
 from ..addons import Addon
 from ..errors import K8sNetLabError, SpecError
 from ..options import opt
+from ..periodic import Periodic
 from . import model as m
 from .dataplane import DATAPLANES, Dataplane, SyncStats
 from .plan import NodePlan, build
@@ -114,8 +115,7 @@ class PolicyAddon(Addon):
         self._leaving: set[str] = set()
         self._sysctls: dict[str, str] = {}
         self._lock = threading.RLock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._resync = Periodic("policy-resync", lambda: self.options.resync_period, self._resync_round)
         self._running = False
 
     @classmethod
@@ -159,17 +159,13 @@ class PolicyAddon(Addon):
                 self.agents[node.name] = cls(node)
             self._running = True
             self.sync()
-        self._thread = threading.Thread(target=self._resync_loop, name="policy-resync", daemon=True)
-        self._thread.start()
+        self._resync.start()
         log.info("policy: %s agents on %d node(s), %d NetworkPolicies", self.options.dataplane,
                  len(self.agents), len(self.policies))
 
     def stop(self) -> None:
         from ..netutil import set_sysctl
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        self._resync.stop()
         with self._lock:
             for name, agent in list(self.agents.items()):
                 if name in self.cluster.nodes:
@@ -216,18 +212,16 @@ class PolicyAddon(Addon):
             self._write_state()
             return dict(self.last_sync)
 
-    def _resync_loop(self) -> None:
-        while not self._stop.wait(self.options.resync_period):
-            try:
-                with self._lock:
-                    model = None
-                    for name, agent in self.agents.items():
-                        if not agent.intact():
-                            log.info("policy: rules on %s differ from what was written: full sync", name)
-                            model = model or self.model()
-                            self.last_sync[name] = agent.sync(build(model, name), full=True)
-            except Exception as e:   # keep resyncing; the next round tries again
-                log.warning("policy: resync: %s", e)
+    def _resync_round(self) -> None:
+        """Full sync on every node whose rules differ from what was written (a failure is
+        logged by :class:`Periodic`; the next round tries again)."""
+        with self._lock:
+            model = None
+            for name, agent in self.agents.items():
+                if not agent.intact():
+                    log.info("policy: rules on %s differ from what was written: full sync", name)
+                    model = model or self.model()
+                    self.last_sync[name] = agent.sync(build(model, name), full=True)
 
     def _changed(self) -> None:
         if self.options.enabled and not self._running and self.policies:
@@ -317,7 +311,6 @@ class PolicyAddon(Addon):
         with self._lock:
             running = self._running
             self.stop()
-            self._stop = threading.Event()
             self.options = dataclasses.replace(self.options, dataplane=name)
             self.cluster.policies = self            # type: ignore[attr-defined]
             if running:

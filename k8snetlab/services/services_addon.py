@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from .. import proc
 from ..addons import Addon
 from ..errors import K8sNetLabError, KernelFeatureMissing, SpecError
+from ..periodic import Periodic
 from .dns import ClusterDNS
 from .endpoints import EndpointsController
 from .loadbalancer import LoadBalancer
@@ -74,8 +75,7 @@ class ServicesAddon(Addon):
         self._services: dict[str, Service] = {}
         self._snap = Snapshot((), {}, 0)
         self._lock = threading.RLock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._resync = Periodic("kube-proxy-resync", lambda: self.options.sync_period, self._resync_round)
         self._last_error = ""
         self.resyncs = 0          # periodic resync rounds done (every proxier once per round)
 
@@ -132,8 +132,7 @@ class ServicesAddon(Addon):
         self._start_optional()
         log.info("services: kube-proxy %s on %d node(s), %d Service(s), external host %s",
                  self.options.mode, len(self.proxiers), len(self._services), self.options.external_host)
-        self._thread = threading.Thread(target=self._resync_loop, name="kube-proxy-resync", daemon=True)
-        self._thread.start()
+        self._resync.start()
 
     def _start_optional(self) -> None:
         """Cluster DNS and the load balancer, when the options ask for them."""
@@ -166,10 +165,7 @@ class ServicesAddon(Addon):
         self.proxiers[node.name] = p
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        self._resync.stop()
         for what, part in (("load balancer", self.lb), ("cluster DNS", self.dns)):
             if part is not None:
                 try:
@@ -329,23 +325,22 @@ class ServicesAddon(Addon):
                 raise
             log.error("services: %s failed to sync: %s", what, e)
 
-    def _resync_loop(self) -> None:
+    def _resync_round(self) -> None:
         """kube-proxy's periodic full sync: re-apply the last snapshot on every node."""
-        while not self._stop.wait(self.options.sync_period):
-            with self._lock:
-                if self._stop.is_set():
-                    return
-                snap = self._snap
-                for name, p in list(self.proxiers.items()):
-                    if name not in self.cluster.nodes:
-                        continue
-                    try:
-                        p.sync(snap)
-                        self._last_error = ""
-                    except Exception as e:   # keep resyncing; say it once
-                        msg = f"{name}: {e}"
-                        if msg != self._last_error:
-                            log.warning("services: periodic resync on %s", msg)
-                            self._last_error = msg
-                self.resyncs += 1
+        with self._lock:
+            if self._resync.stopping:
+                return
+            snap = self._snap
+            for name, p in list(self.proxiers.items()):
+                if name not in self.cluster.nodes:
+                    continue
+                try:
+                    p.sync(snap)
+                    self._last_error = ""
+                except Exception as e:   # keep resyncing; say it once
+                    msg = f"{name}: {e}"
+                    if msg != self._last_error:
+                        log.warning("services: periodic resync on %s", msg)
+                        self._last_error = msg
+            self.resyncs += 1
 
