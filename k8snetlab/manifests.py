@@ -101,7 +101,8 @@ def _str_map(d: Any, where: str) -> dict[str, str]:
     return {k: str(v) for k, v in d.items()}
 
 
-def _name(value: Any, where: str) -> str:
+def check_name(value: Any, where: str) -> str:
+    """A Kubernetes object name (DNS-1123 label); raises SpecError naming ``where``."""
     if not isinstance(value, str) or not NAME_RE.match(value) or len(value) > 63:
         raise SpecError(f"{where}: {value!r} is not a valid Kubernetes name "
                         "(lower-case letters, digits and '-', at most 63 characters)")
@@ -116,7 +117,7 @@ def _containers(spec: dict[str, Any], where: str) -> tuple[ContainerSpec, ...]:
     for i, c in enumerate(items):
         cw = f"{where}.containers[{i}]"
         c = _map(c, cw)
-        name = _name(c.get("name"), f"{cw}.name")
+        name = check_name(c.get("name"), f"{cw}.name")
         if name in seen:
             raise SpecError(f"{cw}.name: duplicate container name {name!r}")
         seen.add(name)
@@ -162,8 +163,8 @@ def parse_workload(doc: Any, where: str) -> Workload:
     if kind not in WORKLOAD_KINDS:
         raise SpecError(f"{where}.kind: {kind!r} is not a workload kind: use one of {', '.join(WORKLOAD_KINDS)} (or Service)")
     meta = _map(doc.get("metadata"), f"{where}.metadata")
-    name = _name(meta.get("name"), f"{where}.metadata.name")
-    ns = _name(meta.get("namespace", "default"), f"{where}.metadata.namespace")
+    name = check_name(meta.get("name"), f"{where}.metadata.name")
+    ns = check_name(meta.get("namespace", "default"), f"{where}.metadata.namespace")
     labels = _str_map(meta.get("labels"), f"{where}.metadata.labels")
     spec = _map(doc.get("spec"), f"{where}.spec")
     if kind == "Pod":

@@ -33,6 +33,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Iterable
 
 from ..errors import SpecError
+from ..manifests import check_name
 
 API_VERSION = "networking.k8s.io/v1"
 NAME_LABEL = "kubernetes.io/metadata.name"
@@ -40,7 +41,6 @@ BUILTIN_NAMESPACES = ("default", "kube-system")
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 POLICY_TYPES = ("Ingress", "Egress")
-_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _PORT_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _LABEL_KEY_RE = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 
@@ -196,13 +196,6 @@ def _list(v: Any, where: str) -> list[Any]:
     return v
 
 
-def _name(v: Any, where: str) -> str:
-    if not isinstance(v, str) or not _NAME_RE.match(v) or len(v) > 63:
-        raise SpecError(f"{where}: {v!r} is not a valid Kubernetes name "
-                        "(lower-case letters, digits and '-', at most 63 characters)")
-    return v
-
-
 def parse_labels(d: Any, where: str) -> dict[str, str]:
     if d is None:
         return {}
@@ -316,10 +309,10 @@ def _rules(items: Any, where: str, peers_key: str) -> tuple[Rule, ...]:
 
 def _meta(doc: dict[str, Any], where: str) -> tuple[str, str | None, dict[str, str]]:
     meta = _keys(doc.get("metadata"), f"{where}.metadata", ("name", "namespace", "labels", "annotations"))
-    name = _name(meta.get("name"), f"{where}.metadata.name")
+    name = check_name(meta.get("name"), f"{where}.metadata.name")
     ns = meta.get("namespace")
     if ns is not None:
-        ns = _name(ns, f"{where}.metadata.namespace")
+        ns = check_name(ns, f"{where}.metadata.namespace")
     return name, ns, parse_labels(meta.get("labels"), f"{where}.metadata.labels")
 
 

@@ -22,7 +22,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import TYPE_CHECKING, Any, Iterable
 
 from ..errors import SpecError
-from ..manifests import NAME_RE
+from ..manifests import NAME_RE, check_name
 from ..options import opt
 from ..options import parse as parse_options
 
@@ -223,8 +223,8 @@ def parse_service(doc: Any, where: str) -> Service:
     if doc.get("kind", "Service") != "Service":
         raise SpecError(f"{where}.kind: {doc.get('kind')!r} is not Service")
     meta = _mapping(doc.get("metadata"), f"{where}.metadata")
-    name = _name(meta.get("name"), f"{where}.metadata.name")
-    namespace = _name(meta.get("namespace", "default"), f"{where}.metadata.namespace")
+    name = check_name(meta.get("name"), f"{where}.metadata.name")
+    namespace = check_name(meta.get("namespace", "default"), f"{where}.metadata.namespace")
     spec = _mapping(doc.get("spec"), f"{where}.spec")
     w = f"{where}.spec"
     for key, value in spec.items():
@@ -269,13 +269,6 @@ def _mapping(value: Any, where: str) -> dict[str, Any]:
         return {}
     if not isinstance(value, dict):
         raise SpecError(f"{where}: must be a mapping")
-    return value
-
-
-def _name(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not NAME_RE.match(value) or len(value) > 63:
-        raise SpecError(f"{where}: {value!r} is not a valid Kubernetes name "
-                        "(lower-case letters, digits and '-', at most 63 characters)")
     return value
 
 
