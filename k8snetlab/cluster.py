@@ -84,6 +84,7 @@ class Cluster:
         self.agent_lock = threading.RLock()
         self.agent_resync: AgentResync | None = None
         self.supervisor: ContainerSupervisor | None = None   # the kubelets' container restarts
+        self.cni_servers: Any = None     # cni_server.ServerPool: the nodes' CNI servers (invoke exec)
         self._started = False
 
     @classmethod
@@ -206,16 +207,27 @@ class Cluster:
         # every sandbox a kubelet holds, also one made on it directly (not through add_pod)
         pods = list({id(p): p for p in [*self.pods.values(), *(p for k in kubelets for p in k.pods.values())]}
                     .values())
+        for pod in pods:            # every container told at once, then each waited for
+            attempt(f"signal containers of {pod.name}", pod.signal_containers)
         for pod in pods:
             attempt(f"stop containers of {pod.name}", pod.stop_containers)
+        # CNI DEL only where a plugin may keep something beyond the node's namespace and this
+        # cluster's state directory: ours keep nothing else, and the namespaces go below (a
+        # namespace's end takes its veths with it), so a 1,000-pod cluster is not 1,000 DELs
         self._parallel([(lambda p=p: self.kubelets[p.node_name].cni_del(p), p) for p in pods
-                        if p.result is not None and p.node_name in self.kubelets], errors, "CNI DEL")
+                        if p.result is not None and p.node_name in self.kubelets
+                        and self.kubelets[p.node_name].teardown_needs_del()], errors, "CNI DEL")
         for k in kubelets:
             k.stop(attempt, cni_del=False)
         self.kubelets.clear()
+        if self.cni_servers is not None:
+            attempt("stop the CNI server workers", self.cni_servers.stop)
+            self.cni_servers = None
         if self.underlay is not None:
             attempt("stop processes in testbed namespaces", self._kill_in,
                     *pods, *self.nodes.values(), *self.routers.values(), *self.hosts.values())
+            for pod in pods:        # every holder signalled at once, then each reaped
+                attempt(f"signal the sandbox of {pod.name}", pod.signal_holder)
             for pod in pods:
                 self.underlay.forget(pod)
                 attempt(f"remove the sandbox of {pod.name}", pod.terminate)
@@ -280,7 +292,11 @@ class Cluster:
         kubelet = Kubelet(node, self.mode, self.spec.cni.invoke, self._log_dir(),
                           self.state.record_pid, self.state.record_netns)
         self.kubelets[node.name] = kubelet
-        kubelet.start(self._cni_run_dir() if self.spec.cni.invoke == "exec" else None)
+        server = None
+        if self.spec.cni.invoke == "exec":
+            assert self.cni_servers is not None
+            server = self.cni_servers.server(node.netns, node.name)
+        kubelet.start(server)
         return kubelet
 
     def sync_routes(self) -> None:
@@ -302,9 +318,8 @@ class Cluster:
             if not todo:
                 continue
             with Netns(self.nodes[a].netns, a) as ns:
-                for b in todo:
-                    self.mode.add_peer(self.nodes[a], ns, self.nodes[b])
-                    self._peers.add((a, b))
+                self.mode.add_peers(self.nodes[a], ns, [self.nodes[b] for b in todo])
+            self._peers.update((a, b) for b in todo)
 
     def add_node(self, name: str, ip: str, subnet: str | None = None, pod_cidr: str | None = None) -> NodeHost:
         """A node joins: underlay link, node agent, and every node's routes are updated."""
@@ -583,15 +598,15 @@ class Cluster:
         logs.mkdir(exist_ok=True)
         return logs
 
-    def _cni_run_dir(self) -> Path:
-        from .cni_server import run_dir
-        assert self.state is not None
-        return run_dir(self.state.cni_bin)
-
     def _write_cni_bin(self) -> None:
         """Our plugins as CNI executables named by type, in this cluster's CNI_PATH: thin
-        shims forwarding to the node's CNI server (:mod:`k8snetlab.cni_server`)."""
-        from .cni_server import write_plugins
+        shims forwarding to the node's CNI server (:mod:`k8snetlab.cni_server`); with
+        ``cni.invoke: exec`` the worker processes those servers run in."""
+        from .cni_server import ServerPool, pool_size, run_dir, write_plugins
         assert self.state is not None
         write_plugins(self.state.cni_bin, self.state.path.parent)
+        if self.spec.cni.invoke == "exec":
+            self.cni_servers = ServerPool(run_dir(self.state.cni_bin), self._log_dir(),
+                                          pool_size(len(self.spec.nodes)), self.state.record_pid)
+            self.cni_servers.start()
 

@@ -23,7 +23,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError as _PyNetlinkError
 
 from . import proc
-from .errors import NetlinkError
+from .errors import CommandError, NetlinkError
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +237,31 @@ class Netns:
         what = f"route {dst} via " + ", ".join(gateways)
         self._call(what, self.ipr.route, "replace", dst=_dst(dst), table=table,
                    multipath=[{"gateway": g} for g in gateways])
+
+    def replace_routes(self, routes: list[dict[str, Any]]) -> None:
+        """Replace many routes at once: ``{"dst", "gateway", "dev", "onlink", "mtu"}`` each
+        (``dev`` by name). One ``ip -batch`` run in the namespace instead of a pyroute2
+        request per route: a node agent at 100 nodes programs 99 routes per node, 9,900 in
+        all, and each request costs about a millisecond of the runtime's CPU, ``ip`` a few
+        microseconds. Raises NetlinkError naming the route ``ip`` refused."""
+        lines = []
+        for r in routes:
+            words = ["route", "replace", _dst(r["dst"])]
+            if r.get("gateway"):
+                words += ["via", str(r["gateway"])]
+            if r.get("dev"):
+                words += ["dev", str(r["dev"])]
+            if r.get("onlink"):
+                words.append("onlink")
+            if r.get("mtu"):
+                words += ["mtu", str(int(r["mtu"]))]
+            lines.append(" ".join(words))
+        if not lines:
+            return
+        try:
+            proc.run(["ip", "-batch", "-"], input="\n".join(lines) + "\n", netns=self.path, where=self.label)
+        except CommandError as e:
+            raise NetlinkError(f"{len(lines)} routes in {self.label}: {e.stderr.strip() or e}") from None
 
     def del_route(self, dst: str, *, table: int = MAIN_TABLE, **match: Any) -> bool:
         """Delete a route; True if it existed. Already gone is success."""

@@ -253,6 +253,20 @@ class Pod(NetnsHost):
         self.containers[c.name] = cont
         return cont
 
+    def signal_containers(self) -> None:
+        """SIGTERM every container now; :meth:`stop_containers` then waits for them (a
+        cluster stopping signals all its pods' containers first, then waits for each)."""
+        with self.lifecycle:
+            self.stopping = True
+            for c in self.containers.values():
+                if c.running():
+                    c.process.terminate()
+
+    def signal_holder(self) -> None:
+        """SIGKILL the sandbox's holder without waiting (:meth:`terminate` reaps it)."""
+        if self._holder is not None and self._holder.poll() is None:
+            self._holder.kill()
+
     def stop_containers(self, grace: float = 1.0) -> None:
         with self.lifecycle:
             self.stopping = True

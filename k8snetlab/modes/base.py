@@ -83,6 +83,11 @@ class Mode:
     def add_peer(self, node: "NodeHost", ns: Netns, peer: "NodeHost") -> None:
         """Make ``node`` reach ``peer``'s pod CIDR (called for every other node)."""
 
+    def add_peers(self, node: "NodeHost", ns: Netns, peers: list["NodeHost"]) -> None:
+        """``add_peer`` for several peers at once (modes with routes batch them per node)."""
+        for peer in peers:
+            self.add_peer(node, ns, peer)
+
     def remove_peer(self, node: "NodeHost", ns: Netns, peer: "NodeHost") -> None:
         ns.del_route(str(peer.spec.pod_cidr))
 
@@ -97,8 +102,8 @@ class Mode:
         """One reconcile of ``node``: ``add_peer`` again for every peer that lacks something;
         return the names of those peers."""
         todo = self.peers_to_repair(node, ns, peers)
-        for peer in todo:
-            self.add_peer(node, ns, peer)
+        if todo:
+            self.add_peers(node, ns, todo)
         return [p.name for p in todo]
 
     def peers_to_repair(self, node: "NodeHost", ns: Netns, peers: list["NodeHost"]) -> list["NodeHost"]:

@@ -84,3 +84,8 @@ class HostGwMode(FlannelMode):
         if index is None:
             index = uplinks[key] = ns.require_index(uplink())
         ns.add_route(str(peer.spec.pod_cidr), gateway=str(peer.spec.ip), dev=index)
+
+    def add_peers(self, node: "NodeHost", ns: Netns, peers: list["NodeHost"]) -> None:
+        """Every peer's route in one batch (one ``ip -batch`` per node, not a request per route)."""
+        ns.replace_routes([{"dst": str(p.spec.pod_cidr), "gateway": str(p.spec.ip), "dev": uplink()}
+                           for p in peers])

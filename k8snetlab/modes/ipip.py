@@ -150,6 +150,24 @@ class IpipMode(CalicoMode):
             # mtu: what the node itself sends there must still fit the underlay once wrapped
             ns.add_route(cidr, gateway=self.underlay_next_hop(node, peer), dev=uplink(), mtu=self.mtu)
 
+    def add_peers(self, node: "NodeHost", ns: Netns, peers: list["NodeHost"]) -> None:
+        """What ``add_peer`` does, the routes of all peers in one batch (the BPF map entries
+        are syscalls already, and go first: no packet leaks out plain)."""
+        routes = []
+        for peer in peers:
+            cidr, ip = str(peer.spec.pod_cidr), str(peer.spec.ip)
+            if not self.encapsulates(node, peer):
+                routes.append({"dst": cidr, "gateway": ip, "dev": uplink()})
+            elif self.datapath == "kernel":
+                routes.append({"dst": cidr, "gateway": ip, "dev": naming.IPIP_DEV, "onlink": True})
+            else:
+                tc = self._tc[node.name]
+                tc.add_peer(ip)
+                tc.set_tunnel(cidr, ip)
+                routes.append({"dst": cidr, "gateway": self.underlay_next_hop(node, peer), "dev": uplink(),
+                               "mtu": self.mtu})
+        ns.replace_routes(routes)
+
     def bpf_datapath(self, node: str) -> Any:
         """The node's eBPF IPIP datapath (its maps and counters), None on the kernel datapath."""
         return self._tc.get(node)
