@@ -25,6 +25,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import os
+import resource
 import threading
 import time
 from pathlib import Path
@@ -62,6 +63,28 @@ def slow_start_batches(n: int, first: int = 1) -> list[int]:
         n -= sizes[-1]
         size *= 2
     return sizes
+
+
+class _CpuMarks:
+    """CPU seconds per phase into ``timings``: ``<phase>_cpu_s`` of this process (all its
+    threads) and ``<phase>_children_cpu_s`` of the programs it ran and waited for (plugin
+    executables, ``nsenter``, ``ip``, ``mnexec``). Wall time on a shared machine says how
+    loaded it was; CPU time says what the work cost."""
+
+    def __init__(self, timings: dict[str, float]):
+        self.timings = timings
+        self.last = self._now()
+
+    @staticmethod
+    def _now() -> tuple[float, float]:
+        ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return time.process_time(), ch.ru_utime + ch.ru_stime
+
+    def mark(self, phase: str) -> None:
+        now = self._now()
+        self.timings[f"{phase}_cpu_s"] = now[0] - self.last[0]
+        self.timings[f"{phase}_children_cpu_s"] = now[1] - self.last[1]
+        self.last = now
 
 
 class Cluster:
@@ -140,6 +163,7 @@ class Cluster:
         proc.require_root()
         proc.require(*BASE_TOOLS, *self.mode.tools)
         t0 = time.monotonic()
+        cpu = _CpuMarks(self.timings)       # where the CPU goes: this process and its children
         setLogLevel("error")
         self.state = cleanup.StateDir.create(self.spec.name)
         self._started = True
@@ -148,16 +172,19 @@ class Cluster:
             self.underlay = Underlay(self.spec, self.state)
             self.underlay.build(self.timings)
             self.timings["underlay_s"] = time.monotonic() - t0
+            cpu.mark("underlay")
             signals.checkpoint()
             self._start_node_agents()
             signals.checkpoint()
             self.timings["agents_s"] = time.monotonic() - t0 - self.timings["underlay_s"]
+            cpu.mark("agents")
             t1 = time.monotonic()
             pods = self.spec.pods()
             for i in range(0, len(pods), checks.POD_BATCH):   # bounded: sandboxes a batch at a time
                 self._add_pods(pods[i:i + checks.POD_BATCH])
                 signals.checkpoint()
             self.timings["pods_s"] = time.monotonic() - t1
+            cpu.mark("pods")
             t2 = time.monotonic()
             for cls in addonmod.addon_classes():
                 if cls.wanted(self.spec):
@@ -166,6 +193,7 @@ class Cluster:
                     addon.start()
                     signals.checkpoint()
             self.timings["addons_s"] = time.monotonic() - t2
+            cpu.mark("addons")
             # the periodic reconciles start once everything is up: at 100 nodes a resync round
             # is seconds of the runtime's CPU, which the pods' start needs
             self._start_agent_resync()
@@ -185,6 +213,9 @@ class Cluster:
             return
         self._started = False
         t0 = time.monotonic()
+        cpu = _CpuMarks(self.timings)
+        if self.cni_servers is not None:
+            self.timings["cni_servers_cpu_s"] = self.cni_servers.cpu_seconds()
         errors: list[str] = []
 
         def attempt(what: str, fn: Any, *args: Any) -> None:
@@ -238,6 +269,7 @@ class Cluster:
         self.pods.clear()
         self.scheduler = Scheduler()
         self.timings["stop_s"] = time.monotonic() - t0
+        cpu.mark("stop")
         if errors:
             log.warning("teardown finished with %d problem(s); 'k8snetlab clean' removes leftovers", len(errors))
 

@@ -382,6 +382,19 @@ class ServerPool:
     def pids(self) -> list[int]:
         return [w.process.pid for w in self.workers]
 
+    def cpu_seconds(self) -> float:
+        """CPU seconds the workers used so far (user + system, from /proc/PID/stat)."""
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick
+            except (OSError, IndexError, ValueError):
+                continue
+        return total
+
     def stop(self) -> None:
         workers, self.workers = self.workers, []
         for w in workers:
