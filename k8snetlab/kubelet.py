@@ -6,9 +6,10 @@ there, as flanneld / calico-node run beside the kubelet), the node's network con
 the sandboxes and containers of the pods bound to it. That is the seam through which a node
 could one day live on another machine.
 
-With ``cni.invoke: exec`` the node also runs a CNI server (:mod:`k8snetlab.cni_server`): the
-runtime still executes the plugin named by ``type`` with the CNI environment and stdin, and
-that executable forwards the request to the server, as Multus' thick plugin does.
+With ``cni.invoke: exec`` the node also has a CNI server (:mod:`k8snetlab.cni_server`, in one
+of the cluster's server worker processes): the runtime still executes the plugin named by
+``type`` with the CNI environment and stdin, and that executable forwards the request to the
+server, as Multus' thick plugin does.
 
 The kubelet's methods may run concurrently for different pods; what they share (the pod
 table, the timings) is guarded by a lock.
