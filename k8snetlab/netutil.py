@@ -38,6 +38,7 @@ NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
 RTPROT_STATIC = 4
 _SIOCGIFFLAGS, _SIOCSIFFLAGS, _SIOCGIFINDEX, _IFF_UP = 0x8913, 0x8914, 0x8933, 0x1
+_SIOCGIFMTU, _SIOCGIFHWADDR = 0x8921, 0x8927
 
 
 class Netns:
@@ -113,6 +114,24 @@ class Netns:
         return {"index": msg["index"], "ifname": ifname, "mtu": msg.get("mtu"),
                 "mac": msg.get("address"), "master": msg.get("master"),
                 "up": bool(msg["flags"] & 1), "kind": _link_kind(msg)}
+
+    def link_brief(self, ifname: str) -> dict[str, Any] | None:
+        """The link's index, mtu, mac and up, by ioctls (no master, no kind: see :meth:`link`);
+        None if there is none. What a CNI result needs of an interface, in microseconds."""
+        idx = self.index(ifname)
+        if idx is None:
+            return None
+        name = ifname.encode()
+        try:
+            hw = fcntl.ioctl(self._sock, _SIOCGIFHWADDR, struct.pack("16s16x", name))[18:24]
+            mtu = struct.unpack("16si12x", fcntl.ioctl(self._sock, _SIOCGIFMTU, struct.pack("16si12x", name, 0)))[1]
+            flags = struct.unpack("16sH14x", fcntl.ioctl(self._sock, _SIOCGIFFLAGS, struct.pack("16sH14x", name, 0)))[1]
+        except OSError as e:
+            if e.errno in (errno.ENODEV, errno.ENXIO):
+                return None
+            raise NetlinkError(f"look up {ifname} in {self.label}: {e.strerror}") from None
+        return {"index": idx, "ifname": ifname, "mtu": mtu, "mac": ":".join(f"{b:02x}" for b in hw),
+                "up": bool(flags & _IFF_UP)}
 
     def ensure_bridge(self, name: str, mtu: int | None = None) -> int:
         """Create bridge ``name`` (or accept the one there), set it up; return its index."""
