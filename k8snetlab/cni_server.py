@@ -248,7 +248,10 @@ def worker_main(stdin: IO[str] | None = None, stdout: IO[str] | None = None) -> 
     from cni_plugins import PLUGINS, skel  # noqa: F401
     from cni_plugins.inprocess import InProcessInvoker  # noqa: F401
     for name in PLUGINS.names():
-        PLUGINS.get(name)
+        try:
+            PLUGINS.get(name)
+        except Exception as e:      # said now; a request of that type gets the error as its answer
+            logging.getLogger(__name__).warning("CNI plugin %s: %s", name, e)
     servers: dict[str, CNIServer] = {}
     try:
         for line in stdin:
