@@ -295,8 +295,15 @@ class Cluster:
         if not self.nodes:
             return
         self.mode.prepare(next(iter(self.nodes.values())))
-        for node in self.nodes.values():
-            self._start_node(node)
+        if not self.mode.parallel_node_start:
+            for node in self.nodes.values():
+                self._start_node(node)
+        else:       # node agents that run programs (tc, bpftool) start side by side
+            kubelets = [self._new_kubelet(node) for node in self.nodes.values()]
+            errors: list[str] = []
+            self._parallel([(self._start_kubelet, k) for k in kubelets], errors, "start node agent")
+            if errors:
+                raise K8sNetLabError(f"node agents: {errors[0]}")
         self.sync_routes()
 
     def _start_supervisor(self) -> None:
@@ -319,17 +326,25 @@ class Cluster:
             self.agent_resync.start()
 
     def _start_node(self, node: NodeHost) -> Kubelet:
+        kubelet = self._new_kubelet(node)
+        self._start_kubelet(kubelet)
+        return kubelet
+
+    def _new_kubelet(self, node: NodeHost) -> Kubelet:
+        """A node's kubelet, known to the scheduler and the cluster (not started)."""
         assert self.state is not None
         self.scheduler.add_node(node.name, node.spec.labels)
         kubelet = Kubelet(node, self.mode, self.spec.cni.invoke, self._log_dir(),
                           self.state.record_pid, self.state.record_netns)
         self.kubelets[node.name] = kubelet
+        return kubelet
+
+    def _start_kubelet(self, kubelet: Kubelet) -> None:
         server = None
         if self.spec.cni.invoke == "exec":
             assert self.cni_servers is not None
-            server = self.cni_servers.server(node.netns, node.name)
+            server = self.cni_servers.server(kubelet.node.netns, kubelet.name)
         kubelet.start(server)
-        return kubelet
 
     def sync_routes(self) -> None:
         """Program every node's routes to every other node's pod CIDR (what flanneld does on a

@@ -30,6 +30,9 @@ class Mode:
     Options: ClassVar[type] = NoOptions
     tools: ClassVar[tuple[str, ...]] = ()      # programs the mode needs (checked before start)
     network_name: ClassVar[str] = "k8s-pod-network"
+    # may start_node run for several nodes at once (threads)? For agents that mostly wait
+    # for programs (tc, bpftool): their start then spreads over the CPUs
+    parallel_node_start: ClassVar[bool] = False
     pod_mtu: ClassVar[int] = 1500
 
     def __init__(self, cluster: "ClusterView", options: Any):

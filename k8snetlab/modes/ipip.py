@@ -85,6 +85,7 @@ class IpipMode(CalicoMode):
     name = "ipip"
     Options = IpipOptions
     tools = ("tc",)
+    parallel_node_start = True      # ebpf: bpftool and tc per node; each node its own pins and maps
 
     def __init__(self, cluster: Any, options: IpipOptions):
         super().__init__(cluster, options)
