@@ -259,8 +259,8 @@ class Cluster:
                     *pods, *self.nodes.values(), *self.routers.values(), *self.hosts.values())
             for pod in pods:        # every holder signalled at once, then each reaped
                 attempt(f"signal the sandbox of {pod.name}", pod.signal_holder)
+            self.underlay.forget_all(pods)
             for pod in pods:
-                self.underlay.forget(pod)
                 attempt(f"remove the sandbox of {pod.name}", pod.terminate)
             self.underlay.stop(attempt)
             self.underlay = None

@@ -326,6 +326,15 @@ class Underlay:
         self.net.hosts.append(host)
         self.net.nameToNode[host.name] = host
 
+    def forget_all(self, hosts: list[Any]) -> None:
+        """:meth:`forget` for many (one pass over Mininet's host list, not one per host)."""
+        if self.net is None:
+            return
+        gone = {id(h) for h in hosts}
+        for h in hosts:
+            self.net.nameToNode.pop(h.name, None)
+        self.net.hosts[:] = [h for h in self.net.hosts if id(h) not in gone]
+
     def forget(self, host: Any) -> None:
         if self.net is None:
             return
