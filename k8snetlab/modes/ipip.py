@@ -36,7 +36,7 @@ from .. import naming
 from ..errors import KernelFeatureMissing
 from ..netutil import Netns
 from ..options import opt
-from .base import Mode, uplink
+from .base import BATCH_MIN, Mode, uplink
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..pod import NodeHost
@@ -153,7 +153,9 @@ class IpipMode(CalicoMode):
 
     def add_peers(self, node: "NodeHost", ns: Netns, peers: list["NodeHost"]) -> None:
         """What ``add_peer`` does, the routes of all peers in one batch (the BPF map entries
-        are syscalls already, and go first: no packet leaks out plain)."""
+        are syscalls already, and go first: no packet leaks out plain); a few by netlink."""
+        if len(peers) < BATCH_MIN:
+            return super().add_peers(node, ns, peers)
         routes = []
         for peer in peers:
             cidr, ip = str(peer.spec.pod_cidr), str(peer.spec.ip)

@@ -350,9 +350,11 @@ def batched_as_single(ns: FakeNs) -> list[tuple]:
 
 @pytest.mark.parametrize("mode_name,datapath", [("CrossSubnet", "kernel"), ("Always", "kernel"),
                                                 ("CrossSubnet", "ebpf"), ("Always", "ebpf")])
-def test_ipip_add_peers_batches_what_add_peer_does(tmp_path, mode_name, datapath):
+def test_ipip_add_peers_batches_what_add_peer_does(tmp_path, monkeypatch, mode_name, datapath):
     """A node agent at 100 nodes programs its 99 peers in one batch: the same routes (and,
     ebpf, the same map entries) as one add_peer per peer, in one replace_routes call."""
+    import k8snetlab.modes.ipip as ipip_mod
+    monkeypatch.setattr(ipip_mod, "BATCH_MIN", 2)       # three peers here stand for 99
     peers = ("node-a2", "node-b1", "node-b2")
     mode, nodes = ipip(tmp_path, TWO_RACKS, mode_name, datapath)
     one, tc_one = FakeNs(), mode._tc.setdefault("node-a1", FakeTc())
@@ -366,9 +368,16 @@ def test_ipip_add_peers_batches_what_add_peer_does(tmp_path, mode_name, datapath
     assert (tc_many.tunnels, tc_many.peers) == (tc_one.tunnels, tc_one.peers)
 
 
-def test_host_gw_add_peers_is_one_batch_of_routes_via_each_peer(tmp_path):
+def test_host_gw_add_peers_is_one_batch_of_routes_via_each_peer(tmp_path, monkeypatch):
+    import k8snetlab.modes.host_gw as host_gw_mod
     cluster, nodes = fake_cluster(THREE_NODES, tmp_path)
+    for i, n in enumerate(nodes.values(), 1):
+        n.pid = i
     mode = MODES.get("host-gw")(cluster, MODES.get("host-gw").Options())
+    ns = FakeNs()
+    mode.add_peers(nodes["node1"], ns, [nodes["node2"], nodes["node3"]])     # a few: by netlink
+    assert ns.names() == ["add_route", "add_route"]
+    monkeypatch.setattr(host_gw_mod, "BATCH_MIN", 2)
     ns = FakeNs()
     mode.add_peers(nodes["node1"], ns, [nodes["node2"], nodes["node3"]])
     assert ns.calls == [("replace_routes", ([
