@@ -487,7 +487,7 @@ def where_the_time_goes(rows: list[results.Row], sizes: list[int], labels: list[
     for mode in labels:
         for n in sizes:
             sc = f"{n} pods"
-            g = lambda m: fmt(med(rows, mode, sc, m))  # noqa: E731
+            g = lambda m: "-" if med(rows, mode, sc, m) is None else f"{med(rows, mode, sc, m).median:.1f}"  # noqa: E731
             if med(rows, mode, sc, "pods_up") is None:
                 continue
             table.append([mode, n, g("pods_up"), g("underlay_up"), g("agents_up"), g("pods_start"), g("pods_down"),
@@ -516,8 +516,8 @@ def report(rows: list[results.Row], sizes: list[int], modes: list[str], extra: d
     out.append("  (median over rounds; in brackets the sd and the number of rounds; 'sandbox/CNI cpu' sum")
     out.append("   the wall seconds each phase took over all pods, which overlap in threads)")
     out.append("")
-    out.append("Where the time goes (wall s; then CPU s per phase: the runtime process, the programs it")
-    out.append("ran and waited for, the CNI server workers over the cluster's life):")
+    out.append("Where the time goes (medians; wall s, then CPU s per phase: the runtime process, the")
+    out.append("programs it ran and waited for, the CNI server workers over the cluster's life):")
     out.append(where_the_time_goes(rows, sizes, labels))
     loads = [r.load1 for r in rows if r.load1 is not None]
     out.append(f"  load average (1 min) during the run: {min(loads):.1f} .. {max(loads):.1f} on "
