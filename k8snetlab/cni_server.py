@@ -223,10 +223,11 @@ class CNIServer:
 
 # ---------------------------------------------------------------------------------------
 # the servers in worker processes
-WORKER_PROGRAM = ("import sys\n"
+WORKER_PROGRAM = ("import os, sys\n"
                   "sys.path.insert(0, {repo!r})\n"
                   "from k8snetlab.cni_server import worker_main\n"
-                  "worker_main()\n")
+                  "worker_main()\n"
+                  "os._exit(0)\n")      # its servers are stopped: no interpreter teardown to wait for
 
 
 def pool_size(nodes: int) -> int:
