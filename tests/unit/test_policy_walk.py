@@ -143,3 +143,32 @@ def test_experiment_flags_an_impossible_first_packet_figure(ps):
     assert "IMPOSSIBLE" in ps.first_packet_line("nftables", 1000, "spread", [-50.0, -52.0, -49.0, -51.0])
     assert "met" in ps.first_packet_line("nftables", 1000, "spread", [1.0, 2.0, 0.5, 1.5])
     assert "worst case" in ps.first_packet_line("iptables", 1000, "worst", [9000.0, 9100.0])
+
+
+def test_indexed_selection_is_the_plain_scan():
+    """The model's label index gives the same policies per pod and pods per peer as matching
+    every selector against every pod (matchLabels, matchExpressions, empty, other namespaces)."""
+    ns = {"x": {"team": "a"}, "y": {"team": "b"}}
+    ps = [PodInfo(f"p{i}", "xy"[i % 2], {"app": f"a{i % 5}", **({"tier": "web"} if i % 3 else {})},
+                  f"10.244.0.{i + 2}", "node1") for i in range(30)]
+    sels = [{"matchLabels": {"app": "a1"}}, {}, {"matchLabels": {"app": "a2", "tier": "web"}},
+            {"matchExpressions": [{"key": "tier", "operator": "DoesNotExist"}]},
+            {"matchLabels": {"app": "none"}}]
+    manifests = []
+    for i, sel in enumerate(sels):
+        for n in ("x", "y"):
+            manifests.append({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                              "metadata": {"name": f"s{i}", "namespace": n},
+                              "spec": {"podSelector": sel, "policyTypes": ["Ingress", "Egress"],
+                                       "ingress": [{"from": [{"podSelector": sels[(i + 1) % 5]},
+                                                             {"namespaceSelector": {"matchLabels": {"team": "b"}},
+                                                              "podSelector": sel}]}]}})
+    model = PolicyModel(ns, ps, [parse_policy(m, "t") for m in manifests])
+    for pod in ps:
+        for d in ("Ingress", "Egress"):
+            want = [p for p in model.policies if p.namespace == pod.namespace and p.pod_selector.matches(pod.labels)]
+            assert model.selecting(pod, d) == want
+    for pol in model.policies:
+        for peer in pol.ingress[0].peers:
+            want = [p for p in ps if model._peer_selects(peer, pol.namespace, p)]
+            assert model.peer_pods(peer, pol.namespace) == want
