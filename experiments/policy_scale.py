@@ -205,6 +205,23 @@ class Bench:
                 rules, lookups = rules + w.rules, lookups + w.lookups
         return rules, lookups
 
+    def walk_checked(self, dp: str) -> bool:
+        """iptables: do the server node's rule counters for one new connection agree with the
+        walk's path (each rule on it counted once, no other)? Other dataplanes: not checked."""
+        if not dp.startswith("iptables"):
+            return True
+        agent = self.c.policies.agents[self.node.name]
+        save = [agent.binary + "-save", "-c", "-t", "filter"]
+        pkt = walkmod.Packet(self.client.ip, self.server.ip, "tcp", ACCEPT_PORT)
+        w = walkmod.walk(dp, agent.written, pkt)
+        before = walkmod.save_counters(self.node.run(save).stdout)
+        self.client.run([sys.executable, "-c", CONNECT_TIMES, self.server.ip, str(ACCEPT_PORT), "1"])
+        after = walkmod.save_counters(self.node.run(save).stdout)
+        problems = walkmod.check_against_counters(w, before, after)
+        if problems:
+            log.warning("%s: the rule counters differ from the walk: %s", dp, "; ".join(problems[:5]))
+        return not problems
+
     def selecting(self) -> int:
         model = self.c.policies.model()
         pod = next(p for p in model.pods if p.name == SERVER)
@@ -301,6 +318,7 @@ def run(args) -> int:
                         walked, lookups = bench.walk(dp)
                         row(dp, scen, rnd, "rules_walked", walked, "count")
                         row(dp, scen, rnd, "set_lookups", lookups, "count")
+                        row(dp, scen, rnd, "walk_checked", float(bench.walk_checked(dp)), "bool")
                         row(dp, scen, rnd, "conn_rate", bench.conn_rate(), "conn/s")
                         row(dp, scen, rnd, "tcp_throughput", bench.throughput(), "Gbit/s")
                         if size:
@@ -364,6 +382,10 @@ def summary(rows, dataplanes, steps, added, partial, large: int = 0) -> str:
                           med("conn_rate"), med("tcp_throughput"), med("sync_full"), med("sync_partial"),
                           med("sync_partial_total"), med("rules"), med("set_elements")])
     lines.append(results.format_table(headers, table))
+    checked = [r.value for r in rows if r.metric == "walk_checked" and r.mode.startswith("iptables")]
+    if checked:
+        lines.append(f"iptables walks checked against the server node's rule counters for one new connection: "
+                     f"{sum(1 for v in checked if v)} of {len(checked)} agree")
     top = max(size for size, _ in steps)
     lines.append(f"\ntargets (95 % intervals), {top} policies ({'spread' if top else ''} population"
                  f"{f', {large} selected pods on the server node' if large else ''}), paired with 0 policies:")

@@ -244,3 +244,35 @@ def _nft_rule(rendered: Rendered, rule: str, p: Packet, mark: int, walk: Walk) -
 
 def walk(dataplane: str, rendered: Rendered, p: Packet) -> Walk:
     return nftables_walk(rendered, p) if dataplane == "nftables" else iptables_walk(rendered, p)
+
+
+def save_counters(save: str) -> dict[tuple[str, int], int]:
+    """(chain, rule index) -> packets, of the cali-* chains in ``iptables-save -c`` output."""
+    out: dict[tuple[str, int], int] = {}
+    seen: dict[str, int] = {}
+    for line in save.splitlines():
+        if not line.startswith("[") or "] -A cali-" not in line:
+            continue
+        counts, _, rule = line.partition("] -A ")
+        chain = rule.split()[0]
+        idx = seen.get(chain, 0)
+        seen[chain] = idx + 1
+        out[(chain, idx)] = int(counts[1:].split(":")[0])
+    return out
+
+
+def check_against_counters(walk_: Walk, before: dict[tuple[str, int], int],
+                           after: dict[tuple[str, int], int], top: str = "cali-FORWARD") -> list[str]:
+    """What the kernel counted for one new connection (its SYN; every later packet is
+    ESTABLISHED and matches ``top``'s first rule) against the evaluator's path: each rule on the
+    path counted once, no other rule counted. Returns the differences (empty: they agree)."""
+    on_path = set(walk_.path)
+    problems = []
+    for key in sorted(set(before) | set(after)):
+        delta = after.get(key, 0) - before.get(key, 0)
+        if key == (top, 0):
+            continue
+        want = 1 if key in on_path else 0
+        if delta != want:
+            problems.append(f"{key[0]} rule {key[1] + 1}: counted {delta}, the walk says {want}")
+    return problems

@@ -172,3 +172,19 @@ def test_indexed_selection_is_the_plain_scan():
         for peer in pol.ingress[0].peers:
             want = [p for p in ps if model._peer_selects(peer, pol.namespace, p)]
             assert model.peer_pods(peer, pol.namespace) == want
+
+
+def test_counter_check_sees_a_rule_the_walk_did_not_take():
+    from k8snetlab.policy.walk import check_against_counters, save_counters
+    r = ipt.render(cluster(2, [pol("p", {"app": "a0"}, {"role": "cl"})]))
+    w = iptables_walk(r, Packet(CLIENT, ip_of(0), "tcp", 7000))
+    lines = [f"[0:0] -A {c} {rule}" for c, rules in r.chains.items() for rule in rules]
+    before = save_counters("\n".join(lines))
+    after = dict(before)
+    for key in w.path:
+        after[key] += 1
+    after[("cali-FORWARD", 0)] += 5                      # the connection's later packets
+    assert check_against_counters(w, before, after) == []
+    tw = endpoint_chains(hash16("x/p0"))[0]
+    after[(tw, len(r.chains[tw]) - 1)] += 1               # the drop counted too
+    assert check_against_counters(w, before, after) == [f"{tw} rule {len(r.chains[tw])}: counted 1, the walk says 0"]
