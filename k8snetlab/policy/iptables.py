@@ -8,6 +8,7 @@ In the node's ``filter`` table (``iptables-save`` on a node shows it)::
                            clear mark 0x10000; -> cali-to-wl-dispatch
     cali-from-wl-dispatch  -s <pod IP> -g cali-fw-<endpoint>   (local pods isolated for egress)
     cali-to-wl-dispatch    -d <pod IP> -g cali-tw-<endpoint>   (local pods isolated for ingress)
+                           beyond 16 pods a tree: -d <prefix> -g cali-to-wl-dispatch-<hex> ...
     cali-tw-<endpoint>     the pod itself -> RETURN; per policy: -j cali-pi-<policy>,
                            marked -> RETURN; last: DROP "Drop if no policies passed packet"
     cali-pi-<policy>       per rule and (peer, port): -m set --match-set cali40s:<hash> src
@@ -17,7 +18,8 @@ Sets (Debian's ``ipset``, the kernel's ip_set; per network namespace, so per nod
 ``cali40s:<hash>`` hash:ip (the pods a selector peer matches), ``cali40c:<hash>`` hash:net
 (an ipBlock; its ``except`` entries as ``nomatch``), ``cali40n:<hash>`` hash:ip,port (a named
 port: every pod's address with its port). The dispatch is by pod address rather than by
-interface (felix matches ``cali*`` interfaces): pods on a bridge (``cni0``) are reached
+interface (felix matches ``cali*`` interfaces, in a tree keyed on name prefixes; ours is keyed
+on address prefixes, :func:`dispatch_tree`): pods on a bridge (``cni0``) are reached
 through br_netfilter, where the bridge port is not known when FORWARD runs for routed packets;
 the address is known in every CNI mode. Traffic the node itself sends to its pods never
 passes FORWARD (OUTPUT), so the node always reaches them. FORWARD sees addresses after
