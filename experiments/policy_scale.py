@@ -2,7 +2,8 @@
 """The cost of NetworkPolicy: first packet, connection rate, throughput and sync time per dataplane.
 
 One cluster from the cluster file's first two nodes (its own workloads left out): a client pod on
-the first node, a server pod on the second (label ``app: ps-server``, an accept server on 7000).
+the first node, a server pod on the second (label ``app: ps-server``, an accept server on 7000)
+and beside it a control pod that no policy selects (``app: ps-control``, the same server).
 For each size in ``--sizes`` (default 0, 10, 100, 1,000 policies) and each dataplane (iptables:
 felix's chains + ipsets; nftables: sets + verdict maps), switched on the same cluster, interleaved
 round by round, N NetworkPolicies exist, each allowing ingress on 7000 and 5201 from one pod label.
@@ -21,21 +22,24 @@ With ``--large`` the server's node also runs ``--large`` pods (default 1,000; po
 
 Per (dataplane, size, population, round), on the server's node or between the pods:
 
-- ``first_packet_added`` (us), paired: ``--pairs`` pairs of blocks of fresh connections, one
-  block with 0 policies and one with N, in ABBA order (drift of a shared machine hits both
-  alike); per pair the median connect time with N minus the one with 0. ``connect_p50`` /
-  ``connect_p50_base`` are the blocks' medians;
+- ``first_packet_added`` (us): ``--probes`` fresh TCP connections to the server and as many
+  to the control, interleaved one by one in ABBA order (microseconds apart, so the drift of a
+  shared machine hits both alike); the median connect time to the server minus the control's
+  (``path_difference``), minus the same difference with 0 policies in the same round (the two
+  pods' own difference). ``connect_p50`` / ``connect_p50_control`` are the medians;
 - ``rules_walked`` / ``set_lookups``: the rules the client's first packet (a SYN to 7000)
   is evaluated against on both nodes' policy rules, and the set/map lookups among them, from
-  what the agents wrote (:mod:`k8snetlab.policy.walk`): the load-independent figure;
+  what the agents wrote (:mod:`k8snetlab.policy.walk`): the load-independent figure
+  (``rules_walked_control``: the same to the control); ``walk_checked`` (iptables): the server
+  node's rule counters for one new connection agree with that walk;
 - ``conn_rate`` (connections/s), ``tcp_throughput`` (Gbit/s, iperf3);
 - ``sync_full`` (s): one full sync of the server's node; ``sync_partial`` (s): the node's sync
   after the client's label is removed / put back (one set element), ``--partials`` times;
   ``sync_partial_total`` (s): the whole ``label_pod`` call (model, every node's plan and sync);
 - ``rules`` / ``set_elements``: what the server's node holds.
 
-The summary prints the issue's targets with 95 % intervals (k8snetlab.stats: Student's t over
-the paired differences; a bootstrap of the median for the partial syncs), for the spread
+The summary prints the issue's targets with 95 % intervals (bootstraps of the medians over the
+probes pooled across rounds), for the spread
 population: at 1,000 policies nftables adds <= 10 us to the first packet, iptables+ipsets
 <= 100 us; one partial sync <= 0.2 s. An interval wholly below 0 (faster with policies than
 without) is flagged as impossible, not reported as a finding.
@@ -47,6 +51,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import statistics
 import sys
 import time
@@ -72,6 +77,23 @@ TARGETS = {"nftables": 10.0, "iptables": 100.0, "iptables-legacy": 100.0}   # us
 PARTIAL_TARGET = 0.2                                 # s
 APP = "ps-app"
 LARGE_PODS = 1000
+CONTROL = "ps-control"
+BOOTSTRAP = 1000
+
+# argv: ip_a ip_b port n. n rounds of one fresh connection to each address, A B then B A (the two
+# measured microseconds apart): prints [[ns to a...], [ns to b...]]
+CONNECT_PAIRS = ("import json, socket, struct, sys, time\n"
+                 "a, b, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])\n"
+                 "out = {a: [], b: []}\n"
+                 "linger = struct.pack('ii', 1, 0)\n"
+                 "for i in range(n):\n"
+                 "    for ip in ((a, b) if i % 2 == 0 else (b, a)):\n"
+                 "        s = socket.socket()\n"
+                 "        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)\n"
+                 "        s.settimeout(2)\n"
+                 "        t0 = time.perf_counter_ns(); s.connect((ip, port)); out[ip].append(time.perf_counter_ns() - t0)\n"
+                 "        s.close()\n"
+                 "print(json.dumps([out[a], out[b]]))\n")
 
 
 def build_parser():
@@ -85,7 +107,6 @@ def build_parser():
     p.add_argument("--large", type=int, nargs="?", const=LARGE_PODS, default=0, metavar="PODS",
                    help=f"the large run: PODS selected pods (default {LARGE_PODS}) on the server's node")
     p.add_argument("--probes", type=int, default=500, help="fresh connections per first-packet figure")
-    p.add_argument("--pairs", type=int, default=4, help="0-vs-N block pairs per first-packet figure")
     p.add_argument("--partials", type=int, default=4, help="partial syncs per step (label off / on)")
     p.add_argument("--connections", type=int, default=500, help="connections per rate figure")
     p.add_argument("--duration", type=int, default=3, help="seconds per iperf3 run")
@@ -105,7 +126,8 @@ def experiment_spec(base, large: int = 0):
            "cni": {"type": "host-gw" if len({n.subnet for n in base.nodes[:2]}) == 1 else "vxlan"},
            "networkPolicy": {"dataplane": "iptables", "resyncPeriod": 3600},
            "workloads": [pod(CLIENT, n1, {"role": CLIENT}, ["sleep", "infinity"]),
-                         pod(SERVER, n2, {"app": SERVER}, [sys.executable, "-c", ACCEPT_SERVER])]}
+                         pod(SERVER, n2, {"app": SERVER}, [sys.executable, "-c", ACCEPT_SERVER]),
+                         pod(CONTROL, n2, {"app": CONTROL}, [sys.executable, "-c", ACCEPT_SERVER])]}
     if large:
         # a /22 per node holds the large run's pods on the server's node
         raw["network"] = {"clusterCIDR": "10.244.0.0/16", "nodeCIDRMaskSize": 22, "serviceCIDR": "10.96.0.0/12"}
@@ -137,14 +159,15 @@ def policies(n: int, population: str = "spread", selecting: int = 3, apps: int =
 class Bench:
     def __init__(self, c: Cluster, args):
         self.c, self.args = c, args
-        self.client, self.server = c.pods[CLIENT], c.pods[SERVER]
+        self.client, self.server, self.control = c.pods[CLIENT], c.pods[SERVER], c.pods[CONTROL]
         self.node = c.nodes[self.server.node_name]
         self.current: tuple[int, str] | None = None
         deadline = time.monotonic() + 10
-        while not proc.listening(self.server.pid, ACCEPT_PORT):
-            if time.monotonic() > deadline:
-                raise K8sNetLabError(f"{SERVER}: nothing listens on {ACCEPT_PORT}")
-            time.sleep(0.02)
+        for pod in (self.server, self.control):
+            while not proc.listening(pod.pid, ACCEPT_PORT):
+                if time.monotonic() > deadline:
+                    raise K8sNetLabError(f"{pod.name}: nothing listens on {ACCEPT_PORT}")
+                time.sleep(0.02)
 
     def set_size(self, n: int, population: str = "spread") -> None:
         if self.current == (n, population) or (n == 0 and self.current and self.current[0] == 0):
@@ -157,28 +180,13 @@ class Bench:
             pol.add_all(policies(n, population, self.args.selecting, self.args.large))
         self.current = (n, population)
 
-    def connect_us(self, probes: int) -> list[float]:
-        ip = self.server.ip
-        self.client.run([sys.executable, "-c", CONNECT_TIMES, ip, str(ACCEPT_PORT), "10"])
-        out = self.client.run([sys.executable, "-c", CONNECT_TIMES, ip, str(ACCEPT_PORT), str(probes)],
-                              timeout=probes * 2 + 30).stdout
-        return [ns / 1000 for ns in json.loads(out)]
-
-    def paired(self, n: int, population: str) -> tuple[list[float], list[float], list[float]]:
-        """(per pair: median with N minus median with 0, the N blocks' medians, the 0 blocks'),
-        blocks in ABBA order."""
-        per_block = max(20, self.args.probes // self.args.pairs)
-        diffs, with_n, base = [], [], []
-        for k in range(self.args.pairs):
-            got = {}
-            for size in ((0, n) if k % 2 == 0 else (n, 0)):
-                self.set_size(size, population)
-                got[size] = statistics.median(self.connect_us(per_block))
-            diffs.append(got[n] - got[0])
-            with_n.append(got[n])
-            base.append(got[0])
-        self.set_size(n, population)
-        return diffs, with_n, base
+    def connect_pairs(self, probes: int) -> tuple[list[float], list[float]]:
+        """(us to the server, us to the control): fresh connections interleaved one by one."""
+        argv = [sys.executable, "-c", CONNECT_PAIRS, self.server.ip, self.control.ip, str(ACCEPT_PORT)]
+        self.client.run([*argv, "10"])
+        out = self.client.run([*argv, str(probes)], timeout=probes * 4 + 30).stdout
+        a, b = json.loads(out)
+        return [ns / 1000 for ns in a], [ns / 1000 for ns in b]
 
     def conn_rate(self) -> float:
         n = self.args.connections
@@ -192,9 +200,10 @@ class Bench:
         return measure.iperf3(self.client.netns, self.server.netns, self.server.ip,
                               duration_s=self.args.duration, port=IPERF_PORT).gbit_s
 
-    def walk(self, dp: str) -> tuple[int, int]:
-        """(rules, lookups) of the client's SYN to the server through both nodes' policy rules."""
-        pkt = walkmod.Packet(self.client.ip, self.server.ip, "tcp", ACCEPT_PORT)
+    def walk(self, dp: str, to: Any = None) -> tuple[int, int]:
+        """(rules, lookups) of the client's SYN to the server (or ``to``) through both nodes'
+        policy rules."""
+        pkt = walkmod.Packet(self.client.ip, (to or self.server).ip, "tcp", ACCEPT_PORT)
         rules = lookups = 0
         for name in (self.client.node_name, self.server.node_name):
             written = self.c.policies.agents[name].written
@@ -252,7 +261,7 @@ class Bench:
 
 def run(args) -> int:
     if args.quick:
-        args.repeat, args.duration, args.probes, args.connections, args.pairs = 1, 1, 160, 200, 2
+        args.repeat, args.duration, args.probes, args.connections = 1, 1, 200, 200
         args.sizes = "0,10,100"
     try:
         sizes = sorted({int(x) for x in args.sizes.split(",") if x.strip()})
@@ -268,7 +277,7 @@ def run(args) -> int:
             DATAPLANES.get(d)
         except SpecError as e:
             raise SpecError(f"--dataplanes: {e}") from None
-    for opt in ("probes", "connections", "duration", "pairs", "partials", "selecting"):
+    for opt in ("probes", "connections", "duration", "partials", "selecting"):
         if getattr(args, opt) < 1:
             raise SpecError(f"--{opt.replace('_', '-')}: must be at least 1")
     if args.large < 0:
@@ -282,7 +291,7 @@ def run(args) -> int:
     out_dir, run_id, csv_path = experiment.output(args, NAME)
     kernel = results.kernel_release()
     progress = experiment.Progress(args.repeat * len(steps) * len(dataplanes))
-    added: dict[tuple[str, int, str], list[float]] = {}
+    probes: dict[tuple[str, int, str], tuple[list[float], list[float]]] = {}
     partial: dict[str, list[float]] = {}
 
     with results.CsvWriter(csv_path) as csv:
@@ -303,21 +312,24 @@ def run(args) -> int:
                             c.policies._start_agents()
                     for size, population in steps:
                         scen = scenario(size, population)
+                        bench.set_size(size, population)
+                        srv, ctl = bench.connect_pairs(args.probes)
+                        got = probes.setdefault((dp, size, population), ([], []))
+                        got[0].extend(srv)
+                        got[1].extend(ctl)
+                        diff = statistics.median(srv) - statistics.median(ctl)
+                        row(dp, scen, rnd, "connect_p50", statistics.median(srv), "us")
+                        row(dp, scen, rnd, "connect_p50_control", statistics.median(ctl), "us")
+                        row(dp, scen, rnd, "path_difference", diff, "us")
                         if size == 0:
-                            bench.set_size(0)
-                            us = bench.connect_us(args.probes)
-                            row(dp, scen, rnd, "connect_p50", statistics.median(us), "us")
+                            base_diff = diff
                         else:
-                            diffs, with_n, base = bench.paired(size, population)
-                            added.setdefault((dp, size, population), []).extend(diffs)
-                            for d, a, b in zip(diffs, with_n, base):
-                                row(dp, scen, rnd, "first_packet_added", d, "us")
-                                row(dp, scen, rnd, "connect_p50", a, "us")
-                                row(dp, scen, rnd, "connect_p50_base", b, "us")
+                            row(dp, scen, rnd, "first_packet_added", diff - base_diff, "us")
                         row(dp, scen, rnd, "policies_selecting", bench.selecting() if size else 0, "count")
                         walked, lookups = bench.walk(dp)
                         row(dp, scen, rnd, "rules_walked", walked, "count")
                         row(dp, scen, rnd, "set_lookups", lookups, "count")
+                        row(dp, scen, rnd, "rules_walked_control", bench.walk(dp, bench.control)[0], "count")
                         row(dp, scen, rnd, "walk_checked", float(bench.walk_checked(dp)), "bool")
                         row(dp, scen, rnd, "conn_rate", bench.conn_rate(), "conn/s")
                         row(dp, scen, rnd, "tcp_throughput", bench.throughput(), "Gbit/s")
@@ -336,7 +348,7 @@ def run(args) -> int:
                     bench.set_size(0)
 
     rows = results.read_rows(csv_path)
-    print(summary(rows, dataplanes, steps, added, partial, args.large))
+    print(summary(rows, dataplanes, steps, probes, partial, args.large))
     print(f"\nCSV: {csv_path}")
     png = results.plot(rows, csv_path.with_suffix(".png"), metrics=("first_packet_added", "rules_walked", "sync_partial"),
                        modes=dataplanes, title="NetworkPolicy: cost per dataplane and policy count")
@@ -349,12 +361,24 @@ def scenario(size: int, population: str) -> str:
     return f"policies-{size}" + ("-worst" if population == "worst" else "")
 
 
-def first_packet_line(dp: str, size: int, population: str, diffs: list[float]) -> str:
-    """The target line: the paired differences' mean with its interval, the verdict, and a flag
-    when the interval lies wholly below 0 (policies cannot make a packet faster: drift or noise)."""
-    d = stats.describe(diffs)
-    text = f"{dp}: first packet {stats.fmt_ci(d.mean, d.ci_low, d.ci_high)} us (n = {d.n} pairs)"
-    if stats.impossible(d.ci_low, d.ci_high, low=0.0):
+def added_interval(srv_n: list[float], ctl_n: list[float], srv_0: list[float], ctl_0: list[float],
+                   seed: int = 1, samples: int = BOOTSTRAP) -> tuple[float, float, float]:
+    """What N policies add to the server's first packet: (median server - median control) with
+    N policies minus the same with 0, and a bootstrap 95 % interval (each sample resampled)."""
+    med = statistics.median
+
+    def est(a, b, c, d):
+        return (med(a) - med(b)) - (med(c) - med(d))
+    rng = random.Random(seed)
+    boot = sorted(est(*(rng.choices(x, k=len(x)) for x in (srv_n, ctl_n, srv_0, ctl_0))) for _ in range(samples))
+    return est(srv_n, ctl_n, srv_0, ctl_0), boot[int(0.025 * samples)], boot[int(0.975 * samples) - 1]
+
+
+def first_packet_line(dp: str, size: int, population: str, value: float, low: float, high: float, n: int) -> str:
+    """The target line: the figure with its interval, the verdict, and a flag when the interval
+    lies wholly below 0 (policies cannot make a packet faster: a wrong baseline or noise)."""
+    text = f"{dp}: first packet {stats.fmt_ci(value, low, high)} us (n = {n} probes a pod and size)"
+    if stats.impossible(low, high, low=0.0):
         return text + ": IMPOSSIBLE (faster with policies than without): noise or drift, not a finding"
     if population == "worst":
         return text + ": the worst case, not the target's population"
@@ -362,12 +386,12 @@ def first_packet_line(dp: str, size: int, population: str, diffs: list[float]) -
     if target is None:
         return text
     where = "" if size == 1000 else ", defined at 1,000 policies"
-    return text + f" (target <= {target:.0f} us{where}): {stats.verdict(d.ci_low, d.ci_high, high=target)}"
+    return text + f" (target <= {target:.0f} us{where}): {stats.verdict(low, high, high=target)}"
 
 
-def summary(rows, dataplanes, steps, added, partial, large: int = 0) -> str:
+def summary(rows, dataplanes, steps, probes, partial, large: int = 0) -> str:
     lines = ["median per dataplane and step (all rounds):"]
-    headers = ["dataplane", "policies", "selecting", "walk rules/lookups", "connect_p50 us", "conn/s", "Gbit/s",
+    headers = ["dataplane", "policies", "selecting", "walk rules/lookups", "connect_p50 us", "added us", "conn/s", "Gbit/s",
                "sync_full s", "sync_partial s", "partial total s", "rules", "set elements"]
     table = []
     for dp in dataplanes:
@@ -379,7 +403,7 @@ def summary(rows, dataplanes, steps, added, partial, large: int = 0) -> str:
                 return statistics.median(vals) if vals else None
             walk = f"{med('rules_walked'):.0f}/{med('set_lookups'):.0f}" if med("rules_walked") is not None else None
             table.append([dp, scen.removeprefix("policies-"), med("policies_selecting"), walk, med("connect_p50"),
-                          med("conn_rate"), med("tcp_throughput"), med("sync_full"), med("sync_partial"),
+                          med("first_packet_added"), med("conn_rate"), med("tcp_throughput"), med("sync_full"), med("sync_partial"),
                           med("sync_partial_total"), med("rules"), med("set_elements")])
     lines.append(results.format_table(headers, table))
     checked = [r.value for r in rows if r.metric == "walk_checked" and r.mode.startswith("iptables")]
@@ -389,9 +413,16 @@ def summary(rows, dataplanes, steps, added, partial, large: int = 0) -> str:
     top = max(size for size, _ in steps)
     lines.append(f"\ntargets (95 % intervals), {top} policies ({'spread' if top else ''} population"
                  f"{f', {large} selected pods on the server node' if large else ''}), paired with 0 policies:")
+    def added(dp: str, size: int, population: str) -> str | None:
+        got, base = probes.get((dp, size, population)), probes.get((dp, 0, "spread"))
+        if not got or not base or not size:
+            return None
+        value, low, high = added_interval(got[0], got[1], base[0], base[1])
+        return "  " + first_packet_line(dp, size, population, value, low, high, min(len(got[0]), len(base[0])))
+
     for dp in dataplanes:
-        if added.get((dp, top, "spread")):
-            lines.append("  " + first_packet_line(dp, top, "spread", added[(dp, top, "spread")]))
+        if (line := added(dp, top, "spread")):
+            lines.append(line)
         if partial.get(dp):
             parts = partial[dp]
             p = stats.median_difference(parts, [0.0])
@@ -399,11 +430,11 @@ def summary(rows, dataplanes, steps, added, partial, large: int = 0) -> str:
             lines.append(f"  {dp}: partial sync median {stats.fmt_ci(p.mean, p.ci_low, p.ci_high)} s "
                          f"(n = {len(parts)}, max {max(parts):.3f} s) at {top} policies "
                          f"(target <= {PARTIAL_TARGET} s): {v}")
-    worst = [(dp, size) for (dp, size, population) in added if population == "worst"]
+    worst = [(dp, size) for (dp, size, population) in probes if population == "worst"]
     if worst:
         lines.append("\nworst case, labelled as such (every policy selects the server, the client's is the last):")
         for dp, size in worst:
-            lines.append("  " + first_packet_line(dp, size, "worst", added[(dp, size, "worst")]))
+            lines.append(added(dp, size, "worst") or "")
     return "\n".join(lines)
 
 

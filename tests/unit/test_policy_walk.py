@@ -134,15 +134,24 @@ def test_experiment_large_run_fits_the_runtime_s_bounds(ps):
     s = ps.experiment_spec(spec.load(REPO / "topologies" / "three_nodes.yaml"), 1000)
     server_node = next(w for w in s.workloads if w.name == ps.SERVER).template.node_name
     on_server = [p for p in s.pods() if p.node_name == server_node]
-    assert len(on_server) == 1001 and len(s.pods()) == 1002
+    assert len(on_server) == 1002 and len(s.pods()) == 1003          # server, control, 1,000 selected
     node = next(n for n in s.nodes if n.name == server_node)
-    assert node.pod_cidr.num_addresses - 3 >= 1001
+    assert node.pod_cidr.num_addresses - 3 >= 1002
 
 
 def test_experiment_flags_an_impossible_first_packet_figure(ps):
-    assert "IMPOSSIBLE" in ps.first_packet_line("nftables", 1000, "spread", [-50.0, -52.0, -49.0, -51.0])
-    assert "met" in ps.first_packet_line("nftables", 1000, "spread", [1.0, 2.0, 0.5, 1.5])
-    assert "worst case" in ps.first_packet_line("iptables", 1000, "worst", [9000.0, 9100.0])
+    assert "IMPOSSIBLE" in ps.first_packet_line("nftables", 1000, "spread", -50.0, -60.0, -40.0, 500)
+    assert "met" in ps.first_packet_line("nftables", 1000, "spread", 2.0, -1.0, 5.0, 500)
+    assert "worst case" in ps.first_packet_line("iptables", 1000, "worst", 9000.0, 8000.0, 9500.0, 500)
+
+
+def test_experiment_added_is_the_difference_of_differences(ps):
+    """Server minus control with N policies, minus the same with 0: a shift both pods share
+    (the machine's drift) cancels; the server's own extra cost stays."""
+    base_s, base_c = [100.0 + i % 7 for i in range(200)], [98.0 + i % 7 for i in range(200)]
+    srv, ctl = [v + 30 + 12 for v in base_s], [v + 30 for v in base_c]          # drift 30, policy 12
+    value, low, high = ps.added_interval(srv, ctl, base_s, base_c, samples=200)
+    assert value == 12.0 and low <= 12.0 <= high
 
 
 def test_indexed_selection_is_the_plain_scan():
