@@ -67,17 +67,17 @@ def test_few_endpoints_keep_one_flat_dispatch_chain():
 
 
 def test_policies_that_do_not_select_a_pod_are_off_its_path():
-    """1,000 policies each selecting another pod: the measured pod's first packet walks the same
-    rules as with its own policies alone; when all 1,000 select it, it walks all of them."""
+    """300 policies each selecting another pod: the measured pod's first packet walks the same
+    rules as with its own policy alone; when all 300 select it, it walks all of them."""
     own = [pol("own", {"app": "a0"}, {"role": "cl"})]
-    others = [pol(f"o{i}", {"app": f"none{i}"}, {"peer": f"p{i}"}) for i in range(999)]
+    others = [pol(f"o{i}", {"app": f"none{i}"}, {"peer": f"p{i}"}) for i in range(299)]
     pkt = Packet(CLIENT, ip_of(0), "tcp", 7000)
     alone = iptables_walk(ipt.render(cluster(1, own)), pkt)
     spread = iptables_walk(ipt.render(cluster(1, others + own)), pkt)
     assert spread.rules == alone.rules <= 15 and spread.verdict == "continue"
-    worst = [pol(f"w{i:04d}", {"app": "a0"}, {"peer": f"p{i}"}) for i in range(999)] + [pol("zz", {"app": "a0"}, {"role": "cl"})]
+    worst = [pol(f"w{i:04d}", {"app": "a0"}, {"peer": f"p{i}"}) for i in range(299)] + [pol("zz", {"app": "a0"}, {"role": "cl"})]
     walked = iptables_walk(ipt.render(cluster(1, worst)), pkt)
-    assert walked.verdict == "continue" and walked.rules > 5000          # felix's layout: every policy in turn
+    assert walked.verdict == "continue" and walked.rules > 6 * 299        # felix's layout: every policy in turn
     n = nftables_walk(nft.render(cluster(1, worst)), pkt)
     assert n.verdict == "continue" and n.rules <= 10                     # compiled into lookups
 
