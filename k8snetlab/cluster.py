@@ -41,7 +41,7 @@ from .modes.resync import AgentResync
 from .supervisor import ContainerSupervisor
 from .netutil import Netns
 from .pod import NetnsHost, NodeHost, Pod
-from .scheduler import Scheduler
+from .scheduler import Scheduler, host_ports
 from .clusterspec import ClusterSpec, parse_address
 from .underlay import ECMP_HASH_FIELDS, Underlay, underlay_first_hops  # noqa: F401 (re-exported)
 
@@ -397,7 +397,7 @@ class Cluster:
         try:
             for ps in specs:
                 node = self.scheduler.place(ps)
-                self.scheduler.bind(ps.host_name, node, ps.owner)
+                self.scheduler.bind(ps.host_name, node, ps.owner, host_ports(ps))
                 placed.append((ps, node))
         except BaseException:
             for ps, _ in placed:
