@@ -206,9 +206,7 @@ def _teardown(chain: str) -> None:
 def _route_localnet(ip: str) -> None:
     """route_localnet on the node interface that routes to the pod (127.0.0.1:hostPort)."""
     with host_ns() as host:
-        out = host.ipr.route("get", dst=ip)
-        dev = out[0].get_attr("RTA_OIF") if out else None
-        name = host.ipr.link("get", index=dev)[0].get_attr("IFLA_IFNAME") if dev else None
+        name = host.route_dev(ip)
         if name:
             host.set_sysctl(f"net.ipv4.conf.{name}.route_localnet", 1)
 

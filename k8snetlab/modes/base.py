@@ -33,7 +33,7 @@ class Mode:
     pod_mtu: ClassVar[int] = 1500
     # the chained plugins after the mode's own, as the real CNI's config list has them
     # (``cni.chain`` in a cluster file replaces it)
-    chain: ClassVar[tuple[str, ...]] = ("portmap",)
+    chained: ClassVar[tuple[str, ...]] = ("portmap",)
     publishes_host_ports: ClassVar[bool] = False     # the mode does hostPorts itself (docker)
 
     def __init__(self, cluster: "ClusterView", options: Any):
@@ -60,7 +60,7 @@ class Mode:
     def chained_configs(self, node: "NodeHost") -> list[dict[str, Any]]:
         """The chained plugins' configs (``portmap``, ``bandwidth``, ``tuning``) after the mode's."""
         cni = self.cluster.spec.cni
-        names = self.chain if cni.chain is None else cni.chain
+        names = self.chained if cni.chain is None else cni.chain
         confs = chain.chained_configs(names, cni.chain_sysctl)
         for c in confs:
             if c["type"] == "tuning":

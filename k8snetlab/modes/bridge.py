@@ -23,7 +23,7 @@ REFERENCE_VERSION = "1.0.0"   # containernetworking-plugins 1.1 speaks up to 1.0
 
 class BridgeMode(Mode):
     name = "bridge"
-    chain = ("portmap", "bandwidth")      # kubenet's list: bridge, portmap, bandwidth
+    chained = ("portmap", "bandwidth")      # kubenet's list: bridge, portmap, bandwidth
 
     def plugin_configs(self, node: "NodeHost") -> list[dict[str, Any]]:
         return [{"type": "bridge", "bridge": naming.BRIDGE, "isGateway": True, "isDefaultGateway": True,

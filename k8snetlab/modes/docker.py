@@ -60,7 +60,7 @@ class DockerMode(Mode):
     name = "docker"
     network_name = "bridge"        # Docker's name for its default network
     tools = ("iptables", "iptables-restore")
-    chain = ()                     # dockerd publishes ports itself (below); no chained plugins
+    chained = ()                     # dockerd publishes ports itself (below); no chained plugins
     publishes_host_ports = True
 
     def __init__(self, cluster: Any, options: Any):
