@@ -92,14 +92,22 @@ def host_interface(prev: Result, args: skel.CmdArgs) -> str:
                    "bandwidth must follow a plugin that makes a veth pair")
 
 
-def add(conf: dict[str, Any], args: skel.CmdArgs) -> Result:
+def _prepare(conf: dict[str, Any], args: skel.CmdArgs) -> tuple[dict[str, int], Result, str | None]:
+    """(limits, prevResult, node-side veth or None when there is nothing to shape)."""
     bw = limits(conf)
     prev = args.prev_result
     if prev is None:
-        raise CNIError(cni.ERR_INVALID_CONFIG, "bandwidth must be chained after a plugin that makes the pod's interface")
+        raise CNIError(cni.ERR_INVALID_CONFIG, "bandwidth must be chained after a plugin that makes the "
+                       "pod's interface", "no prevResult")
     if not (bw["ingressRate"] or bw["egressRate"]):
+        return bw, prev, None
+    return bw, prev, host_interface(prev, args)
+
+
+def add(conf: dict[str, Any], args: skel.CmdArgs) -> Result:
+    bw, prev, dev = _prepare(conf, args)
+    if dev is None:
         return prev
-    dev = host_interface(prev, args)
     ifb = ifb_name(conf["name"], args.container_id)
     with host_ns() as host:
         try:
@@ -141,13 +149,9 @@ def _check_tbf(host: Any, dev: str, rate_bits: int, burst_bits: int) -> None:
 
 
 def check(conf: dict[str, Any], args: skel.CmdArgs) -> None:
-    bw = limits(conf)
-    prev = args.prev_result
-    if prev is None:
-        raise CNIError(cni.ERR_INVALID_CONFIG, "CHECK needs prevResult")
-    if not (bw["ingressRate"] or bw["egressRate"]):
+    bw, _, dev = _prepare(conf, args)
+    if dev is None:
         return
-    dev = host_interface(prev, args)
     with host_ns() as host:
         if bw["ingressRate"]:
             _check_tbf(host, dev, bw["ingressRate"], bw["ingressBurst"])

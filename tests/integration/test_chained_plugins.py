@@ -8,6 +8,8 @@ portmap). Each has two nodes and an external host ``client`` on the underlay; th
 - hostPort: reachable from the external host (TCP and UDP) and from another node; a pod that
   reaches its own hostPort through its node sees the node's address as the source (hairpin
   masquerade); CHECK notices a deleted rule; DEL leaves no rule or chain of the pod.
+``K8SNETLAB_CHAIN_ALL=1`` adds a third: the Calico layout (``ipip``) with our plugins.
+
 - bandwidth: a pod annotated 100M each way measures 100 Mbit/s within 5 % (iperf3, the first
   second omitted: the bucket starts full), with the wire's headers counted as tbf counts them.
 - tuning: the node-wide and the pod's own sysctls are set in the pod's namespace.
@@ -16,6 +18,7 @@ portmap). Each has two nodes and an external host ``client`` on the underlay; th
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -63,7 +66,8 @@ def iperf_pod(name: str, node: str, **meta: dict) -> dict:
 
 
 def cluster_file(variant: str) -> dict:
-    cni = ({"type": "host-gw"} if variant == "ours" else {"type": "bridge", "reference": True})
+    cni = {"ours": {"type": "host-gw"}, "calico": {"type": "ipip"},
+           "reference": {"type": "bridge", "reference": True}}[variant]
     cni["chain"] = {"plugins": ["tuning", "bandwidth", "portmap"], "sysctl": dict([SYSCTL_NODE])}
     return {"name": f"chain-{variant}",
             "underlay": {"subnets": [{"name": "lan", "cidr": "192.168.0.0/24"}],
@@ -77,11 +81,10 @@ def cluster_file(variant: str) -> dict:
                               "nodeName": "node1", "containers": [{"name": "idle", "command": ["sleep", "600"]}]}}]}
 
 
-@pytest.fixture(scope="module", params=["ours", "reference"])
+@pytest.fixture(scope="module", params=["ours", "reference"] + (["calico"] if os.environ.get("K8SNETLAB_CHAIN_ALL") else []))
 def cluster(request):
     require_root_and("mnexec", "iptables", "iptables-save", "tc", "iperf3", "nsenter")
     if request.param == "reference":
-        import os
         for p in ("bridge", "host-local", "portmap", "bandwidth", "tuning"):
             if not os.access(f"/usr/lib/cni/{p}", os.X_OK):
                 pytest.skip(f"/usr/lib/cni/{p} missing: apt-get install containernetworking-plugins")
@@ -113,7 +116,7 @@ def test_host_port_from_another_node(cluster):
     node_ip = cluster.nodes["node1"].ip
     node2 = cluster.nodes["node2"]
     assert ask(node2, node_ip, 8080) == node2.ip
-    if cluster.variant == "ours":     # host-gw routes pod CIDRs between nodes; bridge does not
+    if cluster.variant != "reference":     # host-gw and ipip route pod CIDRs between nodes; bridge does not
         far = cluster.pods["far"]
         assert ask(far, node_ip, 8080) == far.ip
 
@@ -139,7 +142,12 @@ def test_rules_in_the_reference_layout(cluster):
 
 
 def test_del_leaves_no_rule_and_check_notices_a_deleted_one(cluster):
+    server = cluster.kubelets["node1"].server
+    before = server.requests if server is not None else 0
     cluster.add_pod(who("temp", "node1", 9090, annotations={"kubernetes.io/egress-bandwidth": "10M"}))
+    if cluster.variant != "reference":     # main, tuning, bandwidth, portmap: each exec'd shim asked the server
+        assert server.requests - before >= 4
+        assert all((cluster.state.cni_bin / t).is_file() for t in ("portmap", "bandwidth", "tuning"))
     temp = cluster.pods["temp"]
     chains = {line.split()[0][1:] for line in nat(cluster).splitlines() if line.startswith(":CNI-DN-")}
     ours = [c for c in chains if f"-A {c} -p tcp -m tcp --dport 9090 -j DNAT" in nat(cluster)]
@@ -177,7 +185,7 @@ def wire_rate(goodput: float, mtu: int = 1500) -> float:
 @pytest.mark.parametrize("direction", ["ingress", "egress"])
 def test_bandwidth_annotation_limits_the_pod(cluster, direction):
     goodput = measure(cluster, reverse=(direction == "egress"))
-    rate = wire_rate(goodput)
+    rate = wire_rate(goodput, cluster.mode.mtu)
     print(f"{cluster.variant} {direction}: goodput {goodput / 1e6:.2f} Mbit/s, on the wire {rate / 1e6:.2f} Mbit/s")
     assert abs(rate - RATE) <= 0.05 * RATE, f"{direction} {rate / 1e6:.1f} Mbit/s is not 100 within 5 %"
 
