@@ -13,9 +13,11 @@ from the pod annotations ``kubernetes.io/ingress-bandwidth`` / ``egress-bandwidt
   matching all, action mirred egress redirect) to an ``ifb`` device ``bwp<hash>``, whose
   ``tbf`` root qdisc shapes it. The ifb joins the result's interfaces.
 
-The bucket: rate in bytes, latency 25 ms, queue limit = rate x latency + burst; the burst is
-kept as the time it takes at the rate, which the kernel caps at 2^32 ns (~4.3 s), so a
-"no limit" burst lets ~4.3 s worth of bytes pass at line rate first. DEL removes the ifb (the
+The bucket: rate in bytes, latency 25 ms, queue limit = rate x latency + burst; the request
+carries the burst as the time it takes at the rate, in ticks of a 32-bit field (a burst
+longer than that field holds is cut to fit, where the reference's Go code would wrap). The
+kubelet's "no limit" burst (2^32-1 bits, 512 MiB) lets that much pass at line rate first, as
+on a containerd node. DEL removes the ifb (the
 veth's qdiscs go with the veth); CHECK verifies qdiscs, rates, filter and ifb.
 """
 
@@ -34,7 +36,8 @@ from k8snetlab.errors import NetlinkError
 LATENCY_MS = 25
 IFB_PREFIX = "bwp"
 MAX_IFNAME = 15
-KERNEL_BUFFER_S = (2 ** 32 - 1) / 1e9   # the kernel keeps a tbf bucket as at most 2^32 ns
+TICKS_PER_US = 15.625                   # /proc/net/psched on Linux: 1000 / 64
+MAX_BUFFER_S = (2 ** 32 - 1) / TICKS_PER_US / 1e6   # the longest bucket a 32-bit tick count holds
 FIELDS = ("ingressRate", "ingressBurst", "egressRate", "egressBurst")
 
 
@@ -64,9 +67,9 @@ def limits(conf: dict[str, Any]) -> dict[str, int]:
 
 def tbf_params(rate_bits: int, burst_bits: int) -> dict[str, int]:
     """rate (bits/s), burst and limit (bytes) of the bucket, as the reference computes them;
-    the burst is cut where the kernel would cut it (KERNEL_BUFFER_S at the rate)."""
+    the burst at most what MAX_BUFFER_S holds at the rate."""
     rate_bytes = rate_bits // 8
-    burst = min(burst_bits // 8, int(rate_bytes * KERNEL_BUFFER_S))
+    burst = min(burst_bits // 8, int(rate_bytes * MAX_BUFFER_S))
     limit = int(rate_bytes * LATENCY_MS / 1000) + burst
     return {"rate_bits": rate_bits, "burst_bytes": max(burst, 1), "limit_bytes": min(limit, 2 ** 32 - 1)}
 

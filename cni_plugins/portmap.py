@@ -11,7 +11,7 @@ capability argument (``runtimeConfig.portMappings``: ``hostPort``, ``containerPo
 - ``CNI-HOSTPORT-DNAT``: one jump per pod and protocol, ``-p tcp -m multiport
   --destination-ports 8080,8443 -j CNI-DN-<hash>``, commented with the network and container;
 - ``CNI-DN-<hash>`` (``CNI-DN-`` + the SHA-512 of network name and container ID, 28
-  characters): per mapping, mark hairpin traffic (``-s <pod IP>``) and localhost traffic
+  characters): per mapping, mark hairpin traffic (``-s <pod network>``) and localhost traffic
   (``-s 127.0.0.1``) for masquerade, then ``-j DNAT --to-destination <pod IP>:<port>``;
 - ``CNI-HOSTPORT-SETMARK`` sets mark bit ``markMasqBit`` (13: ``0x2000``), and
   ``CNI-HOSTPORT-MASQ``, jumped to first from ``POSTROUTING``, masquerades what carries it:
@@ -86,15 +86,17 @@ def parse(conf: dict[str, Any]) -> dict[str, Any]:
             "conditions": [str(c) for c in cond], "mappings": out}
 
 
-def container_ip(prev: Result | None, ifname: str) -> str:
-    """The pod's IPv4 address from prevResult (the sandbox interface's, else the first)."""
+def container_ip(prev: Result | None, ifname: str) -> tuple[str, str]:
+    """The pod's IPv4 address and its network (``10.244.1.5``, ``10.244.1.0/24``) from
+    prevResult: the sandbox interface's, else the first."""
     if prev is None:
         raise CNIError(cni.ERR_INVALID_CONFIG, "portmap must be chained after a plugin that returns the pod's IP",
                        "no prevResult")
     cidr = prev.sandbox_ip(ifname)
     if cidr is None:
         raise CNIError(cni.ERR_INVALID_CONFIG, "prevResult has no IP address for the pod")
-    return str(ipaddress.ip_interface(cidr).ip)
+    iface = ipaddress.ip_interface(cidr)
+    return str(iface.ip), str(iface.network)
 
 
 # -- rules (pure) -------------------------------------------------------------------------------
@@ -133,15 +135,17 @@ def entry_rules(c: dict[str, Any], network: str, container_id: str) -> list[list
     return rules
 
 
-def dnat_rules(c: dict[str, Any], ip: str) -> list[list[str]]:
-    """The pod's chain: per mapping, the hairpin and localhost marks (with snat), then DNAT."""
+def dnat_rules(c: dict[str, Any], ip: str, net: str) -> list[list[str]]:
+    """The pod's chain: per mapping, the hairpin marks (with snat) for the pod's network, as the
+    reference marks it (pods of one bridge reaching each other's hostPort come back through
+    the node too), and for localhost, then DNAT."""
     rules = []
     for m in c["mappings"]:
         base = ["-p", m["protocol"], "--dport", str(m["hostPort"])]
         if m["hostIP"]:
             base += ["-d", m["hostIP"]]
         if c["snat"]:
-            rules.append([*base, "-s", ip, "-j", c["setmark"]])
+            rules.append([*base, "-s", net, "-j", c["setmark"]])
             rules.append([*base, "-s", "127.0.0.1", "-j", c["setmark"]])
         rules.append([*base, "-j", "DNAT", "--to-destination", f"{ip}:{m['containerPort']}"])
     return rules
@@ -228,7 +232,7 @@ def add(conf: dict[str, Any], args: skel.CmdArgs) -> Result:
         if prev is None:
             raise CNIError(cni.ERR_INVALID_CONFIG, "portmap needs prevResult")
         return prev
-    ip = container_ip(prev, args.ifname)
+    ip, net = container_ip(prev, args.ifname)
     chain = dnat_chain_name(conf["name"], args.container_id)
     try:
         _ensure_shared(c)
@@ -236,7 +240,7 @@ def add(conf: dict[str, Any], args: skel.CmdArgs) -> Result:
             _route_localnet(ip)
         _teardown(chain)                    # a collision or a half-made earlier ADD
         proc.run(["iptables-restore", "-w", "--noflush"],
-                 input=restore_input(chain, dnat_rules(c, ip), entry_rules(c, conf["name"], args.container_id)))
+                 input=restore_input(chain, dnat_rules(c, ip, net), entry_rules(c, conf["name"], args.container_id)))
         _forget_udp(c)
     except CommandError as e:
         _teardown(chain)
@@ -262,7 +266,7 @@ def check(conf: dict[str, Any], args: skel.CmdArgs) -> None:
     c = parse(conf)
     if not c["mappings"]:
         return
-    ip = container_ip(args.prev_result, args.ifname)
+    ip, net = container_ip(args.prev_result, args.ifname)
     chain = dnat_chain_name(conf["name"], args.container_id)
     for name, rules, entries in shared_chains(c):
         for entry, match, _ in entries:
@@ -274,7 +278,7 @@ def check(conf: dict[str, Any], args: skel.CmdArgs) -> None:
     for rule in entry_rules(c, conf["name"], args.container_id):
         if not _exists(TOP_DNAT, rule):
             raise CNIError(cni.ERR_INVALID_CONFIG, f"the jump from {TOP_DNAT} to {chain} is missing")
-    for rule in dnat_rules(c, ip):
+    for rule in dnat_rules(c, ip, net):
         if not _exists(chain, rule):
             raise CNIError(cni.ERR_INVALID_CONFIG, f"a rule of {chain} is missing: {' '.join(rule)}")
 

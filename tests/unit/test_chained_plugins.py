@@ -120,15 +120,15 @@ def test_portmap_chain_name_is_the_reference_hash_cut_to_28() -> None:
 def test_portmap_rules_mark_hairpin_and_localhost_then_dnat() -> None:
     c = portmap.parse(pm_conf({"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
                               {"hostPort": 5353, "containerPort": 53, "protocol": "udp", "hostIP": "192.168.0.11"}))
-    assert portmap.dnat_rules(c, POD_IP) == [
-        ["-p", "tcp", "--dport", "8080", "-s", POD_IP, "-j", "CNI-HOSTPORT-SETMARK"],
+    assert portmap.dnat_rules(c, POD_IP, "10.244.1.0/24") == [
+        ["-p", "tcp", "--dport", "8080", "-s", "10.244.1.0/24", "-j", "CNI-HOSTPORT-SETMARK"],
         ["-p", "tcp", "--dport", "8080", "-s", "127.0.0.1", "-j", "CNI-HOSTPORT-SETMARK"],
         ["-p", "tcp", "--dport", "8080", "-j", "DNAT", "--to-destination", f"{POD_IP}:80"],
-        ["-p", "udp", "--dport", "5353", "-d", "192.168.0.11", "-s", POD_IP, "-j", "CNI-HOSTPORT-SETMARK"],
+        ["-p", "udp", "--dport", "5353", "-d", "192.168.0.11", "-s", "10.244.1.0/24", "-j", "CNI-HOSTPORT-SETMARK"],
         ["-p", "udp", "--dport", "5353", "-d", "192.168.0.11", "-s", "127.0.0.1", "-j", "CNI-HOSTPORT-SETMARK"],
         ["-p", "udp", "--dport", "5353", "-d", "192.168.0.11", "-j", "DNAT", "--to-destination", f"{POD_IP}:53"]]
     no_snat = portmap.parse(pm_conf({"hostPort": 8080, "containerPort": 80}, snat=False))
-    assert portmap.dnat_rules(no_snat, POD_IP) == [
+    assert portmap.dnat_rules(no_snat, POD_IP, f"{POD_IP}/32") == [
         ["-p", "tcp", "--dport", "8080", "-j", "DNAT", "--to-destination", f"{POD_IP}:80"]]
 
 
@@ -169,11 +169,13 @@ def test_portmap_refuses_bad_config(conf: dict[str, Any]) -> None:
 def test_bandwidth_bucket_as_the_reference_computes_it() -> None:
     p = bandwidth.tbf_params(100_000_000, 2 ** 32 - 1)
     assert p["rate_bits"] == 100_000_000
-    # "no limit" is cut where the kernel cuts it: ~4.29 s at 12.5 MB/s
-    assert p["burst_bytes"] == int(12_500_000 * bandwidth.KERNEL_BUFFER_S)
+    # the kubelet's "no limit": 2^32-1 bits, 512 MiB, as the reference keeps it
+    assert p["burst_bytes"] == (2 ** 32 - 1) // 8
     assert p["limit_bytes"] == 12_500_000 * 25 // 1000 + p["burst_bytes"]
-    small = bandwidth.tbf_params(8_000, 80_000)
-    assert small["burst_bytes"] == 4_294 and small["limit_bytes"] == 25 + 4_294
+    # at 8 kbit/s that would be 6.7e5 s of bucket: cut to what 32 bits of ticks hold (~275 s)
+    small = bandwidth.tbf_params(8_000, 2 ** 32 - 1)
+    assert small["burst_bytes"] == int(1000 * bandwidth.MAX_BUFFER_S) == 274_877
+    assert small["limit_bytes"] == 25 + 274_877
 
 
 def test_bandwidth_runtime_config_wins_and_rate_needs_burst() -> None:
