@@ -90,10 +90,10 @@ CAPABILITY_ARGS = {"portMappings": [{"hostPort": 18080, "containerPort": 80, "pr
 def drive(driver: Path, cluster, netns: str, plugin: str, conf: dict, tmp: Path) -> list[str]:
     conf_file = tmp / f"{plugin}.conflist"
     conf_file.write_text(json.dumps(conf))
+    extra = [json.dumps(CAPABILITY_ARGS)] if plugin == "chain" else []
     sandbox = Pod(f"libcni-{plugin}")
     try:
-        extra = [json.dumps(CAPABILITY_ARGS)] if plugin == "chain" else []
-    r = subprocess.run(["nsenter", f"--net={netns}", "--", str(driver), str(conf_file), sandbox.netns,
+        r = subprocess.run(["nsenter", f"--net={netns}", "--", str(driver), str(conf_file), sandbox.netns,
                             f"libcni{plugin.replace('-', '')}" + "0" * 20, "eth0", str(cluster.state.cni_bin),
                             str(tmp / "cache"), *extra], capture_output=True, text=True, timeout=120)
     finally:
