@@ -253,10 +253,14 @@ class Run:
         python = os.path.basename(sys.executable) if sys.argv and sys.argv[0].endswith(".py") else ""
         self.command = " ".join(shlex.quote(a) for a in [python, *sys.argv] if a)
         self.machine_start = hoststat.machine()
+        self.placement = getattr(args, "placement", None) or measure.current_placement()
+        self.pin = pin_label(self.placement)
+        self.lean = False                                  # an adaptive round: TCP only, no ping
+        self.baselines: list[float] = []
 
     # -- rows
     def row(self, label: str, path: Path2 | None, rnd: int, metric: str, value: float, unit: str,
-            load1: float | None = None, steal: float | None = None) -> None:
+            load1: float | None = None, steal: float | None = None, pin: str | None = None) -> None:
         assert self.writer is not None
         topology, datapath = self.meta.get(label, (self.base.name, ""))
         self.writer.write(results.Row(
@@ -264,11 +268,13 @@ class Run:
             topology=topology, mode=label, datapath=datapath,
             scenario=path.name if path else "lifecycle", src=path.src.name if path else "",
             dst=path.dst.name if path else "", round=rnd, metric=metric, value=value, unit=unit,
-            mtu=path.mtu if path else None, kernel=self.kernel, load1=load1, steal=steal))
+            mtu=path.mtu if path else None, kernel=self.kernel, load1=load1, steal=steal, pin=pin))
 
     # -- the default measurement: ping, then iperf3 with its golden signals
     def ping_and_tcp(self, path: Path2, duration_s: float) -> list[tuple[str, float, str]]:
         out: list[tuple[str, float, str]] = []
+        if self.lean:                     # adaptive rounds measure what the headline ratios need
+            return self.tcp(path, duration_s)
         target = path.connect_ip or path.dst.ip
         measure.ping(path.src.netns, target, count=3, interval_s=0.01)
         rtt = measure.ping(path.src.netns, target, count=self.args.pings, interval_s=0.01)
@@ -284,7 +290,8 @@ class Run:
         got, self.last_steal = tcp_signals(path.src.netns, path.dst.netns, path.dst.ip, duration_s,
                                            omit_s=self.args.omit, connect_ip=path.connect_ip,
                                            bitrate=self.args.rate, baseline_rate=self.baseline_rate,
-                                           shaped=self.shaped_by.get(self.current, []))
+                                           shaped=self.shaped_by.get(self.current, []),
+                                           placement=self.placement)
         return got
 
     def measure_baseline(self) -> None:
@@ -293,11 +300,13 @@ class Run:
         assert self.freezer is not None
         with self.freezer.only(None):
             self.baseline_rate = quiet_busy_rate()
+        self.baselines.append(self.baseline_rate)
 
 
 def tcp_signals(src_netns: str, dst_netns: str, dst_ip: str, duration_s: float, omit_s: float = 1.0,
                 connect_ip: str | None = None, bitrate: str | None = None, baseline_rate: float = 0.0,
                 shaped: Sequence[tuple[str | None, str]] = (), port: int = 5201,
+                placement: measure.Placement | None = None,
                 ) -> tuple[list[tuple[str, float, str]], float]:
     """One iperf3 TCP test with its golden signals: throughput, retransmits, packets/s at the
     receiver, interface drops at both ends, softirq share of the busy CPU time, CPU-seconds
@@ -310,7 +319,7 @@ def tcp_signals(src_netns: str, dst_netns: str, dst_ip: str, duration_s: float, 
     q0 = qdisc()
     cpu0 = hoststat.cpu_times()
     tcp = measure.iperf3(src_netns, dst_netns, dst_ip, duration_s=duration_s, omit_s=omit_s,
-                         connect_ip=connect_ip, bitrate=bitrate, port=port)
+                         connect_ip=connect_ip, bitrate=bitrate, port=port, placement=placement)
     cpu = hoststat.delta(cpu0, hoststat.cpu_times())
     after_src, after_dst = hoststat.ns_counters(src_netns), hoststat.ns_counters(dst_netns)
     rx_bytes = hoststat.sum_delta(before_dst, after_dst, "rx_bytes")
@@ -337,6 +346,15 @@ def tcp_signals(src_netns: str, dst_netns: str, dst_ip: str, duration_s: float, 
     return out, cpu.steal_fraction
 
 
+def pin_label(p: measure.Placement) -> str:
+    """The CSV's ``pin`` cell: ``same:0``, ``split:0/1`` or ``none``."""
+    if p.mode == "same":
+        return f"same:{p.client}"
+    if p.mode == "split":
+        return f"split:{p.client}/{p.server}"
+    return "none"
+
+
 def quiet_busy_rate(seconds: float = 1.0) -> float:
     """The machine's busy CPU-seconds per second over ``seconds`` (call it with nothing of
     ours running): the baseline :func:`tcp_signals` subtracts."""
@@ -361,7 +379,8 @@ def run(exp: Experiment, args: argparse.Namespace) -> int:
     r = Run(exp, args, base)
     for label, why in exp.skipped.items():
         log.info("skipping %s: %s", label, why)
-    print(f"{exp.name}: run {r.run_id}, seed {r.seed} (--seed {r.seed} repeats this order)", file=sys.stderr)
+    print(f"{exp.name}: run {r.run_id}, seed {r.seed} (--seed {r.seed} repeats this order); "
+          f"CPU placement: {r.placement.describe()}", file=sys.stderr)
 
     with contextlib.ExitStack() as stack, results.CsvWriter(r.csv_path) as writer:
         r.writer = writer
@@ -421,7 +440,7 @@ def run(exp: Experiment, args: argparse.Namespace) -> int:
                 if steal is not None:
                     r.steals.append(steal)
                 for metric, value, unit in got:
-                    r.row(k, p, rnd, metric, value, unit, load1=load1, steal=steal)
+                    r.row(k, p, rnd, metric, value, unit, load1=load1, steal=steal, pin=r.pin)
 
         if not args.quick:
             print("warm-up round (not recorded)", file=sys.stderr)
@@ -446,7 +465,11 @@ def run(exp: Experiment, args: argparse.Namespace) -> int:
                     break
                 rnd += 1
                 log.info("round %d: headline interval +-%.1f %% > %g %%: one more round", rnd, worst, args.ci)
-                one_round(rnd, lean, None, args.duration)
+                r.lean = True
+                try:
+                    one_round(rnd, lean, None, args.duration)
+                finally:
+                    r.lean = False
         r.freezer.resume()
         for k in reversed(list(clusters)):
             c = clusters.pop(k)
@@ -460,15 +483,8 @@ def run(exp: Experiment, args: argparse.Namespace) -> int:
     extra = exp.extra_summary(r, rows)
     if extra:
         text += "\n" + "\n".join(extra)
-    warn = hoststat.busy_warning(max(r.loads, default=0.0), max(r.steals, default=0.0))
-    if warn:
-        text += f"\n\nWARNING: {warn} (load average up to {max(r.loads):.2f}, steal up to " \
-                f"{100 * max(r.steals, default=0):.0f} %; columns load1 and steal of the CSV)"
-    base_cpu = [x.value for x in rows if x.metric == "cpu_baseline"]
-    if base_cpu and stats.describe(base_cpu).median > 0.5 * (os.cpu_count() or 1):
-        text += (f"\nWARNING: other programs kept {stats.describe(base_cpu).median:.1f} of {os.cpu_count()} CPUs busy "
-                 "in the quiet seconds: cpu_per_gbit (whole machine, baseline subtracted) means little; "
-                 "proc_cpu_per_gbit (the iperf3 processes' own time) still compares modes")
+    text += "\n\n" + machine_lines(r)
+
     print(text)
     summary_path = r.csv_path.with_name(r.csv_path.stem + "-summary.csv")
     write_summary(summary_path, exp, rows, r.run_id, r.seed)
@@ -480,6 +496,27 @@ def run(exp: Experiment, args: argparse.Namespace) -> int:
     if png:
         print(f"plot: {png}")
     return 0
+
+
+def machine_lines(r: Run) -> str:
+    """What the machine did besides this run: the CPU placement, the busy CPU of the quiet
+    seconds (other programs; this run's clusters paused) and a warning when it was busy."""
+    lines = [f"CPU placement (--pin): {r.placement.describe()}."]
+    others = stats.describe(r.baselines).median if r.baselines else None
+    cpus = os.cpu_count() or 1
+    if others is not None:
+        lines.append(f"Busy CPU of the machine in the quiet second before each round (other programs and this "
+                     f"run's idle runtime; its clusters "
+                     f"{'running, --no-pause' if r.args.no_pause else 'paused'}): median {others:.2f} "
+                     f"of {cpus} CPUs; load average {min(r.loads, default=0):.2f} .. {max(r.loads, default=0):.2f} "
+                     "(it counts this run's own work too).")
+    warn = hoststat.busy_warning(others or 0.0, max(r.steals, default=0.0), cpus)
+    if warn:
+        lines.append(f"WARNING: {warn} (columns cpu_baseline and steal of the CSV).")
+        if others is not None and others > 0.5 * cpus:
+            lines.append("  cpu_per_gbit (whole machine, baseline subtracted) means little then; "
+                         "proc_cpu_per_gbit (the iperf3 processes' own time) still compares modes.")
+    return "\n".join(lines)
 
 
 def _rows_so_far(r: Run) -> list[results.Row]:
