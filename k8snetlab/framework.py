@@ -29,6 +29,7 @@ and its targets. The framework then:
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import csv as csvmod
 import logging
@@ -42,7 +43,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Collection, Iterable, Sequence
 
 from . import experiment, hoststat, measure, results, spec, stats
 from .errors import SpecError
@@ -250,12 +251,15 @@ class Run:
         self.steals: list[float] = []
         self.shaped_by: dict[str, list[tuple[str | None, str]]] = {}   # label -> shaped (netns, device)
         self.current = ""                                  # the label being measured
-        python = os.path.basename(sys.executable) if sys.argv and sys.argv[0].endswith(".py") else ""
-        self.command = " ".join(shlex.quote(a) for a in [python, *sys.argv] if a)
+        self.command = command_line()
         self.machine_start = hoststat.machine()
         self.placement = getattr(args, "placement", None) or measure.current_placement()
         self.pin = pin_label(self.placement)
         self.lean = False                                  # an adaptive round: TCP only, no ping
+        self.drops: Any = None                             # drops.DropCounter while it counts
+        self.drops_unavailable = ""                        # why not, if not
+        self.ns_names: dict[str, dict[int, str]] = {}      # label -> netns inode -> host name
+        self.drop_totals: collections.Counter = collections.Counter()   # (label, host, reason) -> drops
         self.baselines: list[float] = []
 
     # -- rows
@@ -291,8 +295,23 @@ class Run:
                                            omit_s=self.args.omit, connect_ip=path.connect_ip,
                                            bitrate=self.args.rate, baseline_rate=self.baseline_rate,
                                            shaped=self.shaped_by.get(self.current, []),
-                                           placement=self.placement)
+                                           placement=self.placement, drops=self.drops,
+                                           drop_netns=self.ns_names.get(self.current))
+        if self.drops is not None:
+            names = self.ns_names.get(self.current, {})
+            for (ns, reason), n in self.drops.last.items():
+                self.drop_totals[(self.current, names.get(ns, str(ns)), reason)] += n
         return got
+
+    def start_drops(self) -> None:
+        """Count kernel drop reasons for the whole run, if this machine can (else say why)."""
+        from . import drops
+        from .errors import CommandError
+        try:
+            self.drops = drops.DropCounter().start()
+        except (drops.DropsUnavailable, CommandError, OSError) as e:
+            self.drops, self.drops_unavailable = None, str(e).splitlines()[0]
+            log.warning("kernel drop reasons not counted: %s", self.drops_unavailable)
 
     def measure_baseline(self) -> None:
         """The machine's busy rate in a quiet second (every cluster paused): the CPU the
@@ -306,21 +325,33 @@ class Run:
 def tcp_signals(src_netns: str, dst_netns: str, dst_ip: str, duration_s: float, omit_s: float = 1.0,
                 connect_ip: str | None = None, bitrate: str | None = None, baseline_rate: float = 0.0,
                 shaped: Sequence[tuple[str | None, str]] = (), port: int = 5201,
-                placement: measure.Placement | None = None,
+                placement: measure.Placement | None = None, drops: Any = None,
+                drop_netns: Collection[int] | None = None,
                 ) -> tuple[list[tuple[str, float, str]], float]:
     """One iperf3 TCP test with its golden signals: throughput, retransmits, packets/s at the
     receiver, interface drops at both ends, softirq share of the busy CPU time, CPU-seconds
     per gigabit (``baseline_rate``, the machine's busy CPU-seconds per second when quiet,
     subtracted) and, on shaped links, qdisc drops and backlog. Returns the (metric, value,
-    unit) triples and the share of CPU time stolen meanwhile. Any experiment may call it."""
+    unit) triples and the share of CPU time stolen meanwhile. Any experiment may call it.
+
+    ``drops``: a started :class:`drops.DropCounter`: the kernel's drops (``skb:kfree_skb``) in
+    the namespaces ``drop_netns`` (inodes; default the two ends') during the test become
+    ``kernel_drops`` (every reason but NOT_SPECIFIED) and ``kernel_drops_unspecified``; the
+    per (namespace, reason) counts are left in ``drops.last``."""
     from . import shaping
     qdisc = lambda: {(ns, dev): shaping.qdisc_counters(ns, dev) for ns, dev in shaped}
     before_src, before_dst = hoststat.ns_counters(src_netns), hoststat.ns_counters(dst_netns)
     q0 = qdisc()
+    d0 = drops.snapshot() if drops is not None else None
     cpu0 = hoststat.cpu_times()
     tcp = measure.iperf3(src_netns, dst_netns, dst_ip, duration_s=duration_s, omit_s=omit_s,
                          connect_ip=connect_ip, bitrate=bitrate, port=port, placement=placement)
     cpu = hoststat.delta(cpu0, hoststat.cpu_times())
+    if drops is not None:
+        from . import drops as dropsmod
+        where = drop_netns if drop_netns is not None else \
+            {i for i in (dropsmod.netns_inode(src_netns), dropsmod.netns_inode(dst_netns)) if i}
+        drops.last = dropsmod.delta(d0 or {}, drops.snapshot(), drops.names, where)
     after_src, after_dst = hoststat.ns_counters(src_netns), hoststat.ns_counters(dst_netns)
     rx_bytes = hoststat.sum_delta(before_dst, after_dst, "rx_bytes")
     rx_packets = hoststat.sum_delta(before_dst, after_dst, "rx_packets")
@@ -339,11 +370,45 @@ def tcp_signals(src_netns: str, dst_netns: str, dst_ip: str, duration_s: float, 
         # the two iperf3 processes' own CPU time: robust to other load, without softirq work
         out.append(("proc_cpu_per_gbit", (tcp.cpu_sender_pct + tcp.cpu_receiver_pct) / 100 * tcp.duration_s / gbit,
                     "s/Gbit"))
+    if drops is not None:
+        real, unspecified = dropsmod.split_unspecified(
+            collections.Counter({r: n for (_, r), n in drops.last.items()}))
+        out += [("kernel_drops", real, "count"), ("kernel_drops_unspecified", unspecified, "count")]
     if shaped:
         q1 = qdisc()
         out.append(("qdisc_drops", sum(q1[k][0] - q0.get(k, (0, 0))[0] for k in q1), "count"))
         out.append(("qdisc_backlog", max((v[1] for v in q1.values()), default=0), "bytes"))
     return out, cpu.steal_fraction
+
+
+def namespace_names(cluster: Any) -> dict[int, str]:
+    """netns inode -> host name (node, pod, router, host) of a cluster."""
+    out = {}
+    for group in (cluster.nodes, cluster.pods, cluster.routers, cluster.hosts):
+        for name, h in group.items():
+            try:
+                out[os.stat(h.netns).st_ino] = name
+            except OSError:
+                continue
+    return out
+
+
+def drop_lines(r: "Run", top: int = 12) -> list[str]:
+    """The kernel drop reasons per mode and namespace over the run (most first)."""
+    if r.drops is None:
+        return [f"\nKernel drop reasons: not counted ({r.drops_unavailable or 'no counter'}); "
+                "if_drops (interface counters) and tcp_retransmits still show loss."]
+    if not r.drop_totals:
+        return ["\nKernel drop reasons (skb:kfree_skb in the measured cluster's namespaces during the "
+                "TCP tests): none."]
+    lines = ["\nKernel drop reasons (skb:kfree_skb in the measured cluster's namespaces during the TCP "
+             "tests, all rounds; NOT_SPECIFIED is a kfree_skb without a reason, often not packet loss):"]
+    ranked = sorted(r.drop_totals.items(), key=lambda kv: (kv[0][2] == "NOT_SPECIFIED", -kv[1]))
+    for (mode, host, reason), n in ranked[:top]:
+        lines.append(f"  {mode:<18} {host:<16} {reason:<24} {n}")
+    if len(ranked) > top:
+        lines.append(f"  ... {len(ranked) - top} more (mode, namespace, reason) triples")
+    return lines
 
 
 def pin_label(p: measure.Placement) -> str:
@@ -410,6 +475,10 @@ def run(exp: Experiment, args: argparse.Namespace) -> int:
                             + "; ".join(f"{k}: {v}" for k, v in exp.skipped.items()))
         from .shaping import shaped_devices
         r.shaped_by = {k: shaped_devices(c) for k, c in clusters.items()}
+        r.ns_names = {k: namespace_names(c) for k, c in clusters.items()}
+        r.start_drops()
+        if r.drops is not None:
+            stack.callback(r.drops.stop)
         r.freezer = hoststat.Freezer({k: hoststat.host_namespaces(c) for k, c in clusters.items()},
                                      enabled=not args.no_pause)
         stack.callback(r.freezer.resume)
@@ -483,6 +552,7 @@ def run(exp: Experiment, args: argparse.Namespace) -> int:
     extra = exp.extra_summary(r, rows)
     if extra:
         text += "\n" + "\n".join(extra)
+    text += "\n".join(drop_lines(r))
     text += "\n\n" + machine_lines(r)
 
     print(text)
@@ -724,25 +794,57 @@ def write_summary(path: Path, exp: Experiment, rows: list[results.Row], run_id: 
 
 
 def write_report(r: Run, text: str, png: Path | None, summary_path: Path) -> Path:
-    md = r.csv_path.with_suffix(".md")
-    m = r.machine_start
+    how = (f"Seed {r.seed}. Rounds interleaved, shuffled within each round; warm-up round discarded; "
+           f"{'other clusters paused while one measures' if not r.args.no_pause else 'other clusters running'}.")
+    return report_md(r.exp, r.csv_path, r.run_id, r.command, how, r.machine_start, r.loads, r.steals,
+                     text, png, summary_path)
+
+
+def command_line() -> str:
+    """The command that started this process, as a person would type it."""
+    python = os.path.basename(sys.executable) if sys.argv and sys.argv[0].endswith(".py") else ""
+    return " ".join(shlex.quote(a) for a in [python, *sys.argv] if a)
+
+
+def report_md(exp: Experiment, csv_path: Path, run_id: str, command: str, how: str,
+              machine_start: dict[str, str], loads: Sequence[float], steals: Sequence[float], text: str,
+              png: Path | None, summary_path: Path | None) -> Path:
+    """``<name>-<run id>.md`` beside the CSV: the command, the machine, the summary, the plots."""
+    md = csv_path.with_suffix(".md")
+    m = machine_start
     end_load = " ".join(open("/proc/loadavg").read().split()[:3])
-    lines = [f"# {r.exp.name}, run {r.run_id}", "",
-             r.exp.description, "",
-             "## Command", "", "```", r.command, "```", "",
-             f"Seed {r.seed}. Rounds interleaved, shuffled within each round; warm-up round discarded; "
-             f"{'other clusters paused while one measures' if not r.args.no_pause else 'other clusters running'}.",
+    lines = [f"# {exp.name}, run {run_id}", "",
+             exp.description, "",
+             "## Command", "", "```", command, "```", "",
+             how,
              "", "## Machine", "",
              "| | |", "|---|---|",
              f"| kernel | {m['kernel']} |", f"| CPUs | {m['cpus']} x {m['cpu model']} |",
              f"| load average at start | {m['load average']} |", f"| load average at end | {end_load} |",
              f"| load average during measurements | "
-             f"{min(r.loads, default=0):.2f} .. {max(r.loads, default=0):.2f} |",
-             f"| steal time during measurements | up to {100 * max(r.steals, default=0):.1f} % |", "",
+             f"{min(loads, default=0):.2f} .. {max(loads, default=0):.2f} |",
+             f"| steal time during measurements | up to {100 * max(steals, default=0):.1f} % |", "",
              "## Summary", "", "```", text, "```", ""]
     if png:
-        lines += ["## Plots", "", f"![{r.exp.name}]({png.name})", "",
+        lines += ["## Plots", "", f"![{exp.name}]({png.name})", "",
                   "Bars: mean over rounds; error bars: 95 % confidence interval; dots: the rounds.", ""]
-    lines += ["## Files", "", f"- raw rows: `{r.csv_path.name}`", f"- statistics: `{summary_path.name}`", ""]
-    md.write_text("\n".join(lines))
+    lines += ["## Files", "", f"- raw rows: `{csv_path.name}`"]
+    if summary_path is not None:
+        lines.append(f"- statistics: `{summary_path.name}`")
+    md.write_text("\n".join(lines + [""]))
     return md
+
+
+def write_outputs(exp: Experiment, csv_path: Path, run_id: str, text: str, png: Path | None = None,
+                  seed: int = 1, how: str = "", machine_start: dict[str, str] | None = None) -> tuple[Path, Path]:
+    """For an experiment that runs its own rounds: ``<name>-<run id>-summary.csv`` (n, median,
+    mean, sd, 95 % interval per mode, scenario and metric; ratios of ``exp.comparisons``) and
+    the report ``<name>-<run id>.md``, from the rows of ``csv_path``. Returns both paths."""
+    rows = results.read_rows(csv_path)
+    summary_path = csv_path.with_name(csv_path.stem + "-summary.csv")
+    write_summary(summary_path, exp, rows, run_id, seed)
+    loads = [x.load1 for x in rows if x.load1 is not None]
+    steals = [x.steal for x in rows if x.steal is not None]
+    md = report_md(exp, csv_path, run_id, command_line(), how, machine_start or hoststat.machine(), loads, steals,
+                   text, png, summary_path)
+    return summary_path, md
