@@ -513,7 +513,11 @@ def run(exp: Experiment, args: argparse.Namespace) -> int:
 
         if not args.quick:
             print("warm-up round (not recorded)", file=sys.stderr)
-            one_round(0, full, None, 1.0)
+            r.lean = True                 # TCP only: it warms ARP, caches and the TCP paths
+            try:
+                one_round(0, full, None, 1.0)
+            finally:
+                r.lean = False
         progress = experiment.Progress(args.repeat * len(full))
         rnd = 0
         for rnd in range(1, args.repeat + 1):
@@ -833,6 +837,15 @@ def report_md(exp: Experiment, csv_path: Path, run_id: str, command: str, how: s
         lines.append(f"- statistics: `{summary_path.name}`")
     md.write_text("\n".join(lines + [""]))
     return md
+
+
+def provenance(started: str, how: str = "") -> list[str]:
+    """Markdown lines for a report without rounds (a functional check): the exact command, when
+    it started (UTC) and the machine."""
+    m = hoststat.machine()
+    return ["## Command", "", "```", command_line(), "```", "", f"Started {started} (UTC). {how}".rstrip(), "",
+            "## Machine", "", "| | |", "|---|---|", f"| kernel | {m['kernel']} |",
+            f"| CPUs | {m['cpus']} x {m['cpu model']} |", f"| load average at the end | {m['load average']} |", ""]
 
 
 def write_outputs(exp: Experiment, csv_path: Path, run_id: str, text: str, png: Path | None = None,
