@@ -106,6 +106,15 @@ def run(args) -> int:
         freezer = hoststat.Freezer({m: hoststat.host_namespaces(c) for m, c in clusters.items()},
                                    enabled=not getattr(args, "no_pause", False))
         stack.callback(freezer.resume)
+        ns_names = {m: framework.namespace_names(c) for m, c in clusters.items()}
+        from k8snetlab import drops as dropsmod
+        from k8snetlab.errors import CommandError
+        try:
+            counter = dropsmod.DropCounter().start()
+            stack.callback(counter.stop)
+        except (dropsmod.DropsUnavailable, CommandError, OSError) as e:
+            counter = None
+            print(f"kernel drop reasons not counted: {str(e).splitlines()[0]}", file=sys.stderr)
 
         def row(m: str, scenario: str, src: str, dst: str, rnd: int, metric: str, value: float, unit: str,
                 mtu: int | None = 1500, load1: float | None = None, steal: float | None = None,
@@ -139,7 +148,8 @@ def run(args) -> int:
                             row(m, sc.name, sc.src.name, sc.dst.name, rnd, metric, getattr(rtt, metric[4:]), "ms",
                                 load1=load1)
                     got, steal = framework.tcp_signals(sc.src.netns, sc.dst.netns, sc.dst.ip, args.duration,
-                                                       baseline_rate=baseline, placement=where)
+                                                       baseline_rate=baseline, placement=where, drops=counter,
+                                                       drop_netns=ns_names[m])
                 for metric, value, unit in got:           # throughput with its golden signals
                     row(m, sc.name, sc.src.name, sc.dst.name, rnd, metric, value, unit, load1=load1, steal=steal,
                         pin=pin)
@@ -227,7 +237,7 @@ def describe(modes) -> framework.Experiment:
                             for sc in ("node-to-node", "pod-same-node", "pod-cross-node")
                             for m in ("tcp_throughput", "rtt_p50"))
     exp.table_metrics = ("first_packet_rtt", "rtt_p50", "rtt_p99", "tcp_throughput", "cpu_per_gbit", "rx_pps",
-                         "tcp_retransmits")
+                         "tcp_retransmits", "kernel_drops")
     return exp
 
 

@@ -299,6 +299,15 @@ class _Confined:
                 os.sched_setaffinity(tid, mask)
             except OSError:
                 continue
+        if self.saved:
+            # a thread started meanwhile inherited the narrow mask: give it its creator's back
+            wide = max(self.saved.values(), key=len)
+            for tid in set(_own_threads()) - set(self.saved):
+                try:
+                    if os.sched_getaffinity(tid) == self.cpus:
+                        os.sched_setaffinity(tid, wide)
+                except OSError:
+                    continue
         self.saved.clear()
 
 

@@ -589,3 +589,28 @@ def test_confined_restores_every_threads_mask():
     with measure._Confined(frozenset(cpus[-1:])):
         assert os.sched_getaffinity(0) == {cpus[-1]}
     assert os.sched_getaffinity(0) == before
+
+
+def test_a_thread_started_while_confined_gets_the_wide_mask_back():
+    import threading
+    before = os.sched_getaffinity(0)
+    if len(before) < 2:
+        pytest.skip("one CPU: nothing to confine to")
+    cpus = sorted(before)
+    started, stop = threading.Event(), threading.Event()
+    tid = []
+
+    def worker():
+        tid.append(threading.get_native_id())
+        started.set()
+        stop.wait(5)
+    with measure._Confined(frozenset(cpus[-1:])):
+        t = threading.Thread(target=worker)
+        t.start()
+        started.wait(5)
+        assert os.sched_getaffinity(tid[0]) == {cpus[-1]}
+    try:
+        assert os.sched_getaffinity(tid[0]) == before
+    finally:
+        stop.set()
+        t.join()
