@@ -112,6 +112,7 @@ def run(args) -> int:
         try:
             counter = dropsmod.DropCounter().start()
             stack.callback(counter.stop)
+            counter.watch({i for names in ns_names.values() for i in names})
         except (dropsmod.DropsUnavailable, CommandError, OSError) as e:
             counter = None
             print(f"kernel drop reasons not counted: {str(e).splitlines()[0]}", file=sys.stderr)

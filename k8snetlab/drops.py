@@ -4,8 +4,9 @@ Every packet the kernel frees as a *drop* passes the ``skb:kfree_skb`` tracepoin
 ``enum skb_drop_reason`` (a packet freed after use goes to ``skb:consume_skb`` instead).
 :class:`DropCounter` loads ``bpf/drops.c`` (a raw tracepoint program, CO-RE against the
 kernel's BTF) and counts drops by (network namespace inode, reason) in a hash map; a caller
-reads the map before and after a measurement and keeps the difference for the namespaces of
-the path it measured (:func:`delta`). The reason names come from the kernel's BTF (``enum
+names the namespaces to count (:meth:`DropCounter.watch`: the machine's other namespaces are
+not counted), reads the map before and after a measurement and keeps the difference for the
+namespaces of the path it measured (:func:`delta`). The reason names come from the kernel's BTF (``enum
 skb_drop_reason``), so ``NO_SOCKET``, ``TCP_OFOMERGE``, ``QDISC_DROP`` ... are the kernel's
 own. ``NOT_SPECIFIED`` (a ``kfree_skb()`` whose caller gave no reason: many of them are
 not packet loss) is kept apart from the real drops.
@@ -35,7 +36,7 @@ from .errors import K8sNetLabError
 log = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).resolve().parent / "bpf" / "drops.c"
-PROG, MAP = "knl_kfree_skb", "knl_drops"
+PROG, MAP, WATCH = "knl_kfree_skb", "knl_drops", "knl_watch"
 KEY = struct.Struct("=II")           # struct drop_key: netns inode, reason
 VALUE = struct.Struct("=Q")
 BTF = "/sys/kernel/btf/vmlinux"
@@ -163,6 +164,7 @@ class DropCounter:
         self.names: dict[int, str] = {}
         self.link_fd = -1
         self.map: ebpf.PinnedMap | None = None
+        self.watched: ebpf.PinnedMap | None = None
         self.last: collections.Counter = collections.Counter()   # set by the caller per measurement
 
     def start(self) -> "DropCounter":
@@ -192,6 +194,7 @@ class DropCounter:
             finally:
                 os.close(prog_fd)
             self.map = ebpf.PinnedMap(str(pin / "maps" / MAP), KEY.size, VALUE.size)
+            self.watched = ebpf.PinnedMap(str(pin / "maps" / WATCH), 4, 1)
         except BaseException:
             self.stop()
             raise
@@ -200,15 +203,23 @@ class DropCounter:
         log.info("counting kernel drop reasons (skb:kfree_skb, %d reasons known)", len(self.names))
         return self
 
+    def watch(self, inodes: Collection[int]) -> None:
+        """Count drops in these network namespaces (inodes) too; only watched ones are counted."""
+        if self.watched is None:
+            raise DropsUnavailable("the drop counter is not started")
+        for ino in inodes:
+            self.watched.update(struct.pack("=I", ino), b"\x01")
+
     def snapshot(self) -> dict[tuple[int, int], int]:
         if self.map is None:
             return {}
         return {KEY.unpack(k): VALUE.unpack(v[:8])[0] for k, v in self.map.items()}
 
     def stop(self) -> None:
-        if self.map is not None:
-            self.map.close()
-            self.map = None
+        for m in (self.map, self.watched):
+            if m is not None:
+                m.close()
+        self.map = self.watched = None
         if self.link_fd >= 0:
             os.close(self.link_fd)
             self.link_fd = -1

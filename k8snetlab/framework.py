@@ -479,6 +479,7 @@ def run(exp: Experiment, args: argparse.Namespace) -> int:
         r.start_drops()
         if r.drops is not None:
             stack.callback(r.drops.stop)
+            r.drops.watch({i for names in r.ns_names.values() for i in names})
         r.freezer = hoststat.Freezer({k: hoststat.host_namespaces(c) for k, c in clusters.items()},
                                      enabled=not args.no_pause)
         stack.callback(r.freezer.resume)

@@ -1,7 +1,8 @@
 // Kernel drop reasons per network namespace (k8snetlab/drops.py): a raw tracepoint on
 // skb:kfree_skb (fired for every skb freed as a drop, with its enum skb_drop_reason; freed
 // as consumed it goes to skb:consume_skb instead) counts drops by (netns inode, reason).
-// The namespace is the one of skb->dev, else of the skb's socket, else 0 (unknown).
+// The namespace is the one of skb->dev, else of the skb's socket, else 0 (unknown); only
+// the namespaces user space put in knl_watch are counted (the machine's others are not).
 // CO-RE: the few kernel structs are declared here with the fields read and relocated
 // against the running kernel's BTF at load time, so no vmlinux.h is needed.
 #include <linux/bpf.h>
@@ -28,6 +29,13 @@ struct {
     __type(value, __u64);
 } knl_drops SEC(".maps");
 
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 16384);
+    __type(key, __u32);       // netns inode
+    __type(value, __u8);
+} knl_watch SEC(".maps");
+
 SEC("raw_tracepoint/kfree_skb")
 int knl_kfree_skb(struct bpf_raw_tracepoint_args *ctx)
 {
@@ -42,6 +50,8 @@ int knl_kfree_skb(struct bpf_raw_tracepoint_args *ctx)
         if (sk)
             key.netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
     }
+    if (!bpf_map_lookup_elem(&knl_watch, &key.netns))
+        return 0;
     __u64 one = 1, *count = bpf_map_lookup_elem(&knl_drops, &key);
     if (count) {
         __sync_fetch_and_add(count, 1);

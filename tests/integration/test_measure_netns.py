@@ -177,6 +177,7 @@ def test_kernel_drop_reasons_are_counted_per_namespace(pair):
         pytest.skip(f"kernel drop reasons cannot be counted here: {e}")
     try:
         b_ino, a_ino = drops.netns_inode(pair.b_ns), drops.netns_inode(pair.a_ns)
+        counter.watch({a_ino, b_ino})
         before = counter.snapshot()
         # 20 datagrams to a port nobody listens on in b: the kernel drops each with NO_SOCKET there
         send = ("import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
