@@ -146,3 +146,24 @@ def test_busy_warning_counts_other_programs_not_the_runs_own_load(tmp_path):
     assert "iperf3 client and server on CPU 0" in text and "median 0.10 of" in text
     r.baselines = [1.4, 1.5, 1.6]
     assert "WARNING: the machine was busy (other programs kept 1.50 of" in framework.machine_lines(r)
+
+
+def test_pin_is_chosen_once_and_a_bad_cpu_is_one_clear_error(monkeypatch):
+    import pytest
+    from k8snetlab import experiment, hoststat, measure
+    from k8snetlab.errors import SpecError
+    p = experiment.parser("t")
+    monkeypatch.setattr(measure, "allowed_cpus", lambda: [0, 1])
+    monkeypatch.setattr(hoststat, "quietest_cpu", lambda cpus: 1)
+    saved = measure.current_placement()
+    try:
+        args = p.parse_args([])
+        assert args.pin == "same"                                   # the default
+        where = experiment.choose_placement(args)
+        assert (where.client, where.server, where.others) == (1, 1, frozenset({0}))
+        assert measure.current_placement() is where and args.placement is where
+        assert experiment.choose_placement(p.parse_args(["--pin", "none"])) == measure.NO_PLACEMENT
+        with pytest.raises(SpecError, match="--pin-cpu: CPU 5 is not one this process may run on"):
+            experiment.choose_placement(p.parse_args(["--pin-cpu", "5"]))
+    finally:
+        measure.set_placement(saved)
