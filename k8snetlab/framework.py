@@ -355,11 +355,11 @@ def tcp_signals(src_netns: str, dst_netns: str, dst_ip: str, duration_s: float, 
     after_src, after_dst = hoststat.ns_counters(src_netns), hoststat.ns_counters(dst_netns)
     rx_bytes = hoststat.sum_delta(before_dst, after_dst, "rx_bytes")
     rx_packets = hoststat.sum_delta(before_dst, after_dst, "rx_packets")
-    drops = sum(hoststat.sum_delta(a, b, f) for a, b in ((before_src, after_src), (before_dst, after_dst))
-                for f in ("rx_drop", "tx_drop"))
+    if_drops = sum(hoststat.sum_delta(a, b, f) for a, b in ((before_src, after_src), (before_dst, after_dst))
+                   for f in ("rx_drop", "tx_drop"))
     out = [("tcp_throughput", tcp.gbit_s, "Gbit/s"), ("tcp_retransmits", tcp.retransmits, "count"),
            ("rx_pps", rx_packets / cpu.wall_s if cpu.wall_s > 0 else 0.0, "packets/s"),
-           ("if_drops", drops, "count"),
+           ("if_drops", if_drops, "count"),
            ("softirq_share", cpu.softirq_s / cpu.busy_s if cpu.busy_s > 0 else 0.0, "fraction")]
     per = hoststat.cpu_per_gbit(cpu, baseline_rate, rx_bytes * 8 / 1e9)
     if per is not None:

@@ -185,8 +185,17 @@ def test_kernel_drop_reasons_are_counted_per_namespace(pair):
         proc.run(["python3", "-c", send], netns=pair.a_ns)
         got = drops.delta(before, counter.snapshot(), counter.names, {a_ino, b_ino})
         assert got[(b_ino, "NO_SOCKET")] >= 20, got
-        # and the TCP measurement reports them as golden-signal metrics
-        metrics, _ = framework.tcp_signals(pair.a_ns, pair.b_ns, B_IP, 1, omit_s=0, drops=counter)
+        # and the TCP measurement reports them as golden-signal metrics (its counters read
+        # /proc/PID/net of a process in each namespace, as of a node's or pod's)
+        import subprocess
+        holders = [subprocess.Popen(["ip", "netns", "exec", n, "sleep", "30"]) for n in (pair.a, pair.b)]
+        try:
+            metrics, _ = framework.tcp_signals(*(f"/proc/{h.pid}/ns/net" for h in holders), B_IP, 1, omit_s=0,
+                                               drops=counter)
+        finally:
+            for h in holders:
+                h.kill()
+                h.wait()
         names = {m for m, _, _ in metrics}
         assert {"kernel_drops", "kernel_drops_unspecified"} <= names
         assert all(ns in (a_ino, b_ino) for ns, _ in counter.last)
