@@ -8,8 +8,9 @@ names the namespaces to count (:meth:`DropCounter.watch`: the machine's other na
 not counted), reads the map before and after a measurement and keeps the difference for the
 namespaces of the path it measured (:func:`delta`). The reason names come from the kernel's BTF (``enum
 skb_drop_reason``), so ``NO_SOCKET``, ``TCP_OFOMERGE``, ``QDISC_DROP`` ... are the kernel's
-own. ``NOT_SPECIFIED`` (a ``kfree_skb()`` whose caller gave no reason: many of them are
-not packet loss) is kept apart from the real drops.
+own. Reasons that are not packet loss are kept apart (:data:`NOISE`): ``NOT_SPECIFIED`` (a
+``kfree_skb()`` whose caller gave no reason) and what closing a socket frees
+(``QUEUE_PURGE``, ``SOCKET_CLOSE``, ``TCP_CLOSE``: every iperf3 test ends so).
 
 Nothing stays behind: the program and map are pinned only for the moment it takes to open
 them, then unpinned; the program stays attached while this process holds the link's file
@@ -41,7 +42,8 @@ KEY = struct.Struct("=II")           # struct drop_key: netns inode, reason
 VALUE = struct.Struct("=Q")
 BTF = "/sys/kernel/btf/vmlinux"
 BPFFS = "/sys/fs/bpf"
-UNSPECIFIED = "NOT_SPECIFIED"
+# not packet loss: no reason given, or the queues of a socket being closed
+NOISE = frozenset({"NOT_SPECIFIED", "QUEUE_PURGE", "SOCKET_CLOSE", "TCP_CLOSE"})
 BPF_RAW_TRACEPOINT_OPEN = 17
 
 
@@ -81,10 +83,10 @@ def reason_name(names: Mapping[int, str], code: int) -> str:
     return f"REASON_{code}"
 
 
-def split_unspecified(counts: Mapping[str, int]) -> tuple[int, int]:
-    """(real drops, NOT_SPECIFIED drops) of reason name -> count."""
-    unspec = sum(n for r, n in counts.items() if r == UNSPECIFIED)
-    return sum(counts.values()) - unspec, unspec
+def split_noise(counts: Mapping[str, int]) -> tuple[int, int]:
+    """(real drops, drops whose reason is in :data:`NOISE`) of reason name -> count."""
+    noise = sum(n for r, n in counts.items() if r in NOISE)
+    return sum(counts.values()) - noise, noise
 
 
 def delta(before: Mapping[tuple[int, int], int], after: Mapping[tuple[int, int], int],

@@ -336,7 +336,8 @@ def tcp_signals(src_netns: str, dst_netns: str, dst_ip: str, duration_s: float, 
 
     ``drops``: a started :class:`drops.DropCounter`: the kernel's drops (``skb:kfree_skb``) in
     the namespaces ``drop_netns`` (inodes; default the two ends') during the test become
-    ``kernel_drops`` (every reason but NOT_SPECIFIED) and ``kernel_drops_unspecified``; the
+    ``kernel_drops`` (reasons that are packet loss) and ``kernel_drops_noise`` (NOT_SPECIFIED
+    and what closing a socket frees: :data:`drops.NOISE`); the
     per (namespace, reason) counts are left in ``drops.last``."""
     from . import shaping
     qdisc = lambda: {(ns, dev): shaping.qdisc_counters(ns, dev) for ns, dev in shaped}
@@ -371,9 +372,8 @@ def tcp_signals(src_netns: str, dst_netns: str, dst_ip: str, duration_s: float, 
         out.append(("proc_cpu_per_gbit", (tcp.cpu_sender_pct + tcp.cpu_receiver_pct) / 100 * tcp.duration_s / gbit,
                     "s/Gbit"))
     if drops is not None:
-        real, unspecified = dropsmod.split_unspecified(
-            collections.Counter({r: n for (_, r), n in drops.last.items()}))
-        out += [("kernel_drops", real, "count"), ("kernel_drops_unspecified", unspecified, "count")]
+        real, noise = dropsmod.split_noise(collections.Counter({r: n for (_, r), n in drops.last.items()}))
+        out += [("kernel_drops", real, "count"), ("kernel_drops_noise", noise, "count")]
     if shaped:
         q1 = qdisc()
         out.append(("qdisc_drops", sum(q1[k][0] - q0.get(k, (0, 0))[0] for k in q1), "count"))
@@ -401,9 +401,11 @@ def drop_lines(r: "Run", top: int = 12) -> list[str]:
     if not r.drop_totals:
         return ["\nKernel drop reasons (skb:kfree_skb in the measured cluster's namespaces during the "
                 "TCP tests): none."]
+    from .drops import NOISE
     lines = ["\nKernel drop reasons (skb:kfree_skb in the measured cluster's namespaces during the TCP "
-             "tests, all rounds; NOT_SPECIFIED is a kfree_skb without a reason, often not packet loss):"]
-    ranked = sorted(r.drop_totals.items(), key=lambda kv: (kv[0][2] == "NOT_SPECIFIED", -kv[1]))
+             f"tests, all rounds; packet loss first, then {', '.join(sorted(NOISE))}: no reason given, or "
+             "the queues of a closing socket, not loss):"]
+    ranked = sorted(r.drop_totals.items(), key=lambda kv: (kv[0][2] in NOISE, -kv[1], kv[0]))
     for (mode, host, reason), n in ranked[:top]:
         lines.append(f"  {mode:<18} {host:<16} {reason:<24} {n}")
     if len(ranked) > top:

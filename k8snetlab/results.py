@@ -110,7 +110,7 @@ METRIC_UNITS: dict[str, str] = {
     "cpu_per_gbit": "s/Gbit", "proc_cpu_per_gbit": "s/Gbit", "cpu_baseline": "cores", "rx_pps": "packets/s", "if_drops": "count", "softirq_share": "fraction",
     "qdisc_drops": "count", "qdisc_backlog": "bytes",
     # kernel drops (skb:kfree_skb) in the measured namespaces: real reasons, and NOT_SPECIFIED
-    "kernel_drops": "count", "kernel_drops_unspecified": "count",
+    "kernel_drops": "count", "kernel_drops_noise": "count",
 }
 
 PLOT_METRICS = ("rtt_p50", "tcp_throughput")

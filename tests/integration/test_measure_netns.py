@@ -197,7 +197,7 @@ def test_kernel_drop_reasons_are_counted_per_namespace(pair):
                 h.kill()
                 h.wait()
         names = {m for m, _, _ in metrics}
-        assert {"kernel_drops", "kernel_drops_unspecified"} <= names
+        assert {"kernel_drops", "kernel_drops_noise"} <= names
         assert all(ns in (a_ino, b_ino) for ns, _ in counter.last)
     finally:
         counter.stop()
