@@ -87,23 +87,31 @@ def require_root(what: str = "building an emulated cluster") -> None:
 
 def run(args: Sequence[str], *, input: str | bytes | None = None, timeout: float = 60,
         netns: str | None = None, env: dict[str, str] | None = None, check: bool = True,
-        where: str = "", mntns: str | None = None) -> subprocess.CompletedProcess:
+        where: str = "", mntns: str | None = None,
+        cpus: set[int] | None = None) -> subprocess.CompletedProcess:
     """Run a program (never through a shell); raise CommandError unless it exits 0.
 
     ``netns`` is a namespace path (``/proc/PID/ns/net``); the child enters it before exec.
     ``mntns`` (``/proc/PID/ns/mnt``): the child enters that mount namespace too (a pod's).
+    ``cpus``: the child runs only on these CPUs (sched_setaffinity before exec).
     """
     args = shown = [str(a) for a in args]     # errors name the program, not nsenter
     text = not isinstance(input, bytes)
     enter = None
-    if netns and not mntns and _nsenter():
+    if netns and not mntns and not cpus and _nsenter():
         # nsenter enters the namespace and execs the program: the runtime vforks, where a
         # preexec_fn makes it fork itself whole (tens of ms at a few hundred MB)
         if "/" not in args[0] and which(args[0]) is None:
             raise tool_missing(args[0])
         args = [_nsenter(), f"--net={netns}", "--", *args]
-    elif netns or mntns:
-        enter = lambda: (netns and setns(netns), mntns and setns_mount(mntns))  # noqa: E731
+    elif netns or mntns or cpus:
+        def enter() -> None:
+            if netns:
+                setns(netns)
+            if mntns:
+                setns_mount(mntns)
+            if cpus:
+                os.sched_setaffinity(0, cpus)
     try:
         proc = subprocess.run(args, input=input, capture_output=True, text=text, timeout=timeout,
                               env=env, preexec_fn=enter)
