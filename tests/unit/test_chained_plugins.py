@@ -298,3 +298,21 @@ def test_pods_asking_what_the_chain_lacks_are_refused() -> None:
     bad = copy.deepcopy(pod_doc(sysctls=[{"name": "kernel.msgmax", "value": "1"}]))
     with pytest.raises(SpecError, match="only namespaced net"):
         spec.from_dict(cluster_doc({"type": "host-gw", "chain": ["tuning"]}, bad), "f")
+
+
+# -- the command line ----------------------------------------------------------------------------
+@pytest.mark.parametrize("annotations,ports,word", [
+    ({chain.EGRESS_ANNOTATION: "100Mbps"}, [{"containerPort": 80}], "100Mbps"),
+    ({}, [{"containerPort": 80, "hostPort": 70000}], "hostPort"),
+    ({chain.INGRESS_ANNOTATION: "100M"}, [{"containerPort": 80}], None)])
+def test_up_refuses_bad_chained_input_in_one_line(tmp_path: Path, annotations: dict, ports: list,
+                                                  word: str | None) -> None:
+    import yaml
+    from cli_harness import cli, cluster, one_error_line
+    d = cluster(cni={"type": "host-gw", "chain": ["portmap"]})
+    d["workloads"] = [pod_doc("shaped", annotations=annotations, ports=ports)]
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(d))
+    line = one_error_line(cli("up", str(f)))
+    # no bandwidth plugin in the chain: the fix is named
+    assert (word or "add bandwidth to cni.chain") in line
