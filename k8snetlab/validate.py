@@ -135,6 +135,6 @@ def check_host_ports(spec: ClusterSpec, pods: list) -> None:
     sched = Scheduler({n.name: n.labels for n in spec.nodes})
     for p in pods:
         try:
-            sched.schedule(p)
+            sched.bind(p.host_name, sched.place(p), p.owner, host_ports(p))
         except SpecError as e:
             raise SpecError(f"{spec.source}: {e}") from None
