@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from mininet.log import setLogLevel
 
-from . import addons as addonmod, checks, cleanup, manifests, proc, signals, spec as specmod
+from . import addons as addonmod, checks, manifests, proc, signals, spec as specmod
 from .errors import K8sNetLabError, SpecError
 from .kubelet import PHASES, Kubelet
 from .manifests import PodSpec, Workload
@@ -42,6 +42,7 @@ from .supervisor import ContainerSupervisor
 from .netutil import Netns
 from .pod import NetnsHost, NodeHost, Pod
 from .scheduler import Scheduler
+from .statedir import StateDir
 from .clusterspec import ClusterSpec, parse_address
 from .underlay import ECMP_HASH_FIELDS, Underlay, underlay_first_hops  # noqa: F401 (re-exported)
 
@@ -70,7 +71,7 @@ class Cluster:
     def __init__(self, spec: ClusterSpec):
         self.spec = spec
         self.mode: Mode = MODES.get(spec.cni.type)(self, spec.cni.options)
-        self.state: cleanup.StateDir | None = None
+        self.state: StateDir | None = None
         self.underlay: Underlay | None = None
         self.kubelets: dict[str, Kubelet] = {}
         self.scheduler = Scheduler()
@@ -140,7 +141,7 @@ class Cluster:
         proc.require(*BASE_TOOLS, *self.mode.tools)
         t0 = time.monotonic()
         setLogLevel("error")
-        self.state = cleanup.StateDir.create(self.spec.name)
+        self.state = StateDir.create(self.spec.name)
         self._started = True
         try:
             self._write_cni_bin()
@@ -498,7 +499,7 @@ class Cluster:
             return
         for p in pod.spawned:
             if p.poll() is None:
-                cleanup.kill_pid(p.pid, proc.start_time(p.pid), grace=0.5)
+                proc.stop_pids([(p.pid, proc.start_time(p.pid))], grace=0.5)
                 p.wait(5)
 
     def _kill_in(self, *hosts: NetnsHost) -> None:
@@ -513,8 +514,8 @@ class Cluster:
                     keep.add(h.shell.pid)
             except OSError:
                 continue
-        pids = [pid for pid in cleanup.processes_in_netns(inodes) if pid not in keep]
-        cleanup.kill_pids([(pid, proc.start_time(pid)) for pid in pids], grace=0.5)
+        pids = [pid for pid in proc.pids_in_netns(inodes) if pid not in keep]
+        proc.stop_pids([(pid, proc.start_time(pid)) for pid in pids], grace=0.5)
 
     # -- conveniences ----------------------------------------------------------------------------
     def addon(self, name: str) -> addonmod.Addon | None:

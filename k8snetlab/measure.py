@@ -341,36 +341,12 @@ def _wait_listening(server: subprocess.Popen, server_log, netns: str, port: int,
             said = server_log.read().decode(errors="replace").strip().splitlines()
             raise MeasureError(f"iperf3 server in {netns} exited ({server.returncode}) before "
                                f"listening on port {port}: {said[-1] if said else 'no output'}")
-        if _owns_listener(server.pid, port):
+        if proc.listening(server.pid, port, own=True):   # not another program's on that port
             return
         if time.monotonic() >= until:
             raise MeasureError(f"iperf3 server in {netns} did not listen on port {port} "
                                f"within {SERVER_START_TIMEOUT_S:g} s")
         time.sleep(0.01)
-
-
-def _owns_listener(pid: int, port: int) -> bool:
-    """Does process ``pid`` hold a TCP socket listening on ``port``?
-
-    Reads the listening sockets of the process's namespace from /proc/PID/net/tcp{,6} and
-    keeps those whose inode is one of the process's own descriptors, so another program
-    listening on the same port in that namespace is never mistaken for our server.
-    """
-    inodes = proc.listening_inodes(pid, port)
-    if not inodes:
-        return False
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return False
-    for fd in fds:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:[") and target[8:-1] in inodes:
-            return True
-    return False
 
 
 def _stop(server: subprocess.Popen, grace: float) -> None:

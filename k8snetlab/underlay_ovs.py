@@ -48,7 +48,7 @@ from .netutil import Netns
 from .switching import OVS_TOOLS
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .cleanup import StateDir
+    from .statedir import StateDir
     from .clusterspec import ClusterSpec
 
 log = logging.getLogger(__name__)

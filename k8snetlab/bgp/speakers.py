@@ -148,8 +148,7 @@ class Speaker:
         deadline = time.monotonic() + STOP_GRACE
         while any(proc.running(pid, start) for pid, start in family) and time.monotonic() < deadline:
             time.sleep(0.02)
-        for pid, start in family:
-            _stop_pid(pid, start)
+        proc.stop_pids(family)
         self.process = None
         self._cleanup_runtime()
 
@@ -498,11 +497,6 @@ def _descendants(pid: int) -> list[tuple[int, int]]:
     except psutil.Error:
         return []
     return [(c.pid, proc.start_time(c.pid)) for c in children]
-
-
-def _stop_pid(pid: int, start: int, grace: float = 1.0) -> None:
-    from ..cleanup import kill_pid
-    kill_pid(pid, start, grace)
 
 
 def _rss_kb(pid: int) -> int:

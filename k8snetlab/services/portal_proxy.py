@@ -53,6 +53,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import psutil
+
 log = logging.getLogger("kube-proxy-userspace")
 
 CONNECT_TIMEOUT_S = 1.0        # per backend try; another endpoint is tried after a failure
@@ -458,20 +460,15 @@ def _raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
-def _start_time(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 async def watch_node(pid: int, stop: asyncio.Event) -> None:
     """Stop when the process holding the node's namespace is gone (the node left the cluster):
     a kube-proxy lives and dies with its node."""
-    born = _start_time(pid)
-    while born is not None and _start_time(pid) == born:
-        await asyncio.sleep(1.0)
+    try:
+        node = psutil.Process(pid)
+        while node.is_running() and node.status() != psutil.STATUS_ZOMBIE:
+            await asyncio.sleep(1.0)
+    except psutil.Error:
+        pass
     log.info("node process %d is gone: stopping", pid)
     stop.set()
 
