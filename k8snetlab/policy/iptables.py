@@ -33,11 +33,9 @@ from __future__ import annotations
 import functools
 import logging
 import re
-import time
 
 from ..errors import K8sNetLabError
-from .dataplane import (Dataplane, Rendered, SyncStats, endpoint_chains, policy_chain,
-                        rule_comment)
+from .dataplane import Dataplane, Rendered, isolated, policy_chain, rule_comment
 from .plan import ACCEPT_MARK, NodePlan, PolicyChain
 
 log = logging.getLogger(__name__)
@@ -61,7 +59,6 @@ def _c(text: str) -> str:
 def render(plan: NodePlan) -> Rendered:
     """The node's chains (rule texts without ``-A <chain>``) and ipsets."""
     out = Rendered()
-    by_key = {(c.policy, c.direction): c for c in plan.chains}
     for s in plan.sets:
         elems = set(s.members)
         if s.kind == "ipport":
@@ -73,23 +70,17 @@ def render(plan: NodePlan) -> Rendered:
            f"-j MARK --set-xmark {CLEAR}", "-j cali-from-wl-dispatch",
            f"-j MARK --set-xmark {CLEAR}", "-j cali-to-wl-dispatch"]
     out.chains["cali-FORWARD"] = tuple(fwd)
-    to_wl, from_wl = [], []
-    for ep in plan.endpoints:
-        tw, fw = endpoint_chains(ep.id)
-        for pols, chain, dispatch, match, self_match in ((ep.ingress, tw, to_wl, "-d", "-s"),
-                                                         (ep.egress, fw, from_wl, "-s", "-d")):
-            if pols is None:
-                continue
-            direction = "Ingress" if chain == tw else "Egress"
-            dispatch.append(f"{match} {ep.ip}/32 {_c(ep.key)} -g {chain}")
-            rules = [f"{self_match} {ep.ip}/32 {_c('a pod always reaches itself')} -j RETURN"]
-            for key in pols:
-                pc = by_key[(key, direction)]
-                assert pc is not None
-                rules += [f"-j {policy_chain(pc.id, direction)}",
-                          f"-m mark --mark {MARK} {_c('Return if policy accepted')} -j RETURN"]
-            rules.append(f"{_c('Drop if no policies passed packet')} -j DROP")
-            out.chains[chain] = tuple(rules)
+    to_wl: list[str] = []
+    from_wl: list[str] = []
+    for ep, direction, chain, chains in isolated(plan):
+        dispatch, match, self_match = (to_wl, "-d", "-s") if direction == "Ingress" else (from_wl, "-s", "-d")
+        dispatch.append(f"{match} {ep.ip}/32 {_c(ep.key)} -g {chain}")
+        rules = [f"{self_match} {ep.ip}/32 {_c('a pod always reaches itself')} -j RETURN"]
+        for pc in chains:
+            rules += [f"-j {policy_chain(pc.id, direction)}",
+                      f"-m mark --mark {MARK} {_c('Return if policy accepted')} -j RETURN"]
+        rules.append(f"{_c('Drop if no policies passed packet')} -j DROP")
+        out.chains[chain] = tuple(rules)
     out.chains["cali-from-wl-dispatch"] = tuple(from_wl)
     out.chains["cali-to-wl-dispatch"] = tuple(to_wl)
     for pc in plan.chains:
@@ -203,23 +194,16 @@ class IptablesDataplane(Dataplane):
         return self.node.run([self.binary, "-w", "5", "-C", "FORWARD", "-m", "comment", "--comment",
                               JUMP_COMMENT, "-j", "cali-FORWARD"], check=False).returncode == 0
 
-    def sync(self, plan: NodePlan, full: bool = False) -> SyncStats:
-        t0 = time.monotonic()
-        new = render(plan)
-        old = None if full else self.written
-        if old is not None and old == new:
-            return SyncStats(False, 0, 0, time.monotonic() - t0)
+    def write(self, old: Rendered | None, new: Rendered) -> tuple[int, int]:
         add_jump = old is None and not self._jump_present()
         pre, text, post, chains, elements = restore_text(old, new, add_jump)
-        self.written = None                 # a failure below: the next sync is a full one
         if pre:
             self.node.run(["ipset", "restore"], input=pre)
         if chains or add_jump or text != "*filter\nCOMMIT\n":
             self.node.run([f"{self.binary}-restore", "-w", "5", "--noflush"], input=text)
         if post:
             self.node.run(["ipset", "restore"], input=post)
-        self.written = new
-        return SyncStats(old is None, chains, elements, time.monotonic() - t0)
+        return chains, elements
 
     def intact(self) -> bool:
         if self.written is None:
@@ -227,12 +211,8 @@ class IptablesDataplane(Dataplane):
         if not self._jump_present():
             return False
         save = self.node.run([f"{self.binary}-save", "-t", "filter"]).stdout
-        have = counts_from_save(save)
-        want = {c: len(r) for c, r in self.written.chains.items()}
-        if any(have.get(c) != n for c, n in want.items()):
-            return False
-        sets = elements_from_save(self.node.run(["ipset", "save"]).stdout)
-        return all(sets.get(s) == len(e) for s, (_, e) in self.written.sets.items())
+        sets = self.node.run(["ipset", "save"]).stdout
+        return self.written.counted(counts_from_save(save), elements_from_save(sets))
 
     def counters(self, chain: str) -> list[tuple[int, int, str]]:
         out = self.node.run([self.binary, "-w", "5", "-t", "filter", "-L", chain, "-v", "-x", "-n"],
