@@ -42,7 +42,6 @@ import dataclasses
 import json
 import logging
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,7 +51,7 @@ from typing import Any, Iterable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from k8snetlab import experiment, framework, measure, naming, results, spec as specmod  # noqa: E402
+from k8snetlab import experiment, framework, measure, naming, proc, results, spec as specmod  # noqa: E402
 from k8snetlab.errors import SpecError  # noqa: E402
 from k8snetlab.framework import Comparison, Target  # noqa: E402
 from k8snetlab.modes import MODES  # noqa: E402
@@ -276,12 +275,7 @@ def capture_wire(node, src, dst_ip: str, workdir: Path) -> list[WirePacket]:
         measure.ping(src.netns, dst_ip, count=CAPTURE_PINGS, interval_s=0.02, size=PING_SIZE)
         time.sleep(0.2)     # -U writes each packet at once; leave the last reply time to land
     finally:
-        dump.terminate()
-        try:
-            dump.wait(3)
-        except subprocess.TimeoutExpired:
-            dump.kill()
-            dump.wait()
+        proc.end_child(dump, grace=3)
     return wire_packets(rdpcap(str(pcap)), src.ip, dst_ip)
 
 

@@ -29,14 +29,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from k8snetlab import experiment, naming, proc, results, spec  # noqa: E402
+from k8snetlab import experiment, naming, proc, results  # noqa: E402
 from k8snetlab.cluster import Cluster  # noqa: E402
 from k8snetlab.validate import validate  # noqa: E402
 from k8snetlab.errors import K8sNetLabError  # noqa: E402
@@ -121,12 +120,7 @@ class Capture:
     def stop(self) -> list:
         from scapy.all import rdpcap
         time.sleep(0.3)
-        self.p.terminate()
-        try:
-            self.p.wait(5)
-        except subprocess.TimeoutExpired:
-            self.p.kill()
-            self.p.wait()
+        proc.end_child(self.p, grace=5)
         return list(rdpcap(str(self.pcap)))
 
 

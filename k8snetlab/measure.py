@@ -357,12 +357,7 @@ def _stop(server: subprocess.Popen, grace: float) -> None:
     except subprocess.TimeoutExpired:
         pass
     log.debug("stopping iperf3 server pid %d", server.pid)
-    server.terminate()
-    try:
-        server.wait(timeout=2)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
+    proc.end_child(server, grace=2)
 
 
 # ---------------------------------------------------------------- helpers

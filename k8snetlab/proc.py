@@ -246,6 +246,22 @@ def stop_pids(pids: list[tuple[int, int]], grace: float = 1.0) -> list[int]:
     return [pid for pid, _ in alive]
 
 
+def end_child(p: subprocess.Popen, grace: float, sig: int = signal.SIGTERM) -> bool:
+    """End a child we started (its PID cannot have been reused: we have not reaped it): ``sig``,
+    up to ``grace`` seconds, then SIGKILL and up to 5 more; True once it has exited."""
+    if p.poll() is None:
+        p.send_signal(sig)
+        try:
+            p.wait(grace)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                return False
+    return True
+
+
 def listening(pid: int, port: int, own: bool = False) -> bool:
     """Is a TCP socket listening on ``port`` in the network namespace of ``pid``? With
     ``own``: one that ``pid`` itself holds (not another program's on that port).

@@ -300,28 +300,14 @@ class OvsUnderlay:
                              env=self.env(), check=False, timeout=10)
                 if r.returncode != 0:
                     log.debug("ovs-appctl exit: %s", r.stderr.strip())
-            if not _stop(p, grace=3.0):
+            if not proc.end_child(p, grace=3.0):
                 errors.append(name)
         self._procs.clear()
         if self._holder is not None:
-            _stop(self._holder, grace=1.0)
+            proc.end_child(self._holder, grace=1.0)
             self._holder = None
         if errors:
             raise K8sNetLabError(f"could not stop {', '.join(errors)}")
-
-
-def _stop(p: subprocess.Popen, grace: float) -> bool:
-    if p.poll() is None:
-        p.terminate()
-        try:
-            p.wait(grace)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                return False
-    return True
 
 
 def _tail(path: Path | None, lines: int = 1) -> str:

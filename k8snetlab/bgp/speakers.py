@@ -136,13 +136,7 @@ class Speaker:
         if p is None:
             return
         family = _descendants(p.pid) if p.poll() is None else []
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM if graceful else signal.SIGKILL)
-            try:
-                p.wait(STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        proc.end_child(p, STOP_GRACE, signal.SIGTERM if graceful else signal.SIGKILL)
         # helpers the daemon started (ExaBGP's API processes) end on their own when it is gone
         # (the route installer takes its routes back first); whatever lingers is stopped
         deadline = time.monotonic() + STOP_GRACE

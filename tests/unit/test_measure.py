@@ -481,6 +481,9 @@ class FakeServer:
     def terminate(self):
         self.terminated, self.returncode = True, -15
 
+    def send_signal(self, sig):
+        self.terminated, self.returncode = True, -sig
+
     def kill(self):
         self.killed, self.returncode = True, -9
 
