@@ -161,13 +161,7 @@ class Bench:
             time.sleep(0.02)
 
     def close(self) -> None:
-        for d in self.daemons:
-            d.terminate()
-        for d in self.daemons:
-            try:
-                d.wait(3)
-            except Exception:
-                d.kill()
+        proc.end_children(self.daemons, grace=3)
 
     @property
     def mode(self) -> str:

@@ -128,14 +128,7 @@ class ModelChecker:
                 self._published[pod.name] = (self.cluster.nodes[pod.node_name].ip, host_port)
 
     def _stop_servers(self) -> None:
-        for p in self._servers:
-            if p.poll() is None:
-                p.terminate()
-        for p in self._servers:
-            try:
-                p.wait(5)
-            except Exception:
-                p.kill()
+        proc.end_children(self._servers, grace=5)
         self._servers.clear()
         unpublish = getattr(self.cluster.mode, "unpublish", None)
         if unpublish is not None:

@@ -273,50 +273,39 @@ class PinnedMap:
         _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
         return info
 
-    def _elem(self, cmd: int, key: ctypes.Array | None, value: ctypes.Array | None,
-              flags: int = 0) -> None:
+    def _elem(self, what: str, cmd: int, key: ctypes.Array | None, value: ctypes.Array | None,
+              flags: int = 0) -> bool:
+        """One element operation; False if there is no such key (ENOENT), BpfError on any
+        other failure."""
         attr = _ElemAttr(map_fd=self.fd, flags=flags)
         attr.key = ctypes.addressof(key) if key is not None else 0
         attr.value = ctypes.addressof(value) if value is not None else 0
-        _bpf(cmd, attr)
-
-    def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
         try:
-            self._elem(BPF_MAP_UPDATE_ELEM, _buf(key), _buf(value), flags)
-        except OSError as e:
-            raise BpfError(f"BPF map update failed on {self.path}: {e.strerror}") from None
-
-    def delete(self, key: bytes) -> bool:
-        """Remove ``key``; False if it was not there."""
-        try:
-            self._elem(BPF_MAP_DELETE_ELEM, _buf(key), None)
+            _bpf(cmd, attr)
         except OSError as e:
             if e.errno == errno.ENOENT:
                 return False
-            raise BpfError(f"BPF map delete failed on {self.path}: {e.strerror}") from None
+            raise BpfError(f"BPF map {what} failed on {self.path}: {e.strerror}") from None
         return True
+
+    def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+        if not self._elem("update", BPF_MAP_UPDATE_ELEM, _buf(key), _buf(value), flags):
+            raise BpfError(f"BPF map update failed on {self.path}: {os.strerror(errno.ENOENT)}")
+
+    def delete(self, key: bytes) -> bool:
+        """Remove ``key``; False if it was not there."""
+        return self._elem("delete", BPF_MAP_DELETE_ELEM, _buf(key), None)
 
     def lookup(self, key: bytes) -> bytes | None:
         value = _buf(self.buf_size)
-        try:
-            self._elem(BPF_MAP_LOOKUP_ELEM, _buf(key), value)
-        except OSError as e:
-            if e.errno == errno.ENOENT:
-                return None
-            raise BpfError(f"BPF map lookup failed on {self.path}: {e.strerror}") from None
-        return value.raw
+        return value.raw if self._elem("lookup", BPF_MAP_LOOKUP_ELEM, _buf(key), value) else None
 
     def keys(self) -> Iterator[bytes]:
         key: ctypes.Array | None = None
         while True:
             nxt = _buf(self.key_size)
-            try:
-                self._elem(BPF_MAP_GET_NEXT_KEY, key, nxt)
-            except OSError as e:
-                if e.errno == errno.ENOENT:
-                    return
-                raise BpfError(f"BPF map iteration failed on {self.path}: {e.strerror}") \
-                    from None
+            if not self._elem("iteration", BPF_MAP_GET_NEXT_KEY, key, nxt):
+                return
             yield nxt.raw
             key = nxt
 

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import psutil
 
@@ -246,20 +246,34 @@ def stop_pids(pids: list[tuple[int, int]], grace: float = 1.0) -> list[int]:
     return [pid for pid, _ in alive]
 
 
-def end_child(p: subprocess.Popen, grace: float, sig: int = signal.SIGTERM) -> bool:
-    """End a child we started (its PID cannot have been reused: we have not reaped it): ``sig``,
-    up to ``grace`` seconds, then SIGKILL and up to 5 more; True once it has exited."""
-    if p.poll() is None:
+def end_children(children: Iterable[subprocess.Popen], grace: float,
+                 sig: int = signal.SIGTERM) -> list[subprocess.Popen]:
+    """End children we started (not reaped yet, so their PIDs cannot have been reused), all
+    signalled at once: ``sig``, up to ``grace`` seconds for all of them together, then SIGKILL
+    and up to 5 more; return those that still have not exited."""
+    running = [p for p in children if p.poll() is None]
+    for p in running:
         p.send_signal(sig)
+    deadline = time.monotonic() + grace
+    killed = []
+    for p in running:
         try:
-            p.wait(grace)
+            p.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             p.kill()
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                return False
-    return True
+            killed.append(p)
+    stuck = []
+    for p in killed:
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            stuck.append(p)
+    return stuck
+
+
+def end_child(p: subprocess.Popen, grace: float, sig: int = signal.SIGTERM) -> bool:
+    """:func:`end_children` for one; True once it has exited."""
+    return not end_children([p], grace, sig)
 
 
 def listening(pid: int, port: int, own: bool = False) -> bool:
