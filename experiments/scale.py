@@ -313,6 +313,7 @@ def plot(rows: list[results.Row], sizes: list[int], modes: list[str], path: Path
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("no plot: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for mode in modes:
