@@ -22,7 +22,7 @@ Per (dataplane, size, round), on the server's node or between the pods:
   element on the node changes), taken again when it is put back;
 - ``rules`` / ``set_elements``: what the server's node holds.
 
-The summary prints the issue's targets with 95 % intervals (k8snetlab.stats: a bootstrap of the
+The summary prints its targets with 95 % intervals (k8snetlab.stats: a bootstrap of the
 median difference over the probes pooled across rounds; Student's t for the partial syncs):
 at 1,000 policies nftables adds <= 10 us to the first packet, iptables+ipsets
 <= 100 us; one partial sync <= 0.2 s.
