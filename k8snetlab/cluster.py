@@ -1,22 +1,8 @@
 """The emulated cluster: a small facade over the parts a real cluster has.
 
-``Cluster.start()`` (also ``with Cluster.from_file(path, cni="ipip") as c:``):
-
-1. :class:`~k8snetlab.underlay.Underlay` builds the underlay with Mininet (Mininet's
-   ``buildFromTopo`` role): switches, node / router / plain hosts, links, underlay routes;
-2. a :class:`~k8snetlab.kubelet.Kubelet` per node starts the mode's node agent (sysctls, VTEP
-   or BPF programs, like flanneld / calico-node), writes the node's CNI config list and, with
-   ``cni.invoke: exec``, the node's CNI server; then every node learns the other nodes' pod
-   CIDRs (:meth:`Cluster.sync_routes`);
-3. the pure :class:`~k8snetlab.scheduler.Scheduler` binds every pod to a node, and that node's
-   kubelet creates its sandbox, runs CNI ADD through the node's runtime with ``CNI_NETNS``
-   pointing at the sandbox, starts its containers and waits for readiness. Pods of all nodes
-   are created concurrently;
-4. the add-ons (Endpoints, kube-proxy, DNS, load balancer) start.
-
-``stop()`` undoes all of it in reverse: add-ons, containers, CNI DEL per pod, node agents,
-Mininet, the state directory. It runs from ``__exit__`` and so after an exception or Ctrl-C
-too; whatever a ``kill -9`` leaves is found by ``k8snetlab clean`` (see :mod:`k8snetlab.cleanup`).
+``Cluster.start()`` builds the underlay, the node agents, the pods and the add-ons in that order
+and ``stop()`` undoes it in reverse (steps: :meth:`Cluster.start`); whatever a ``kill -9``
+leaves is found by ``k8snetlab clean``.
 """
 
 from __future__ import annotations
@@ -137,6 +123,24 @@ class Cluster:
 
     @signals.deferring      # SIGINT/SIGTERM act at the checkpoints between steps, then stop()
     def start(self) -> "Cluster":
+        """``Cluster.start()`` (also ``with Cluster.from_file(path, cni="ipip") as c:``):
+
+        1. :class:`~k8snetlab.underlay.Underlay` builds the underlay with Mininet (Mininet's
+           ``buildFromTopo`` role): switches, node / router / plain hosts, links, underlay routes;
+        2. a :class:`~k8snetlab.kubelet.Kubelet` per node starts the mode's node agent (sysctls, VTEP
+           or BPF programs, like flanneld / calico-node), writes the node's CNI config list and, with
+           ``cni.invoke: exec``, the node's CNI server; then every node learns the other nodes' pod
+           CIDRs (:meth:`Cluster.sync_routes`);
+        3. the pure :class:`~k8snetlab.scheduler.Scheduler` binds every pod to a node, and that node's
+           kubelet creates its sandbox, runs CNI ADD through the node's runtime with ``CNI_NETNS``
+           pointing at the sandbox, starts its containers and waits for readiness. Pods of all nodes
+           are created concurrently;
+        4. the add-ons (Endpoints, kube-proxy, DNS, load balancer) start.
+
+        ``stop()`` undoes all of it in reverse: add-ons, containers, CNI DEL per pod, node agents,
+        Mininet, the state directory. It runs from ``__exit__`` and so after an exception or Ctrl-C
+        too; whatever a ``kill -9`` leaves is found by ``k8snetlab clean`` (see :mod:`k8snetlab.cleanup`).
+        """
         proc.require_root()
         proc.require(*BASE_TOOLS, *self.mode.tools)
         t0 = time.monotonic()

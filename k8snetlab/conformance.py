@@ -8,17 +8,6 @@ The model asks three things of every cluster network:
 
 and Kubernetes has four kinds of traffic: container to container in one pod (``localhost``),
 pod to pod, pod to Service, external to Service.
-
-How it is checked: a small probe server (:mod:`k8snetlab.probe`) runs in every pod and every
-node; it answers each connection with its own name and the source address it saw. A client in
-every pod and node asks the others. So a check fails with the evidence a person would look for:
-"no answer", "172.17.0.2 answered by web-0 on node1, not web-1 on node2" (Docker's per-node
-address range), "seen source 192.168.1.129, expected 172.17.0.2" (NAT).
-
-Service checks use the Services add-on when the cluster has one (a ClusterIP and a NodePort
-Service over every workload, asked from every pod and from the ``external`` host). In
-``docker`` mode, where Services do not exist, the outside is reached the Docker way: through
-the port the node publishes for the container, and that is what is reported.
 """
 
 from __future__ import annotations
@@ -97,7 +86,19 @@ class ModelChecker:
 
     Every pod asks every other pod while that is at most ``per_source`` targets (all pairs);
     in bigger clusters each pod asks ``per_source`` of them, spread over all pods (1,000 pods:
-    30,000 pairs of the 999,000), and the report says how many were sampled."""
+    30,000 pairs of the 999,000), and the report says how many were sampled.
+
+    How it is checked: a small probe server (:mod:`k8snetlab.probe`) runs in every pod and every
+    node; it answers each connection with its own name and the source address it saw. A client in
+    every pod and node asks the others. So a check fails with the evidence a person would look for:
+    "no answer", "172.17.0.2 answered by web-0 on node1, not web-1 on node2" (Docker's per-node
+    address range), "seen source 192.168.1.129, expected 172.17.0.2" (NAT).
+
+    Service checks use the Services add-on when the cluster has one (a ClusterIP and a NodePort
+    Service over every workload, asked from every pod and from the ``external`` host). In
+    ``docker`` mode, where Services do not exist, the outside is reached the Docker way: through
+    the port the node publishes for the container, and that is what is reported.
+    """
 
     def __init__(self, cluster: Any, per_source: int = 30):
         self.cluster = cluster

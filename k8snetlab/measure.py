@@ -4,30 +4,6 @@ Both runners take network-namespace *paths* (``/proc/<pid>/ns/net``, ``/run/netn
 and start the real tools inside them, so they work for a Mininet host, a pod sandbox or a
 namespace made by hand alike. Parsing is separate from running and never invents a number:
 output that cannot be read raises :class:`MeasureError` instead of becoming a measurement.
-
-What the numbers mean
----------------------
-**RTT (ping, iputils).** One ICMP echo request every ``interval_s``; the RTT of a reply is
-the kernel's receive timestamp of the reply minus the time ping took just before sending
-the request, so it covers the sender's send path, both directions of the datapath and the
-receiver's echo handling in its kernel. iputils prints ``time=`` with three decimals below
-1 ms, i.e. a resolution of 1 microsecond (fewer decimals above 1 ms); on a veth pair RTTs
-are a few to a few tens of microseconds, close to that resolution and dominated by
-scheduling, so compare medians and percentiles over many samples, not single values.
-The first reply usually includes neighbour (ARP) resolution and is often 10-100x slower;
-it stays in the samples (it is real), so read p50 rather than max for the steady state.
-``loss`` is ``1 - received / sent``; duplicated replies (``DUP!``) are neither counted nor
-sampled.
-
-**TCP throughput (iperf3).** One TCP stream from the client namespace to an ``iperf3 -s -1``
-server in the server namespace. ``gbit_s`` is the *receiver-side* rate: the bytes the
-server read divided by the server's measuring time (``end.sum_received``), after the
-``-O`` warm-up seconds that iperf3 leaves out. ``retransmits`` is the sender's count from
-the kernel's TCP_INFO (Linux only). iperf3 3.12 accepts whole seconds only for ``-t`` and
-``-O``; fractions are rounded up (the default ``omit_s=0.5`` becomes 1 s) and
-``TcpResult.duration_s`` reports the time iperf3 actually measured. Both ends share the
-machine's CPUs: the absolute figure is bounded by CPU, not by a link, so compare modes
-with each other on one machine rather than with a NIC's line rate.
 """
 
 from __future__ import annotations
@@ -63,7 +39,20 @@ class MeasureError(K8sNetLabError):
 
 @dataclass
 class RttStats:
-    """Per-reply RTT samples in milliseconds and the packet counts ping reported."""
+    """Per-reply RTT samples in milliseconds and the packet counts ping reported.
+
+    **RTT (ping, iputils).** One ICMP echo request every ``interval_s``; the RTT of a reply is
+    the kernel's receive timestamp of the reply minus the time ping took just before sending
+    the request, so it covers the sender's send path, both directions of the datapath and the
+    receiver's echo handling in its kernel. iputils prints ``time=`` with three decimals below
+    1 ms, i.e. a resolution of 1 microsecond (fewer decimals above 1 ms); on a veth pair RTTs
+    are a few to a few tens of microseconds, close to that resolution and dominated by
+    scheduling, so compare medians and percentiles over many samples, not single values.
+    The first reply usually includes neighbour (ARP) resolution and is often 10-100x slower;
+    it stays in the samples (it is real), so read p50 rather than max for the steady state.
+    ``loss`` is ``1 - received / sent``; duplicated replies (``DUP!``) are neither counted nor
+    sampled.
+    """
 
     samples_ms: list[float]
     sent: int
@@ -205,7 +194,18 @@ def ping(netns: str, dst: str, count: int = 50, interval_s: float = 0.01,
 
 @dataclass
 class TcpResult:
-    """One iperf3 TCP test, as seen by the receiver (rate) and the sender (retransmits)."""
+    """One iperf3 TCP test, as seen by the receiver (rate) and the sender (retransmits).
+
+    **TCP throughput (iperf3).** One TCP stream from the client namespace to an ``iperf3 -s -1``
+    server in the server namespace. ``gbit_s`` is the *receiver-side* rate: the bytes the
+    server read divided by the server's measuring time (``end.sum_received``), after the
+    ``-O`` warm-up seconds that iperf3 leaves out. ``retransmits`` is the sender's count from
+    the kernel's TCP_INFO (Linux only). iperf3 3.12 accepts whole seconds only for ``-t`` and
+    ``-O``; fractions are rounded up (the default ``omit_s=0.5`` becomes 1 s) and
+    ``TcpResult.duration_s`` reports the time iperf3 actually measured. Both ends share the
+    machine's CPUs: the absolute figure is bounded by CPU, not by a link, so compare modes
+    with each other on one machine rather than with a NIC's line rate.
+    """
 
     gbit_s: float
     retransmits: int

@@ -1,31 +1,6 @@
 """Policy dataplane ``iptables``: the chain layout of Calico's felix, selectors as ipsets.
 
-In the node's ``filter`` table (``iptables-save`` on a node shows it)::
-
-    FORWARD                -> cali-FORWARD (first rule)
-    cali-FORWARD           RELATED,ESTABLISHED -> RETURN     (replies of allowed connections)
-                           clear mark 0x10000; -> cali-from-wl-dispatch
-                           clear mark 0x10000; -> cali-to-wl-dispatch
-    cali-from-wl-dispatch  -s <pod IP> -g cali-fw-<endpoint>   (local pods isolated for egress)
-    cali-to-wl-dispatch    -d <pod IP> -g cali-tw-<endpoint>   (local pods isolated for ingress)
-    cali-tw-<endpoint>     the pod itself -> RETURN; per policy: -j cali-pi-<policy>,
-                           marked -> RETURN; last: DROP "Drop if no policies passed packet"
-    cali-pi-<policy>       per rule and (peer, port): -m set --match-set cali40s:<hash> src
-                           -p tcp --dport 80 -j MARK --set-xmark 0x10000/0x10000; marked -> RETURN
-
-Sets (Debian's ``ipset``, the kernel's ip_set; per network namespace, so per node):
-``cali40s:<hash>`` hash:ip (the pods a selector peer matches), ``cali40c:<hash>`` hash:net
-(an ipBlock; its ``except`` entries as ``nomatch``), ``cali40n:<hash>`` hash:ip,port (a named
-port: every pod's address with its port). The dispatch is by pod address rather than by
-interface (felix matches ``cali*`` interfaces): pods on a bridge (``cni0``) are reached
-through br_netfilter, where the bridge port is not known when FORWARD runs for routed packets;
-the address is known in every CNI mode. Traffic the node itself sends to its pods never
-passes FORWARD (OUTPUT), so the node always reaches them. FORWARD sees addresses after
-kube-proxy's DNAT, so policy applies to the pod behind a Service.
-
-A sync: ``ipset restore`` (sets created, elements added/removed), one
-``iptables-restore --noflush`` (the chains that changed; removed chains flushed and deleted),
-then ``ipset restore`` again to destroy sets no longer referenced.
+Chains, sets and how a sync writes them: :class:`IptablesDataplane`.
 """
 
 from __future__ import annotations
@@ -183,6 +158,33 @@ def elements_from_save(save: str) -> dict[str, int]:
 
 
 class IptablesDataplane(Dataplane):
+    """In the node's ``filter`` table (``iptables-save`` on a node shows it)::
+
+        FORWARD                -> cali-FORWARD (first rule)
+        cali-FORWARD           RELATED,ESTABLISHED -> RETURN     (replies of allowed connections)
+                               clear mark 0x10000; -> cali-from-wl-dispatch
+                               clear mark 0x10000; -> cali-to-wl-dispatch
+        cali-from-wl-dispatch  -s <pod IP> -g cali-fw-<endpoint>   (local pods isolated for egress)
+        cali-to-wl-dispatch    -d <pod IP> -g cali-tw-<endpoint>   (local pods isolated for ingress)
+        cali-tw-<endpoint>     the pod itself -> RETURN; per policy: -j cali-pi-<policy>,
+                               marked -> RETURN; last: DROP "Drop if no policies passed packet"
+        cali-pi-<policy>       per rule and (peer, port): -m set --match-set cali40s:<hash> src
+                               -p tcp --dport 80 -j MARK --set-xmark 0x10000/0x10000; marked -> RETURN
+
+    Sets (Debian's ``ipset``, the kernel's ip_set; per network namespace, so per node):
+    ``cali40s:<hash>`` hash:ip (the pods a selector peer matches), ``cali40c:<hash>`` hash:net
+    (an ipBlock; its ``except`` entries as ``nomatch``), ``cali40n:<hash>`` hash:ip,port (a named
+    port: every pod's address with its port). The dispatch is by pod address rather than by
+    interface (felix matches ``cali*`` interfaces): pods on a bridge (``cni0``) are reached
+    through br_netfilter, where the bridge port is not known when FORWARD runs for routed packets;
+    the address is known in every CNI mode. Traffic the node itself sends to its pods never
+    passes FORWARD (OUTPUT), so the node always reaches them. FORWARD sees addresses after
+    kube-proxy's DNAT, so policy applies to the pod behind a Service.
+
+    A sync: ``ipset restore`` (sets created, elements added/removed), one
+    ``iptables-restore --noflush`` (the chains that changed; removed chains flushed and deleted),
+    then ``ipset restore`` again to destroy sets no longer referenced.
+    """
     name = "iptables"
     binary = "iptables"          # Debian's default: iptables-nft
     tools = ("iptables", "iptables-restore", "iptables-save", "ipset")

@@ -1,36 +1,7 @@
 """Policy dataplane ``nftables``: one table, ``table ip calico``, sets and verdict maps.
 
 The same plan as the iptables dataplane, where the dispatch to a pod's chain is one lookup in a
-verdict map instead of a walk down a list::
-
-    chain forward   (hook forward, priority filter - 5, policy accept)
-        ct state established,related accept                  replies of allowed connections
-        meta mark set meta mark & ~0x10000
-        ip saddr vmap @from-wl                               pod -> jump cali-fw-<endpoint>
-        meta mark set meta mark & ~0x10000
-        ip daddr vmap @to-wl                                 pod -> jump cali-tw-<endpoint>
-    chain cali-tw-<endpoint>    the pod itself: return;
-                                ip saddr @cali-tw-<endpoint>-a return             (compiled, see below)
-                                meta l4proto . th dport @cali-tw-<endpoint>-p return
-                                ip saddr . meta l4proto . th dport @cali-tw-<endpoint>-ap return
-                                per other policy: jump cali-pi-<policy>, marked: return;
-                                last: counter drop
-    chain cali-pi-<policy>      ip saddr @cali40s-<hash> tcp dport 80 counter
-                                meta mark set meta mark | 0x10000 return
-    set cali40s-<hash>   type ipv4_addr                          (pods a selector matches)
-    set cali40c-<hash>   type ipv4_addr; flags interval           (an ipBlock's cidr; its
-    set cali40e-<hash>   type ipv4_addr; flags interval            except in a second set)
-    set cali40n-<hash>   type ipv4_addr . inet_proto . inet_service   (a named port)
-
-Policies whose rules are exact (selector peers; single ports, ranges of up to 64 ports, named
-ports) are compiled, per endpoint, into the elements of three hashed sets, so that the first
-packet of a connection costs three lookups however many policies select the pod; the others
-(an ipBlock, a protocol without a port, a wide range) keep felix's per-policy chain.
-
-An accept in this base chain ends only this chain: other tables' forward chains (kube-proxy's,
-iptables-nft's) still see the packet; a drop is final. A full sync deletes and re-creates the
-table in one ``nft -f`` transaction; a partial one flushes and rewrites the chains that changed,
-adds and deletes single set and map elements, then deletes chains and sets no longer needed.
+verdict map instead of a walk down a list. Table layout and sync: :class:`NftablesDataplane`.
 """
 
 from __future__ import annotations
@@ -265,6 +236,35 @@ def counts_from_json(doc: dict) -> tuple[dict[str, int], dict[str, int]]:
 
 
 class NftablesDataplane(Dataplane):
+    """chain forward   (hook forward, priority filter - 5, policy accept)
+            ct state established,related accept                  replies of allowed connections
+            meta mark set meta mark & ~0x10000
+            ip saddr vmap @from-wl                               pod -> jump cali-fw-<endpoint>
+            meta mark set meta mark & ~0x10000
+            ip daddr vmap @to-wl                                 pod -> jump cali-tw-<endpoint>
+        chain cali-tw-<endpoint>    the pod itself: return;
+                                    ip saddr @cali-tw-<endpoint>-a return             (compiled, see below)
+                                    meta l4proto . th dport @cali-tw-<endpoint>-p return
+                                    ip saddr . meta l4proto . th dport @cali-tw-<endpoint>-ap return
+                                    per other policy: jump cali-pi-<policy>, marked: return;
+                                    last: counter drop
+        chain cali-pi-<policy>      ip saddr @cali40s-<hash> tcp dport 80 counter
+                                    meta mark set meta mark | 0x10000 return
+        set cali40s-<hash>   type ipv4_addr                          (pods a selector matches)
+        set cali40c-<hash>   type ipv4_addr; flags interval           (an ipBlock's cidr; its
+        set cali40e-<hash>   type ipv4_addr; flags interval            except in a second set)
+        set cali40n-<hash>   type ipv4_addr . inet_proto . inet_service   (a named port)
+
+    Policies whose rules are exact (selector peers; single ports, ranges of up to 64 ports, named
+    ports) are compiled, per endpoint, into the elements of three hashed sets, so that the first
+    packet of a connection costs three lookups however many policies select the pod; the others
+    (an ipBlock, a protocol without a port, a wide range) keep felix's per-policy chain.
+
+    An accept in this base chain ends only this chain: other tables' forward chains (kube-proxy's,
+    iptables-nft's) still see the packet; a drop is final. A full sync deletes and re-creates the
+    table in one ``nft -f`` transaction; a partial one flushes and rewrites the chains that changed,
+    adds and deletes single set and map elements, then deletes chains and sets no longer needed.
+    """
     name = "nftables"
     tools = ("nft",)
 

@@ -341,7 +341,7 @@ class UserspaceProxier(Proxier):
 
 def _redirect_works(cluster: "ClusterView", node: "NodeHost") -> bool:
     """False in the Calico layout: pods sit behind address-less ``cali*`` veths, where
-    ``REDIRECT`` has no address to redirect to (see the module doc)."""
+    ``REDIRECT`` has no address to redirect to (see :class:`UserspaceProxier`)."""
     try:
         plugins = cluster.mode.plugin_configs(node)
     except Exception:  # a mode without a plugin list: assume a bridge with a gateway address
