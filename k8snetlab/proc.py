@@ -182,9 +182,10 @@ def _stat(pid: int) -> list[str] | None:
     when the clock is set, and a start time recorded in a state file must never change."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()
+            fields = f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
+    return fields if len(fields) > 19 else None
 
 
 def running(pid: int, start: int) -> bool:
