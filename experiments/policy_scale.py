@@ -104,11 +104,7 @@ class Bench:
         self.c, self.args = c, args
         self.client, self.server = c.pods[CLIENT], c.pods[SERVER]
         self.node = c.nodes[self.server.node_name]
-        deadline = time.monotonic() + 10
-        while not proc.listening(self.server.pid, ACCEPT_PORT):
-            if time.monotonic() > deadline:
-                raise K8sNetLabError(f"{SERVER}: nothing listens on {ACCEPT_PORT}")
-            time.sleep(0.02)
+        proc.wait_listening(self.server.pid, ACCEPT_PORT, 10, SERVER)
 
     def set_size(self, n: int) -> None:
         pol = self.c.policies

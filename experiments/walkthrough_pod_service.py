@@ -174,9 +174,7 @@ def step2_no_nat(lab: Lab, c: Cluster, tmp: Path) -> None:
     srv = front.popen_ns([sys.executable, conformance.PROBE, "serve", front.name, str(PROBE_PORT)],
                          what="walkthrough probe")
     try:
-        deadline = time.monotonic() + 5
-        while not proc.listening(srv.pid, PROBE_PORT) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        proc.wait_listening(srv.pid, PROBE_PORT, 5, "walkthrough probe", child=srv)
         wire_host = c.nodes[front.node_name]
         cap = Capture(wire_host, "eth0", lab.pcaps / "step2-wire.pcap", f"tcp port {PROBE_PORT}")
         checker = conformance.ModelChecker(c)

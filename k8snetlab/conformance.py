@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -116,11 +115,7 @@ class ModelChecker:
                            what=f"model probe in {h.name}")
             self._servers.append(p)
         for h, p in zip(hosts, self._servers):
-            deadline = time.monotonic() + 10
-            while not proc.listening(p.pid, PROBE_PORT):
-                if p.poll() is not None or time.monotonic() > deadline:
-                    raise K8sNetLabError(f"model probe in {h.name} did not start (status {p.poll()})")
-                time.sleep(0.02)
+            proc.wait_listening(p.pid, PROBE_PORT, 10, f"model probe in {h.name}", child=p)
         publish = getattr(self.cluster.mode, "publish", None)
         if publish is not None:   # docker: the only way in from outside a node
             for i, pod in enumerate(sorted(self.cluster.pods.values(), key=lambda p: p.name)):

@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Sequence
 
 import psutil
 
-from .errors import CommandError, NotRoot, ToolMissing
+from .errors import CommandError, K8sNetLabError, NotRoot, ToolMissing
 
 CLONE_NEWNET = 0x40000000
 CLONE_NEWNS = 0x00020000
@@ -308,6 +308,20 @@ def listening(pid: int, port: int, own: bool = False) -> bool:
             if target.startswith("socket:[") and target[8:-1] in inodes:
                 return True
     return False
+
+
+def wait_listening(pid: int, port: int, timeout: float, what: str,
+                   child: subprocess.Popen | None = None) -> None:
+    """Return once a TCP socket listens on ``port`` in ``pid``'s namespace; raise
+    K8sNetLabError naming ``what`` after ``timeout`` seconds, or at once if ``child`` (the
+    server we started) exits first."""
+    deadline = time.monotonic() + timeout
+    while not listening(pid, port):
+        if child is not None and child.poll() is not None:
+            raise K8sNetLabError(f"{what} exited (status {child.returncode}) before listening on port {port}")
+        if time.monotonic() > deadline:
+            raise K8sNetLabError(f"{what}: nothing listens on port {port} after {timeout:g} s")
+        time.sleep(0.02)
 
 
 _SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
