@@ -8,7 +8,10 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from k8snetlab import proc, statedir
+from k8snetlab.errors import K8sNetLabError
 
 
 def test_start_time_tells_a_process_from_a_later_one_with_its_pid():
@@ -108,3 +111,28 @@ def test_state_roots_lists_the_registered_and_the_environment_root(tmp_path, mon
     monkeypatch.setenv("K8SNETLAB_STATE", str(mine))
     (tmp_path / "roots").write_text(f"{registered}\n{gone}\n{registered}\n")
     assert statedir.state_roots() == [default, mine, registered]
+
+
+def test_end_children_kills_one_that_ignores_sigterm_after_the_shared_grace():
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                                 "signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); time.sleep(60)"],
+                                stdout=subprocess.PIPE)
+    polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert stubborn.stdout.readline()                 # its handler is in place
+        assert proc.end_children([stubborn, polite], grace=0.5) == []
+        assert polite.returncode == -15 and stubborn.returncode == -9
+    finally:
+        for p in (stubborn, polite):
+            p.kill()
+            p.wait()
+        stubborn.stdout.close()
+
+
+def test_wait_listening_names_a_server_that_exits_and_one_that_never_listens():
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    dead.wait()
+    with pytest.raises(K8sNetLabError, match=r"probe exited \(status 3\) before listening on port 1"):
+        proc.wait_listening(os.getpid(), 1, 5, "probe", child=dead)
+    with pytest.raises(K8sNetLabError, match="nothing listens on port 1 after 0.1 s"):
+        proc.wait_listening(os.getpid(), 1, 0.1, "probe")
