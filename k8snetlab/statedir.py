@@ -181,8 +181,8 @@ class StateDir:
                     continue
                 path = root / prefix
                 try:
-                    path.mkdir()        # the claim itself (a runtime of before the registry
-                except FileExistsError:  # locks only its own root)
+                    path.mkdir()        # the claim itself: a runtime that could not take the
+                except FileExistsError:  # registry lock holds only its own root's
                     continue
                 st = cls(i, path)
                 me = os.getpid()
