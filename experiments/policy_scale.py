@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from k8snetlab import experiment_script, measure, proc, results, stats  # noqa: E402
+from k8snetlab import experiment, measure, proc, results, stats  # noqa: E402
 from k8snetlab.cluster import Cluster  # noqa: E402
 from k8snetlab.errors import K8sNetLabError, SpecError  # noqa: E402
 from k8snetlab.policy.dataplane import DATAPLANES, summary as dp_summary  # noqa: E402
@@ -59,7 +59,7 @@ TARGETS = {"nftables": 10.0, "iptables": 100.0, "iptables-legacy": 100.0}   # us
 PARTIAL_TARGET = 0.2                                 # s
 
 def build_parser():
-    p = experiment_script.parser(__doc__.strip().splitlines()[0], default_repeat=3)
+    p = experiment.parser(__doc__.strip().splitlines()[0], default_repeat=3)
     p.add_argument("--dataplanes", default="iptables,nftables", help="comma-separated (default %(default)s)")
     p.add_argument("--sizes", default="0,10,100,1000", help="policy counts (default %(default)s)")
     p.add_argument("--probes", type=int, default=500, help="fresh connections per first-packet figure")
@@ -168,12 +168,12 @@ def run(args) -> int:
     for opt in ("probes", "connections", "duration"):
         if getattr(args, opt) < 1:
             raise SpecError(f"--{opt}: must be at least 1")
-    cspec = experiment_spec(experiment_script.load_topology(args))
+    cspec = experiment_spec(experiment.load_topology(args))
     proc.require_root(NAME)
     proc.require("iperf3", "ipset", "nft")
-    out_dir, run_id, csv_path = experiment_script.output(args, NAME)
+    out_dir, run_id, csv_path = experiment.output(args, NAME)
     kernel = results.kernel_release()
-    progress = experiment_script.Progress(args.repeat * len(sizes) * len(dataplanes))
+    progress = experiment.Progress(args.repeat * len(sizes) * len(dataplanes))
     samples: dict[tuple[str, int], list[float]] = {}
     partial: dict[str, list[float]] = {}
 
@@ -259,7 +259,7 @@ def summary(rows, dataplanes, sizes, samples, partial) -> str:
 
 
 def main(argv=None) -> int:
-    return experiment_script.main(run, build_parser(), argv)
+    return experiment.main(run, build_parser(), argv)
 
 
 if __name__ == "__main__":
