@@ -22,7 +22,7 @@ Per (dataplane, size, round), on the server's node or between the pods:
   element on the node changes), taken again when it is put back;
 - ``rules`` / ``set_elements``: what the server's node holds.
 
-The summary prints its targets with 95 % intervals (k8snetlab.stats: a bootstrap of the
+The summary prints the issue's targets with 95 % intervals (k8snetlab.stats: a bootstrap of the
 median difference over the probes pooled across rounds; Student's t for the partial syncs):
 at 1,000 policies nftables adds <= 10 us to the first packet, iptables+ipsets
 <= 100 us; one partial sync <= 0.2 s.
@@ -104,7 +104,11 @@ class Bench:
         self.c, self.args = c, args
         self.client, self.server = c.pods[CLIENT], c.pods[SERVER]
         self.node = c.nodes[self.server.node_name]
-        proc.wait_listening(self.server.pid, ACCEPT_PORT, 10, SERVER)
+        deadline = time.monotonic() + 10
+        while not proc.listening(self.server.pid, ACCEPT_PORT):
+            if time.monotonic() > deadline:
+                raise K8sNetLabError(f"{SERVER}: nothing listens on {ACCEPT_PORT}")
+            time.sleep(0.02)
 
     def set_size(self, n: int) -> None:
         pol = self.c.policies

@@ -4,7 +4,17 @@ flanneld checks its routes every 10 s (host-gw's route check) and calico-node's 
 refreshes its routes every ``routeRefreshInterval`` (90 s by default): an agent that only
 reacts to node-list changes leaves a node broken for good once someone runs ``ip route del``
 on it. One :class:`AgentResync` per cluster does the same for every node, every
-``period`` seconds (the mode's option, see each mode's ``resync_period``); how: :class:`AgentResync`.
+``period`` seconds (the mode's option, see each mode's ``resync_period``):
+
+1. it reads what the node has, once per node and kind (one route dump, one neighbour and
+   one FDB dump for VXLAN, the BPF maps for eBPF IPIP: no per-peer requests when all is well),
+2. asks the mode which peers lack something (:meth:`~.base.Mode.peers_to_repair`), and
+3. runs the mode's own ``add_peer`` for those only, the verb that made them in the first
+   place (replace semantics: repairing twice is harmless).
+
+It shares one lock with the cluster's node-list changes (``add_node``/``remove_node``), so it
+never re-adds the routes of a node that is leaving. ``stop()`` ends the thread before the
+node agents are stopped.
 """
 
 from __future__ import annotations
@@ -25,18 +35,7 @@ log = logging.getLogger(__name__)
 
 
 class AgentResync(Periodic):
-    """A thread that reconciles every node's inter-node state every ``period`` seconds.
-
-    1. it reads what the node has, once per node and kind (one route dump, one neighbour and
-       one FDB dump for VXLAN, the BPF maps for eBPF IPIP: no per-peer requests when all is well),
-    2. asks the mode which peers lack something (:meth:`~.base.Mode.peers_to_repair`), and
-    3. runs the mode's own ``add_peer`` for those only, the verb that made them in the first
-       place (replace semantics: repairing twice is harmless).
-
-    It shares one lock with the cluster's node-list changes (``add_node``/``remove_node``), so it
-    never re-adds the routes of a node that is leaving. ``stop()`` ends the thread before the
-    node agents are stopped.
-    """
+    """A thread that reconciles every node's inter-node state every ``period`` seconds."""
 
     def __init__(self, mode: "Mode", nodes: Callable[[], dict[str, "NodeHost"]], period: float,
                  lock: threading.RLock):

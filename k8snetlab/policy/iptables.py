@@ -1,6 +1,31 @@
 """Policy dataplane ``iptables``: the chain layout of Calico's felix, selectors as ipsets.
 
-Chains, sets and how a sync writes them: :class:`IptablesDataplane`.
+In the node's ``filter`` table (``iptables-save`` on a node shows it)::
+
+    FORWARD                -> cali-FORWARD (first rule)
+    cali-FORWARD           RELATED,ESTABLISHED -> RETURN     (replies of allowed connections)
+                           clear mark 0x10000; -> cali-from-wl-dispatch
+                           clear mark 0x10000; -> cali-to-wl-dispatch
+    cali-from-wl-dispatch  -s <pod IP> -g cali-fw-<endpoint>   (local pods isolated for egress)
+    cali-to-wl-dispatch    -d <pod IP> -g cali-tw-<endpoint>   (local pods isolated for ingress)
+    cali-tw-<endpoint>     the pod itself -> RETURN; per policy: -j cali-pi-<policy>,
+                           marked -> RETURN; last: DROP "Drop if no policies passed packet"
+    cali-pi-<policy>       per rule and (peer, port): -m set --match-set cali40s:<hash> src
+                           -p tcp --dport 80 -j MARK --set-xmark 0x10000/0x10000; marked -> RETURN
+
+Sets (Debian's ``ipset``, the kernel's ip_set; per network namespace, so per node):
+``cali40s:<hash>`` hash:ip (the pods a selector peer matches), ``cali40c:<hash>`` hash:net
+(an ipBlock; its ``except`` entries as ``nomatch``), ``cali40n:<hash>`` hash:ip,port (a named
+port: every pod's address with its port). The dispatch is by pod address rather than by
+interface (felix matches ``cali*`` interfaces): pods on a bridge (``cni0``) are reached
+through br_netfilter, where the bridge port is not known when FORWARD runs for routed packets;
+the address is known in every CNI mode. Traffic the node itself sends to its pods never
+passes FORWARD (OUTPUT), so the node always reaches them. FORWARD sees addresses after
+kube-proxy's DNAT, so policy applies to the pod behind a Service.
+
+A sync: ``ipset restore`` (sets created, elements added/removed), one
+``iptables-restore --noflush`` (the chains that changed; removed chains flushed and deleted),
+then ``ipset restore`` again to destroy sets no longer referenced.
 """
 
 from __future__ import annotations
@@ -8,9 +33,11 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import time
 
 from ..errors import K8sNetLabError
-from .dataplane import Dataplane, Rendered, isolated, policy_chain, rule_comment
+from .dataplane import (Dataplane, Rendered, SyncStats, endpoint_chains, policy_chain,
+                        rule_comment)
 from .plan import ACCEPT_MARK, NodePlan, PolicyChain
 
 log = logging.getLogger(__name__)
@@ -34,6 +61,7 @@ def _c(text: str) -> str:
 def render(plan: NodePlan) -> Rendered:
     """The node's chains (rule texts without ``-A <chain>``) and ipsets."""
     out = Rendered()
+    by_key = {(c.policy, c.direction): c for c in plan.chains}
     for s in plan.sets:
         elems = set(s.members)
         if s.kind == "ipport":
@@ -45,17 +73,23 @@ def render(plan: NodePlan) -> Rendered:
            f"-j MARK --set-xmark {CLEAR}", "-j cali-from-wl-dispatch",
            f"-j MARK --set-xmark {CLEAR}", "-j cali-to-wl-dispatch"]
     out.chains["cali-FORWARD"] = tuple(fwd)
-    to_wl: list[str] = []
-    from_wl: list[str] = []
-    for ep, direction, chain, chains in isolated(plan):
-        dispatch, match, self_match = (to_wl, "-d", "-s") if direction == "Ingress" else (from_wl, "-s", "-d")
-        dispatch.append(f"{match} {ep.ip}/32 {_c(ep.key)} -g {chain}")
-        rules = [f"{self_match} {ep.ip}/32 {_c('a pod always reaches itself')} -j RETURN"]
-        for pc in chains:
-            rules += [f"-j {policy_chain(pc.id, direction)}",
-                      f"-m mark --mark {MARK} {_c('Return if policy accepted')} -j RETURN"]
-        rules.append(f"{_c('Drop if no policies passed packet')} -j DROP")
-        out.chains[chain] = tuple(rules)
+    to_wl, from_wl = [], []
+    for ep in plan.endpoints:
+        tw, fw = endpoint_chains(ep.id)
+        for pols, chain, dispatch, match, self_match in ((ep.ingress, tw, to_wl, "-d", "-s"),
+                                                         (ep.egress, fw, from_wl, "-s", "-d")):
+            if pols is None:
+                continue
+            direction = "Ingress" if chain == tw else "Egress"
+            dispatch.append(f"{match} {ep.ip}/32 {_c(ep.key)} -g {chain}")
+            rules = [f"{self_match} {ep.ip}/32 {_c('a pod always reaches itself')} -j RETURN"]
+            for key in pols:
+                pc = by_key[(key, direction)]
+                assert pc is not None
+                rules += [f"-j {policy_chain(pc.id, direction)}",
+                          f"-m mark --mark {MARK} {_c('Return if policy accepted')} -j RETURN"]
+            rules.append(f"{_c('Drop if no policies passed packet')} -j DROP")
+            out.chains[chain] = tuple(rules)
     out.chains["cali-from-wl-dispatch"] = tuple(from_wl)
     out.chains["cali-to-wl-dispatch"] = tuple(to_wl)
     for pc in plan.chains:
@@ -158,33 +192,6 @@ def elements_from_save(save: str) -> dict[str, int]:
 
 
 class IptablesDataplane(Dataplane):
-    """In the node's ``filter`` table (``iptables-save`` on a node shows it)::
-
-        FORWARD                -> cali-FORWARD (first rule)
-        cali-FORWARD           RELATED,ESTABLISHED -> RETURN     (replies of allowed connections)
-                               clear mark 0x10000; -> cali-from-wl-dispatch
-                               clear mark 0x10000; -> cali-to-wl-dispatch
-        cali-from-wl-dispatch  -s <pod IP> -g cali-fw-<endpoint>   (local pods isolated for egress)
-        cali-to-wl-dispatch    -d <pod IP> -g cali-tw-<endpoint>   (local pods isolated for ingress)
-        cali-tw-<endpoint>     the pod itself -> RETURN; per policy: -j cali-pi-<policy>,
-                               marked -> RETURN; last: DROP "Drop if no policies passed packet"
-        cali-pi-<policy>       per rule and (peer, port): -m set --match-set cali40s:<hash> src
-                               -p tcp --dport 80 -j MARK --set-xmark 0x10000/0x10000; marked -> RETURN
-
-    Sets (Debian's ``ipset``, the kernel's ip_set; per network namespace, so per node):
-    ``cali40s:<hash>`` hash:ip (the pods a selector peer matches), ``cali40c:<hash>`` hash:net
-    (an ipBlock; its ``except`` entries as ``nomatch``), ``cali40n:<hash>`` hash:ip,port (a named
-    port: every pod's address with its port). The dispatch is by pod address rather than by
-    interface (felix matches ``cali*`` interfaces): pods on a bridge (``cni0``) are reached
-    through br_netfilter, where the bridge port is not known when FORWARD runs for routed packets;
-    the address is known in every CNI mode. Traffic the node itself sends to its pods never
-    passes FORWARD (OUTPUT), so the node always reaches them. FORWARD sees addresses after
-    kube-proxy's DNAT, so policy applies to the pod behind a Service.
-
-    A sync: ``ipset restore`` (sets created, elements added/removed), one
-    ``iptables-restore --noflush`` (the chains that changed; removed chains flushed and deleted),
-    then ``ipset restore`` again to destroy sets no longer referenced.
-    """
     name = "iptables"
     binary = "iptables"          # Debian's default: iptables-nft
     tools = ("iptables", "iptables-restore", "iptables-save", "ipset")
@@ -196,16 +203,23 @@ class IptablesDataplane(Dataplane):
         return self.node.run([self.binary, "-w", "5", "-C", "FORWARD", "-m", "comment", "--comment",
                               JUMP_COMMENT, "-j", "cali-FORWARD"], check=False).returncode == 0
 
-    def write(self, old: Rendered | None, new: Rendered) -> tuple[int, int]:
+    def sync(self, plan: NodePlan, full: bool = False) -> SyncStats:
+        t0 = time.monotonic()
+        new = render(plan)
+        old = None if full else self.written
+        if old is not None and old == new:
+            return SyncStats(False, 0, 0, time.monotonic() - t0)
         add_jump = old is None and not self._jump_present()
         pre, text, post, chains, elements = restore_text(old, new, add_jump)
+        self.written = None                 # a failure below: the next sync is a full one
         if pre:
             self.node.run(["ipset", "restore"], input=pre)
         if chains or add_jump or text != "*filter\nCOMMIT\n":
             self.node.run([f"{self.binary}-restore", "-w", "5", "--noflush"], input=text)
         if post:
             self.node.run(["ipset", "restore"], input=post)
-        return chains, elements
+        self.written = new
+        return SyncStats(old is None, chains, elements, time.monotonic() - t0)
 
     def intact(self) -> bool:
         if self.written is None:
@@ -213,8 +227,12 @@ class IptablesDataplane(Dataplane):
         if not self._jump_present():
             return False
         save = self.node.run([f"{self.binary}-save", "-t", "filter"]).stdout
-        sets = self.node.run(["ipset", "save"]).stdout
-        return self.written.counted(counts_from_save(save), elements_from_save(sets))
+        have = counts_from_save(save)
+        want = {c: len(r) for c, r in self.written.chains.items()}
+        if any(have.get(c) != n for c, n in want.items()):
+            return False
+        sets = elements_from_save(self.node.run(["ipset", "save"]).stdout)
+        return all(sets.get(s) == len(e) for s, (_, e) in self.written.sets.items())
 
     def counters(self, chain: str) -> list[tuple[int, int, str]]:
         out = self.node.run([self.binary, "-w", "5", "-t", "filter", "-L", chain, "-v", "-x", "-n"],

@@ -1,10 +1,9 @@
-"""What a cluster must leave behind after it stopped: nothing.
+"""What one cluster must leave behind after ``stop()``: nothing.
 
-Other clusters (other engineers, other test runs) live on the same machine, so these checks
-look only at what the cluster under test made. :class:`Footprint` is for a cluster object in
-this process: its state directory, its root-namespace links (``knl<index>...``), its mounts,
-the processes holding its namespaces. :func:`left_under` is for clusters another process ran
-with a private state root (``K8SNETLAB_STATE``, see :func:`private_state`).
+The machine holds other clusters too (other engineers', other test runs), which
+may be alive at the same time; this checks only what *this* cluster made: its state
+directory, its root-namespace links (``knl<index>...``), its bpffs mount, and the processes
+holding its nodes', routers' and pods' namespaces.
 """
 
 from __future__ import annotations
@@ -24,12 +23,12 @@ class Footprint:
     def __init__(self, cluster):
         self.index = cluster.state.index
         self.state = str(cluster.state.path)
-        self.pids = {h.name: (h.pid, proc.start_time(h.pid))
-                     for group in (cluster.nodes, cluster.routers, cluster.pods, cluster.hosts)
-                     for h in group.values()}
         # (name, ifindex): once the index is free, another cluster may take it and its names
         self.links = {(link["ifname"], link["index"]) for link in statedir.root_links()
                       if naming.cluster_index_of(link["ifname"]) == self.index}
+        self.pids = {h.name: (h.pid, proc.start_time(h.pid))
+                     for group in (cluster.nodes, cluster.routers, cluster.pods, cluster.hosts)
+                     for h in group.values()}
 
     def problems(self) -> list[str]:
         out = []
