@@ -85,8 +85,7 @@ class Workload:
                 for i in range(n)]
 
 
-def mapping(d: Any, where: str) -> dict[str, Any]:
-    """A manifest's mapping (absent: empty); raises SpecError naming ``where``."""
+def _map(d: Any, where: str) -> dict[str, Any]:
     if d is None:
         return {}
     if not isinstance(d, dict):
@@ -95,7 +94,7 @@ def mapping(d: Any, where: str) -> dict[str, Any]:
 
 
 def _str_map(d: Any, where: str) -> dict[str, str]:
-    d = mapping(d, where)
+    d = _map(d, where)
     for k, v in d.items():
         if not isinstance(k, str) or not isinstance(v, (str, int, float, bool)):
             raise SpecError(f"{where}: keys and values must be strings")
@@ -117,7 +116,7 @@ def _containers(spec: dict[str, Any], where: str) -> tuple[ContainerSpec, ...]:
     out, seen = [], set()
     for i, c in enumerate(items):
         cw = f"{where}.containers[{i}]"
-        c = mapping(c, cw)
+        c = _map(c, cw)
         name = check_name(c.get("name"), f"{cw}.name")
         if name in seen:
             raise SpecError(f"{cw}.name: duplicate container name {name!r}")
@@ -128,7 +127,7 @@ def _containers(spec: dict[str, Any], where: str) -> tuple[ContainerSpec, ...]:
                 raise SpecError(f"{cw}.{key}: must be a list of strings")
         ports = []
         for j, p in enumerate(c.get("ports") or []):
-            p = mapping(p, f"{cw}.ports[{j}]")
+            p = _map(p, f"{cw}.ports[{j}]")
             cp = p.get("containerPort")
             if not isinstance(cp, int) or not 1 <= cp <= 65535:
                 raise SpecError(f"{cw}.ports[{j}].containerPort: must be a port number 1-65535")
@@ -145,7 +144,7 @@ def _containers(spec: dict[str, Any], where: str) -> tuple[ContainerSpec, ...]:
 
 
 def _pod_spec(name: str, namespace: str, labels: dict[str, str], spec: Any, where: str) -> PodSpec:
-    spec = mapping(spec, where)
+    spec = _map(spec, where)
     node = spec.get("nodeName")
     if node is not None and not isinstance(node, str):
         raise SpecError(f"{where}.nodeName: must be a node name")
@@ -159,15 +158,15 @@ def _pod_spec(name: str, namespace: str, labels: dict[str, str], spec: Any, wher
 
 def parse_workload(doc: Any, where: str) -> Workload:
     """One manifest (a YAML document) -> Workload; SpecError names the offending key."""
-    doc = mapping(doc, where)
+    doc = _map(doc, where)
     kind = doc.get("kind")
     if kind not in WORKLOAD_KINDS:
         raise SpecError(f"{where}.kind: {kind!r} is not a workload kind: use one of {', '.join(WORKLOAD_KINDS)} (or Service)")
-    meta = mapping(doc.get("metadata"), f"{where}.metadata")
+    meta = _map(doc.get("metadata"), f"{where}.metadata")
     name = check_name(meta.get("name"), f"{where}.metadata.name")
     ns = check_name(meta.get("namespace", "default"), f"{where}.metadata.namespace")
     labels = _str_map(meta.get("labels"), f"{where}.metadata.labels")
-    spec = mapping(doc.get("spec"), f"{where}.spec")
+    spec = _map(doc.get("spec"), f"{where}.spec")
     if kind == "Pod":
         pod = _pod_spec(name, ns, labels, spec, f"{where}.spec")
         return Workload("Pod", name, ns, 1, pod)
@@ -175,10 +174,10 @@ def parse_workload(doc: Any, where: str) -> Workload:
     if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
         raise SpecError(f"{where}.spec.replicas: must be a whole number >= 0")
     check_replicas(replicas, f"{where}.spec.replicas")
-    tmpl = mapping(spec.get("template"), f"{where}.spec.template")
-    tmeta = mapping(tmpl.get("metadata"), f"{where}.spec.template.metadata")
+    tmpl = _map(spec.get("template"), f"{where}.spec.template")
+    tmeta = _map(tmpl.get("metadata"), f"{where}.spec.template.metadata")
     tlabels = _str_map(tmeta.get("labels"), f"{where}.spec.template.metadata.labels")
-    sel_raw = mapping(spec.get("selector"), f"{where}.spec.selector")
+    sel_raw = _map(spec.get("selector"), f"{where}.spec.selector")
     selector = _str_map(sel_raw.get("matchLabels", sel_raw) if kind == "Deployment" else sel_raw,
                         f"{where}.spec.selector")
     if not selector:
