@@ -28,8 +28,8 @@ from .supervisor import ContainerSupervisor
 from .netutil import Netns
 from .pod import NetnsHost, NodeHost, Pod
 from .scheduler import Scheduler
-from .statedir import StateDir
 from .clusterspec import ClusterSpec, parse_address
+from .statedir import StateDir
 from .underlay import ECMP_HASH_FIELDS, Underlay, underlay_first_hops  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
