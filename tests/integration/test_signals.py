@@ -147,6 +147,10 @@ def signal_at(tmp: Path, n: int, sig: int, moment: str, delay: float) -> str:
     where = f"{signal.Signals(sig).name} at {moment}+{delay}s"
     assert "Traceback" not in text and "Exception ignored" not in text, f"{where}:\n{text}"
     assert status == 130, f"{where}: exit {status}\n{text}"
+    # the kernel deletes the veths of a namespace that ended asynchronously: give it a moment
+    deadline = time.monotonic() + 5
+    while run.problems() and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert not run.problems(), f"{where}: left {run.problems()}\n{text}"
     return where
 
