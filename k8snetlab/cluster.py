@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from mininet.log import setLogLevel
 
-from . import addons as addonmod, checks, manifests, proc, signals, spec as specmod
+from . import addons as addonmod, chain, checks, manifests, proc, signals, spec as specmod
 from .errors import K8sNetLabError, SpecError
 from .kubelet import PHASES, Kubelet
 from .manifests import PodSpec, Workload
@@ -27,7 +27,7 @@ from .modes.resync import AgentResync
 from .supervisor import ContainerSupervisor
 from .netutil import Netns
 from .pod import NetnsHost, NodeHost, Pod
-from .scheduler import Scheduler
+from .scheduler import Scheduler, host_ports
 from .clusterspec import ClusterSpec, parse_address
 from .statedir import StateDir
 from .underlay import ECMP_HASH_FIELDS, Underlay, underlay_first_hops  # noqa: F401 (re-exported)
@@ -365,6 +365,9 @@ class Cluster:
             h = p.host_name
             if h in self.pods or h in self.nodes or h in self.routers or h in self.hosts:
                 raise SpecError(f"pod {p.key}: the name {h!r} is already taken")
+        # a hostPort, bandwidth annotation or sysctl the node's config list cannot serve
+        chain.check_pods_against_chain(pods, self.spec.cni.chain or (), "add_pod",
+                                       own_host_ports=self.mode.publishes_host_ports)
         if isinstance(manifest, Workload) and manifest.kind != "Pod":
             self.workloads[manifest.name] = manifest
         return self._add_pods(pods)
@@ -402,7 +405,7 @@ class Cluster:
         try:
             for ps in specs:
                 node = self.scheduler.place(ps)
-                self.scheduler.bind(ps.host_name, node, ps.owner)
+                self.scheduler.bind(ps.host_name, node, ps.owner, host_ports(ps))
                 placed.append((ps, node))
         except BaseException:
             for ps, _ in placed:

@@ -105,6 +105,9 @@ class CNISpec:
     reference: bool = False               # drive Debian's reference plugin binaries instead of ours
     invoke: str = "exec"                  # exec | inprocess
     sections: dict[str, Any] = field(default_factory=dict, hash=False)  # raw per-mode sections
+    # the chained plugins after the mode's own (cni.chain; the mode's default until validated)
+    chain: tuple[str, ...] | None = None
+    chain_sysctl: dict[str, str] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)

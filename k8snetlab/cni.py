@@ -72,10 +72,25 @@ class NetworkConfigList:
             d["disableCheck"] = True
         return d
 
-    def plugin_config(self, plugin: dict[str, Any], prev: dict[str, Any] | None) -> dict[str, Any]:
+    def plugin_config(self, plugin: dict[str, Any], prev: dict[str, Any] | None,
+                      rt: "RuntimeConf | None" = None) -> dict[str, Any]:
+        """One plugin's config as the runtime hands it over (libcni's ``buildOneConfig``): the
+        list's name and version, ``prevResult``, and the capability arguments of ``rt`` that
+        the plugin declares in ``capabilities`` as its ``runtimeConfig``; the per-attachment
+        ``args.cni`` of ``rt`` (CNI conventions) go to every plugin, which ignore what they
+        do not know."""
         conf = {"cniVersion": self.cni_version, "name": self.name, **plugin}
         if prev is not None:
             conf["prevResult"] = prev
+        if rt is not None:
+            caps = plugin.get("capabilities") or {}
+            runtime = {k: v for k, v in rt.capability_args.items() if caps.get(k) is True}
+            if runtime:
+                conf["runtimeConfig"] = {**(plugin.get("runtimeConfig") or {}), **runtime}
+            if rt.config_args:
+                args = dict(plugin.get("args") or {})
+                args["cni"] = {**(args.get("cni") or {}), **rt.config_args}
+                conf["args"] = args
         return conf
 
 
@@ -87,6 +102,8 @@ class RuntimeConf:
     netns: str            # path of the pod's network namespace
     ifname: str = "eth0"
     args: dict[str, str] = field(default_factory=dict)   # CNI_ARGS (K8S_POD_NAME...)
+    capability_args: dict[str, Any] = field(default_factory=dict)   # portMappings, bandwidth, ...
+    config_args: dict[str, Any] = field(default_factory=dict)       # args.cni of every plugin config
 
 
 # ---------------------------------------------------------------------------------------
@@ -124,7 +141,7 @@ class CNIRuntime:
         done: list[dict[str, Any]] = []
         try:
             for plugin in net.plugins:
-                conf = net.plugin_config(plugin, prev)
+                conf = net.plugin_config(plugin, prev, rt)
                 prev = self.exec_plugin("ADD", conf, rt, net.bin_dirs)
                 done.append(plugin)
                 if prev is None:
@@ -133,7 +150,7 @@ class CNIRuntime:
             # a failed ADD leaves nothing behind: DEL what was added, newest first
             for plugin in reversed(done):
                 try:
-                    self.exec_plugin("DEL", net.plugin_config(plugin, prev), rt, net.bin_dirs)
+                    self.exec_plugin("DEL", net.plugin_config(plugin, prev, rt), rt, net.bin_dirs)
                 except K8sNetLabError as e:  # report the first error, not the rollback's
                     log.warning("rollback DEL of %s failed: %s", plugin["type"], e)
             raise
@@ -147,7 +164,7 @@ class CNIRuntime:
         first_error: K8sNetLabError | None = None
         for plugin in reversed(net.plugins):
             try:
-                self.exec_plugin("DEL", net.plugin_config(plugin, prev), rt, net.bin_dirs)
+                self.exec_plugin("DEL", net.plugin_config(plugin, prev, rt), rt, net.bin_dirs)
             except K8sNetLabError as e:
                 first_error = first_error or e
         if first_error:
@@ -161,7 +178,7 @@ class CNIRuntime:
         if prev is None:
             raise CNIError(ERR_UNKNOWN_CONTAINER, f"no cached result for {rt.container_id}/{rt.ifname}")
         for plugin in net.plugins:
-            self.exec_plugin("CHECK", net.plugin_config(plugin, prev), rt, net.bin_dirs)
+            self.exec_plugin("CHECK", net.plugin_config(plugin, prev, rt), rt, net.bin_dirs)
 
     def status(self, net: NetworkConfigList) -> None:
         """STATUS (1.1): raises CNIError (code 50/51) if a plugin is not ready for ADDs."""

@@ -21,6 +21,9 @@ ENTRY_POINTS: dict[str, list[str]] = {
         "flannel = cni_plugins.flannel",
         "calico = cni_plugins.calico",
         "host-local = cni_plugins.host_local",
+        "portmap = cni_plugins.portmap",
+        "bandwidth = cni_plugins.bandwidth",
+        "tuning = cni_plugins.tuning",
     ],
     "k8snetlab.cni_invokers": [
         "exec = k8snetlab.cni_protocol:ExecInvoker",

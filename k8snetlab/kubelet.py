@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from . import naming, proc
+from . import chain, naming, proc
 from .cni import INVOKERS, CNIRuntime, NetworkConfigList, RuntimeConf
 from .errors import K8sNetLabError
 from .manifests import PodSpec
@@ -115,9 +115,11 @@ class Kubelet:
 
     def runtime_conf(self, pod: Pod) -> RuntimeConf:
         s = pod.spec
+        # hostPorts and bandwidth annotations as capability arguments, sysctls as args.cni
         return RuntimeConf(pod.container_id, pod.netns, naming.POD_IFNAME,
                            {"IgnoreUnknown": "1", "K8S_POD_NAMESPACE": s.namespace,
-                            "K8S_POD_NAME": s.name, "K8S_POD_INFRA_CONTAINER_ID": pod.container_id})
+                            "K8S_POD_NAME": s.name, "K8S_POD_INFRA_CONTAINER_ID": pod.container_id},
+                           chain.capability_args(s), chain.config_args(s))
 
     def cni_add(self, pod: Pod) -> None:
         assert self.runtime is not None and self.netconf is not None

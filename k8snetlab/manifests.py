@@ -10,10 +10,12 @@ in the pod's network namespace running ``command`` + ``args``.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import chain
 from .checks import check_replicas
 from .errors import SpecError
 
@@ -28,6 +30,7 @@ class ContainerPort:
     name: str = ""
     protocol: str = "TCP"
     host_port: int | None = None      # published on the node (docker -p, Kubernetes hostPort)
+    host_ip: str = ""                 # hostIP: the node address the hostPort is bound to ("" = all)
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,8 @@ class PodSpec:
     node_selector: dict[str, str] = field(default_factory=dict, hash=False)
     owner: str | None = None  # "Deployment/web"
     restart_policy: str = "Always"   # the kubelet restarts exited containers: Always | OnFailure | Never
+    annotations: dict[str, str] = field(default_factory=dict, hash=False)
+    sysctls: tuple[tuple[str, str], ...] = ()   # spec.securityContext.sysctls (net.* only)
 
     @property
     def key(self) -> str:
@@ -81,7 +86,8 @@ class Workload:
         return [PodSpec(f"{self.name}-{i}", self.namespace, dict(self.template.labels),
                         self.template.containers, self.template.node_name,
                         dict(self.template.node_selector), f"{self.kind}/{self.name}",
-                        self.template.restart_policy)
+                        self.template.restart_policy, dict(self.template.annotations),
+                        self.template.sysctls)
                 for i in range(n)]
 
 
@@ -137,13 +143,44 @@ def _containers(spec: dict[str, Any], where: str) -> tuple[ContainerSpec, ...]:
             hp = p.get("hostPort")
             if hp is not None and (not isinstance(hp, int) or isinstance(hp, bool) or not 1 <= hp <= 65535):
                 raise SpecError(f"{cw}.ports[{j}].hostPort: must be a port number 1-65535")
-            ports.append(ContainerPort(cp, str(p.get("name", "")), proto, hp))
+            host_ip = p.get("hostIP", "")
+            if host_ip:
+                try:
+                    if not isinstance(host_ip, str) or ipaddress.ip_address(host_ip).version != 4:
+                        raise ValueError
+                except ValueError:
+                    raise SpecError(f"{cw}.ports[{j}].hostIP: {host_ip!r} is not an IPv4 address") from None
+                if hp is None:
+                    raise SpecError(f"{cw}.ports[{j}].hostIP: set only together with hostPort")
+            ports.append(ContainerPort(cp, str(p.get("name", "")), proto, hp, host_ip))
         out.append(ContainerSpec(name, str(c.get("image", "")), tuple(map(str, c.get("command", []))),
                                  tuple(map(str, c.get("args", []))), tuple(ports)))
     return tuple(out)
 
 
-def _pod_spec(name: str, namespace: str, labels: dict[str, str], spec: Any, where: str) -> PodSpec:
+def _sysctls(spec: dict[str, Any], where: str) -> tuple[tuple[str, str], ...]:
+    """``securityContext.sysctls``: ``[{name, value}]``, network-namespaced ones only."""
+    ctx = _map(spec.get("securityContext"), f"{where}.securityContext")
+    items = ctx.get("sysctls") or []
+    if not isinstance(items, list):
+        raise SpecError(f"{where}.securityContext.sysctls: must be a list of {{name, value}}")
+    out: dict[str, str] = {}
+    for i, item in enumerate(items):
+        w = f"{where}.securityContext.sysctls[{i}]"
+        item = _map(item, w)
+        if set(item) - {"name", "value"} or "value" not in item:
+            raise SpecError(f"{w}: give exactly name and value")
+        name = chain.check_sysctl_name(item.get("name"), f"{w}.name")
+        if name in out:
+            raise SpecError(f"{w}.name: {name} is set twice")
+        if not isinstance(item["value"], (str, int)) or isinstance(item["value"], bool):
+            raise SpecError(f"{w}.value: must be a string")
+        out[name] = str(item["value"])
+    return tuple(out.items())
+
+
+def _pod_spec(name: str, namespace: str, labels: dict[str, str], spec: Any, where: str,
+              annotations: dict[str, str] | None = None) -> PodSpec:
     spec = _map(spec, where)
     node = spec.get("nodeName")
     if node is not None and not isinstance(node, str):
@@ -152,8 +189,11 @@ def _pod_spec(name: str, namespace: str, labels: dict[str, str], spec: Any, wher
     if policy not in RESTART_POLICIES:
         raise SpecError(f"{where}.restartPolicy: {policy!r} is not a restart policy: use one of "
                         f"{', '.join(RESTART_POLICIES)}")
+    annotations = dict(annotations or {})
+    chain.pod_bandwidth(annotations, where.rsplit(".spec", 1)[0])   # a bad quantity: refused here
     return PodSpec(name, namespace, labels, _containers(spec, where), node,
-                   _str_map(spec.get("nodeSelector"), f"{where}.nodeSelector"), restart_policy=policy)
+                   _str_map(spec.get("nodeSelector"), f"{where}.nodeSelector"), restart_policy=policy,
+                   annotations=annotations, sysctls=_sysctls(spec, where))
 
 
 def parse_workload(doc: Any, where: str) -> Workload:
@@ -168,7 +208,8 @@ def parse_workload(doc: Any, where: str) -> Workload:
     labels = _str_map(meta.get("labels"), f"{where}.metadata.labels")
     spec = _map(doc.get("spec"), f"{where}.spec")
     if kind == "Pod":
-        pod = _pod_spec(name, ns, labels, spec, f"{where}.spec")
+        pod = _pod_spec(name, ns, labels, spec, f"{where}.spec",
+                        _str_map(meta.get("annotations"), f"{where}.metadata.annotations"))
         return Workload("Pod", name, ns, 1, pod)
     replicas = spec.get("replicas", 1)
     if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
@@ -184,7 +225,8 @@ def parse_workload(doc: Any, where: str) -> Workload:
         selector = dict(tlabels)
     if any(tlabels.get(k) != v for k, v in selector.items()):
         raise SpecError(f"{where}.spec.selector: does not match the template's labels {tlabels}")
-    template = _pod_spec(name, ns, tlabels, tmpl.get("spec"), f"{where}.spec.template.spec")
+    template = _pod_spec(name, ns, tlabels, tmpl.get("spec"), f"{where}.spec.template.spec",
+                         _str_map(tmeta.get("annotations"), f"{where}.spec.template.metadata.annotations"))
     if template.restart_policy != "Always":     # as the API server validates a controller's template
         raise SpecError(f"{where}.spec.template.spec.restartPolicy: a {kind} keeps its pods running: "
                         f"only 'Always' is supported (use a Pod for {template.restart_policy})")

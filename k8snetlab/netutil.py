@@ -339,6 +339,77 @@ class Netns:
                            ok=(errno.ENOENT,))
         return len(found)
 
+    # -- traffic control (the bandwidth plugin's shaping) -------------------------------------
+    def route_dev(self, dst: str) -> str | None:
+        """The interface the namespace would send a packet to ``dst`` out of (``ip route get``)."""
+        out = self._call(f"route get {dst}", self.ipr.route, "get", dst=dst, ok=(errno.ENETUNREACH,))
+        oif = out[0].get_attr("RTA_OIF") if out else None
+        if oif is None:
+            return None
+        link = self._call(f"look up interface {oif}", self.ipr.link, "get", index=oif)
+        return link[0].get_attr("IFLA_IFNAME")
+
+    def peer_index(self, ifname: str) -> int | None:
+        """The ifindex of a veth's peer (in the peer's own namespace), from IFLA_LINK."""
+        msg = self._call(f"look up {ifname}", self.ipr.link, "get", index=self.require_index(ifname))
+        return msg[0].get_attr("IFLA_LINK") if msg else None
+
+    def link_by_index(self, index: int) -> dict[str, Any] | None:
+        msg = self._call(f"look up interface {index}", self.ipr.link, "get", index=index, ok=(errno.ENODEV,))
+        return self.link(msg[0].get_attr("IFLA_IFNAME")) if msg else None
+
+    def add_tbf(self, ifname: str | int, rate_bits: int, burst_bytes: int, limit_bytes: int) -> None:
+        """A token bucket (``tbf``) as the root qdisc (handle 1:) of ``ifname``: ``rate_bits``
+        per second, a bucket of ``burst_bytes``, at most ``limit_bytes`` queued. The request
+        carries the parameters and rate table only, as the netlink library of the reference
+        plugins sends it (no TCA_TBF_BURST), so the kernel keeps the bucket as a time."""
+        self._call(f"tbf rate {rate_bits}bit on {ifname}", self.ipr.tc, "add", "tbf",
+                   self.require_index(ifname), 0x10000, rate=f"{rate_bits}bit", burst=burst_bytes,
+                   limit=limit_bytes)
+
+    def add_ingress_qdisc(self, ifname: str | int) -> None:
+        self._call(f"ingress qdisc on {ifname}", self.ipr.tc, "add", "ingress",
+                   self.require_index(ifname), 0xFFFF0000)
+
+    def add_redirect(self, ifname: str | int, to: str | int) -> None:
+        """Everything that enters ``ifname`` leaves through ``to`` (a u32 filter matching all
+        on the ingress qdisc, action mirred egress redirect): what the ifb trick needs."""
+        self._call(f"redirect {ifname} ingress to {to}", self.ipr.tc, "add-filter", "u32",
+                   self.require_index(ifname), parent=0xFFFF0000, prio=1, protocol=0x0003,
+                   keys=["0x0/0x0+0"], target=0x10001,
+                   action={"kind": "mirred", "direction": "egress", "action": "redirect",
+                           "ifindex": self.require_index(to)})
+
+    def qdiscs(self, ifname: str | int) -> list[dict[str, Any]]:
+        """The qdiscs of ``ifname``: kind, handle, parent, and for tbf rate (bytes/s), limit, buffer."""
+        out = []
+        for q in self._call(f"list qdiscs of {ifname}", self.ipr.get_qdiscs, index=self.require_index(ifname)) or []:
+            d = {"kind": q.get_attr("TCA_KIND"), "handle": q["handle"], "parent": q["parent"]}
+            opts = q.get_attr("TCA_OPTIONS")
+            parms = opts.get_attr("TCA_TBF_PARMS") if d["kind"] == "tbf" and opts else None
+            if parms:
+                d.update(rate=parms["rate"], limit=parms["limit"], buffer=parms["buffer"])
+            out.append(d)
+        return out
+
+    def filters(self, ifname: str | int, parent: int = 0xFFFF0000) -> list[dict[str, Any]]:
+        """The tc filters under ``parent`` of ``ifname``: kind and the ifindex they redirect to."""
+        out = []
+        for f in self._call(f"list filters of {ifname}", self.ipr.get_filters,
+                            index=self.require_index(ifname), parent=parent) or []:
+            kind = f.get_attr("TCA_KIND")
+            opts = f.get_attr("TCA_OPTIONS")
+            to = None
+            acts = opts.get_attr("TCA_U32_ACT") if kind == "u32" and opts else None
+            for act in (acts.get_attrs("TCA_ACT_PRIO_1") if acts else []) or []:
+                mirred = act.get_attr("TCA_ACT_OPTIONS")
+                parms = mirred.get_attr("TCA_MIRRED_PARMS") if mirred else None
+                if parms:
+                    to = parms["ifindex"]
+            if kind:
+                out.append({"kind": kind, "redirect_to": to})
+        return out
+
     # -- sysctls ----------------------------------------------------------------------------
     def set_sysctl(self, key: str, value: str | int) -> str:
         """Write ``net.*`` sysctl ``key`` in this namespace; return the old value."""

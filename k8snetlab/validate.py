@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import checks, options, switching
+from . import chain, checks, options, switching
 from .addons import ADDONS
 from .clusterspec import ClusterSpec, CNISpec
 from .cni import INVOKERS
 from .errors import SpecError
 from .modes import MODES
+from .scheduler import Scheduler, host_ports
 
 
 def validate(spec: ClusterSpec) -> ClusterSpec:
@@ -35,6 +36,8 @@ def validate(spec: ClusterSpec) -> ClusterSpec:
         reserved.update(addon.reserved_host_names(spec))
     checks.check_reserved_names(spec, (p.host_name for p in spec.pods()), reserved)
     checks.check_container_commands(spec)
+    chain.check_pods_against_chain(spec.pods(), spec.cni.chain or (), spec.source,
+                                   own_host_ports=MODES.get(spec.cni.type).publishes_host_ports)
     MODES.get(spec.cni.type).validate(spec)
     for _, addon in ADDONS.items():
         addon.validate(spec)
@@ -49,11 +52,14 @@ def resolve_cni(cni: CNISpec, src: str) -> CNISpec:
     except SpecError as e:  # name the place: the registry only knows the valid names
         raise SpecError(f"{src}: cni.type: {e}") from None
     raw = cni.sections
-    allowed = {"type", "reference", "invoke", *MODES.names()}
+    allowed = {"type", "reference", "invoke", "chain", *MODES.names()}
     bad = [k for k in raw if k not in allowed]
     if bad:
-        raise SpecError(f"{src}: cni: unknown key {bad[0]!r}: valid keys are type, reference, invoke "
+        raise SpecError(f"{src}: cni: unknown key {bad[0]!r}: valid keys are type, reference, invoke, chain "
                         f"and a section per mode ({', '.join(MODES.names())})")
+    names, sysctl = chain.parse_chain(raw.get("chain"), mode.chained, f"{src}: cni.chain")
+    if mode.publishes_host_ports and "portmap" in names:
+        raise SpecError(f"{src}: cni.chain: {cni.type} publishes hostPorts itself: leave portmap out")
     for name in MODES.names():
         if name in raw:
             options.parse(MODES.get(name).Options, raw[name], f"{src}: cni.{name}")
@@ -63,7 +69,7 @@ def resolve_cni(cni: CNISpec, src: str) -> CNISpec:
                         f"are used for type bridge only, not {cni.type}")
     if cni.invoke not in INVOKERS:
         raise SpecError(f"{src}: cni.invoke: {cni.invoke!r} is not one of {', '.join(INVOKERS.names())}")
-    return dataclasses.replace(cni, options=opts)
+    return dataclasses.replace(cni, options=opts, chain=names, chain_sysctl=sysctl)
 
 
 def check_addresses(spec: ClusterSpec) -> None:
@@ -118,3 +124,17 @@ def check_scheduling(spec: ClusterSpec) -> None:
         if p.node_selector and not any(all(n.labels.get(k) == v for k, v in p.node_selector.items())
                                        for n in spec.nodes):
             raise SpecError(f"{spec.source}: pod {p.name}: no node matches nodeSelector {p.node_selector}")
+    check_host_ports(spec, pods)
+
+
+def check_host_ports(spec: ClusterSpec, pods: list) -> None:
+    """Place the pods that ask for hostPorts as the scheduler will (the NodePorts filter):
+    a file whose pods cannot all get their hostPorts is refused before anything is built."""
+    if not any(host_ports(p) for p in pods):
+        return
+    sched = Scheduler({n.name: n.labels for n in spec.nodes})
+    for p in pods:
+        try:
+            sched.schedule(p)
+        except SpecError as e:
+            raise SpecError(f"{spec.source}: {e}") from None

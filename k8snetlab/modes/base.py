@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .. import naming
+from .. import chain, naming
 from ..cni import SPEC_VERSION, NetworkConfigList
 from ..netutil import Netns
 
@@ -31,6 +31,10 @@ class Mode:
     tools: ClassVar[tuple[str, ...]] = ()      # programs the mode needs (checked before start)
     network_name: ClassVar[str] = "k8s-pod-network"
     pod_mtu: ClassVar[int] = 1500
+    # the chained plugins after the mode's own, as the real CNI's config list has them
+    # (``cni.chain`` in a cluster file replaces it)
+    chained: ClassVar[tuple[str, ...]] = ("portmap",)
+    publishes_host_ports: ClassVar[bool] = False     # the mode does hostPorts itself (docker)
 
     def __init__(self, cluster: "ClusterView", options: Any):
         self.cluster = cluster
@@ -53,9 +57,23 @@ class Mode:
         """The plugin configs of the node's network config list, in order (``type`` first)."""
         raise NotImplementedError
 
+    def chained_configs(self, node: "NodeHost") -> list[dict[str, Any]]:
+        """The chained plugins' configs (``portmap``, ``bandwidth``, ``tuning``) after the mode's."""
+        cni = self.cluster.spec.cni
+        names = self.chained if cni.chain is None else cni.chain
+        confs = chain.chained_configs(names, cni.chain_sysctl)
+        for c in confs:
+            if c["type"] == "tuning":
+                c["dataDir"] = str(node.state_dir / "tuning")
+        return confs
+
+    def config_list(self, node: "NodeHost") -> list[dict[str, Any]]:
+        """Every plugin config of the node's list, in order: the mode's, then the chained."""
+        return self.plugin_configs(node) + self.chained_configs(node)
+
     def netconf(self, node: "NodeHost") -> NetworkConfigList:
         """The node's network config list, as a kubelet finds it in /etc/cni/net.d."""
-        return NetworkConfigList(self.network_name, SPEC_VERSION, self.plugin_configs(node),
+        return NetworkConfigList(self.network_name, SPEC_VERSION, self.config_list(node),
                                  bin_dirs=(str(self.cluster.state.cni_bin),))
 
     def host_local(self, node: "NodeHost", **extra: Any) -> dict[str, Any]:

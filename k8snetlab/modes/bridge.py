@@ -1,8 +1,9 @@
 """``bridge``: pods of a node on ``cni0`` with host-local addresses; nothing between nodes.
 
 This is the CNI reference ``bridge`` layout. With ``cni.reference: true`` the runtime executes
-Debian's reference binaries (``/usr/lib/cni/bridge`` + ``host-local``, containernetworking-plugins)
-instead of ours, with the same config: the baseline our plugins are held against.
+Debian's reference binaries (``/usr/lib/cni/bridge`` + ``host-local`` and the chained
+``portmap``, ``bandwidth``, ``tuning``, containernetworking-plugins) instead of ours, with the
+same config: the baseline our plugins are held against.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ REFERENCE_VERSION = "1.0.0"   # containernetworking-plugins 1.1 speaks up to 1.0
 
 class BridgeMode(Mode):
     name = "bridge"
+    chained = ("portmap", "bandwidth")      # kubenet's list: bridge, portmap, bandwidth
 
     def plugin_configs(self, node: "NodeHost") -> list[dict[str, Any]]:
         return [{"type": "bridge", "bridge": naming.BRIDGE, "isGateway": True, "isDefaultGateway": True,
@@ -30,7 +32,7 @@ class BridgeMode(Mode):
     def netconf(self, node: "NodeHost") -> NetworkConfigList:
         if not self.cluster.spec.cni.reference:
             return super().netconf(node)
-        return NetworkConfigList(self.network_name, REFERENCE_VERSION, self.plugin_configs(node),
+        return NetworkConfigList(self.network_name, REFERENCE_VERSION, self.config_list(node),
                                  bin_dirs=REFERENCE_DIRS)
 
     @property

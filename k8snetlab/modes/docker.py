@@ -62,6 +62,8 @@ class DockerMode(Mode):
     name = "docker"
     network_name = "bridge"        # Docker's name for its default network
     tools = ("iptables", "iptables-restore")
+    chained = ()                     # dockerd publishes ports itself (below); no chained plugins
+    publishes_host_ports = True
 
     def __init__(self, cluster: Any, options: Any):
         super().__init__(cluster, options)

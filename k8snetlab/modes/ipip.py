@@ -41,6 +41,8 @@ class IpipOptions:
 class CalicoMode(Mode):
     """Shared by the Calico modes: the calico plugin with host-local on the node's block."""
 
+    chained = ("bandwidth", "portmap")      # calico's own list: calico, bandwidth, portmap
+
     def plugin_configs(self, node: "NodeHost") -> list[dict[str, Any]]:
         return [{"type": "calico", "mtu": self.mtu, "ipam": self.host_local(node)}]
 

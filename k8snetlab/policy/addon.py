@@ -117,6 +117,7 @@ class PolicyAddon(Addon):
         self._lock = threading.RLock()
         self._resync = Periodic("policy-resync", lambda: self.options.resync_period, self._resync_round)
         self._running = False
+        self._warned = False
 
     @classmethod
     def validate(cls, spec: "ClusterSpec") -> None:
@@ -135,11 +136,17 @@ class PolicyAddon(Addon):
         self.cluster.policies = self            # type: ignore[attr-defined]
         if not self.options.enabled:
             if self.policies:
-                log.warning("networkPolicy.enabled is false: %d NetworkPolicies accepted and NOT enforced "
-                            "(as on a cluster with flannel alone)", len(self.policies))
+                self._warn_disabled(len(self.policies))
         elif self.policies or self.cluster.spec.network_policy:
             self._start_agents()
         self._write_state()
+
+    def _warn_disabled(self, count: int) -> None:
+        """Say once per cluster that policies are not enforced (then at info level)."""
+        level = logging.INFO if self._warned else logging.WARNING
+        self._warned = True
+        log.log(level, "networkPolicy.enabled is false: %d NetworkPolicies accepted and NOT enforced "
+                "(as on a cluster with flannel alone)", count)
 
     def _start_agents(self) -> None:
         from .. import proc
@@ -281,8 +288,7 @@ class PolicyAddon(Addon):
                 self.policies[pol.key] = pol
                 self.raw[pol.key] = manifest
             if not self.options.enabled:
-                log.warning("networkPolicy.enabled is false: %d NetworkPolicies accepted and NOT enforced",
-                            len(parsed))
+                self._warn_disabled(len(parsed))
             try:
                 self._changed()
             except BaseException:

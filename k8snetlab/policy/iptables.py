@@ -8,6 +8,7 @@ In the node's ``filter`` table (``iptables-save`` on a node shows it)::
                            clear mark 0x10000; -> cali-to-wl-dispatch
     cali-from-wl-dispatch  -s <pod IP> -g cali-fw-<endpoint>   (local pods isolated for egress)
     cali-to-wl-dispatch    -d <pod IP> -g cali-tw-<endpoint>   (local pods isolated for ingress)
+                           beyond 16 pods a tree: -d <prefix> -g cali-to-wl-dispatch-<hex> ...
     cali-tw-<endpoint>     the pod itself -> RETURN; per policy: -j cali-pi-<policy>,
                            marked -> RETURN; last: DROP "Drop if no policies passed packet"
     cali-pi-<policy>       per rule and (peer, port): -m set --match-set cali40s:<hash> src
@@ -17,7 +18,8 @@ Sets (Debian's ``ipset``, the kernel's ip_set; per network namespace, so per nod
 ``cali40s:<hash>`` hash:ip (the pods a selector peer matches), ``cali40c:<hash>`` hash:net
 (an ipBlock; its ``except`` entries as ``nomatch``), ``cali40n:<hash>`` hash:ip,port (a named
 port: every pod's address with its port). The dispatch is by pod address rather than by
-interface (felix matches ``cali*`` interfaces): pods on a bridge (``cni0``) are reached
+interface (felix matches ``cali*`` interfaces, in a tree keyed on name prefixes; ours is keyed
+on address prefixes, :func:`dispatch_tree`): pods on a bridge (``cni0``) are reached
 through br_netfilter, where the bridge port is not known when FORWARD runs for routed packets;
 the address is known in every CNI mode. Traffic the node itself sends to its pods never
 passes FORWARD (OUTPUT), so the node always reaches them. FORWARD sees addresses after
@@ -34,11 +36,12 @@ import functools
 import logging
 import re
 import time
+from ipaddress import IPv4Address, IPv4Network
 
 from ..errors import K8sNetLabError
 from .dataplane import (Dataplane, Rendered, SyncStats, endpoint_chains, policy_chain,
                         rule_comment)
-from .plan import ACCEPT_MARK, NodePlan, PolicyChain
+from .plan import ACCEPT_MARK, NodePlan, PolicyChain, hash16
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +76,8 @@ def render(plan: NodePlan) -> Rendered:
            f"-j MARK --set-xmark {CLEAR}", "-j cali-from-wl-dispatch",
            f"-j MARK --set-xmark {CLEAR}", "-j cali-to-wl-dispatch"]
     out.chains["cali-FORWARD"] = tuple(fwd)
-    to_wl, from_wl = [], []
+    to_wl: list[tuple[int, str]] = []
+    from_wl: list[tuple[int, str]] = []
     for ep in plan.endpoints:
         tw, fw = endpoint_chains(ep.id)
         for pols, chain, dispatch, match, self_match in ((ep.ingress, tw, to_wl, "-d", "-s"),
@@ -81,7 +85,7 @@ def render(plan: NodePlan) -> Rendered:
             if pols is None:
                 continue
             direction = "Ingress" if chain == tw else "Egress"
-            dispatch.append(f"{match} {ep.ip}/32 {_c(ep.key)} -g {chain}")
+            dispatch.append((int(IPv4Address(ep.ip)), f"{match} {ep.ip}/32 {_c(ep.key)} -g {chain}"))
             rules = [f"{self_match} {ep.ip}/32 {_c('a pod always reaches itself')} -j RETURN"]
             for key in pols:
                 pc = by_key[(key, direction)]
@@ -90,11 +94,55 @@ def render(plan: NodePlan) -> Rendered:
                           f"-m mark --mark {MARK} {_c('Return if policy accepted')} -j RETURN"]
             rules.append(f"{_c('Drop if no policies passed packet')} -j DROP")
             out.chains[chain] = tuple(rules)
-    out.chains["cali-from-wl-dispatch"] = tuple(from_wl)
-    out.chains["cali-to-wl-dispatch"] = tuple(to_wl)
+    out.chains.update(dispatch_tree("cali-from-wl-dispatch", "-s", from_wl))
+    out.chains.update(dispatch_tree("cali-to-wl-dispatch", "-d", to_wl))
     for pc in plan.chains:
         out.chains[policy_chain(pc.id, pc.direction)] = _policy_rules(pc)
     return out
+
+
+DISPATCH_LEAF = 16        # endpoints a dispatch chain lists one by one before it splits
+NIBBLE = 4                # bits of the address per level of the tree: up to 16 branches a level
+MAX_CHAIN = 28            # iptables' chain name limit
+
+
+def dispatch_tree(root: str, match: str, entries: list[tuple[int, str]]) -> dict[str, tuple[str, ...]]:
+    """felix's dispatch tree, keyed on address prefixes instead of interface-name prefixes.
+
+    ``entries`` are (pod address as an int, the rule that goes to its endpoint chain). Up to
+    :data:`DISPATCH_LEAF` of them are listed in ``root`` itself; more are split by the next 4
+    bits after the prefix they all share (up to 16 branches ``-d <net>/<len> -g <root>-<hex>``,
+    a branch of one endpoint holding its rule directly), and each branch again. A new
+    connection walks at most 16 rules a level, about 16 * log16(endpoints) rules, instead
+    of one per isolated pod; a packet to a pod that is not isolated falls off the end."""
+    chains: dict[str, tuple[str, ...]] = {}
+
+    def build(name: str, path: str, items: list[tuple[int, str]]) -> None:
+        if len(items) <= DISPATCH_LEAF:
+            chains[name] = tuple(rule for _, rule in items)
+            return
+        lo, hi = items[0][0], items[-1][0]
+        common = 32 - (lo ^ hi).bit_length()                 # prefix all items share
+        bits = min(32, common - common % NIBBLE + NIBBLE)      # the next nibble boundary
+        groups: dict[int, list[tuple[int, str]]] = {}
+        for addr, rule in items:
+            groups.setdefault(addr >> (32 - bits), []).append((addr, rule))
+        rules = []
+        for key, group in sorted(groups.items()):
+            if len(group) == 1:
+                rules.append(group[0][1])
+                continue
+            sub_path = path + f"{key & 0xf:x}"
+            sub = f"{root}-{sub_path}"
+            if len(sub) > MAX_CHAIN:
+                sub = f"{root}-{hash16(root + sub_path)[:MAX_CHAIN - len(root) - 1].lower()}"
+            net = IPv4Network((key << (32 - bits), bits))
+            rules.append(f"{match} {net} -g {sub}")
+            build(sub, sub_path, group)
+        chains[name] = tuple(rules)
+
+    build(root, "", sorted(entries))
+    return chains
 
 
 _PEER_KIND = {"set": "ip", "block": "net"}

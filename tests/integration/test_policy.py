@@ -230,3 +230,40 @@ def test_partial_sync_after_a_relabel(c, policies):
         assert not stats.full and stats.chains_written == 0 and stats.elements_changed == 1
     finally:
         c.label_pod("c.x", {"pod": "c"})
+
+
+ACCEPT = ("import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+          "s.bind(('', 80))\ns.listen(64)\nwhile True:\n    s.accept()[0].close()\n")
+CONNECT = "import socket, sys\nsocket.create_connection((sys.argv[1], 80), timeout=2).close()\n"
+
+
+def test_disabled_is_flannel_alone_policies_accepted_ignored_traffic_passes(caplog):
+    """``networkPolicy: {enabled: false}``: a deny-all in the cluster file and another added at
+    run time are accepted, one warning says they are not enforced, no rule is written and the
+    denied traffic still passes."""
+    import logging
+    import sys
+    require_root_and("ipset", "nft", "iptables-save")
+    pod = lambda name, cmd: {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": name}},  # noqa: E731
+                             "spec": {"nodeName": "node1", "containers": [{"name": "c", "command": cmd}]}}
+    s = spec.from_dict({"name": "pol-disabled", "underlay": {"subnets": [{"name": "lan", "cidr": "192.168.1.0/24"}]},
+                        "nodes": [{"name": "node1", "ip": "192.168.1.129"}], "cni": {"type": "host-gw"},
+                        "networkPolicy": {"enabled": False},
+                        "workloads": [pod("srv", [sys.executable, "-c", ACCEPT]), pod("cl", ["sleep", "infinity"]),
+                                      policy("deny-all", "default", podSelector={}, policyTypes=["Ingress", "Egress"])]})
+    with caplog.at_level(logging.INFO, logger="k8snetlab.policy.addon"):
+        with running(Cluster(s)) as c:
+            assert set(c.policies.policies) == {"default/deny-all"} and not c.policies.agents
+            c.policies.add(policy("deny-more", "default", podSelector={"matchLabels": {"app": "srv"}}))
+            assert set(c.policies.policies) == {"default/deny-all", "default/deny-more"} and not c.policies.agents
+            srv, cl = c.pods["srv"], c.pods["cl"]
+            deadline = time.monotonic() + 10
+            while not proc.listening(srv.pid, 80) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            cl.run([sys.executable, "-c", CONNECT, srv.ip])          # raises if the connection fails
+            node = c.nodes["node1"]
+            assert "cali" not in node.run(["iptables-save", "-t", "filter"]).stdout
+            assert node.run(["nft", "list", "table", "ip", "calico"], check=False).returncode != 0
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "NOT enforced" in r.getMessage()]
+    assert len(warnings) == 1 and "1 NetworkPolicies" in warnings[0].getMessage()
+    assert any(r.levelno == logging.INFO and "NOT enforced" in r.getMessage() for r in caplog.records)

@@ -246,3 +246,19 @@ def test_policy_cli_bad_input_one_line_exit_2(capsys, argv, words):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0]
+
+
+@pytest.mark.parametrize("old, new, words", [
+    ("podSelector: {}}", "podSelector: {}, ingres: []}", "unknown field 'ingres'"),
+    ("podSelector: {}}", "podSelector: {matchExpressions: [{key: a, operator: Is, values: [b]}]}}", "'Is' is not a valid selector operator"),
+    ("podSelector: {}}", "podSelector: {}, ingress: [{ports: [{port: 90, endPort: 80}]}]}", "endPort: 80 is below port 90"),
+    ("podSelector: {}}", "podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0/8}}]}]}", "CIDR"),
+    ("{name: deny, namespace: x}", "{name: deny, namespace: nowhere}", "namespace 'nowhere' does not exist"),
+])
+def test_done_when_bad_input_through_the_cli_builds_nothing(tmp_path, old, new, words):
+    """The issue's bad-input cases through ``k8snetlab up`` as a real process: one line naming
+    the problem, exit 2, and no cluster constructed (the harness exits 99 if one were)."""
+    from cli_harness import cli as run_cli, one_error_line
+    path = write(tmp_path, CLUSTER.replace(old, new, 1))
+    line = one_error_line(run_cli("up", str(path)))
+    assert words in line and "workloads[3]" in line, line          # the policy, by its place
