@@ -24,7 +24,9 @@ built (``defer_start``), all at once, so that what is timed is BGP alone:
 from __future__ import annotations
 
 import math
+import random
 import resource
+import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -33,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from k8snetlab import experiment, framework, proc, results, spec, stats  # noqa: E402
+from k8snetlab import experiment, framework, hoststat, proc, results, spec, stats  # noqa: E402
 from k8snetlab.bgp import SPEAKERS, fib, plan as bgpplan  # noqa: E402
 from k8snetlab.cluster import Cluster  # noqa: E402
 from k8snetlab.errors import SpecError  # noqa: E402
@@ -52,6 +54,8 @@ def build_parser():
     p.add_argument("--reflectors", type=int, default=2, help="route reflectors (default %(default)s)")
     p.add_argument("--hold-time", type=int, default=30, help="BGP hold time in s (default %(default)s)")
     p.add_argument("--speaker", default="bird", choices=SPEAKERS.names(), help="BGP daemon (default %(default)s)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the order shuffled per round (default: a new one, printed)")
     p.add_argument("--timeout", type=float, default=60.0, help="longest wait for convergence, s (default %(default)s)")
     return p
 
@@ -159,6 +163,10 @@ def run(args) -> int:
     proc.require_root(NAME)
     out_dir, run_id, csv_path = experiment.output(args, NAME)
     kernel = results.kernel_release()
+    seed = args.seed if getattr(args, "seed", None) is not None else secrets.randbelow(2 ** 31)
+    rng = random.Random(seed)
+    machine_start = hoststat.machine()
+    print(f"{NAME}: run {run_id}, seed {seed} (--seed {seed} repeats this order)", file=sys.stderr)
 
     with results.CsvWriter(csv_path) as csv:
         def row(mode: str, scenario: str, rnd: int, metric: str, value: float, unit: str, src: str = "") -> None:
@@ -169,18 +177,26 @@ def run(args) -> int:
 
         progress = experiment.Progress(args.repeat * len(ns) * len(TOPOLOGIES))
         for rnd in range(1, args.repeat + 1):
-            for n in ns:
-                for mode in TOPOLOGIES:
-                    progress.step(f"round {rnd}: {n} nodes, {TOPOLOGIES[mode]}")
-                    measure_one(n, mode, rnd, args, row)
+            order = [(n, mode) for n in ns for mode in TOPOLOGIES]
+            rng.shuffle(order)                    # neither mesh nor reflectors always first
+            for n, mode in order:
+                progress.step(f"round {rnd}: {n} nodes, {TOPOLOGIES[mode]}")
+                measure_one(n, mode, rnd, args, row)
         row("all", "", 0, "runtime_peak_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "MB")
 
     rows = results.read_rows(csv_path)
-    print(summary(rows, ns, args.reflectors))
-    print(f"\nCSV: {csv_path}")
+    text = summary(rows, ns, args.reflectors)
+    print(text)
     png = results.plot(rows, csv_path.with_suffix(".png"), skip_scenarios=("",),
                        metrics=("bgp_sessions_total", "bgp_converge", "bgp_withdraw", "speaker_pss"),
                        title=f"BGP full mesh vs {args.reflectors} route reflectors ({args.speaker})")
+    exp = framework.Experiment()
+    exp.name, exp.description = NAME, __doc__.strip().splitlines()[0]
+    exp.variants = tuple(framework.Variant(m, "") for m in TOPOLOGIES)
+    how = (f"Seed {seed}. Per round every (size, topology) once, in an order shuffled per round; "
+           "one cluster at a time.")
+    summary_path, md = framework.write_outputs(exp, csv_path, run_id, text, png, seed, how, machine_start)
+    print(f"\nCSV: {csv_path}\nsummary CSV: {summary_path}\nreport: {md}")
     if png:
         print(f"plot: {png}")
     return 0

@@ -387,7 +387,7 @@ class CniModes(framework.Experiment):
     targets = TARGETS
     table_ratios = ()
     table_metrics = ("rtt_p50", "rtt_p99", "tcp_throughput", "cpu_per_gbit", "proc_cpu_per_gbit", "rx_pps", "tcp_retransmits",
-                     "qdisc_drops")
+                     "qdisc_drops", "kernel_drops")
     plot_metrics = PLOT_METRICS
     tools = ("ping", "iperf3", "tcpdump")
     may_skip = True

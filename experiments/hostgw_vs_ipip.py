@@ -70,7 +70,7 @@ class HostGwVsIpip(framework.Experiment):
     )
     table_ratios = (("ipip", "host-gw"),)
     table_metrics = ("rtt_p50", "rtt_p99", "tcp_throughput", "cpu_per_gbit", "proc_cpu_per_gbit", "rx_pps", "tcp_retransmits",
-                     "softirq_share", "qdisc_drops")
+                     "softirq_share", "qdisc_drops", "kernel_drops")
     default_ci = 3.0
 
     def targets_for(self, link_rate):

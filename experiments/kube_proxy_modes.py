@@ -45,7 +45,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import random
 import resource
+import secrets
 import shutil
 import statistics
 import sys
@@ -55,7 +57,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from k8snetlab import experiment, framework, manifests, measure, proc, results, stats  # noqa: E402
+from k8snetlab import experiment, framework, hoststat, manifests, measure, proc, results, stats  # noqa: E402
 from k8snetlab.framework import Target  # noqa: E402
 from k8snetlab.cluster import Cluster  # noqa: E402
 from k8snetlab.errors import K8sNetLabError, SpecError  # noqa: E402
@@ -90,6 +92,8 @@ def build_parser():
     p.add_argument("--sizes", default="100,1000,5000", help="Service counts for scaling (default %(default)s)")
     p.add_argument("--nft-max", type=int, default=30000,
                    help="the extra size measured in nftables mode only (0: none; default %(default)s)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the mode order shuffled per round and the bootstrap (default: a new one, printed)")
     return p
 
 
@@ -353,6 +357,9 @@ def run(args) -> int:
 
     out_dir, run_id, csv_path = experiment.output(args, NAME)
     kernel = results.kernel_release()
+    args.seed = args.seed if getattr(args, "seed", None) is not None else secrets.randbelow(2 ** 31)
+    machine_start = hoststat.machine()
+    print(f"{NAME}: run {run_id}, seed {args.seed} (--seed {args.seed} repeats this order)", file=sys.stderr)
     scale_steps = [(n, modes) for n in [1, *sizes]]
     if args.nft_max and "nftables" in modes and args.nft_max > sizes[-1]:
         scale_steps.append((args.nft_max, ["nftables"]))
@@ -362,11 +369,11 @@ def run(args) -> int:
         meta: dict[str, Any] = {"topology": base.name, "cni": cspec.cni.type, "mtu": None}
 
         def row(mode: str, scenario: str, rnd: int, metric: str, value: float, unit: str,
-                src: str = CLIENT, dst: str = "") -> None:
+                src: str = CLIENT, dst: str = "", load1: float | None = None, pin: str | None = None) -> None:
             csv.write(results.Row(run_id=run_id, timestamp=results.utc_timestamp(), experiment=NAME,
                                   topology=meta["topology"], mode=mode, datapath=meta["cni"], scenario=scenario,
                                   src=src, dst=dst, round=rnd, metric=metric, value=value, unit=unit,
-                                  mtu=meta["mtu"], kernel=kernel))
+                                  mtu=meta["mtu"], kernel=kernel, load1=load1, pin=pin))
 
         t0 = time.monotonic()
         with Cluster(cspec) as c:
@@ -384,8 +391,13 @@ def run(args) -> int:
             "MB", src="", dst="")
 
     rows = results.read_rows(csv_path)
-    print(summary(rows, modes))
-    print(f"\nCSV: {csv_path}")
+    text = summary(rows, modes, args.seed)
+    print(text)
+    how = (f"Seed {args.seed}. One cluster; per round every kube-proxy mode once, in an order shuffled per "
+           "round, each measuring the pod IP and the ClusterIP in a shuffled order; then the scaling steps.")
+    summary_path, md = framework.write_outputs(describe(modes), csv_path, run_id, text, None, args.seed, how,
+                                               machine_start)
+    print(f"\nCSV: {csv_path}\nsummary CSV: {summary_path}\nreport: {md}")
     for png in (results.plot(rows, csv_path.with_suffix(".png"), metrics=("tcp_throughput", "rtt_p50", "conn_rate"),
                              modes=modes, title="kube-proxy modes: straight to the pod IP vs through the ClusterIP"),
                 results.plot(rows, out_dir / f"{NAME}-{run_id}-scaling.png",
@@ -398,21 +410,28 @@ def run(args) -> int:
 
 
 def measure_paths(bench: Bench, modes: list[str], args, progress, row: Callable) -> None:
+    rng = random.Random(getattr(args, "seed", None))
+    pin = framework.pin_label(getattr(args, "placement", None) or measure.current_placement())
     for rnd in range(1, args.repeat + 1):
-        for mode in modes:
+        order = list(modes)
+        rng.shuffle(order)                # no mode is always first (or right after the same one)
+        for mode in order:
             bench.use(mode)
+            paths = ["pod-ip", "cluster-ip"]
+            rng.shuffle(paths)
             progress.step(f"round {rnd} {mode}: RTT")
-            for path in ("pod-ip", "cluster-ip"):
+            for path in paths:
                 for metric, value in bench.rtt(path).items():
                     row(mode, path, rnd, metric, value, "ms", dst=SERVER if path == "pod-ip" else PROBE)
             progress.step(f"round {rnd} {mode}: TCP throughput")
             baseline = framework.quiet_busy_rate()
-            for path in ("pod-ip", "cluster-ip"):
+            for path in paths:
                 dst = SERVER if path == "pod-ip" else PROBE
+                load1 = hoststat.loadavg()
                 for metric, value, unit in bench.throughput(path, baseline):
-                    row(mode, path, rnd, metric, value, unit, dst=dst)
+                    row(mode, path, rnd, metric, value, unit, dst=dst, load1=load1, pin=pin)
             progress.step(f"round {rnd} {mode}: connection rate")
-            for path in ("pod-ip", "cluster-ip"):
+            for path in paths:
                 row(mode, path, rnd, "conn_rate", bench.conn_rate(path), "conn/s",
                     dst=SERVER if path == "pod-ip" else PROBE)
 
@@ -482,7 +501,17 @@ def value_line(rows: list[results.Row], what: str, mode: str, scenario: str, met
     return f"  {stats.verdict(lo, hi, high=high):<13} {what}: {shown}"
 
 
-def summary(rows: list[results.Row], modes: list[str]) -> str:
+def describe(modes: list[str]) -> framework.Experiment:
+    """This experiment as the framework sees it (summary CSV: ClusterIP / pod IP per mode)."""
+    exp = framework.Experiment()
+    exp.name, exp.description = NAME, __doc__.strip().splitlines()[0]
+    exp.variants = tuple(framework.Variant(m, "") for m in modes)
+    exp.comparisons = tuple(framework.Comparison(m, m, "cluster-ip", metric=metric, den_scenario="pod-ip")
+                            for m in modes for metric in ("tcp_throughput", "rtt_p50", "conn_rate"))
+    return exp
+
+
+def summary(rows: list[results.Row], modes: list[str], seed: int = 1) -> str:
     med: dict[tuple[str, str, str], float] = {}
     groups: dict[tuple[str, str, str], list[float]] = {}
     for r in rows:
@@ -534,7 +563,7 @@ def summary(rows: list[results.Row], modes: list[str]) -> str:
                  "inconclusive: it crosses the target; noise: physically impossible):")
     for mode in modes:
         for t in path_targets(mode):
-            lines.append(framework.target_line(rows, t, seed=1))
+            lines.append(framework.target_line(rows, t, seed=seed))
     for what, mode, size, metric, high in (
             ("iptables, 5,000 Services: first packet <= +120 us (us)", "iptables", 5000, "first_packet_added", 120),
             ("nftables, 30,000 Services: first packet <= +5 us (us)", "nftables", 30000, "first_packet_added", 5),

@@ -69,6 +69,7 @@ def run(args) -> int:
     proc.require_root(NAME)
     out_dir, run_id, csv_path = experiment.output(args, NAME)
     md_path = out_dir / f"{NAME}-{run_id}.md"
+    started = results.utc_timestamp()
     for s in skipped:
         print(f"skipped {s}", file=sys.stderr)
 
@@ -97,6 +98,9 @@ def run(args) -> int:
         lines += [f"- [{c.check}] {c.source} -> {c.target}: {c.evidence}" for c in bad[:30]]
     if skipped:
         lines += ["", "## Skipped", *[f"- {s}" for s in skipped]]
+    from k8snetlab import framework
+    lines += ["", *framework.provenance(started, "One pass per mode: pass/fail checks with their evidence, "
+                                                 "no rounds or intervals.")]
     md_path.write_text("\n".join(lines) + "\n")
     print(f"CSV: {csv_path}\nreport: {md_path}")
     return 0 if all(e.startswith("ok") for e in expectations) else 1

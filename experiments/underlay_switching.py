@@ -16,8 +16,12 @@ pod-same-node, pod-cross-node):
   flows on each OVS bridge, learned forwarding-database entries on each Linux bridge (the
   state each switch keeps: per pair of MACs for l2_learning, per MAC for a Linux bridge).
 
-One CSV row per measurement (``mode`` is ``linuxbridge`` or ``ovs+APP``; ``datapath`` is
-``kernel`` or ``user``), a summary with the OVS / Linux bridge ratios, a PNG.
+Each round measures every (underlay, path) once in an order shuffled per round (seeded:
+``--seed`` repeats it; printed), with the other cluster's processes paused meanwhile
+(``--no-pause`` leaves them running). One CSV row per measurement (``mode`` is ``linuxbridge``
+or ``ovs+APP``; ``datapath`` is ``kernel`` or ``user``; the machine's load, steal time and the
+iperf3 CPU placement ``--pin`` per row), a summary with the OVS / Linux bridge ratios and their
+paired intervals, ``<name>-<run id>-summary.csv``, a PNG and a Markdown report.
 
     sudo python experiments/underlay_switching.py [--quick] [--controller fabric --topology topologies/ovs_fabric.yaml]
 """
@@ -25,14 +29,16 @@ One CSV row per measurement (``mode`` is ``linuxbridge`` or ``ovs+APP``; ``datap
 from __future__ import annotations
 
 import contextlib
+import random
 import re
+import secrets
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from k8snetlab import experiment, framework, measure, proc, results, spec  # noqa: E402
+from k8snetlab import experiment, framework, hoststat, measure, proc, results, spec  # noqa: E402
 from k8snetlab.cluster import Cluster  # noqa: E402
 from k8snetlab.errors import SpecError  # noqa: E402
 
@@ -52,6 +58,10 @@ def build_parser():
     p.add_argument("--pings", type=int, default=200, help="ping samples per RTT measurement (default %(default)s)")
     p.add_argument("--first-packets", type=int, default=5,
                    help="cold first-packet samples per path and round (default %(default)s)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the order shuffled per round (default: a new one, printed)")
+    p.add_argument("--no-pause", action="store_true",
+                   help="leave the other cluster's processes running while one measures")
     return p
 
 
@@ -75,6 +85,13 @@ def run(args) -> int:
     proc.require("ping", "iperf3", "bridge")
     out_dir, run_id, csv_path = experiment.output(args, NAME)
     kernel = results.kernel_release()
+    seed = args.seed if getattr(args, "seed", None) is not None else secrets.randbelow(2 ** 31)
+    rng = random.Random(seed)
+    where = getattr(args, "placement", None) or measure.current_placement()
+    pin = framework.pin_label(where)
+    machine_start = hoststat.machine()
+    print(f"{NAME}: run {run_id}, seed {seed} (--seed {seed} repeats this order); "
+          f"CPU placement: {where.describe()}", file=sys.stderr)
 
     with contextlib.ExitStack() as stack, results.CsvWriter(csv_path) as csv:
         clusters: dict[str, Cluster] = {}
@@ -86,49 +103,79 @@ def run(args) -> int:
         scenarios = {m: experiment.standard_scenarios(c) for m, c in clusters.items()}
         meta = {m: (c.spec.name, c.ovs.datapath if c.ovs else "kernel") for m, c in clusters.items()}
 
+        freezer = hoststat.Freezer({m: hoststat.host_namespaces(c) for m, c in clusters.items()},
+                                   enabled=not getattr(args, "no_pause", False))
+        stack.callback(freezer.resume)
+        ns_names = {m: framework.namespace_names(c) for m, c in clusters.items()}
+        from k8snetlab import drops as dropsmod
+        from k8snetlab.errors import CommandError
+        try:
+            counter = dropsmod.DropCounter().start()
+            stack.callback(counter.stop)
+            counter.watch({i for names in ns_names.values() for i in names})
+        except (dropsmod.DropsUnavailable, CommandError, OSError) as e:
+            counter = None
+            print(f"kernel drop reasons not counted: {str(e).splitlines()[0]}", file=sys.stderr)
+
         def row(m: str, scenario: str, src: str, dst: str, rnd: int, metric: str, value: float, unit: str,
-                mtu: int | None = 1500) -> None:
+                mtu: int | None = 1500, load1: float | None = None, steal: float | None = None,
+                pin: str | None = None) -> None:
             topology, datapath = meta[m]
             csv.write(results.Row(run_id=run_id, timestamp=results.utc_timestamp(), experiment=NAME,
                                   topology=topology, mode=m, datapath=datapath, scenario=scenario, src=src,
                                   dst=dst, round=rnd, metric=metric, value=value, unit=unit, mtu=mtu,
-                                  kernel=kernel))
+                                  kernel=kernel, load1=load1, steal=steal, pin=pin))
 
         for m, c in clusters.items():
             row(m, "lifecycle", "", "", 0, "cluster_up", c.timings["start_s"], "s", None)
         progress = experiment.Progress(args.repeat * len(modes) * 3)
         for rnd in range(1, args.repeat + 1):
-            baseline = framework.quiet_busy_rate()       # the machine's busy CPU when we are quiet
-            for m in modes:
+            with freezer.only(None):
+                baseline = framework.quiet_busy_rate()   # the machine's busy CPU when we are quiet
+            order = [(m, sc) for m in modes for sc in scenarios[m]]
+            rng.shuffle(order)                           # no underlay is always first in a round
+            for m, sc in order:
                 c = clusters[m]
-                for sc in scenarios[m]:
-                    progress.step(f"round {rnd} {m} {sc.name}")
+                progress.step(f"round {rnd} {m} {sc.name}")
+                load1 = hoststat.loadavg()
+                with freezer.only(m):
                     for sample in first_packets(c, sc, args.first_packets):
                         row(m, sc.name, sc.src.name, sc.dst.name, rnd, "first_packet_rtt", sample, "ms")
                     measure.ping(sc.src.netns, sc.dst.ip, count=3, interval_s=0.01)   # warm
                     rtt = measure.ping(sc.src.netns, sc.dst.ip, count=args.pings, interval_s=0.01)
-                    row(m, sc.name, sc.src.name, sc.dst.name, rnd, "rtt_loss", rtt.loss, "fraction")
+                    row(m, sc.name, sc.src.name, sc.dst.name, rnd, "rtt_loss", rtt.loss, "fraction", load1=load1)
                     if rtt.samples_ms:
                         for metric in ("rtt_min", "rtt_p50", "rtt_p90", "rtt_p99"):
-                            row(m, sc.name, sc.src.name, sc.dst.name, rnd, metric, getattr(rtt, metric[4:]), "ms")
-                    got, _ = framework.tcp_signals(sc.src.netns, sc.dst.netns, sc.dst.ip, args.duration,
-                                                   baseline_rate=baseline)
-                    for metric, value, unit in got:       # throughput with its golden signals
-                        row(m, sc.name, sc.src.name, sc.dst.name, rnd, metric, value, unit)
-                talk_all(c)
-                for sw, n in switch_entries(c).items():
-                    row(m, "switch", sw, "", rnd, "flows_per_switch", n, "count", None)
+                            row(m, sc.name, sc.src.name, sc.dst.name, rnd, metric, getattr(rtt, metric[4:]), "ms",
+                                load1=load1)
+                    got, steal = framework.tcp_signals(sc.src.netns, sc.dst.netns, sc.dst.ip, args.duration,
+                                                       baseline_rate=baseline, placement=where, drops=counter,
+                                                       drop_netns=ns_names[m])
+                for metric, value, unit in got:           # throughput with its golden signals
+                    row(m, sc.name, sc.src.name, sc.dst.name, rnd, metric, value, unit, load1=load1, steal=steal,
+                        pin=pin)
+            for m in modes:
+                c = clusters[m]
+                with freezer.only(m):
+                    talk_all(c)
+                    for sw, n in switch_entries(c).items():
+                        row(m, "switch", sw, "", rnd, "flows_per_switch", n, "count", None)
         for m in reversed(modes):
             c = clusters.pop(m)
             c.stop()
             row(m, "lifecycle", "", "", 0, "cluster_down", c.timings["stop_s"], "s", None)
 
     rows = results.read_rows(csv_path)
-    print(summary(rows, modes))
-    print(f"\nCSV: {csv_path}")
+    text = summary(rows, modes, seed)
+    print(text)
     png = results.plot(rows, csv_path.with_suffix(".png"), metrics=PLOT_METRICS, modes=modes,
                        skip_scenarios=("lifecycle", "switch"),
                        title=f"{modes[1]} vs {modes[0]} ({meta[modes[1]][1]} datapath)")
+    how = (f"Seed {seed}. Rounds interleaved, shuffled within each round; "
+           f"{'the other cluster paused while one measures' if not getattr(args, 'no_pause', False) else 'both clusters running'}; "
+           f"CPU placement: {where.describe()}.")
+    summary_path, md = framework.write_outputs(describe(modes), csv_path, run_id, text, png, seed, how, machine_start)
+    print(f"\nCSV: {csv_path}\nsummary CSV: {summary_path}\nreport: {md}")
     if png:
         print(f"plot: {png}")
     return 0
@@ -180,14 +227,25 @@ def switch_entries(c: Cluster) -> dict[str, int]:
     return out
 
 
-def summary(rows, modes) -> str:
+def describe(modes) -> framework.Experiment:
+    """This experiment as the framework sees it (for the summary, the summary CSV, the report)."""
     base, ovs = modes
     exp = framework.Experiment()
     exp.name, exp.variants = NAME, tuple(framework.Variant(m, "") for m in modes)
+    exp.description = __doc__.strip().splitlines()[0]
     exp.table_ratios = ((ovs, base),)
+    exp.comparisons = tuple(framework.Comparison(ovs, base, sc, metric=m)
+                            for sc in ("node-to-node", "pod-same-node", "pod-cross-node")
+                            for m in ("tcp_throughput", "rtt_p50"))
     exp.table_metrics = ("first_packet_rtt", "rtt_p50", "rtt_p99", "tcp_throughput", "cpu_per_gbit", "rx_pps",
-                         "tcp_retransmits")
-    lines = [framework.summary(exp, [r for r in rows if r.scenario != "switch"], seed=1)]
+                         "tcp_retransmits", "kernel_drops")
+    return exp
+
+
+def summary(rows, modes, seed: int = 1) -> str:
+    base, ovs = modes
+    exp = describe(modes)
+    lines = [framework.summary(exp, [r for r in rows if r.scenario != "switch"], seed=seed)]
     table = results.ratio_table(rows, numerator_mode=ovs, denominator_mode=base,
                                 skip_scenarios=("lifecycle", "switch"))
     med = {(r["scenario"], r["metric"]): r for r in table}

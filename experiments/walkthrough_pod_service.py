@@ -51,7 +51,7 @@ GET_LOOP = ("import sys,urllib.request as u\n"
             "for i in range(int(sys.argv[2])):\n"
             "    print(u.urlopen('http://%s/' % sys.argv[1], timeout=5).read().decode().strip(), flush=True)\n")
 PROBE_PORT = 7007
-CHECK_COLUMNS = ("run_id", "kube_proxy", "step", "check", "expected", "observed", "result")
+CHECK_COLUMNS = ("run_id", "timestamp", "kube_proxy", "step", "check", "expected", "observed", "result")
 
 
 def build_parser():
@@ -69,6 +69,7 @@ class Lab:
 
     def __init__(self, out: Path, run_id: str, pause: bool):
         self.out, self.run_id, self.pause = out, run_id, pause
+        self.started = results.utc_timestamp()
         self.pcaps = out / f"{NAME}-{run_id}-pcap"
         self.pcaps.mkdir(parents=True, exist_ok=True)
         self.md: list[str] = [f"# The Pod/Service lab, run {run_id}", ""]
@@ -91,7 +92,7 @@ class Lab:
     def check(self, mode: str, step: str, what: str, expected: str, observed: str, ok: bool) -> None:
         word = "ok" if ok else "FAILED"
         self.say(f"- [{word}] {what}: expected {expected}; saw {observed}")
-        self.rows.append([self.run_id, mode, step, what, expected, observed, "pass" if ok else "fail"])
+        self.rows.append([self.run_id, results.utc_timestamp(), mode, step, what, expected, observed, "pass" if ok else "fail"])
         if not ok:
             self.failed.append(f"{mode} {step}: {what}")
 
@@ -102,7 +103,9 @@ class Lab:
             w.writerow(CHECK_COLUMNS)
             w.writerows(self.rows)
         md_path = self.out / f"{NAME}-{self.run_id}.md"
-        md_path.write_text("\n".join(self.md) + "\n")
+        from k8snetlab import framework
+        how = "One pass per kube-proxy mode: a functional walkthrough, pass/fail checks, no rounds or intervals."
+        md_path.write_text("\n".join(self.md + ["", *framework.provenance(self.started, how)]) + "\n")
         return csv_path, md_path
 
 

@@ -125,11 +125,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """B against A per metric: ratio B/A with its interval and faster / slower / no change."""
     import os
     from . import compare, results
-    entries = compare.compare(results.read_rows(args.a), results.read_rows(args.b),
-                              a_name=args.a, b_name=args.b)
+    a_rows, b_rows = results.read_rows(args.a), results.read_rows(args.b)
+    entries = compare.compare(a_rows, b_rows, a_name=args.a, b_name=args.b)
     headers, body = compare.table(entries)
     try:
         print(f"A = {args.a}\nB = {args.b}")
+        note = compare.placement_note(a_rows, b_rows)
+        if note:
+            print(note)
         print(results.format_table(headers, body))
         changed = [e for e in entries if e.verdict in ("faster", "slower", "higher", "lower")]
         print(f"\n{len(changed)} of {len(entries)} metrics changed beyond their 95 % interval")

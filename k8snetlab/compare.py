@@ -52,6 +52,17 @@ def _verdict(metric: str, above: bool, below: bool) -> str:
     return "faster" if (above and d > 0) or (below and d < 0) else "slower"
 
 
+def placement_note(a_rows: Iterable[results.Row], b_rows: Iterable[results.Row]) -> str | None:
+    """A line when the two runs placed iperf3 differently (``pin`` column): on few CPUs the
+    placement alone moves throughput, so such a comparison mixes two changes."""
+    pa = sorted({r.pin or "none" for r in a_rows if r.metric == "tcp_throughput"})
+    pb = sorted({r.pin or "none" for r in b_rows if r.metric == "tcp_throughput"})
+    if pa and pb and pa != pb:
+        return (f"note: iperf3 ran with --pin {', '.join(pa)} in A and {', '.join(pb)} in B: the CPU placement "
+                "alone changes throughput on few CPUs")
+    return None
+
+
 def compare(a_rows: Iterable[results.Row], b_rows: Iterable[results.Row], seed: int = 1,
             a_name: str = "A", b_name: str = "B") -> list[Entry]:
     """One entry per key present in either run (order: A's, then B's extras). Raises

@@ -33,8 +33,34 @@ def parser(description: str, default_repeat: int = 3) -> argparse.ArgumentParser
     p.add_argument("--out", default="results", help="directory for the CSV (and plots); default %(default)s")
     p.add_argument("--quick", action="store_true", help="a short smoke run (about a minute on 2 cores)")
     p.add_argument("--repeat", type=int, default=default_repeat, help="interleaved rounds (default %(default)s)")
+    p.add_argument("--pin", default="same", choices=("same", "split", "none"),
+                   help="CPU placement of iperf3: same = client and server on one CPU, this run's own "
+                        "threads on the others while it measures (the steadiest here); split = one CPU "
+                        "each; none = the scheduler's choice (default %(default)s)")
+    p.add_argument("--pin-cpu", type=int, default=None, metavar="N",
+                   help="the CPU for --pin same/split (default: the least busy in a quiet half-second, "
+                        "CPU 0 on a tie)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
+
+
+def choose_placement(args: argparse.Namespace):
+    """The run's iperf3 placement from ``--pin``/``--pin-cpu``, chosen once, set as the default
+    of every :func:`measure.iperf3` call and kept in ``args.placement``. Raises SpecError."""
+    from . import hoststat, measure
+    from .errors import SpecError
+    mode = getattr(args, "pin", "none")
+    cpu = getattr(args, "pin_cpu", None)
+    cpus = measure.allowed_cpus()
+    if mode != "none" and cpu is None and len(cpus) > 1:
+        cpu = hoststat.quietest_cpu(cpus)
+    try:
+        where = measure.placement(mode, cpu, cpus)
+    except ValueError as e:
+        raise SpecError(f"--pin-cpu: {e}") from None
+    measure.set_placement(where)
+    args.placement = where
+    return where
 
 
 class Progress:
@@ -82,7 +108,7 @@ def main(run: Callable[[argparse.Namespace], int], p: argparse.ArgumentParser,
     setup_logging(args.verbose)
     sigterm_as_interrupt()
     prog = os.path.basename(sys.argv[0]) or "experiment"
-    return guarded(lambda: run(args), prog)
+    return guarded(lambda: (choose_placement(args), run(args))[1], prog)
 
 
 @dataclass(frozen=True)

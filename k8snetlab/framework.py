@@ -29,6 +29,7 @@ and its targets. The framework then:
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import csv as csvmod
 import logging
@@ -42,7 +43,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Collection, Iterable, Sequence
 
 from . import experiment, hoststat, measure, results, spec, stats
 from .errors import SpecError
@@ -250,13 +251,20 @@ class Run:
         self.steals: list[float] = []
         self.shaped_by: dict[str, list[tuple[str | None, str]]] = {}   # label -> shaped (netns, device)
         self.current = ""                                  # the label being measured
-        python = os.path.basename(sys.executable) if sys.argv and sys.argv[0].endswith(".py") else ""
-        self.command = " ".join(shlex.quote(a) for a in [python, *sys.argv] if a)
+        self.command = command_line()
         self.machine_start = hoststat.machine()
+        self.placement = getattr(args, "placement", None) or measure.current_placement()
+        self.pin = pin_label(self.placement)
+        self.lean = False                                  # an adaptive round: TCP only, no ping
+        self.drops: Any = None                             # drops.DropCounter while it counts
+        self.drops_unavailable = ""                        # why not, if not
+        self.ns_names: dict[str, dict[int, str]] = {}      # label -> netns inode -> host name
+        self.drop_totals: collections.Counter = collections.Counter()   # (label, host, reason) -> drops
+        self.baselines: list[float] = []
 
     # -- rows
     def row(self, label: str, path: Path2 | None, rnd: int, metric: str, value: float, unit: str,
-            load1: float | None = None, steal: float | None = None) -> None:
+            load1: float | None = None, steal: float | None = None, pin: str | None = None) -> None:
         assert self.writer is not None
         topology, datapath = self.meta.get(label, (self.base.name, ""))
         self.writer.write(results.Row(
@@ -264,11 +272,13 @@ class Run:
             topology=topology, mode=label, datapath=datapath,
             scenario=path.name if path else "lifecycle", src=path.src.name if path else "",
             dst=path.dst.name if path else "", round=rnd, metric=metric, value=value, unit=unit,
-            mtu=path.mtu if path else None, kernel=self.kernel, load1=load1, steal=steal))
+            mtu=path.mtu if path else None, kernel=self.kernel, load1=load1, steal=steal, pin=pin))
 
     # -- the default measurement: ping, then iperf3 with its golden signals
     def ping_and_tcp(self, path: Path2, duration_s: float) -> list[tuple[str, float, str]]:
         out: list[tuple[str, float, str]] = []
+        if self.lean:                     # adaptive rounds measure what the headline ratios need
+            return self.tcp(path, duration_s)
         target = path.connect_ip or path.dst.ip
         measure.ping(path.src.netns, target, count=3, interval_s=0.01)
         rtt = measure.ping(path.src.netns, target, count=self.args.pings, interval_s=0.01)
@@ -284,8 +294,24 @@ class Run:
         got, self.last_steal = tcp_signals(path.src.netns, path.dst.netns, path.dst.ip, duration_s,
                                            omit_s=self.args.omit, connect_ip=path.connect_ip,
                                            bitrate=self.args.rate, baseline_rate=self.baseline_rate,
-                                           shaped=self.shaped_by.get(self.current, []))
+                                           shaped=self.shaped_by.get(self.current, []),
+                                           placement=self.placement, drops=self.drops,
+                                           drop_netns=self.ns_names.get(self.current))
+        if self.drops is not None:
+            names = self.ns_names.get(self.current, {})
+            for (ns, reason), n in self.drops.last.items():
+                self.drop_totals[(self.current, names.get(ns, str(ns)), reason)] += n
         return got
+
+    def start_drops(self) -> None:
+        """Count kernel drop reasons for the whole run, if this machine can (else say why)."""
+        from . import drops
+        from .errors import CommandError
+        try:
+            self.drops = drops.DropCounter().start()
+        except (drops.DropsUnavailable, CommandError, OSError) as e:
+            self.drops, self.drops_unavailable = None, str(e).splitlines()[0]
+            log.warning("kernel drop reasons not counted: %s", self.drops_unavailable)
 
     def measure_baseline(self) -> None:
         """The machine's busy rate in a quiet second (every cluster paused): the CPU the
@@ -293,33 +319,48 @@ class Run:
         assert self.freezer is not None
         with self.freezer.only(None):
             self.baseline_rate = quiet_busy_rate()
+        self.baselines.append(self.baseline_rate)
 
 
 def tcp_signals(src_netns: str, dst_netns: str, dst_ip: str, duration_s: float, omit_s: float = 1.0,
                 connect_ip: str | None = None, bitrate: str | None = None, baseline_rate: float = 0.0,
                 shaped: Sequence[tuple[str | None, str]] = (), port: int = 5201,
+                placement: measure.Placement | None = None, drops: Any = None,
+                drop_netns: Collection[int] | None = None,
                 ) -> tuple[list[tuple[str, float, str]], float]:
     """One iperf3 TCP test with its golden signals: throughput, retransmits, packets/s at the
     receiver, interface drops at both ends, softirq share of the busy CPU time, CPU-seconds
     per gigabit (``baseline_rate``, the machine's busy CPU-seconds per second when quiet,
     subtracted) and, on shaped links, qdisc drops and backlog. Returns the (metric, value,
-    unit) triples and the share of CPU time stolen meanwhile. Any experiment may call it."""
+    unit) triples and the share of CPU time stolen meanwhile. Any experiment may call it.
+
+    ``drops``: a started :class:`drops.DropCounter`: the kernel's drops (``skb:kfree_skb``) in
+    the namespaces ``drop_netns`` (inodes; default the two ends') during the test become
+    ``kernel_drops`` (reasons that are packet loss) and ``kernel_drops_noise`` (NOT_SPECIFIED
+    and what closing a socket frees: :data:`drops.NOISE`); the
+    per (namespace, reason) counts are left in ``drops.last``."""
     from . import shaping
     qdisc = lambda: {(ns, dev): shaping.qdisc_counters(ns, dev) for ns, dev in shaped}
     before_src, before_dst = hoststat.ns_counters(src_netns), hoststat.ns_counters(dst_netns)
     q0 = qdisc()
+    d0 = drops.snapshot() if drops is not None else None
     cpu0 = hoststat.cpu_times()
     tcp = measure.iperf3(src_netns, dst_netns, dst_ip, duration_s=duration_s, omit_s=omit_s,
-                         connect_ip=connect_ip, bitrate=bitrate, port=port)
+                         connect_ip=connect_ip, bitrate=bitrate, port=port, placement=placement)
     cpu = hoststat.delta(cpu0, hoststat.cpu_times())
+    if drops is not None:
+        from . import drops as dropsmod
+        where = drop_netns if drop_netns is not None else \
+            {i for i in (dropsmod.netns_inode(src_netns), dropsmod.netns_inode(dst_netns)) if i}
+        drops.last = dropsmod.delta(d0 or {}, drops.snapshot(), drops.names, where)
     after_src, after_dst = hoststat.ns_counters(src_netns), hoststat.ns_counters(dst_netns)
     rx_bytes = hoststat.sum_delta(before_dst, after_dst, "rx_bytes")
     rx_packets = hoststat.sum_delta(before_dst, after_dst, "rx_packets")
-    drops = sum(hoststat.sum_delta(a, b, f) for a, b in ((before_src, after_src), (before_dst, after_dst))
-                for f in ("rx_drop", "tx_drop"))
+    if_drops = sum(hoststat.sum_delta(a, b, f) for a, b in ((before_src, after_src), (before_dst, after_dst))
+                   for f in ("rx_drop", "tx_drop"))
     out = [("tcp_throughput", tcp.gbit_s, "Gbit/s"), ("tcp_retransmits", tcp.retransmits, "count"),
            ("rx_pps", rx_packets / cpu.wall_s if cpu.wall_s > 0 else 0.0, "packets/s"),
-           ("if_drops", drops, "count"),
+           ("if_drops", if_drops, "count"),
            ("softirq_share", cpu.softirq_s / cpu.busy_s if cpu.busy_s > 0 else 0.0, "fraction")]
     per = hoststat.cpu_per_gbit(cpu, baseline_rate, rx_bytes * 8 / 1e9)
     if per is not None:
@@ -330,11 +371,55 @@ def tcp_signals(src_netns: str, dst_netns: str, dst_ip: str, duration_s: float, 
         # the two iperf3 processes' own CPU time: robust to other load, without softirq work
         out.append(("proc_cpu_per_gbit", (tcp.cpu_sender_pct + tcp.cpu_receiver_pct) / 100 * tcp.duration_s / gbit,
                     "s/Gbit"))
+    if drops is not None:
+        real, noise = dropsmod.split_noise(collections.Counter({r: n for (_, r), n in drops.last.items()}))
+        out += [("kernel_drops", real, "count"), ("kernel_drops_noise", noise, "count")]
     if shaped:
         q1 = qdisc()
         out.append(("qdisc_drops", sum(q1[k][0] - q0.get(k, (0, 0))[0] for k in q1), "count"))
         out.append(("qdisc_backlog", max((v[1] for v in q1.values()), default=0), "bytes"))
     return out, cpu.steal_fraction
+
+
+def namespace_names(cluster: Any) -> dict[int, str]:
+    """netns inode -> host name (node, pod, router, host) of a cluster."""
+    out = {}
+    for group in (cluster.nodes, cluster.pods, cluster.routers, cluster.hosts):
+        for name, h in group.items():
+            try:
+                out[os.stat(h.netns).st_ino] = name
+            except OSError:
+                continue
+    return out
+
+
+def drop_lines(r: "Run", top: int = 12) -> list[str]:
+    """The kernel drop reasons per mode and namespace over the run (most first)."""
+    if r.drops is None:
+        return [f"\nKernel drop reasons: not counted ({r.drops_unavailable or 'no counter'}); "
+                "if_drops (interface counters) and tcp_retransmits still show loss."]
+    if not r.drop_totals:
+        return ["\nKernel drop reasons (skb:kfree_skb in the measured cluster's namespaces during the "
+                "TCP tests): none."]
+    from .drops import NOISE
+    lines = ["\nKernel drop reasons (skb:kfree_skb in the measured cluster's namespaces during the TCP "
+             f"tests, all rounds; packet loss first, then {', '.join(sorted(NOISE))}: no reason given, or "
+             "the queues of a closing socket, not loss):"]
+    ranked = sorted(r.drop_totals.items(), key=lambda kv: (kv[0][2] in NOISE, -kv[1], kv[0]))
+    for (mode, host, reason), n in ranked[:top]:
+        lines.append(f"  {mode:<18} {host:<16} {reason:<24} {n}")
+    if len(ranked) > top:
+        lines.append(f"  ... {len(ranked) - top} more (mode, namespace, reason) triples")
+    return lines
+
+
+def pin_label(p: measure.Placement) -> str:
+    """The CSV's ``pin`` cell: ``same:0``, ``split:0/1`` or ``none``."""
+    if p.mode == "same":
+        return f"same:{p.client}"
+    if p.mode == "split":
+        return f"split:{p.client}/{p.server}"
+    return "none"
 
 
 def quiet_busy_rate(seconds: float = 1.0) -> float:
@@ -361,7 +446,8 @@ def run(exp: Experiment, args: argparse.Namespace) -> int:
     r = Run(exp, args, base)
     for label, why in exp.skipped.items():
         log.info("skipping %s: %s", label, why)
-    print(f"{exp.name}: run {r.run_id}, seed {r.seed} (--seed {r.seed} repeats this order)", file=sys.stderr)
+    print(f"{exp.name}: run {r.run_id}, seed {r.seed} (--seed {r.seed} repeats this order); "
+          f"CPU placement: {r.placement.describe()}", file=sys.stderr)
 
     with contextlib.ExitStack() as stack, results.CsvWriter(r.csv_path) as writer:
         r.writer = writer
@@ -391,6 +477,11 @@ def run(exp: Experiment, args: argparse.Namespace) -> int:
                             + "; ".join(f"{k}: {v}" for k, v in exp.skipped.items()))
         from .shaping import shaped_devices
         r.shaped_by = {k: shaped_devices(c) for k, c in clusters.items()}
+        r.ns_names = {k: namespace_names(c) for k, c in clusters.items()}
+        r.start_drops()
+        if r.drops is not None:
+            stack.callback(r.drops.stop)
+            r.drops.watch({i for names in r.ns_names.values() for i in names})
         r.freezer = hoststat.Freezer({k: hoststat.host_namespaces(c) for k, c in clusters.items()},
                                      enabled=not args.no_pause)
         stack.callback(r.freezer.resume)
@@ -421,11 +512,15 @@ def run(exp: Experiment, args: argparse.Namespace) -> int:
                 if steal is not None:
                     r.steals.append(steal)
                 for metric, value, unit in got:
-                    r.row(k, p, rnd, metric, value, unit, load1=load1, steal=steal)
+                    r.row(k, p, rnd, metric, value, unit, load1=load1, steal=steal, pin=r.pin)
 
         if not args.quick:
             print("warm-up round (not recorded)", file=sys.stderr)
-            one_round(0, full, None, 1.0)
+            r.lean = True                 # TCP only: it warms ARP, caches and the TCP paths
+            try:
+                one_round(0, full, None, 1.0)
+            finally:
+                r.lean = False
         progress = experiment.Progress(args.repeat * len(full))
         rnd = 0
         for rnd in range(1, args.repeat + 1):
@@ -446,7 +541,11 @@ def run(exp: Experiment, args: argparse.Namespace) -> int:
                     break
                 rnd += 1
                 log.info("round %d: headline interval +-%.1f %% > %g %%: one more round", rnd, worst, args.ci)
-                one_round(rnd, lean, None, args.duration)
+                r.lean = True
+                try:
+                    one_round(rnd, lean, None, args.duration)
+                finally:
+                    r.lean = False
         r.freezer.resume()
         for k in reversed(list(clusters)):
             c = clusters.pop(k)
@@ -460,15 +559,9 @@ def run(exp: Experiment, args: argparse.Namespace) -> int:
     extra = exp.extra_summary(r, rows)
     if extra:
         text += "\n" + "\n".join(extra)
-    warn = hoststat.busy_warning(max(r.loads, default=0.0), max(r.steals, default=0.0))
-    if warn:
-        text += f"\n\nWARNING: {warn} (load average up to {max(r.loads):.2f}, steal up to " \
-                f"{100 * max(r.steals, default=0):.0f} %; columns load1 and steal of the CSV)"
-    base_cpu = [x.value for x in rows if x.metric == "cpu_baseline"]
-    if base_cpu and stats.describe(base_cpu).median > 0.5 * (os.cpu_count() or 1):
-        text += (f"\nWARNING: other programs kept {stats.describe(base_cpu).median:.1f} of {os.cpu_count()} CPUs busy "
-                 "in the quiet seconds: cpu_per_gbit (whole machine, baseline subtracted) means little; "
-                 "proc_cpu_per_gbit (the iperf3 processes' own time) still compares modes")
+    text += "\n".join(drop_lines(r))
+    text += "\n\n" + machine_lines(r)
+
     print(text)
     summary_path = r.csv_path.with_name(r.csv_path.stem + "-summary.csv")
     write_summary(summary_path, exp, rows, r.run_id, r.seed)
@@ -480,6 +573,27 @@ def run(exp: Experiment, args: argparse.Namespace) -> int:
     if png:
         print(f"plot: {png}")
     return 0
+
+
+def machine_lines(r: Run) -> str:
+    """What the machine did besides this run: the CPU placement, the busy CPU of the quiet
+    seconds (other programs; this run's clusters paused) and a warning when it was busy."""
+    lines = [f"CPU placement (--pin): {r.placement.describe()}."]
+    others = stats.describe(r.baselines).median if r.baselines else None
+    cpus = os.cpu_count() or 1
+    if others is not None:
+        lines.append(f"Busy CPU of the machine in the quiet second before each round (other programs and this "
+                     f"run's idle runtime; its clusters "
+                     f"{'running, --no-pause' if r.args.no_pause else 'paused'}): median {others:.2f} "
+                     f"of {cpus} CPUs; load average {min(r.loads, default=0):.2f} .. {max(r.loads, default=0):.2f} "
+                     "(it counts this run's own work too).")
+    warn = hoststat.busy_warning(others or 0.0, max(r.steals, default=0.0), cpus)
+    if warn:
+        lines.append(f"WARNING: {warn} (columns cpu_baseline and steal of the CSV).")
+        if others is not None and others > 0.5 * cpus:
+            lines.append("  cpu_per_gbit (whole machine, baseline subtracted) means little then; "
+                         "proc_cpu_per_gbit (the iperf3 processes' own time) still compares modes.")
+    return "\n".join(lines)
 
 
 def _rows_so_far(r: Run) -> list[results.Row]:
@@ -687,25 +801,66 @@ def write_summary(path: Path, exp: Experiment, rows: list[results.Row], run_id: 
 
 
 def write_report(r: Run, text: str, png: Path | None, summary_path: Path) -> Path:
-    md = r.csv_path.with_suffix(".md")
-    m = r.machine_start
+    how = (f"Seed {r.seed}. Rounds interleaved, shuffled within each round; warm-up round discarded; "
+           f"{'other clusters paused while one measures' if not r.args.no_pause else 'other clusters running'}.")
+    return report_md(r.exp, r.csv_path, r.run_id, r.command, how, r.machine_start, r.loads, r.steals,
+                     text, png, summary_path)
+
+
+def command_line() -> str:
+    """The command that started this process, as a person would type it."""
+    python = os.path.basename(sys.executable) if sys.argv and sys.argv[0].endswith(".py") else ""
+    return " ".join(shlex.quote(a) for a in [python, *sys.argv] if a)
+
+
+def report_md(exp: Experiment, csv_path: Path, run_id: str, command: str, how: str,
+              machine_start: dict[str, str], loads: Sequence[float], steals: Sequence[float], text: str,
+              png: Path | None, summary_path: Path | None) -> Path:
+    """``<name>-<run id>.md`` beside the CSV: the command, the machine, the summary, the plots."""
+    md = csv_path.with_suffix(".md")
+    m = machine_start
     end_load = " ".join(open("/proc/loadavg").read().split()[:3])
-    lines = [f"# {r.exp.name}, run {r.run_id}", "",
-             r.exp.description, "",
-             "## Command", "", "```", r.command, "```", "",
-             f"Seed {r.seed}. Rounds interleaved, shuffled within each round; warm-up round discarded; "
-             f"{'other clusters paused while one measures' if not r.args.no_pause else 'other clusters running'}.",
+    lines = [f"# {exp.name}, run {run_id}", "",
+             exp.description, "",
+             "## Command", "", "```", command, "```", "",
+             how,
              "", "## Machine", "",
              "| | |", "|---|---|",
              f"| kernel | {m['kernel']} |", f"| CPUs | {m['cpus']} x {m['cpu model']} |",
              f"| load average at start | {m['load average']} |", f"| load average at end | {end_load} |",
              f"| load average during measurements | "
-             f"{min(r.loads, default=0):.2f} .. {max(r.loads, default=0):.2f} |",
-             f"| steal time during measurements | up to {100 * max(r.steals, default=0):.1f} % |", "",
+             f"{min(loads, default=0):.2f} .. {max(loads, default=0):.2f} |",
+             f"| steal time during measurements | up to {100 * max(steals, default=0):.1f} % |", "",
              "## Summary", "", "```", text, "```", ""]
     if png:
-        lines += ["## Plots", "", f"![{r.exp.name}]({png.name})", "",
+        lines += ["## Plots", "", f"![{exp.name}]({png.name})", "",
                   "Bars: mean over rounds; error bars: 95 % confidence interval; dots: the rounds.", ""]
-    lines += ["## Files", "", f"- raw rows: `{r.csv_path.name}`", f"- statistics: `{summary_path.name}`", ""]
-    md.write_text("\n".join(lines))
+    lines += ["## Files", "", f"- raw rows: `{csv_path.name}`"]
+    if summary_path is not None:
+        lines.append(f"- statistics: `{summary_path.name}`")
+    md.write_text("\n".join(lines + [""]))
     return md
+
+
+def provenance(started: str, how: str = "") -> list[str]:
+    """Markdown lines for a report without rounds (a functional check): the exact command, when
+    it started (UTC) and the machine."""
+    m = hoststat.machine()
+    return ["## Command", "", "```", command_line(), "```", "", f"Started {started} (UTC). {how}".rstrip(), "",
+            "## Machine", "", "| | |", "|---|---|", f"| kernel | {m['kernel']} |",
+            f"| CPUs | {m['cpus']} x {m['cpu model']} |", f"| load average at the end | {m['load average']} |", ""]
+
+
+def write_outputs(exp: Experiment, csv_path: Path, run_id: str, text: str, png: Path | None = None,
+                  seed: int = 1, how: str = "", machine_start: dict[str, str] | None = None) -> tuple[Path, Path]:
+    """For an experiment that runs its own rounds: ``<name>-<run id>-summary.csv`` (n, median,
+    mean, sd, 95 % interval per mode, scenario and metric; ratios of ``exp.comparisons``) and
+    the report ``<name>-<run id>.md``, from the rows of ``csv_path``. Returns both paths."""
+    rows = results.read_rows(csv_path)
+    summary_path = csv_path.with_name(csv_path.stem + "-summary.csv")
+    write_summary(summary_path, exp, rows, run_id, seed)
+    loads = [x.load1 for x in rows if x.load1 is not None]
+    steals = [x.steal for x in rows if x.steal is not None]
+    md = report_md(exp, csv_path, run_id, command_line(), how, machine_start or hoststat.machine(), loads, steals,
+                   text, png, summary_path)
+    return summary_path, md

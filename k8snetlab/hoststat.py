@@ -26,8 +26,8 @@ from typing import Iterable, Iterator
 log = logging.getLogger(__name__)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-BUSY_LOAD_PER_CPU = 0.7       # warn above this 1-minute load average per CPU (before we measure)
-BUSY_STEAL = 0.05             # ... or above this share of stolen time
+BUSY_OTHERS_PER_CPU = 0.2     # warn when other programs kept more than this share of the CPUs busy
+BUSY_STEAL = 0.05             # ... or the hypervisor stole more than this share of CPU time
 
 
 @dataclass(frozen=True)
@@ -102,18 +102,43 @@ def cpu_per_gbit(during: CpuDelta, baseline_rate: float, gbit: float) -> float |
     return max(0.0, during.busy_s - baseline_rate * during.wall_s) / gbit
 
 
+def parse_per_cpu_busy(text: str) -> dict[int, float]:
+    """CPU number -> busy seconds (user + nice + system + irq + softirq) from /proc/stat."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("cpu") and line[3:4].isdigit():
+            name, *f = line.split()
+            v = [int(x) / CLK_TCK for x in f[:7]] + [0.0] * (7 - len(f[:7]))
+            out[int(name[3:])] = v[0] + v[1] + v[2] + v[5] + v[6]
+    return out
+
+
+def quietest_cpu(cpus: list[int], seconds: float = 0.5, tie: float = 0.05) -> int:
+    """The CPU of ``cpus`` that was least busy over ``seconds`` (other programs' work, IRQs);
+    within ``tie`` CPU-seconds per second of the lowest, the lowest-numbered one."""
+    a = parse_per_cpu_busy(_read("/proc/stat"))
+    time.sleep(seconds)
+    b = parse_per_cpu_busy(_read("/proc/stat"))
+    rate = {c: (b.get(c, 0.0) - a.get(c, 0.0)) / seconds for c in cpus}
+    low = min(rate.values())
+    return min(c for c in cpus if rate[c] <= low + tie)
+
+
 def loadavg() -> float:
     """The 1-minute load average."""
     with open("/proc/loadavg") as f:
         return float(f.read().split()[0])
 
 
-def busy_warning(load1: float, steal: float, cpus: int | None = None) -> str | None:
-    """A warning line when the machine was busy, else None."""
+def busy_warning(others: float, steal: float, cpus: int | None = None) -> str | None:
+    """A warning line when other programs were busy, else None. ``others``: the machine's busy
+    CPU-seconds per second in quiet seconds with this run's clusters paused (what the rest of
+    the machine used, not this run's own load, which the load average would count);
+    ``steal``: the largest stolen share of CPU time during a measurement."""
     cpus = cpus or os.cpu_count() or 1
     why = []
-    if load1 > BUSY_LOAD_PER_CPU * cpus:
-        why.append(f"load average {load1:.2f} on {cpus} CPUs")
+    if others > BUSY_OTHERS_PER_CPU * cpus:
+        why.append(f"other programs kept {others:.2f} of {cpus} CPUs busy")
     if steal > BUSY_STEAL:
         why.append(f"{100 * steal:.0f} % of CPU time stolen by the hypervisor")
     return ("the machine was busy (" + ", ".join(why) + "): expect wider intervals") if why else None

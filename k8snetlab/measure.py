@@ -28,6 +28,13 @@ the kernel's TCP_INFO (Linux only). iperf3 3.12 accepts whole seconds only for `
 ``TcpResult.duration_s`` reports the time iperf3 actually measured. Both ends share the
 machine's CPUs: the absolute figure is bounded by CPU, not by a link, so compare modes
 with each other on one machine rather than with a NIC's line rate.
+
+**CPU placement.** On a machine with few CPUs the figure depends on where the scheduler puts
+the sender, the receiver and the veth softirq work (on 2 vCPUs the unpinned values are
+bimodal). A :class:`Placement` pins the iperf3 client and server (``same``: both on one CPU,
+the default of the experiments' ``--pin``; ``split``: one CPU each; ``none``) and, with
+``same``, moves the calling process's own threads (the in-process runtime) to the other CPUs
+while the test runs. :func:`set_placement` sets the default every :func:`iperf3` call uses.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import re
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import proc
 from .errors import CommandError, K8sNetLabError, NotRoot
@@ -201,6 +208,109 @@ def ping(netns: str, dst: str, count: int = 50, interval_s: float = 0.01,
     return stats
 
 
+# ---------------------------------------------------------------- CPU placement
+
+PIN_MODES = ("same", "split", "none")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an iperf3 test runs: the client's and the server's CPU (None: anywhere) and the
+    CPUs the caller's own threads move to meanwhile (empty: they stay)."""
+
+    mode: str = "none"
+    client: int | None = None
+    server: int | None = None
+    others: frozenset[int] = field(default_factory=frozenset)
+
+    def describe(self) -> str:
+        if self.mode == "none":
+            return "none (iperf3 client and server wherever the scheduler puts them)"
+        if self.mode == "split":
+            return f"split (iperf3 client on CPU {self.client}, server on CPU {self.server})"
+        moved = (f"; this run's own threads on CPU {','.join(map(str, sorted(self.others)))} "
+                 "while iperf3 runs") if self.others else ""
+        return f"same (iperf3 client and server on CPU {self.client}{moved})"
+
+
+NO_PLACEMENT = Placement()
+_placement = NO_PLACEMENT
+
+
+def allowed_cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0))
+
+
+def placement(mode: str, cpu: int | None = None, cpus: list[int] | None = None) -> Placement:
+    """The placement ``mode`` (same, split, none) on ``cpu`` (the client's CPU; default the
+    first allowed one). ``cpus``: the CPUs to choose from (default: those this process may use).
+    With one CPU, ``split`` becomes ``same``. Raises ValueError on a bad mode or CPU."""
+    if mode not in PIN_MODES:
+        raise ValueError(f"--pin {mode}: choose one of {', '.join(PIN_MODES)}")
+    if mode == "none":
+        return NO_PLACEMENT
+    cpus = sorted(cpus if cpus is not None else allowed_cpus())
+    if cpu is None:
+        cpu = cpus[0]
+    if cpu not in cpus:
+        raise ValueError(f"CPU {cpu} is not one this process may run on ({','.join(map(str, cpus))})")
+    rest = [c for c in cpus if c != cpu]
+    if mode == "split" and rest:
+        return Placement("split", cpu, rest[0])
+    return Placement("same", cpu, cpu, frozenset(rest))
+
+
+def set_placement(p: Placement) -> None:
+    """The placement every later :func:`iperf3` call uses unless it is given one."""
+    global _placement
+    _placement = p
+
+
+def current_placement() -> Placement:
+    return _placement
+
+
+def _own_threads() -> list[int]:
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{os.getpid()}/task")]
+    except OSError:
+        return []
+
+
+class _Confined:
+    """Move this process's threads to ``cpus`` for a while; restore each one's mask after."""
+
+    def __init__(self, cpus: frozenset[int]):
+        self.cpus, self.saved = set(cpus), {}
+
+    def __enter__(self) -> "_Confined":
+        if self.cpus:
+            for tid in _own_threads():
+                try:
+                    self.saved[tid] = os.sched_getaffinity(tid)
+                    os.sched_setaffinity(tid, self.cpus)
+                except OSError:          # the thread ended meanwhile
+                    self.saved.pop(tid, None)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for tid, mask in self.saved.items():
+            try:
+                os.sched_setaffinity(tid, mask)
+            except OSError:
+                continue
+        if self.saved:
+            # a thread started meanwhile inherited the narrow mask: give it its creator's back
+            wide = max(self.saved.values(), key=len)
+            for tid in set(_own_threads()) - set(self.saved):
+                try:
+                    if os.sched_getaffinity(tid) == self.cpus:
+                        os.sched_setaffinity(tid, wide)
+                except OSError:
+                    continue
+        self.saved.clear()
+
+
 # ---------------------------------------------------------------- TCP (iperf3)
 
 @dataclass
@@ -263,8 +373,11 @@ def parse_iperf3(json_text: str) -> TcpResult:
 
 def iperf3(client_netns: str, server_netns: str, server_ip: str, duration_s: float = 5,
            port: int = 5201, omit_s: float = 0.5, timeout_s: float | None = None,
-           connect_ip: str | None = None, bitrate: str | None = None) -> TcpResult:
+           connect_ip: str | None = None, bitrate: str | None = None,
+           placement: Placement | None = None) -> TcpResult:
     """Measure one TCP stream from ``client_netns`` to ``server_ip`` in ``server_netns``.
+
+    ``placement``: the CPUs of client and server (default: :func:`set_placement`'s).
 
     ``bitrate``: a fixed sending rate (iperf3 ``-b``, e.g. ``5G``) instead of as fast as
     possible, to compare CPU cost at equal throughput.
@@ -294,11 +407,18 @@ def iperf3(client_netns: str, server_netns: str, server_ip: str, duration_s: flo
     server_args = ["iperf3", "-s", "-1", "-B", server_ip, "-p", str(port),
                    # an orphaned server (our process killed) gives up on its own
                    "--idle-timeout", str(math.ceil(timeout_s))]
+    where_ = placement if placement is not None else _placement
+
+    def enter_server() -> None:
+        proc.setns(server_netns)
+        if where_.server is not None:
+            os.sched_setaffinity(0, {where_.server})
+
     server_log = tempfile.TemporaryFile()     # read only to explain a server that died
     try:
         server = subprocess.Popen(server_args, stdin=subprocess.DEVNULL, stdout=server_log,
                                   stderr=subprocess.STDOUT, close_fds=True,
-                                  preexec_fn=lambda: proc.setns(server_netns))
+                                  preexec_fn=enter_server)
     except BaseException:
         server_log.close()
         raise
@@ -313,8 +433,9 @@ def iperf3(client_netns: str, server_netns: str, server_ip: str, duration_s: flo
             client_args += ["-b", bitrate]
         where = f"netns {client_netns}"
         remaining = max(1.0, deadline - time.monotonic())
-        done = proc.run(client_args, netns=client_netns, timeout=remaining, check=False,
-                        where=where)
+        with _Confined(where_.others):
+            done = proc.run(client_args, netns=client_netns, timeout=remaining, check=False,
+                            where=where, cpus={where_.client} if where_.client is not None else None)
         try:
             result = parse_iperf3(done.stdout)
         except MeasureError as e:

@@ -87,15 +87,25 @@ def require_root(what: str = "building an emulated cluster") -> None:
 
 def run(args: Sequence[str], *, input: str | bytes | None = None, timeout: float = 60,
         netns: str | None = None, env: dict[str, str] | None = None, check: bool = True,
-        where: str = "", mntns: str | None = None) -> subprocess.CompletedProcess:
+        where: str = "", mntns: str | None = None,
+        cpus: set[int] | None = None) -> subprocess.CompletedProcess:
     """Run a program (never through a shell); raise CommandError unless it exits 0.
 
     ``netns`` is a namespace path (``/proc/PID/ns/net``); the child enters it before exec.
     ``mntns`` (``/proc/PID/ns/mnt``): the child enters that mount namespace too (a pod's).
+    ``cpus``: the child runs only on these CPUs (sched_setaffinity before exec).
     """
     args = [str(a) for a in args]
     text = not isinstance(input, bytes)
-    enter = (lambda: (netns and setns(netns), mntns and setns_mount(mntns))) if netns or mntns else None
+    enter = None
+    if netns or mntns or cpus:
+        def enter() -> None:
+            if netns:
+                setns(netns)
+            if mntns:
+                setns_mount(mntns)
+            if cpus:
+                os.sched_setaffinity(0, cpus)
     try:
         proc = subprocess.run(args, input=input, capture_output=True, text=text, timeout=timeout,
                               env=env, preexec_fn=enter)

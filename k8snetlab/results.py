@@ -23,6 +23,8 @@ Columns, in this order:
 - ``load1``       the machine's 1-minute load average when the measurement started (empty for
   one-off rows); files written before this column existed are read without it
 - ``steal``       the share of CPU time the hypervisor stole during the measurement (0..1)
+- ``pin``         where iperf3 ran (``--pin``): ``same:0`` (client and server on CPU 0),
+  ``split:0/1`` (client on 0, server on 1) or ``none``; empty for rows without a TCP test
 
 Metrics and their units (``METRIC_UNITS``; a row naming one of these with another unit is
 refused when written): ``rtt_min``, ``rtt_mean``, ``rtt_p50``, ``rtt_p90``, ``rtt_p99``,
@@ -78,9 +80,11 @@ from .errors import K8sNetLabError, SpecError
 log = logging.getLogger(__name__)
 
 COLUMNS = ["run_id", "timestamp", "experiment", "topology", "mode", "datapath", "scenario",
-           "src", "dst", "round", "metric", "value", "unit", "mtu", "kernel", "load1", "steal"]
+           "src", "dst", "round", "metric", "value", "unit", "mtu", "kernel", "load1", "steal",
+           "pin"]
 # columns added later: a file without them is still read (the cells are empty)
-OPTIONAL_COLUMNS = ("load1", "steal")
+OPTIONAL_COLUMNS = ("load1", "steal", "pin")
+TEXT_COLUMNS = ("pin",)
 
 METRIC_UNITS: dict[str, str] = {
     "rtt_min": "ms", "rtt_mean": "ms", "rtt_p50": "ms", "rtt_p90": "ms", "rtt_p99": "ms",
@@ -105,6 +109,8 @@ METRIC_UNITS: dict[str, str] = {
     # golden signals of a TCP measurement: saturation, traffic, errors
     "cpu_per_gbit": "s/Gbit", "proc_cpu_per_gbit": "s/Gbit", "cpu_baseline": "cores", "rx_pps": "packets/s", "if_drops": "count", "softirq_share": "fraction",
     "qdisc_drops": "count", "qdisc_backlog": "bytes",
+    # kernel drops (skb:kfree_skb) in the measured namespaces: real reasons, and NOT_SPECIFIED
+    "kernel_drops": "count", "kernel_drops_noise": "count",
 }
 
 PLOT_METRICS = ("rtt_p50", "tcp_throughput")
@@ -138,6 +144,7 @@ class Row:
     kernel: str
     load1: float | None = None
     steal: float | None = None
+    pin: str | None = None
 
     def __post_init__(self) -> None:
         self.round = int(self.round)
@@ -145,6 +152,7 @@ class Row:
         self.mtu = None if self.mtu is None else int(self.mtu)
         self.load1 = None if self.load1 in (None, "") else float(self.load1)
         self.steal = None if self.steal in (None, "") else float(self.steal)
+        self.pin = None if self.pin in (None, "") else str(self.pin)
 
     def cells(self) -> list[str]:
         """The row as CSV cells; repr() keeps every digit of the float."""
@@ -250,6 +258,9 @@ def _row_from(cells: list[str], index: dict[str, int], width: int, where: str) -
     except ValueError:
         raise ResultsFileError(f"{where}: column 'mtu' is not an integer: {d['mtu']!r}") from None
     for name in OPTIONAL_COLUMNS:
+        if name in TEXT_COLUMNS:
+            d[name] = d.get(name) or None
+            continue
         try:
             d[name] = float(d[name]) if d.get(name, "") != "" else None
         except ValueError:

@@ -157,3 +157,48 @@ def test_iperf3_twice_on_one_port(pair):
     for _ in range(2):
         assert measure.iperf3(pair.b_ns, pair.a_ns, A_IP, duration_s=1, omit_s=0).bytes > 0
     assert not iperf3_in(pair)
+
+
+def test_iperf3_pinned_to_one_cpu_and_own_threads_restored(pair):
+    before = os.sched_getaffinity(0)
+    where = measure.placement("same", min(before), sorted(before))
+    r = measure.iperf3(pair.a_ns, pair.b_ns, B_IP, duration_s=1, placement=where)
+    assert r.gbit_s > 0.1, r
+    assert os.sched_getaffinity(0) == before
+    assert not iperf3_in(pair) and not iperf3_children()
+
+
+def test_kernel_drop_reasons_are_counted_per_namespace(pair):
+    from k8snetlab import drops, framework
+    from k8snetlab.errors import CommandError
+    try:
+        counter = drops.DropCounter().start()
+    except (drops.DropsUnavailable, CommandError) as e:
+        pytest.skip(f"kernel drop reasons cannot be counted here: {e}")
+    try:
+        b_ino, a_ino = drops.netns_inode(pair.b_ns), drops.netns_inode(pair.a_ns)
+        counter.watch({a_ino, b_ino})
+        before = counter.snapshot()
+        # 20 datagrams to a port nobody listens on in b: the kernel drops each with NO_SOCKET there
+        send = ("import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                f"for _ in range(20): s.sendto(b'x', ('{B_IP}', 9))\n")
+        proc.run(["python3", "-c", send], netns=pair.a_ns)
+        got = drops.delta(before, counter.snapshot(), counter.names, {a_ino, b_ino})
+        assert got[(b_ino, "NO_SOCKET")] >= 20, got
+        # and the TCP measurement reports them as golden-signal metrics (its counters read
+        # /proc/PID/net of a process in each namespace, as of a node's or pod's)
+        import subprocess
+        holders = [subprocess.Popen(["ip", "netns", "exec", n, "sleep", "30"]) for n in (pair.a, pair.b)]
+        try:
+            metrics, _ = framework.tcp_signals(*(f"/proc/{h.pid}/ns/net" for h in holders), B_IP, 1, omit_s=0,
+                                               drops=counter)
+        finally:
+            for h in holders:
+                h.kill()
+                h.wait()
+        names = {m for m, _, _ in metrics}
+        assert {"kernel_drops", "kernel_drops_noise"} <= names
+        assert all(ns in (a_ino, b_ino) for ns, _ in counter.last)
+    finally:
+        counter.stop()
+    assert not [p for p in os.listdir(drops.BPFFS) if p.startswith(f"k8snetlab-drops-{os.getpid()}")]

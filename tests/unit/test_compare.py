@@ -84,3 +84,13 @@ def test_cli_survives_a_closed_pipe(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
     assert len(p.stdout.splitlines()) == 2
+
+
+def test_a_different_cpu_placement_is_named():
+    from k8snetlab import compare as cmp, results as res
+
+    def row(pin):
+        return res.Row("r", "t", "e", "lab", "host-gw", "", "x", "a", "b", 1, "tcp_throughput", 1.0, "Gbit/s",
+                       1500, "k", pin=pin)
+    assert cmp.placement_note([row("same:0")], [row("same:0")]) is None
+    assert "--pin same:0 in A and none in B" in cmp.placement_note([row("same:0")], [row(None)])

@@ -105,3 +105,65 @@ def test_rate_options_are_checked_before_anything_is_built():
     for bad in (["--link-rate", "fast"], ["--rate", "quick"], ["--ci", "0"]):
         with pytest.raises(SpecError):
             framework.check_args(Two(), p.parse_args(bad))
+
+
+def _run(tmp_path, *argv):
+    from types import SimpleNamespace
+    from k8snetlab import measure
+    args = framework.parser(Two()).parse_args(["--out", str(tmp_path), *argv])
+    args.placement = measure.placement(args.pin, 0, [0, 1])
+    return framework.Run(Two(), args, SimpleNamespace(name="t"))
+
+
+def test_adaptive_rounds_measure_tcp_only_and_rows_carry_the_pin(tmp_path, monkeypatch):
+    from k8snetlab import experiment, measure
+    r = _run(tmp_path)
+    assert r.pin == "same:0"
+    assert framework.pin_label(measure.placement("split", 0, [0, 1])) == "split:0/1"
+    assert framework.pin_label(measure.NO_PLACEMENT) == "none"
+    pinged = []
+    monkeypatch.setattr(framework.measure, "ping",
+                        lambda *a, **k: pinged.append(a) or measure.RttStats([0.05] * 50, 50, 50))
+    monkeypatch.setattr(r, "tcp", lambda path, d: [("tcp_throughput", 1.0, "Gbit/s")])
+    ep = experiment.Endpoint("a", "/proc/self/ns/net", "10.0.0.1")
+    path = framework.Path2("x", ep, ep)
+    full = [m for m, _, _ in r.ping_and_tcp(path, 1.0)]
+    assert "rtt_p50" in full and "tcp_throughput" in full and pinged
+    pinged.clear()
+    r.lean = True
+    assert [m for m, _, _ in r.ping_and_tcp(path, 1.0)] == ["tcp_throughput"] and not pinged
+    with results.CsvWriter(r.csv_path) as w:
+        r.writer = w
+        r.row("a", path, 1, "tcp_throughput", 1.0, "Gbit/s", pin=r.pin)
+    assert results.read_rows(r.csv_path)[0].pin == "same:0"
+
+
+def test_busy_warning_counts_other_programs_not_the_runs_own_load(tmp_path):
+    r = _run(tmp_path)
+    r.loads, r.steals, r.baselines = [1.0, 1.46], [0.0], [0.1, 0.12, 0.1]
+    text = framework.machine_lines(r)
+    assert "WARNING" not in text                     # the quiet run of this morning: load 1.46 was its own
+    assert "iperf3 client and server on CPU 0" in text and "median 0.10 of" in text
+    r.baselines = [1.4, 1.5, 1.6]
+    assert "WARNING: the machine was busy (other programs kept 1.50 of" in framework.machine_lines(r)
+
+
+def test_pin_is_chosen_once_and_a_bad_cpu_is_one_clear_error(monkeypatch):
+    import pytest
+    from k8snetlab import experiment, hoststat, measure
+    from k8snetlab.errors import SpecError
+    p = experiment.parser("t")
+    monkeypatch.setattr(measure, "allowed_cpus", lambda: [0, 1])
+    monkeypatch.setattr(hoststat, "quietest_cpu", lambda cpus: 1)
+    saved = measure.current_placement()
+    try:
+        args = p.parse_args([])
+        assert args.pin == "same"                                   # the default
+        where = experiment.choose_placement(args)
+        assert (where.client, where.server, where.others) == (1, 1, frozenset({0}))
+        assert measure.current_placement() is where and args.placement is where
+        assert experiment.choose_placement(p.parse_args(["--pin", "none"])) == measure.NO_PLACEMENT
+        with pytest.raises(SpecError, match="--pin-cpu: CPU 5 is not one this process may run on"):
+            experiment.choose_placement(p.parse_args(["--pin-cpu", "5"]))
+    finally:
+        measure.set_placement(saved)

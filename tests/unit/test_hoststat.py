@@ -40,9 +40,26 @@ def test_namespace_counters_parse():
 
 
 def test_busy_warning():
-    assert hoststat.busy_warning(0.5, 0.0, cpus=2) is None
-    assert "load average 12.00 on 2 CPUs" in hoststat.busy_warning(12.0, 0.0, cpus=2)
+    # the run's own load (load average 1.46 on a quiet machine) no longer warns: only what
+    # other programs used in the quiet seconds does
+    assert hoststat.busy_warning(0.1, 0.0, cpus=2) is None
+    assert "other programs kept 1.50 of 2 CPUs busy" in hoststat.busy_warning(1.5, 0.0, cpus=2)
     assert "stolen" in hoststat.busy_warning(0.1, 0.2, cpus=2)
+
+
+def test_per_cpu_busy_and_the_quietest_cpu(monkeypatch):
+    text = ("cpu  300 0 100 1000 0 0 0 0\n"
+            "cpu0 200 0 50 500 0 0 0 0\n"
+            "cpu1 100 0 50 500 0 0 0 0\n")
+    busy = hoststat.parse_per_cpu_busy(text)
+    assert busy == {0: 250 / hoststat.CLK_TCK, 1: 150 / hoststat.CLK_TCK}
+    reads = iter([text, text.replace("cpu0 200", "cpu0 260")])      # CPU 0 busier meanwhile
+    monkeypatch.setattr(hoststat, "_read", lambda path: next(reads))
+    monkeypatch.setattr(hoststat.time, "sleep", lambda s: None)
+    assert hoststat.quietest_cpu([0, 1], seconds=1.0) == 1
+    reads = iter([text, text])                                          # a tie: CPU 0
+    monkeypatch.setattr(hoststat, "_read", lambda path: next(reads))
+    assert hoststat.quietest_cpu([0, 1], seconds=1.0) == 0
 
 
 def test_freezer_with_nothing_to_pause_is_harmless():

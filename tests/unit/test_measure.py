@@ -543,3 +543,74 @@ def test_owns_listener_ignores_other_processes():
         s.listen(1)
         assert measure._owns_listener(os.getpid(), port)
         assert not measure._owns_listener(os.getpid(), port + 1 if port < 65535 else port - 1)
+
+
+# ------------------------------------------------------------------------ CPU placement
+
+def test_placement_modes():
+    assert measure.placement("none") == measure.NO_PLACEMENT
+    same = measure.placement("same", 1, [0, 1])
+    assert (same.client, same.server, same.others) == (1, 1, frozenset({0}))
+    split = measure.placement("split", 0, [0, 1])
+    assert (split.client, split.server, split.others) == (0, 1, frozenset())
+    # one CPU: split cannot split, and nothing can move away
+    one = measure.placement("split", 0, [0])
+    assert (one.mode, one.client, one.server, one.others) == ("same", 0, 0, frozenset())
+    assert "CPU 1" in same.describe() and "own threads on CPU 0" in same.describe()
+    with pytest.raises(ValueError, match="--pin fast"):
+        measure.placement("fast")
+    with pytest.raises(ValueError, match="CPU 7 is not one"):
+        measure.placement("same", 7, [0, 1])
+
+
+def test_iperf3_pins_client_and_server_and_moves_its_own_threads(monkeypatch, fake_server):
+    calls = _stub_run(monkeypatch, 0, IPERF3_OK)
+    moved = []
+    real = measure._Confined
+
+    class Spy(real):
+        def __enter__(self):
+            moved.append(set(self.cpus))
+            return self
+    monkeypatch.setattr(measure, "_Confined", Spy)
+    where = measure.placement("same", 1, [0, 1])
+    measure.iperf3(fake_server, fake_server, "10.123.0.2", duration_s=1, placement=where)
+    assert calls[0][1]["cpus"] == {1}
+    assert moved == [{0}]
+    # the default placement (set once per run by the experiments' --pin) applies when none is given
+    monkeypatch.setattr(measure, "_placement", measure.placement("split", 0, [0, 1]))
+    measure.iperf3(fake_server, fake_server, "10.123.0.2", duration_s=1)
+    assert calls[1][1]["cpus"] == {0} and moved[-1] == set()
+
+
+def test_confined_restores_every_threads_mask():
+    before = os.sched_getaffinity(0)
+    cpus = sorted(before)
+    with measure._Confined(frozenset(cpus[-1:])):
+        assert os.sched_getaffinity(0) == {cpus[-1]}
+    assert os.sched_getaffinity(0) == before
+
+
+def test_a_thread_started_while_confined_gets_the_wide_mask_back():
+    import threading
+    before = os.sched_getaffinity(0)
+    if len(before) < 2:
+        pytest.skip("one CPU: nothing to confine to")
+    cpus = sorted(before)
+    started, stop = threading.Event(), threading.Event()
+    tid = []
+
+    def worker():
+        tid.append(threading.get_native_id())
+        started.set()
+        stop.wait(5)
+    with measure._Confined(frozenset(cpus[-1:])):
+        t = threading.Thread(target=worker)
+        t.start()
+        started.wait(5)
+        assert os.sched_getaffinity(tid[0]) == {cpus[-1]}
+    try:
+        assert os.sched_getaffinity(tid[0]) == before
+    finally:
+        stop.set()
+        t.join()

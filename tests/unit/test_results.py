@@ -56,7 +56,7 @@ def write(path: Path, rows: list[Row]) -> Path:
 
 def test_columns_are_the_documented_schema():
     assert COLUMNS == ["run_id", "timestamp", "experiment", "topology", "mode", "datapath", "scenario",
-                       "src", "dst", "round", "metric", "value", "unit", "mtu", "kernel", "load1", "steal"]
+                       "src", "dst", "round", "metric", "value", "unit", "mtu", "kernel", "load1", "steal", "pin"]
     assert [f for f in Row.__dataclass_fields__] == COLUMNS
     for c in COLUMNS:                      # the README copies the list from the docstring
         assert f"``{c}``" in results.__doc__
@@ -157,7 +157,7 @@ def test_bad_value_names_the_line(tmp_path):
 def test_short_row_names_the_line(tmp_path):
     path = write(tmp_path / "s.csv", [row()])
     path.write_text(path.read_text() + "a,b,c\n")
-    assert f"{path}:3: expected 17 fields, found 3" in _one_line_error(path)
+    assert f"{path}:3: expected 18 fields, found 3" in _one_line_error(path)
 
 
 def test_directory_is_not_a_file(tmp_path):
