@@ -2,21 +2,7 @@
 
 The apps are written against the Ryu application API. Ryu itself no longer installs on current
 Python; os-ken, OpenStack's maintained fork, has the same API under the package ``os_ken``.
-This package holds:
-
-- ``APPS``, the registry: app name -> :class:`AppInfo` (module, what it can do). Adding an app
-  is one module plus an ``AppInfo`` declared in the ``k8snetlab.controller_apps`` entry-point
-  group. An ``AppInfo`` imports no framework, so ``k8snetlab controllers`` and cluster-file
-  validation work without os-ken installed.
-- the import shim: an app writes ``from controllers import App, set_ev_cls, MAIN_DISPATCHER``
-  and gets the names from ``os_ken`` (or from ``ryu`` where that is what is installed); see
-  ``_SHIM`` for every name. Names are resolved on first use (PEP 562 ``__getattr__``).
-- small helpers the apps share (:func:`add_flow`, :func:`delete_flows`, :func:`packet_out`,
-  :func:`export_state`): they only use the datapath object they are given, so they work with
-  both frameworks.
-
-The runtime starts the apps with ``python -m controllers`` (see ``controllers/__main__.py``) in
-the Open vSwitch namespace, listening on its loopback, and stops that process by PID.
+This package holds their registry and the helpers they share (:class:`AppInfo`).
 """
 
 from __future__ import annotations
@@ -47,6 +33,20 @@ class AppInfo:
     the cluster file is refused otherwise. ``observe_links``: the app needs the framework's
     topology service with LLDP link discovery (``--observe-links``). ``exports``: the app
     writes its view of the network to the file named by ``$K8SNETLAB_CONTROLLER_STATE``.
+
+    - ``APPS``, the registry: app name -> :class:`AppInfo` (module, what it can do). Adding an app
+      is one module plus an ``AppInfo`` declared in the ``k8snetlab.controller_apps`` entry-point
+      group. An ``AppInfo`` imports no framework, so ``k8snetlab controllers`` and cluster-file
+      validation work without os-ken installed.
+    - the import shim: an app writes ``from controllers import App, set_ev_cls, MAIN_DISPATCHER``
+      and gets the names from ``os_ken`` (or from ``ryu`` where that is what is installed); see
+      ``_SHIM`` for every name. Names are resolved on first use (PEP 562 ``__getattr__``).
+    - small helpers the apps share (:func:`add_flow`, :func:`delete_flows`, :func:`packet_out`,
+      :func:`export_state`): they only use the datapath object they are given, so they work with
+      both frameworks.
+
+    The runtime starts the apps with ``python -m controllers`` (see ``controllers/__main__.py``) in
+    the Open vSwitch namespace, listening on its loopback, and stops that process by PID.
     """
     name: str
     module: str

@@ -2,31 +2,6 @@
 
 For an underlay of several switches with loops (two spines, several leaves, each leaf linked
 to every spine), where a learning switch would flood a broadcast around the loop forever:
-
-- **Discovery.** The framework's topology service sends LLDP out of every switch port and
-  reports the links it sees come back (``EventLinkAdd`` / ``EventLinkDelete``); a link is used
-  once both of its directions are seen. A port whose carrier goes down (``OFPPortStatus``)
-  removes its links at once, without waiting for the LLDP timeout.
-- **Hosts** (the nodes' ``eth0``, routers) are learned at *edge* ports (ports without a link)
-  from the packets the controller sees.
-- **Unicast**: for every known host the app computes a shortest-path tree towards the host's
-  switch (breadth-first, ties broken by the lowest datapath id, so the choice is stable) and
-  installs ``eth_dst=host -> port towards it`` on every switch. Paths change only when the
-  topology does: then every tree is recomputed and only the flows that differ are rewritten,
-  which is the reroute (logged with the time it took).
-- **Broadcast and unknown destinations** never go out of a link port: the controller sends
-  the packet itself out of every edge port of every switch. A loop cannot turn that into a
-  storm. Before discovery has found a link, its ports look like edge ports; a copy coming
-  back through such a port is recognised as a duplicate of a packet the controller sent
-  (same bytes within ``DUPLICATE_WINDOW_S``, arriving elsewhere than the original) and
-  dropped. A host's own retry (an ARP request resent after a second) arrives where the
-  original did and is not a duplicate.
-
-Flow tables (cookie ``0xfab``): table 0 admits known sources on their edge port and anything
-arriving on a link port (then goto table 1); what it misses (a new source) goes to the
-controller. Table 1 forwards by destination MAC; a miss (broadcast, unknown destination)
-goes to the controller. The app writes its view (switches, links, hosts, counters) with
-:func:`controllers.export_state` so the runtime can wait for discovery and tests can read it.
 """
 
 from __future__ import annotations
@@ -51,6 +26,33 @@ DUPLICATE_WINDOW_S = 2.0     # a flooded packet seen again within this time, els
 
 
 class Fabric(App):
+    """The fabric app: discovery, paths and failover as follows.
+
+    - **Discovery.** The framework's topology service sends LLDP out of every switch port and
+      reports the links it sees come back (``EventLinkAdd`` / ``EventLinkDelete``); a link is used
+      once both of its directions are seen. A port whose carrier goes down (``OFPPortStatus``)
+      removes its links at once, without waiting for the LLDP timeout.
+    - **Hosts** (the nodes' ``eth0``, routers) are learned at *edge* ports (ports without a link)
+      from the packets the controller sees.
+    - **Unicast**: for every known host the app computes a shortest-path tree towards the host's
+      switch (breadth-first, ties broken by the lowest datapath id, so the choice is stable) and
+      installs ``eth_dst=host -> port towards it`` on every switch. Paths change only when the
+      topology does: then every tree is recomputed and only the flows that differ are rewritten,
+      which is the reroute (logged with the time it took).
+    - **Broadcast and unknown destinations** never go out of a link port: the controller sends
+      the packet itself out of every edge port of every switch. A loop cannot turn that into a
+      storm. Before discovery has found a link, its ports look like edge ports; a copy coming
+      back through such a port is recognised as a duplicate of a packet the controller sent
+      (same bytes within ``DUPLICATE_WINDOW_S``, arriving elsewhere than the original) and
+      dropped. A host's own retry (an ARP request resent after a second) arrives where the
+      original did and is not a duplicate.
+
+    Flow tables (cookie ``0xfab``): table 0 admits known sources on their edge port and anything
+    arriving on a link port (then goto table 1); what it misses (a new source) goes to the
+    controller. Table 1 forwards by destination MAC; a miss (broadcast, unknown destination)
+    goes to the controller. The app writes its view (switches, links, hosts, counters) with
+    :func:`controllers.export_state` so the runtime can wait for discovery and tests can read it.
+    """
     OFP_VERSIONS = [ofproto_v1_3.OFP_VERSION]
 
     def __init__(self, *args, **kwargs):

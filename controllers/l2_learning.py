@@ -5,15 +5,6 @@ miss, which sends packets to the controller. On a packet-in the app learns "sour
 behind this port" for that switch. When it already knows where the destination is, it installs
 a flow ``in_port, eth_src, eth_dst -> output`` (so the next packets of that conversation never
 leave the switch) and sends the packet on; otherwise it floods it (``OFPP_FLOOD``).
-
-So the first packet between two hosts pays a round trip to the controller (the "packet-in
-cost" the underlay_switching experiment measures), and later ones do not. Flows expire after
-``IDLE_TIMEOUT`` seconds without traffic, and the conversation learns again.
-
-Matching the source too (not only the destination) is deliberate: a reply travelling on a
-destination-only flow would never reach the controller, which would then never learn where
-the replying host is. Flooding makes this app unsafe on an underlay with loops (the cluster
-file is refused); use ``fabric`` there.
 """
 
 from __future__ import annotations
@@ -32,6 +23,15 @@ COOKIE = 0x12          # marks our learned flows (ovs-ofctl dump-flows shows coo
 
 
 class L2Learning(App):
+    """So the first packet between two hosts pays a round trip to the controller (the "packet-in
+    cost" the underlay_switching experiment measures), and later ones do not. Flows expire after
+    ``IDLE_TIMEOUT`` seconds without traffic, and the conversation learns again.
+
+    Matching the source too (not only the destination) is deliberate: a reply travelling on a
+    destination-only flow would never reach the controller, which would then never learn where
+    the replying host is. Flooding makes this app unsafe on an underlay with loops (the cluster
+    file is refused); use ``fabric`` there.
+    """
     OFP_VERSIONS = [ofproto_v1_3.OFP_VERSION]
 
     def __init__(self, *args, **kwargs):

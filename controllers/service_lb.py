@@ -3,28 +3,6 @@
 The approach of OVS-based CNIs (Antrea, OVN-Kubernetes) instead of kube-proxy's iptables:
 the switch itself rewrites a packet for ``ClusterIP:port`` to a backend pod, and the pod's
 reply back. Here the switch is the underlay's, between the nodes:
-
-1. A pod (or node) sends to a ClusterIP. The node has no route for the service range, so the
-   packet leaves ``eth0`` by the default route: the node asks ARP for the ClusterIP, and this
-   app answers with a virtual MAC (``VIRTUAL_MAC``): Services "live" on the switch.
-2. The first packet of a connection (TCP or UDP 5-tuple) misses every flow and comes to the
-   controller. The app picks a ready endpoint (round robin; ``sessionAffinity: ClientIP``
-   keeps a client on one backend) and installs two exact flows with an idle timeout:
-   forward (``dst ClusterIP:port -> podIP:targetPort``, to the backend's node) and reverse
-   (``src podIP:targetPort -> ClusterIP:port``, for the reply). The backend's node routes the
-   packet to its pod like any other; the pod sees the client's own address.
-3. A backend on the *client's own node* would answer the client directly inside that node,
-   past the switch, and the client would see a reply from the pod's IP. For that case alone the
-   forward flow also rewrites the source to ``SNAT_IP`` (a link-local address the app answers
-   ARP for) and a port of its own, so the reply comes back to the switch, like kube-proxy's
-   hairpin masquerade.
-
-A connection's state is its two flows (``ovs-ofctl dump-flows`` shows cookie ``0x5b``); when a
-backend leaves, its connections' flows are deleted. Everything else is switched by the
-l2_learning logic. What the app serves comes from the runtime: ``$K8SNETLAB_SERVICES`` names a
-JSON file (service CIDR, nodes with MAC and pod CIDR, services with their ready backends),
-rewritten by the ``openflow`` kube-proxy mode on every change and re-read here when it changes.
-ClusterIP only: nodePorts and load balancer IPs are not programmed by this mode.
 """
 
 from __future__ import annotations
@@ -57,6 +35,30 @@ POLL_S = 0.2                           # how often the services file is checked 
 
 
 class ServiceLB(L2Learning):
+    """The app: what happens to a connection to a ClusterIP.
+
+    1. A pod (or node) sends to a ClusterIP. The node has no route for the service range, so the
+       packet leaves ``eth0`` by the default route: the node asks ARP for the ClusterIP, and this
+       app answers with a virtual MAC (``VIRTUAL_MAC``): Services "live" on the switch.
+    2. The first packet of a connection (TCP or UDP 5-tuple) misses every flow and comes to the
+       controller. The app picks a ready endpoint (round robin; ``sessionAffinity: ClientIP``
+       keeps a client on one backend) and installs two exact flows with an idle timeout:
+       forward (``dst ClusterIP:port -> podIP:targetPort``, to the backend's node) and reverse
+       (``src podIP:targetPort -> ClusterIP:port``, for the reply). The backend's node routes the
+       packet to its pod like any other; the pod sees the client's own address.
+    3. A backend on the *client's own node* would answer the client directly inside that node,
+       past the switch, and the client would see a reply from the pod's IP. For that case alone the
+       forward flow also rewrites the source to ``SNAT_IP`` (a link-local address the app answers
+       ARP for) and a port of its own, so the reply comes back to the switch, like kube-proxy's
+       hairpin masquerade.
+
+    A connection's state is its two flows (``ovs-ofctl dump-flows`` shows cookie ``0x5b``); when a
+    backend leaves, its connections' flows are deleted. Everything else is switched by the
+    l2_learning logic. What the app serves comes from the runtime: ``$K8SNETLAB_SERVICES`` names a
+    JSON file (service CIDR, nodes with MAC and pod CIDR, services with their ready backends),
+    rewritten by the ``openflow`` kube-proxy mode on every change and re-read here when it changes.
+    ClusterIP only: nodePorts and load balancer IPs are not programmed by this mode.
+    """
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.lock = threading.RLock()          # the file watcher and the event loop share state

@@ -42,7 +42,6 @@ import dataclasses
 import json
 import logging
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,7 +51,7 @@ from typing import Any, Iterable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from k8snetlab import experiment, framework, measure, naming, results, spec as specmod  # noqa: E402
+from k8snetlab import experiment, framework, hoststat, measure, naming, proc, results, spec as specmod  # noqa: E402
 from k8snetlab.errors import SpecError  # noqa: E402
 from k8snetlab.framework import Comparison, Target  # noqa: E402
 from k8snetlab.modes import MODES  # noqa: E402
@@ -276,12 +275,7 @@ def capture_wire(node, src, dst_ip: str, workdir: Path) -> list[WirePacket]:
         measure.ping(src.netns, dst_ip, count=CAPTURE_PINGS, interval_s=0.02, size=PING_SIZE)
         time.sleep(0.2)     # -U writes each packet at once; leave the last reply time to land
     finally:
-        dump.terminate()
-        try:
-            dump.wait(3)
-        except subprocess.TimeoutExpired:
-            dump.kill()
-            dump.wait()
+        proc.end_child(dump, grace=3)
     return wire_packets(rdpcap(str(pcap)), src.ip, dst_ip)
 
 
@@ -297,15 +291,6 @@ def next_hops(route_json: list[dict[str, Any]]) -> list[tuple[str, str]]:
         if r.get("dev"):
             return [(r["dev"], r.get("gateway", ""))]
     return []
-
-
-def tx_packets(proc_net_dev: str) -> dict[str, int]:
-    """Interface -> packets sent, from /proc/net/dev (read inside the namespace)."""
-    out = {}
-    for line in proc_net_dev.splitlines()[2:]:
-        name, counters = line.split(":", 1)
-        out[name.strip()] = int(counters.split()[9])
-    return out
 
 
 def ecmp_spread(per_hop: dict[str, int]) -> tuple[int, float]:
@@ -333,10 +318,10 @@ def measure_ecmp(c, src, dst, wire_dst: str) -> tuple[str, dict[str, int]] | Non
     if len(route(c.nodes[dst.node_name].ip)) < 2:       # the underlay itself has one path
         return None
     hops = route(wire_dst)
-    before = tx_packets(host.run(["cat", "/proc/net/dev"]).stdout)
+    before = hoststat.ns_counters(host.netns).ifaces
     src.run([sys.executable, "-c", SYN_LOOP, dst.ip, str(ECMP_ATTEMPTS)], timeout=ECMP_ATTEMPTS * 2 + 30)
-    after = tx_packets(host.run(["cat", "/proc/net/dev"]).stdout)
-    return router.name, {f"{dev} via {gw_ip}": after[dev] - before[dev] for dev, gw_ip in hops}
+    after = hoststat.ns_counters(host.netns).ifaces
+    return router.name, {f"{dev} via {gw_ip}": after[dev].tx_packets - before[dev].tx_packets for dev, gw_ip in hops}
 
 
 # ---------------------------------------------------------------- summary (pure)

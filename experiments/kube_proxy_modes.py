@@ -153,25 +153,12 @@ class Bench:
         self.daemons = [self.server.popen_ns([sys.executable, "-c", ACCEPT_SERVER], what="accept server"),
                         self.server.popen_ns(["sockperf", "server", "--tcp", "-i", "0.0.0.0",
                                               "-p", str(SOCKPERF_PORT)], what="sockperf server")]
-        self._wait_listening(ACCEPT_PORT)
-        self._wait_listening(SOCKPERF_PORT)
+        for port in (ACCEPT_PORT, SOCKPERF_PORT):
+            proc.wait_listening(self.server.pid, port, 10, SERVER)
         self.dummies = 0
 
-    def _wait_listening(self, port: int) -> None:
-        deadline = time.monotonic() + 10
-        while not proc.listening(self.server.pid, port):
-            if time.monotonic() > deadline:
-                raise K8sNetLabError(f"{SERVER}: nothing listens on port {port} after 10 s")
-            time.sleep(0.02)
-
     def close(self) -> None:
-        for d in self.daemons:
-            d.terminate()
-        for d in self.daemons:
-            try:
-                d.wait(3)
-            except Exception:
-                d.kill()
+        proc.end_children(self.daemons, grace=3)
 
     @property
     def mode(self) -> str:

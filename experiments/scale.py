@@ -14,7 +14,7 @@ ready), pod delete latency, and churn with 200 pods in the background. Last, a c
 largest size is killed with SIGKILL and ``clean`` removes it (timed, checked).
 
 Writes ``scale-<run id>.csv`` (tidy rows), ``scale-<run id>.png`` (log-log up time against
-pods with the fitted growth exponent) and prints a table and the issue's targets, computed from
+pods with the fitted growth exponent) and prints a table and its targets, computed from
 this run's own data with the machine's load average beside them: on a shared machine the
 figures move with the load.
 
@@ -313,6 +313,7 @@ def plot(rows: list[results.Row], sizes: list[int], modes: list[str], path: Path
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("no plot: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for mode in modes:

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from k8snetlab import experiment, framework, hoststat, measure, proc, results, spec  # noqa: E402
 from k8snetlab.cluster import Cluster  # noqa: E402
 from k8snetlab.errors import SpecError  # noqa: E402
+from k8snetlab.netutil import Netns  # noqa: E402
 
 NAME = "underlay_switching"
 BASELINE = "linuxbridge"
@@ -197,7 +198,8 @@ def first_packets(c: Cluster, sc, n: int) -> list[float]:
 
 def make_cold(c: Cluster, sc) -> None:
     for netns in {sc.src.netns, sc.dst.netns} | {n.netns for n in c.nodes.values()}:
-        proc.run(["ip", "neigh", "flush", "all"], netns=netns)
+        with Netns(netns) as ns:
+            ns.flush_neigh()
     cookie = LEARNED_FLOW_COOKIE.get(c.ovs.app) if c.ovs else None
     if cookie:
         for sw in c.switches.values():

@@ -29,14 +29,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from k8snetlab import experiment, naming, proc, results, spec  # noqa: E402
+from k8snetlab import experiment, naming, proc, results  # noqa: E402
 from k8snetlab.cluster import Cluster  # noqa: E402
 from k8snetlab.validate import validate  # noqa: E402
 from k8snetlab.errors import K8sNetLabError  # noqa: E402
@@ -124,12 +123,7 @@ class Capture:
     def stop(self) -> list:
         from scapy.all import rdpcap
         time.sleep(0.3)
-        self.p.terminate()
-        try:
-            self.p.wait(5)
-        except subprocess.TimeoutExpired:
-            self.p.kill()
-            self.p.wait()
+        proc.end_child(self.p, grace=5)
         return list(rdpcap(str(self.pcap)))
 
 
@@ -183,9 +177,7 @@ def step2_no_nat(lab: Lab, c: Cluster, tmp: Path) -> None:
     srv = front.popen_ns([sys.executable, conformance.PROBE, "serve", front.name, str(PROBE_PORT)],
                          what="walkthrough probe")
     try:
-        deadline = time.monotonic() + 5
-        while not proc.listening(srv.pid, PROBE_PORT) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        proc.wait_listening(srv.pid, PROBE_PORT, 5, "walkthrough probe", child=srv)
         wire_host = c.nodes[front.node_name]
         cap = Capture(wire_host, "eth0", lab.pcaps / "step2-wire.pcap", f"tcp port {PROBE_PORT}")
         checker = conformance.ModelChecker(c)

@@ -1,22 +1,8 @@
 """The emulated cluster: a small facade over the parts a real cluster has.
 
-``Cluster.start()`` (also ``with Cluster.from_file(path, cni="ipip") as c:``):
-
-1. :class:`~k8snetlab.underlay.Underlay` builds the underlay with Mininet (Mininet's
-   ``buildFromTopo`` role): switches, node / router / plain hosts, links, underlay routes;
-2. a :class:`~k8snetlab.kubelet.Kubelet` per node starts the mode's node agent (sysctls, VTEP
-   or BPF programs, like flanneld / calico-node), writes the node's CNI config list and, with
-   ``cni.invoke: exec``, the node's CNI server; then every node learns the other nodes' pod
-   CIDRs (:meth:`Cluster.sync_routes`);
-3. the pure :class:`~k8snetlab.scheduler.Scheduler` binds every pod to a node, and that node's
-   kubelet creates its sandbox, runs CNI ADD through the node's runtime with ``CNI_NETNS``
-   pointing at the sandbox, starts its containers and waits for readiness. Pods of all nodes
-   are created concurrently;
-4. the add-ons (Endpoints, kube-proxy, DNS, load balancer) start.
-
-``stop()`` undoes all of it in reverse: add-ons, containers, CNI DEL per pod, node agents,
-Mininet, the state directory. It runs from ``__exit__`` and so after an exception or Ctrl-C
-too; whatever a ``kill -9`` leaves is found by ``k8snetlab clean`` (see :mod:`k8snetlab.cleanup`).
+``Cluster.start()`` builds the underlay, the node agents, the pods and the add-ons in that order
+and ``stop()`` undoes it in reverse (steps: :meth:`Cluster.start`); whatever a ``kill -9``
+leaves is found by ``k8snetlab clean``.
 """
 
 from __future__ import annotations
@@ -32,7 +18,7 @@ from typing import Any, Callable
 
 from mininet.log import setLogLevel
 
-from . import addons as addonmod, chain, checks, cleanup, manifests, proc, signals, spec as specmod
+from . import addons as addonmod, chain, checks, manifests, proc, signals, spec as specmod
 from .errors import K8sNetLabError, SpecError
 from .kubelet import PHASES, Kubelet
 from .manifests import PodSpec, Workload
@@ -43,6 +29,7 @@ from .netutil import Netns
 from .pod import NetnsHost, NodeHost, Pod
 from .scheduler import Scheduler, host_ports
 from .clusterspec import ClusterSpec, parse_address
+from .statedir import StateDir
 from .underlay import ECMP_HASH_FIELDS, Underlay, underlay_first_hops  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -70,7 +57,7 @@ class Cluster:
     def __init__(self, spec: ClusterSpec):
         self.spec = spec
         self.mode: Mode = MODES.get(spec.cni.type)(self, spec.cni.options)
-        self.state: cleanup.StateDir | None = None
+        self.state: StateDir | None = None
         self.underlay: Underlay | None = None
         self.kubelets: dict[str, Kubelet] = {}
         self.scheduler = Scheduler()
@@ -136,11 +123,29 @@ class Cluster:
 
     @signals.deferring      # SIGINT/SIGTERM act at the checkpoints between steps, then stop()
     def start(self) -> "Cluster":
+        """``Cluster.start()`` (also ``with Cluster.from_file(path, cni="ipip") as c:``):
+
+        1. :class:`~k8snetlab.underlay.Underlay` builds the underlay with Mininet (Mininet's
+           ``buildFromTopo`` role): switches, node / router / plain hosts, links, underlay routes;
+        2. a :class:`~k8snetlab.kubelet.Kubelet` per node starts the mode's node agent (sysctls, VTEP
+           or BPF programs, like flanneld / calico-node), writes the node's CNI config list and, with
+           ``cni.invoke: exec``, the node's CNI server; then every node learns the other nodes' pod
+           CIDRs (:meth:`Cluster.sync_routes`);
+        3. the pure :class:`~k8snetlab.scheduler.Scheduler` binds every pod to a node, and that node's
+           kubelet creates its sandbox, runs CNI ADD through the node's runtime with ``CNI_NETNS``
+           pointing at the sandbox, starts its containers and waits for readiness. Pods of all nodes
+           are created concurrently;
+        4. the add-ons (Endpoints, kube-proxy, DNS, load balancer) start.
+
+        ``stop()`` undoes all of it in reverse: add-ons, containers, CNI DEL per pod, node agents,
+        Mininet, the state directory. It runs from ``__exit__`` and so after an exception or Ctrl-C
+        too; whatever a ``kill -9`` leaves is found by ``k8snetlab clean`` (see :mod:`k8snetlab.cleanup`).
+        """
         proc.require_root()
         proc.require(*BASE_TOOLS, *self.mode.tools)
         t0 = time.monotonic()
         setLogLevel("error")
-        self.state = cleanup.StateDir.create(self.spec.name)
+        self.state = StateDir.create(self.spec.name)
         self._started = True
         try:
             self._write_cni_bin()
@@ -501,7 +506,7 @@ class Cluster:
             return
         for p in pod.spawned:
             if p.poll() is None:
-                cleanup.kill_pid(p.pid, proc.start_time(p.pid), grace=0.5)
+                proc.stop_pids([(p.pid, proc.start_time(p.pid))], grace=0.5)
                 p.wait(5)
 
     def _kill_in(self, *hosts: NetnsHost) -> None:
@@ -516,8 +521,8 @@ class Cluster:
                     keep.add(h.shell.pid)
             except OSError:
                 continue
-        pids = [pid for pid in cleanup.processes_in_netns(inodes) if pid not in keep]
-        cleanup.kill_pids([(pid, proc.start_time(pid)) for pid in pids], grace=0.5)
+        pids = [pid for pid in proc.pids_in_netns(inodes) if pid not in keep]
+        proc.stop_pids([(pid, proc.start_time(pid)) for pid in pids], grace=0.5)
 
     # -- conveniences ----------------------------------------------------------------------------
     def addon(self, name: str) -> addonmod.Addon | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .cleanup import StateDir
+    from .statedir import StateDir
     from .clusterspec import ClusterSpec
     from .pod import NetnsHost, NodeHost, Pod, RouterHost
 

@@ -8,17 +8,6 @@ The model asks three things of every cluster network:
 
 and Kubernetes has four kinds of traffic: container to container in one pod (``localhost``),
 pod to pod, pod to Service, external to Service.
-
-How it is checked: a small probe server (:mod:`k8snetlab.probe`) runs in every pod and every
-node; it answers each connection with its own name and the source address it saw. A client in
-every pod and node asks the others. So a check fails with the evidence a person would look for:
-"no answer", "172.17.0.2 answered by web-0 on node1, not web-1 on node2" (Docker's per-node
-address range), "seen source 192.168.1.129, expected 172.17.0.2" (NAT).
-
-Service checks use the Services add-on when the cluster has one (a ClusterIP and a NodePort
-Service over every workload, asked from every pod and from the ``external`` host). In
-``docker`` mode, where Services do not exist, the outside is reached the Docker way: through
-the port the node publishes for the container, and that is what is reported.
 """
 
 from __future__ import annotations
@@ -26,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -97,7 +85,19 @@ class ModelChecker:
 
     Every pod asks every other pod while that is at most ``per_source`` targets (all pairs);
     in bigger clusters each pod asks ``per_source`` of them, spread over all pods (1,000 pods:
-    30,000 pairs of the 999,000), and the report says how many were sampled."""
+    30,000 pairs of the 999,000), and the report says how many were sampled.
+
+    How it is checked: a small probe server (:mod:`k8snetlab.probe`) runs in every pod and every
+    node; it answers each connection with its own name and the source address it saw. A client in
+    every pod and node asks the others. So a check fails with the evidence a person would look for:
+    "no answer", "172.17.0.2 answered by web-0 on node1, not web-1 on node2" (Docker's per-node
+    address range), "seen source 192.168.1.129, expected 172.17.0.2" (NAT).
+
+    Service checks use the Services add-on when the cluster has one (a ClusterIP and a NodePort
+    Service over every workload, asked from every pod and from the ``external`` host). In
+    ``docker`` mode, where Services do not exist, the outside is reached the Docker way: through
+    the port the node publishes for the container, and that is what is reported.
+    """
 
     def __init__(self, cluster: Any, per_source: int = 30):
         self.cluster = cluster
@@ -115,11 +115,7 @@ class ModelChecker:
                            what=f"model probe in {h.name}")
             self._servers.append(p)
         for h, p in zip(hosts, self._servers):
-            deadline = time.monotonic() + 10
-            while not proc.listening(p.pid, PROBE_PORT):
-                if p.poll() is not None or time.monotonic() > deadline:
-                    raise K8sNetLabError(f"model probe in {h.name} did not start (status {p.poll()})")
-                time.sleep(0.02)
+            proc.wait_listening(p.pid, PROBE_PORT, 10, f"model probe in {h.name}", child=p)
         publish = getattr(self.cluster.mode, "publish", None)
         if publish is not None:   # docker: the only way in from outside a node
             for i, pod in enumerate(sorted(self.cluster.pods.values(), key=lambda p: p.name)):
@@ -128,14 +124,7 @@ class ModelChecker:
                 self._published[pod.name] = (self.cluster.nodes[pod.node_name].ip, host_port)
 
     def _stop_servers(self) -> None:
-        for p in self._servers:
-            if p.poll() is None:
-                p.terminate()
-        for p in self._servers:
-            try:
-                p.wait(5)
-            except Exception:
-                p.kill()
+        proc.end_children(self._servers, grace=5)
         self._servers.clear()
         unpublish = getattr(self.cluster.mode, "unpublish", None)
         if unpublish is not None:

@@ -30,7 +30,10 @@ import struct
 import subprocess
 from typing import Iterator, Mapping
 
+import psutil
+
 from . import naming, proc
+from .netutil import Netns
 from .errors import (CommandError, K8sNetLabError, KernelFeatureMissing, NetlinkError,
                      SpecError)
 
@@ -132,30 +135,14 @@ def object_name(source: bytes, clang_version: str, flags: tuple[str, ...]) -> st
     return f"ipip_tc-{digest.hexdigest()[:16]}.o"
 
 
-_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
-
-
-def parse_mountinfo(text: str) -> list[tuple[str, str]]:
-    """(mount point, filesystem type) per line of /proc/self/mountinfo, in mount order."""
-    mounts = []
-    for line in text.splitlines():
-        left, sep, right = line.partition(" - ")
-        fields = left.split()
-        if not sep or len(fields) < 5 or not right:
-            continue
-        point = _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[4])  # \040 = ' '
-        mounts.append((point, right.split()[0]))
-    return mounts
-
-
-def fs_type_at(path: str, mountinfo: str | None = None) -> tuple[str, str] | None:
-    """(mount point, fs type) of the mount holding ``path`` (the last, innermost match)."""
-    if mountinfo is None:
-        with open("/proc/self/mountinfo") as f:
-            mountinfo = f.read()
+def fs_type_at(path: str, mounts: list[tuple[str, str]] | None = None) -> tuple[str, str] | None:
+    """(mount point, fs type) of the mount holding ``path`` (the last, innermost match);
+    ``mounts``: (mount point, fs type) in mount order, by default this namespace's."""
+    if mounts is None:
+        mounts = [(p.mountpoint, p.fstype) for p in psutil.disk_partitions(all=True)]
     real = os.path.realpath(path)
     best: tuple[str, str] | None = None
-    for point, fstype in parse_mountinfo(mountinfo):
+    for point, fstype in mounts:
         inside = real == point or real.startswith(point.rstrip("/") + "/")
         if inside and (best is None or len(point) >= len(best[0])):
             best = (point, fstype)
@@ -286,50 +273,39 @@ class PinnedMap:
         _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
         return info
 
-    def _elem(self, cmd: int, key: ctypes.Array | None, value: ctypes.Array | None,
-              flags: int = 0) -> None:
+    def _elem(self, what: str, cmd: int, key: ctypes.Array | None, value: ctypes.Array | None,
+              flags: int = 0) -> bool:
+        """One element operation; False if there is no such key (ENOENT), BpfError on any
+        other failure."""
         attr = _ElemAttr(map_fd=self.fd, flags=flags)
         attr.key = ctypes.addressof(key) if key is not None else 0
         attr.value = ctypes.addressof(value) if value is not None else 0
-        _bpf(cmd, attr)
-
-    def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
         try:
-            self._elem(BPF_MAP_UPDATE_ELEM, _buf(key), _buf(value), flags)
-        except OSError as e:
-            raise BpfError(f"BPF map update failed on {self.path}: {e.strerror}") from None
-
-    def delete(self, key: bytes) -> bool:
-        """Remove ``key``; False if it was not there."""
-        try:
-            self._elem(BPF_MAP_DELETE_ELEM, _buf(key), None)
+            _bpf(cmd, attr)
         except OSError as e:
             if e.errno == errno.ENOENT:
                 return False
-            raise BpfError(f"BPF map delete failed on {self.path}: {e.strerror}") from None
+            raise BpfError(f"BPF map {what} failed on {self.path}: {e.strerror}") from None
         return True
+
+    def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+        if not self._elem("update", BPF_MAP_UPDATE_ELEM, _buf(key), _buf(value), flags):
+            raise BpfError(f"BPF map update failed on {self.path}: {os.strerror(errno.ENOENT)}")
+
+    def delete(self, key: bytes) -> bool:
+        """Remove ``key``; False if it was not there."""
+        return self._elem("delete", BPF_MAP_DELETE_ELEM, _buf(key), None)
 
     def lookup(self, key: bytes) -> bytes | None:
         value = _buf(self.buf_size)
-        try:
-            self._elem(BPF_MAP_LOOKUP_ELEM, _buf(key), value)
-        except OSError as e:
-            if e.errno == errno.ENOENT:
-                return None
-            raise BpfError(f"BPF map lookup failed on {self.path}: {e.strerror}") from None
-        return value.raw
+        return value.raw if self._elem("lookup", BPF_MAP_LOOKUP_ELEM, _buf(key), value) else None
 
     def keys(self) -> Iterator[bytes]:
         key: ctypes.Array | None = None
         while True:
             nxt = _buf(self.key_size)
-            try:
-                self._elem(BPF_MAP_GET_NEXT_KEY, key, nxt)
-            except OSError as e:
-                if e.errno == errno.ENOENT:
-                    return
-                raise BpfError(f"BPF map iteration failed on {self.path}: {e.strerror}") \
-                    from None
+            if not self._elem("iteration", BPF_MAP_GET_NEXT_KEY, key, nxt):
+                return
             yield nxt.raw
             key = nxt
 
@@ -609,15 +585,11 @@ def kernel_has_ipip(netns_path: str) -> bool:
     if not os.path.exists(netns_path):
         raise NetlinkError(f"cannot probe for ipip: network namespace {netns_path} is gone")
     probe = naming.check_ifname(f"{naming.PREFIX}ipip{os.getpid() % 100000}")
-    r = proc.run(["ip", "link", "add", probe, "type", "ipip"], netns=netns_path, check=False)
-    if r.returncode == 0:
-        proc.run(["ip", "link", "del", probe], netns=netns_path, where="probing for ipip")
-        return True
-    text = r.stderr + r.stdout
-    if "Unknown device type" in text or "not supported" in text.lower():
-        log.debug("kernel has no ipip device: %s", text.strip())   # the caller says what follows
-        return False
-    raise CommandError(r.args, r.returncode, r.stdout, r.stderr, "probing for ipip")
+    with Netns(netns_path, "probing for ipip") as ns:
+        found = ns.can_create("ipip", probe)
+    if not found:
+        log.debug("kernel has no ipip device")   # the caller says what follows
+    return found
 
 
 def have_tools() -> str | None:

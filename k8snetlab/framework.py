@@ -4,26 +4,7 @@ An experiment (a subclass of :class:`Experiment`) declares its variants (one clu
 CNI mode with options), the scenarios measured in each (pairs of endpoints), what one
 measurement yields (by default RTT percentiles from ping and TCP throughput from iperf3 with
 its golden signals), the comparisons it reports (ratios of two variants, paired by round)
-and its targets. The framework then:
-
-1. validates every option and builds the clusters (nothing exists before the options are
-   known to be good);
-2. runs a warm-up round that is not recorded (ARP, caches, TCP ramp-up of a first run);
-3. runs rounds: every (variant, scenario) once per round, in an order shuffled per round by
-   a seeded generator (the seed is printed: ``--seed`` repeats the order), so neither
-   drift of the shared machine nor position in the round favours a variant. While one
-   cluster measures, the processes of the others are paused (SIGSTOP/SIGCONT, see
-   :class:`hoststat.Freezer`); ``--no-pause`` leaves them running;
-4. adaptive rounds, as netperf's ``-I``: with ``--ci PCT`` it goes on after ``--repeat``
-   rounds (measuring only what the headline comparisons need) until every headline ratio's
-   95 % interval is within PCT % of the ratio, or ``--max-repeat`` is reached, and says which;
-5. writes every measurement as a row (UTC timestamps, the load average and steal time of
-   the machine), then ``<name>-<run id>-summary.csv`` (n, median, mean, sd, 95 % interval
-   per mode, scenario and metric; each comparison's ratio with its paired-bootstrap
-   interval), prints the summary with intervals and verdicts (``met`` only when the whole
-   interval is on the right side), draws the plots (means with interval error bars and a
-   dot per round) and writes ``<name>-<run id>.md``, a report with the machine and the
-   exact command.
+and its targets; :func:`run` does the rest.
 """
 
 from __future__ import annotations
@@ -433,6 +414,27 @@ def quiet_busy_rate(seconds: float = 1.0) -> float:
 # ---------------------------------------------------------------- the run itself
 
 def run(exp: Experiment, args: argparse.Namespace) -> int:
+    """Run an experiment; the framework:
+
+    1. validates every option and builds the clusters (nothing exists before the options are
+       known to be good);
+    2. runs a warm-up round that is not recorded (ARP, caches, TCP ramp-up of a first run);
+    3. runs rounds: every (variant, scenario) once per round, in an order shuffled per round by
+       a seeded generator (the seed is printed: ``--seed`` repeats the order), so neither
+       drift of the shared machine nor position in the round favours a variant. While one
+       cluster measures, the processes of the others are paused (SIGSTOP/SIGCONT, see
+       :class:`hoststat.Freezer`); ``--no-pause`` leaves them running;
+    4. adaptive rounds, as netperf's ``-I``: with ``--ci PCT`` it goes on after ``--repeat``
+       rounds (measuring only what the headline comparisons need) until every headline ratio's
+       95 % interval is within PCT % of the ratio, or ``--max-repeat`` is reached, and says which;
+    5. writes every measurement as a row (UTC timestamps, the load average and steal time of
+       the machine), then ``<name>-<run id>-summary.csv`` (n, median, mean, sd, 95 % interval
+       per mode, scenario and metric; each comparison's ratio with its paired-bootstrap
+       interval), prints the summary with intervals and verdicts (``met`` only when the whole
+       interval is on the right side), draws the plots (means with interval error bars and a
+       dot per round) and writes ``<name>-<run id>.md``, a report with the machine and the
+       exact command.
+    """
     from . import proc
     from .cluster import Cluster
     check_args(exp, args)

@@ -16,12 +16,15 @@ while one cluster is measured and resumes them (SIGCONT) after, always.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
+
+from . import proc
 
 log = logging.getLogger(__name__)
 
@@ -212,27 +215,13 @@ def sum_delta(a: NsCounters, b: NsCounters, field: str) -> int:
 
 # ---------------------------------------------------------------- pausing idle clusters
 
-def _netns_inode(path: str) -> int | None:
-    try:
-        return os.stat(path).st_ino
-    except OSError:
-        return None
-
-
 def pids_in(netns_paths: Iterable[str]) -> list[int]:
     """Every process (not ours) whose network namespace is one of ``netns_paths``."""
-    inodes = {i for i in (_netns_inode(p) for p in netns_paths) if i is not None}
-    me = os.getpid()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            if os.stat(f"/proc/{entry}/ns/net").st_ino in inodes:
-                found.append(int(entry))
-        except OSError:
-            continue
-    return found
+    inodes = set()
+    for path in netns_paths:
+        with contextlib.suppress(OSError):
+            inodes.add(os.stat(path).st_ino)
+    return proc.pids_in_netns(inodes)
 
 
 class Freezer:

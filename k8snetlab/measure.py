@@ -4,37 +4,6 @@ Both runners take network-namespace *paths* (``/proc/<pid>/ns/net``, ``/run/netn
 and start the real tools inside them, so they work for a Mininet host, a pod sandbox or a
 namespace made by hand alike. Parsing is separate from running and never invents a number:
 output that cannot be read raises :class:`MeasureError` instead of becoming a measurement.
-
-What the numbers mean
----------------------
-**RTT (ping, iputils).** One ICMP echo request every ``interval_s``; the RTT of a reply is
-the kernel's receive timestamp of the reply minus the time ping took just before sending
-the request, so it covers the sender's send path, both directions of the datapath and the
-receiver's echo handling in its kernel. iputils prints ``time=`` with three decimals below
-1 ms, i.e. a resolution of 1 microsecond (fewer decimals above 1 ms); on a veth pair RTTs
-are a few to a few tens of microseconds, close to that resolution and dominated by
-scheduling, so compare medians and percentiles over many samples, not single values.
-The first reply usually includes neighbour (ARP) resolution and is often 10-100x slower;
-it stays in the samples (it is real), so read p50 rather than max for the steady state.
-``loss`` is ``1 - received / sent``; duplicated replies (``DUP!``) are neither counted nor
-sampled.
-
-**TCP throughput (iperf3).** One TCP stream from the client namespace to an ``iperf3 -s -1``
-server in the server namespace. ``gbit_s`` is the *receiver-side* rate: the bytes the
-server read divided by the server's measuring time (``end.sum_received``), after the
-``-O`` warm-up seconds that iperf3 leaves out. ``retransmits`` is the sender's count from
-the kernel's TCP_INFO (Linux only). iperf3 3.12 accepts whole seconds only for ``-t`` and
-``-O``; fractions are rounded up (the default ``omit_s=0.5`` becomes 1 s) and
-``TcpResult.duration_s`` reports the time iperf3 actually measured. Both ends share the
-machine's CPUs: the absolute figure is bounded by CPU, not by a link, so compare modes
-with each other on one machine rather than with a NIC's line rate.
-
-**CPU placement.** On a machine with few CPUs the figure depends on where the scheduler puts
-the sender, the receiver and the veth softirq work (on 2 vCPUs the unpinned values are
-bimodal). A :class:`Placement` pins the iperf3 client and server (``same``: both on one CPU,
-the default of the experiments' ``--pin``; ``split``: one CPU each; ``none``) and, with
-``same``, moves the calling process's own threads (the in-process runtime) to the other CPUs
-while the test runs. :func:`set_placement` sets the default every :func:`iperf3` call uses.
 """
 
 from __future__ import annotations
@@ -70,7 +39,20 @@ class MeasureError(K8sNetLabError):
 
 @dataclass
 class RttStats:
-    """Per-reply RTT samples in milliseconds and the packet counts ping reported."""
+    """Per-reply RTT samples in milliseconds and the packet counts ping reported.
+
+    **RTT (ping, iputils).** One ICMP echo request every ``interval_s``; the RTT of a reply is
+    the kernel's receive timestamp of the reply minus the time ping took just before sending
+    the request, so it covers the sender's send path, both directions of the datapath and the
+    receiver's echo handling in its kernel. iputils prints ``time=`` with three decimals below
+    1 ms, i.e. a resolution of 1 microsecond (fewer decimals above 1 ms); on a veth pair RTTs
+    are a few to a few tens of microseconds, close to that resolution and dominated by
+    scheduling, so compare medians and percentiles over many samples, not single values.
+    The first reply usually includes neighbour (ARP) resolution and is often 10-100x slower;
+    it stays in the samples (it is real), so read p50 rather than max for the steady state.
+    ``loss`` is ``1 - received / sent``; duplicated replies (``DUP!``) are neither counted nor
+    sampled.
+    """
 
     samples_ms: list[float]
     sent: int
@@ -216,7 +198,15 @@ PIN_MODES = ("same", "split", "none")
 @dataclass(frozen=True)
 class Placement:
     """Where an iperf3 test runs: the client's and the server's CPU (None: anywhere) and the
-    CPUs the caller's own threads move to meanwhile (empty: they stay)."""
+    CPUs the caller's own threads move to meanwhile (empty: they stay).
+
+    **CPU placement.** On a machine with few CPUs the figure depends on where the scheduler puts
+    the sender, the receiver and the veth softirq work (on 2 vCPUs the unpinned values are
+    bimodal). A placement pins the iperf3 client and server (``same``: both on one CPU, the
+    default of the experiments' ``--pin``; ``split``: one CPU each; ``none``) and, with
+    ``same``, moves the calling process's own threads (the in-process runtime) to the other CPUs
+    while the test runs. :func:`set_placement` sets the default every :func:`iperf3` call uses.
+    """
 
     mode: str = "none"
     client: int | None = None
@@ -315,7 +305,18 @@ class _Confined:
 
 @dataclass
 class TcpResult:
-    """One iperf3 TCP test, as seen by the receiver (rate) and the sender (retransmits)."""
+    """One iperf3 TCP test, as seen by the receiver (rate) and the sender (retransmits).
+
+    **TCP throughput (iperf3).** One TCP stream from the client namespace to an ``iperf3 -s -1``
+    server in the server namespace. ``gbit_s`` is the *receiver-side* rate: the bytes the
+    server read divided by the server's measuring time (``end.sum_received``), after the
+    ``-O`` warm-up seconds that iperf3 leaves out. ``retransmits`` is the sender's count from
+    the kernel's TCP_INFO (Linux only). iperf3 3.12 accepts whole seconds only for ``-t`` and
+    ``-O``; fractions are rounded up (the default ``omit_s=0.5`` becomes 1 s) and
+    ``TcpResult.duration_s`` reports the time iperf3 actually measured. Both ends share the
+    machine's CPUs: the absolute figure is bounded by CPU, not by a link, so compare modes
+    with each other on one machine rather than with a NIC's line rate.
+    """
 
     gbit_s: float
     retransmits: int
@@ -462,36 +463,12 @@ def _wait_listening(server: subprocess.Popen, server_log, netns: str, port: int,
             said = server_log.read().decode(errors="replace").strip().splitlines()
             raise MeasureError(f"iperf3 server in {netns} exited ({server.returncode}) before "
                                f"listening on port {port}: {said[-1] if said else 'no output'}")
-        if _owns_listener(server.pid, port):
+        if proc.listening(server.pid, port, own=True):   # not another program's on that port
             return
         if time.monotonic() >= until:
             raise MeasureError(f"iperf3 server in {netns} did not listen on port {port} "
                                f"within {SERVER_START_TIMEOUT_S:g} s")
         time.sleep(0.01)
-
-
-def _owns_listener(pid: int, port: int) -> bool:
-    """Does process ``pid`` hold a TCP socket listening on ``port``?
-
-    Reads the listening sockets of the process's namespace from /proc/PID/net/tcp{,6} and
-    keeps those whose inode is one of the process's own descriptors, so another program
-    listening on the same port in that namespace is never mistaken for our server.
-    """
-    inodes = proc.listening_inodes(pid, port)
-    if not inodes:
-        return False
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return False
-    for fd in fds:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:[") and target[8:-1] in inodes:
-            return True
-    return False
 
 
 def _stop(server: subprocess.Popen, grace: float) -> None:
@@ -502,12 +479,7 @@ def _stop(server: subprocess.Popen, grace: float) -> None:
     except subprocess.TimeoutExpired:
         pass
     log.debug("stopping iperf3 server pid %d", server.pid)
-    server.terminate()
-    try:
-        server.wait(timeout=2)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
+    proc.end_child(server, grace=2)
 
 
 # ---------------------------------------------------------------- helpers

@@ -32,6 +32,7 @@ SCOPE_LINK = 253
 SCOPE_UNIVERSE = 0
 MAIN_TABLE = 254
 NUD_PERMANENT = 0x80
+NUD_NOARP = 0x40
 NTF_SELF = 0x02
 RTPROT_STATIC = 4
 
@@ -86,16 +87,19 @@ class Netns:
         return idx
 
     def link(self, ifname: str) -> dict[str, Any] | None:
-        """The link's index, mtu, mac, master, up and kind; None if there is none (one request)."""
+        """The link's index, ifname, mtu, mac, master, alias, up and kind; None if there is none
+        (one request)."""
         try:
             msg = self.ipr.link("get", ifname=ifname)[0]
         except _PyNetlinkError as e:
             if e.code in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
                 return None
             raise NetlinkError(f"look up {ifname} in {self.label}: {os.strerror(e.code)}") from None
-        return {"index": msg["index"], "ifname": ifname, "mtu": msg.get("mtu"),
-                "mac": msg.get("address"), "master": msg.get("master"),
-                "up": bool(msg["flags"] & 1), "kind": _link_kind(msg)}
+        return _link_info(msg)
+
+    def links(self) -> list[dict[str, Any]]:
+        """Every link here, as :meth:`link` describes one (one dump)."""
+        return [_link_info(msg) for msg in self.ipr.get_links()]
 
     def ensure_bridge(self, name: str, mtu: int | None = None) -> int:
         """Create bridge ``name`` (or accept the one there), set it up; return its index."""
@@ -160,6 +164,11 @@ class Netns:
         stats = msg.get("IFLA_STATS64") or msg.get("IFLA_STATS") or {}
         return {k: int(v) for k, v in dict(stats).items()}
 
+    def set_alias(self, ifname: str | int, alias: str) -> None:
+        """Set the link's ``ifalias`` (a free-form label the kernel keeps with it)."""
+        self._call(f"set the alias of {ifname}", self.ipr.link, "set",
+                   index=self.require_index(ifname), ifalias=alias)
+
     def set_master(self, ifname: str, bridge: str) -> None:
         self._call(f"attach {ifname} to {bridge}", self.ipr.link, "set",
                    index=self.require_index(ifname), master=self.require_index(bridge))
@@ -175,6 +184,17 @@ class Netns:
         if idx is None:
             return False
         self._call(f"delete {ifname}", self.ipr.link, "del", index=idx, ok=(errno.ENODEV,))
+        return True
+
+    def can_create(self, kind: str, probe: str) -> bool:
+        """Can a link of ``kind`` be made here? Creates ``probe`` of that kind and deletes it."""
+        try:
+            self.ipr.link("add", ifname=probe, kind=kind)
+        except _PyNetlinkError as e:
+            if e.code == errno.EOPNOTSUPP:       # the kernel has no such link type
+                return False
+            raise NetlinkError(f"create {kind} {probe} in {self.label}: {os.strerror(e.code)}") from None
+        self.del_link(probe)
         return True
 
     def add_link(self, ifname: str, kind: str, **attrs: Any) -> int:
@@ -277,12 +297,14 @@ class Netns:
             self._call(f"delete fdb {mac} dev {ifname}", self.ipr.fdb, "del", ifindex=idx,
                        lladdr=mac, dst=dst_ip, flags=NTF_SELF, ok=(errno.ENOENT, errno.ESRCH))
 
-    def flush_neigh(self, ip: str) -> int:
-        """Forget ``ip``'s neighbour entries on every interface (``ip neigh flush to IP``);
+    def flush_neigh(self, ip: str | None = None) -> int:
+        """Forget IPv4 neighbour entries on every interface: ``ip``'s (``ip neigh flush to
+        IP``), or every learned one (``ip neigh flush all``: permanent and noarp entries stay);
         return how many there were."""
-        entries = [n["ifindex"] for n in self.ipr.get_neighbours(family=2) if n.get("NDA_DST") == ip]
-        for idx in entries:
-            self._call(f"delete neighbour {ip}", self.ipr.neigh, "del", ifindex=idx, dst=ip,
+        entries = [(n["ifindex"], n.get("NDA_DST")) for n in self.ipr.get_neighbours(family=2)
+                   if (n.get("NDA_DST") == ip if ip else not n["state"] & (NUD_PERMANENT | NUD_NOARP))]
+        for idx, dst in entries:
+            self._call(f"delete neighbour {dst}", self.ipr.neigh, "del", ifindex=idx, dst=dst,
                        ok=(errno.ENOENT, errno.ESRCH))
         return len(entries)
 
@@ -395,6 +417,12 @@ class Netns:
 
     def get_sysctl(self, key: str) -> str:
         return get_sysctl(key, self.path, self.label)
+
+
+def _link_info(msg: Any) -> dict[str, Any]:
+    return {"index": msg["index"], "ifname": msg.get("ifname"), "mtu": msg.get("mtu"),
+            "mac": msg.get("address"), "master": msg.get("master"), "alias": msg.get("ifalias") or "",
+            "up": bool(msg["flags"] & 1), "kind": _link_kind(msg)}
 
 
 def _link_kind(msg: Any) -> str | None:

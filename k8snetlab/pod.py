@@ -259,13 +259,5 @@ class Pod(NetnsHost):
             self._stop_containers(grace)
 
     def _stop_containers(self, grace: float) -> None:
-        for c in self.containers.values():
-            if c.running():
-                c.process.terminate()
-        for c in self.containers.values():
-            try:
-                c.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                c.process.kill()
-                c.process.wait(5)
+        proc.end_children([c.process for c in self.containers.values()], grace)
         self.containers.clear()

@@ -1,12 +1,9 @@
-"""Running external programs and entering network namespaces.
+"""Running external programs, entering network namespaces, and the processes we started.
 
 Every external command goes through :func:`run`, which checks the exit status and raises
-:class:`CommandError` with the command, its stdout and stderr (Mininet's ``Node.cmd`` loses
-the status; we never rely on it for anything that can fail). :func:`require` turns a
-missing program into one line naming the Debian package.
-
-Namespaces are entered with ``setns(2)`` on the calling thread only: a network namespace
-switch is per thread, so :func:`netns` is safe in a thread pool.
+:class:`CommandError` (Mininet's ``Node.cmd`` loses the status). A process we started is
+known by its PID *and* start time, so a reused PID is never signalled. Namespaces are entered
+with ``setns(2)`` on the calling thread only, so :func:`netns` is safe in a thread pool.
 """
 
 from __future__ import annotations
@@ -15,11 +12,15 @@ import contextlib
 import ctypes
 import os
 import shutil
+import signal
 import subprocess
 import threading
-from typing import Iterator, Sequence
+import time
+from typing import Iterable, Iterator, Sequence
 
-from .errors import CommandError, NotRoot, ToolMissing
+import psutil
+
+from .errors import CommandError, K8sNetLabError, NotRoot, ToolMissing
 
 CLONE_NEWNET = 0x40000000
 CLONE_NEWNS = 0x00020000
@@ -179,34 +180,119 @@ def pid_alive(pid: int) -> bool:
 def cmdline(pid: int) -> str:
     """The process's argv joined by spaces ('' if it is gone)."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
         return ""
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state is [0], starttime [19]).
+
+    Read by hand for the start time: psutil gives it only as wall-clock seconds, which move
+    when the clock is set, and a start time recorded in a state file must never change."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields if len(fields) > 19 else None
 
 
 def running(pid: int, start: int) -> bool:
     """Is ``pid`` still the process that started at ``start`` (and not a zombie)?"""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return False
-    return fields[0] not in ("Z", "X") and int(fields[19]) == start
+    fields = _stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X") and int(fields[19]) == start
 
 
 def start_time(pid: int) -> int:
     """Start time of a process in clock ticks since boot (guards against PID reuse); 0 if gone."""
+    fields = _stat(pid)
+    return int(fields[19]) if fields else 0
+
+
+def boot_ticks_now() -> int:
+    """Now, in the unit of :func:`start_time` (a process started later has a larger one)."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
+
+
+def parent(pid: int) -> int:
+    """The parent PID of ``pid`` (0 if it is gone)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
+        return psutil.Process(pid).ppid()
+    except psutil.Error:
         return 0
 
 
-def listening_inodes(pid: int, port: int) -> set[str]:
-    """Socket inodes listening on TCP ``port`` in the network namespace of ``pid``
-    (/proc/PID/net shows the namespace of that process)."""
+def netns_inode(pid: int) -> int | None:
+    """The inode number of the network namespace ``pid`` lives in (None if it is gone)."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
+
+
+def pids_in_netns(inodes: set[int], started_after: int = 0) -> list[int]:
+    """PIDs (not ours) whose network namespace is one of ``inodes``, started after a tick count."""
+    me = os.getpid()
+    return [pid for pid in psutil.pids()
+            if pid != me and netns_inode(pid) in inodes and start_time(pid) >= started_after]
+
+
+def stop_pids(pids: list[tuple[int, int]], grace: float = 1.0) -> list[int]:
+    """SIGTERM processes we started, given as (pid, start time), wait up to ``grace`` for all
+    of them together, SIGKILL the rest; return the PIDs that were running. A PID whose start
+    time does not match (reused by another process) is never signalled."""
+    alive = [(pid, start) for pid, start in pids if start and running(pid, start)]
+    for pid, _ in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    left = alive
+    while left and time.monotonic() < deadline:
+        time.sleep(0.02)
+        left = [(pid, start) for pid, start in left if running(pid, start)]
+    for pid, _ in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return [pid for pid, _ in alive]
+
+
+def end_children(children: Iterable[subprocess.Popen], grace: float,
+                 sig: int = signal.SIGTERM) -> list[subprocess.Popen]:
+    """End children we started (not reaped yet, so their PIDs cannot have been reused), all
+    signalled at once: ``sig``, up to ``grace`` seconds for all of them together, then SIGKILL
+    and up to 5 more; return those that still have not exited."""
+    running = [p for p in children if p.poll() is None]
+    for p in running:
+        p.send_signal(sig)
+    deadline = time.monotonic() + grace
+    killed = []
+    for p in running:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            killed.append(p)
+    stuck = []
+    for p in killed:
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            stuck.append(p)
+    return stuck
+
+
+def end_child(p: subprocess.Popen, grace: float, sig: int = signal.SIGTERM) -> bool:
+    """:func:`end_children` for one; True once it has exited."""
+    return not end_children([p], grace, sig)
+
+
+def listening(pid: int, port: int, own: bool = False) -> bool:
+    """Is a TCP socket listening on ``port`` in the network namespace of ``pid``? With
+    ``own``: one that ``pid`` itself holds (not another program's on that port).
+
+    Read from /proc/PID/net/tcp{,6}, the tables of PID's namespace, without entering it:
+    psutil reads /proc/net, the caller's namespace, so it cannot see a node's or pod's sockets."""
     inodes: set[str] = set()
     for table in ("tcp", "tcp6"):
         try:
@@ -220,12 +306,32 @@ def listening_inodes(pid: int, port: int) -> set[str]:
                         inodes.add(fields[9])
         except OSError:     # gone, or no IPv6 in this kernel
             continue
-    return inodes
+    if not own or not inodes:
+        return bool(inodes)
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                return True
+    return False
 
 
-def listening(pid: int, port: int) -> bool:
-    """Is a TCP socket listening on ``port`` in the network namespace of ``pid``?"""
-    return bool(listening_inodes(pid, port))
+def wait_listening(pid: int, port: int, timeout: float, what: str,
+                   child: subprocess.Popen | None = None) -> None:
+    """Return once a TCP socket listens on ``port`` in ``pid``'s namespace; raise
+    K8sNetLabError naming ``what`` after ``timeout`` seconds, or at once if ``child`` (the
+    server we started) exits first."""
+    deadline = time.monotonic() + timeout
+    while not listening(pid, port):
+        if child is not None and child.poll() is not None:
+            raise K8sNetLabError(f"{what} exited (status {child.returncode}) before listening on port {port}")
+        if time.monotonic() > deadline:
+            raise K8sNetLabError(f"{what}: nothing listens on port {port} after {timeout:g} s")
+        time.sleep(0.02)
 
 
 _SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
@@ -243,12 +349,3 @@ def loopback_up(netns_path: str) -> None:
         req = struct.pack("16sH14x", b"lo", 0)
         flags = struct.unpack("16sH14x", fcntl.ioctl(s, _SIOCGIFFLAGS, req))[1]
         fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | _IFF_UP))
-
-
-def parent(pid: int) -> int:
-    """The parent PID of ``pid`` (0 if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0

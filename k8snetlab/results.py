@@ -1,65 +1,9 @@
 """The tidy CSV every experiment writes, and the tables and plots made from it.
 
-One measurement per row, so a file from any experiment can be filtered, joined and
-plotted with any tool (pandas, R, a spreadsheet) without knowing which experiment made it.
-
-Columns, in this order:
-
-- ``run_id``      one experiment run: UTC time plus a short random suffix (``new_run_id()``)
-- ``timestamp``   when the row was measured, ISO 8601 (``utc_timestamp()`` gives UTC)
-- ``experiment``  the experiment's name (``hostgw_vs_ipip``)
-- ``topology``    the cluster file's name
-- ``mode``        the CNI type measured (``host-gw``, ``ipip``, ...); ``all`` for whole-run rows
-- ``datapath``    how the mode was realised (``kernel``, ``ebpf``, ``reference``); may be empty
-- ``scenario``    what path the traffic took (``node-to-node``, ``pod-same-node``,
-  ``pod-cross-node``), or ``lifecycle`` for set-up and tear-down timings
-- ``src``, ``dst`` the endpoints (pod or node names); empty for lifecycle rows
-- ``round``       1..N repetition of the measurement; 0 for one-off rows
-- ``metric``      what was measured, e.g. ``rtt_p50``
-- ``value``       the number (a float)
-- ``unit``        the unit of ``value``, always written out, e.g. ``ms``
-- ``mtu``         MTU of the path's interfaces in bytes; empty when not applicable
-- ``kernel``      ``uname -r`` of the machine (``kernel_release()``)
-- ``load1``       the machine's 1-minute load average when the measurement started (empty for
-  one-off rows); files written before this column existed are read without it
-- ``steal``       the share of CPU time the hypervisor stole during the measurement (0..1)
-- ``pin``         where iperf3 ran (``--pin``): ``same:0`` (client and server on CPU 0),
-  ``split:0/1`` (client on 0, server on 1) or ``none``; empty for rows without a TCP test
-
-Metrics and their units (``METRIC_UNITS``; a row naming one of these with another unit is
-refused when written): ``rtt_min``, ``rtt_mean``, ``rtt_p50``, ``rtt_p90``, ``rtt_p99``,
-``rtt_max`` in ``ms``; ``rtt_loss`` as a ``fraction`` (0..1); ``tcp_throughput`` in
-``Gbit/s`` (receiver side); ``tcp_retransmits`` as a ``count``; ``cluster_up`` and
-``cluster_down`` in ``s``; ``runtime_peak_rss`` in ``MB``; ``wire_ip_bytes``,
-``inner_ip_bytes`` and ``encap_overhead`` (outer minus inner length of a captured packet:
-0 plain, 20 IPIP, 50 VXLAN) in ``bytes``. BGP: ``bgp_sessions`` (established, per node),
-``bgp_sessions_total`` and ``bgp_sessions_expected`` (the formula) as a ``count``;
-``bgp_converge`` (speaker start until every node has every pod route in its FIB),
-``bgp_withdraw``, ``bgp_restore``, ``underlay_up``, ``agents_up`` in ``s``; ``speaker_rss``,
-``speaker_pss`` (from /proc) and ``speaker_mem`` (the daemon's own count) in ``MB``.
-kube-proxy modes: ``conn_rate`` (sequential connections per second) in ``conn/s``;
-``connect_p50``/``connect_p90`` (TCP connect time of fresh connections) and
-``first_packet_added`` (connect_p50 minus that of a node with one Service) in ``us``, with
-``first_packet_added_ci_low``/``_ci_high`` (its bootstrap 95 % interval) in ``us``;
-``program_time`` (one sync on an empty node), ``resync_time`` (the same again) and
-``change_time`` (a sync after one Service lost its endpoint) in ``s``; ``check_time`` (the
-proxier's check that the node's rules are as it left them, one sample per row) in ``us``;
-``repair_time`` (the sync after the tables were flushed by hand) in ``s``.
-Equal-cost paths: ``ecmp_next_hops`` and ``ecmp_paths_used`` (next hops carrying at least 10%
-of the connection attempts) as a ``count``, ``ecmp_max_share`` as a ``fraction``.
-
-Golden signals of a TCP measurement (the framework, :mod:`k8snetlab.framework`):
-``cpu_per_gbit`` (CPU-seconds the whole machine spent per gigabit moved, idle baseline
-subtracted) in ``s/Gbit``, with ``cpu_baseline`` (the machine's busy CPUs in a quiet second
-just before, in ``cores``: near the CPU count, the machine was saturated by others and
-cpu_per_gbit means little) and ``proc_cpu_per_gbit`` (user + system time of the two iperf3
-processes per gigabit, from iperf3's own report: robust to other load, softirq work not in it); ``rx_pps`` (packets per second the receiver took in) in
-``packets/s``; ``if_drops`` (interface drops at both ends) as a ``count``; ``softirq_share``
-(softirq time over all busy CPU time) as a ``fraction``; on shaped links ``qdisc_drops`` as a
-``count`` and ``qdisc_backlog`` (the largest backlog seen) in ``bytes``.
-
-Summaries take the median over rounds (and over every row of a group): one round disturbed
-by another process on a shared machine moves a median little and a mean a lot.
+One measurement per row (:class:`Row`; README "CSV columns"), so a file from any experiment can
+be filtered, joined and plotted with any tool without knowing which experiment made it.
+Summaries take the median over rounds: one round disturbed by another process on a shared
+machine moves a median little and a mean a lot.
 """
 
 from __future__ import annotations
@@ -86,6 +30,37 @@ COLUMNS = ["run_id", "timestamp", "experiment", "topology", "mode", "datapath", 
 OPTIONAL_COLUMNS = ("load1", "steal", "pin")
 TEXT_COLUMNS = ("pin",)
 
+# What the metrics mean, and their units (``METRIC_UNITS``; a row naming one of these with another unit is
+# refused when written): ``rtt_min``, ``rtt_mean``, ``rtt_p50``, ``rtt_p90``, ``rtt_p99``,
+# ``rtt_max`` in ``ms``; ``rtt_loss`` as a ``fraction`` (0..1); ``tcp_throughput`` in
+# ``Gbit/s`` (receiver side); ``tcp_retransmits`` as a ``count``; ``cluster_up`` and
+# ``cluster_down`` in ``s``; ``runtime_peak_rss`` in ``MB``; ``wire_ip_bytes``,
+# ``inner_ip_bytes`` and ``encap_overhead`` (outer minus inner length of a captured packet:
+# 0 plain, 20 IPIP, 50 VXLAN) in ``bytes``. BGP: ``bgp_sessions`` (established, per node),
+# ``bgp_sessions_total`` and ``bgp_sessions_expected`` (the formula) as a ``count``;
+# ``bgp_converge`` (speaker start until every node has every pod route in its FIB),
+# ``bgp_withdraw``, ``bgp_restore``, ``underlay_up``, ``agents_up`` in ``s``; ``speaker_rss``,
+# ``speaker_pss`` and ``speaker_mem`` (the daemon's own count) in ``MB``.
+# kube-proxy modes: ``conn_rate`` (sequential connections per second) in ``conn/s``;
+# ``connect_p50``/``connect_p90`` (TCP connect time of fresh connections) and
+# ``first_packet_added`` (connect_p50 minus that of a node with one Service) in ``us``, with
+# ``first_packet_added_ci_low``/``_ci_high`` (its bootstrap 95 % interval) in ``us``;
+# ``program_time`` (one sync on an empty node), ``resync_time`` (the same again) and
+# ``change_time`` (a sync after one Service lost its endpoint) in ``s``; ``check_time`` (the
+# proxier's check that the node's rules are as it left them, one sample per row) in ``us``;
+# ``repair_time`` (the sync after the tables were flushed by hand) in ``s``.
+# Equal-cost paths: ``ecmp_next_hops`` and ``ecmp_paths_used`` (next hops carrying at least 10%
+# of the connection attempts) as a ``count``, ``ecmp_max_share`` as a ``fraction``.
+#
+# Golden signals of a TCP measurement (the framework, :mod:`k8snetlab.framework`):
+# ``cpu_per_gbit`` (CPU-seconds the whole machine spent per gigabit moved, idle baseline
+# subtracted) in ``s/Gbit``, with ``cpu_baseline`` (the machine's busy CPUs in a quiet second
+# just before, in ``cores``: near the CPU count, the machine was saturated by others and
+# cpu_per_gbit means little) and ``proc_cpu_per_gbit`` (user + system time of the two iperf3
+# processes per gigabit, from iperf3's own report: robust to other load, softirq work not in it); ``rx_pps`` (packets per second the receiver took in) in
+# ``packets/s``; ``if_drops`` (interface drops at both ends) as a ``count``; ``softirq_share``
+# (softirq time over all busy CPU time) as a ``fraction``; on shaped links ``qdisc_drops`` as a
+# ``count`` and ``qdisc_backlog`` (the largest backlog seen) in ``bytes``.
 METRIC_UNITS: dict[str, str] = {
     "rtt_min": "ms", "rtt_mean": "ms", "rtt_p50": "ms", "rtt_p90": "ms", "rtt_p99": "ms",
     "rtt_max": "ms", "rtt_loss": "fraction",
@@ -125,7 +100,29 @@ class ResultsFileError(SpecError):
 
 @dataclass
 class Row:
-    """One measurement; the fields are the CSV columns."""
+    """One measurement; the fields are the CSV columns:
+
+    - ``run_id``      one experiment run: UTC time plus a short random suffix (``new_run_id()``)
+    - ``timestamp``   when the row was measured, ISO 8601 (``utc_timestamp()`` gives UTC)
+    - ``experiment``  the experiment's name (``hostgw_vs_ipip``)
+    - ``topology``    the cluster file's name
+    - ``mode``        the CNI type measured (``host-gw``, ``ipip``, ...); ``all`` for whole-run rows
+    - ``datapath``    how the mode was realised (``kernel``, ``ebpf``, ``reference``); may be empty
+    - ``scenario``    what path the traffic took (``node-to-node``, ``pod-same-node``,
+      ``pod-cross-node``), or ``lifecycle`` for set-up and tear-down timings
+    - ``src``, ``dst`` the endpoints (pod or node names); empty for lifecycle rows
+    - ``round``       1..N repetition of the measurement; 0 for one-off rows
+    - ``metric``      what was measured, e.g. ``rtt_p50``
+    - ``value``       the number (a float)
+    - ``unit``        the unit of ``value``, always written out, e.g. ``ms``
+    - ``mtu``         MTU of the path's interfaces in bytes; empty when not applicable
+    - ``kernel``      ``uname -r`` of the machine (``kernel_release()``)
+    - ``load1``       the machine's 1-minute load average when the measurement started (empty for
+      one-off rows); files written before this column existed are read without it
+    - ``steal``       the share of CPU time the hypervisor stole during the measurement (0..1)
+    - ``pin``         where iperf3 ran (``--pin``): ``same:0`` (client and server on CPU 0),
+      ``split:0/1`` (client on 0, server on 1) or ``none``; empty for rows without a TCP test
+    """
 
     run_id: str
     timestamp: str

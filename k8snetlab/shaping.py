@@ -4,33 +4,8 @@ On veth pairs with no limit, TCP throughput measures the CPU a datapath burns; o
 link it measures what the wire carries, and an overlay's header overhead shows as the
 payload it leaves per packet (:func:`goodput_fraction`).
 
-Cluster files give link properties per subnet and per router interface::
-
-    underlay:
-      subnets:
-        - {name: lan, cidr: 192.168.1.0/24, link: {rate: 1gbit, loss: 0.1%, mtu: 1500}}
-      routers:
-        - name: r1
-          interfaces:
-            - {subnet: lan, ip: 192.168.1.1, link: {rate: 100mbit}}
-
-A subnet's properties apply to the egress of every switch port on that subnet (the switch's
-side of each node's, host's and router's wire): every packet that reaches a host over the
-subnet crossed one shaped port, as on a switch with rate-limited ports. A router interface's
-properties apply to the router's own interface and to the switch port facing it.
-
-- ``rate``: a token bucket (``tbf``) as the port's root qdisc. It counts the Ethernet header
-  (14 bytes) of each packet, so 1 Gbit/s carries 1448 B of TCP payload per 1514 B frame.
-- ``loss``: a tc BPF program (``bpf/loss_tc.c``, direct action) on the port's ``clsact``
-  egress hook drops a packet when the kernel's per-packet random number is below
-  ``loss * 2**32``. No netem needed (this kernel has no netem, nor the gact and police
-  actions a classic-BPF filter would need). The program drops whole socket buffers, so the
-  sending host's ``eth0`` gets TSO/GSO off: one packet per buffer, as on a wire.
-- ``delay``/``jitter``: netem, where the kernel has it; here the load step refuses them
-  naming the missing qdisc.
-- ``mtu``: the MTU of both ends of the wire.
-
-Bad values (``rate: fast``, ``loss: 150%``) stop the load step with one line.
+Cluster files give link properties per subnet and per router interface; where each applies
+and how it is realised: :func:`apply`.
 """
 
 from __future__ import annotations
@@ -239,7 +214,36 @@ def qdisc_counters(netns: str | None, dev: str) -> tuple[int, int]:
 
 def apply(cluster: Any) -> list[tuple[str | None, str]]:
     """Shape the links of a built underlay as its spec says; returns (netns, device) shaped.
-    Switch ports live in the root namespace (``None``)."""
+    Switch ports live in the root namespace (``None``).
+
+    Cluster files give link properties per subnet and per router interface::
+
+        underlay:
+          subnets:
+            - {name: lan, cidr: 192.168.1.0/24, link: {rate: 1gbit, loss: 0.1%, mtu: 1500}}
+          routers:
+            - name: r1
+              interfaces:
+                - {subnet: lan, ip: 192.168.1.1, link: {rate: 100mbit}}
+
+    A subnet's properties apply to the egress of every switch port on that subnet (the switch's
+    side of each node's, host's and router's wire): every packet that reaches a host over the
+    subnet crossed one shaped port, as on a switch with rate-limited ports. A router interface's
+    properties apply to the router's own interface and to the switch port facing it.
+
+    - ``rate``: a token bucket (``tbf``) as the port's root qdisc. It counts the Ethernet header
+      (14 bytes) of each packet, so 1 Gbit/s carries 1448 B of TCP payload per 1514 B frame.
+    - ``loss``: a tc BPF program (``bpf/loss_tc.c``, direct action) on the port's ``clsact``
+      egress hook drops a packet when the kernel's per-packet random number is below
+      ``loss * 2**32``. No netem needed (this kernel has no netem, nor the gact and police
+      actions a classic-BPF filter would need). The program drops whole socket buffers, so the
+      sending host's ``eth0`` gets TSO/GSO off: one packet per buffer, as on a wire.
+    - ``delay``/``jitter``: netem, where the kernel has it; here the load step refuses them
+      naming the missing qdisc.
+    - ``mtu``: the MTU of both ends of the wire.
+
+    Bad values (``rate: fast``, ``loss: 150%``) stop the load step with one line.
+    """
     spec = cluster.spec.underlay
     by_subnet = {s.name: getattr(s, "link", None) for s in spec.subnets}
     router_links = {(r.name, i): p for r in spec.routers

@@ -5,15 +5,7 @@ fork handler (``logging``'s ``_releaseLock`` after every ``fork``) or half-way t
 building a link: an exception raised there is lost ("Exception ignored in ...") or leaves a
 lock held and the process hung. So the handler here never raises at an arbitrary point. It
 records the signal and wakes whoever waits; the exception (``KeyboardInterrupt``, which every
-teardown path already handles) is raised at a safe point:
-
-- inside a :func:`deferred` region (a cluster's start and stop), at :func:`checkpoint` calls
-  the region makes between steps, or when the region ends;
-- outside one, at once, unless the main thread is in ``logging`` or a fork handler: then
-  the signal is delivered again a moment later.
-
-:func:`install` also restores SIGINT when the process started with it ignored (a job started
-with ``&`` from a script), so Ctrl-C and ``kill -INT`` work as SIGTERM does.
+teardown path already handles) is raised at a safe point (which ones: :func:`install`).
 """
 
 from __future__ import annotations
@@ -39,7 +31,16 @@ _installed = False
 
 def install() -> dict[int, Any]:
     """Handle SIGINT and SIGTERM alike (call from the main thread of a command); returns the
-    handlers it replaced, for :func:`restore`."""
+    handlers it replaced, for :func:`restore`.
+
+    - inside a :func:`deferred` region (a cluster's start and stop), at :func:`checkpoint` calls
+      the region makes between steps, or when the region ends;
+    - outside one, at once, unless the main thread is in ``logging`` or a fork handler: then
+      the signal is delivered again a moment later.
+
+    :func:`install` also restores SIGINT when the process started with it ignored (a job started
+    with ``&`` from a script), so Ctrl-C and ``kill -INT`` work as SIGTERM does.
+    """
     global _installed
     if threading.current_thread() is not threading.main_thread():
         return {}

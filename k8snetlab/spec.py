@@ -6,20 +6,6 @@ refused before anything is created, with one line naming the file, the key and t
 
 A topology that grows with parameters (``topologies/leaf_spine.py``) is a Python file whose
 ``cluster(**params)`` returns the same content as a dict; :func:`load` runs it.
-
-A cluster file::
-
-    name: three-nodes
-    underlay:
-      subnets:
-        - {name: lan, cidr: 192.168.1.0/24}
-    nodes:
-      - {name: node1, ip: 192.168.1.129}
-    network: {clusterCIDR: 10.244.0.0/16, nodeCIDRMaskSize: 24, serviceCIDR: 10.96.0.0/12}
-    cni:
-      type: host-gw            # bridge | host-gw | ipip | ...
-      ipip: {datapath: auto}   # options of each mode in a section named after it
-    workloads: [ <Kubernetes manifests, inline or {file: path}> ]
 """
 
 from __future__ import annotations
@@ -48,6 +34,20 @@ def load(path: str | Path, cni: str | None = None, params: dict[str, Any] | None
 
     A ``.py`` file is a topology generator (see :func:`generate`): ``params`` are the keyword
     arguments of its ``cluster()``. A YAML file takes no parameters.
+
+    A cluster file::
+
+        name: three-nodes
+        underlay:
+          subnets:
+            - {name: lan, cidr: 192.168.1.0/24}
+        nodes:
+          - {name: node1, ip: 192.168.1.129}
+        network: {clusterCIDR: 10.244.0.0/16, nodeCIDRMaskSize: 24, serviceCIDR: 10.96.0.0/12}
+        cni:
+          type: host-gw            # bridge | host-gw | ipip | ...
+          ipip: {datapath: auto}   # options of each mode in a section named after it
+        workloads: [ <Kubernetes manifests, inline or {file: path}> ]
     """
     path = Path(path)
     if path.suffix == ".py":

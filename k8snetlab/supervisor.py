@@ -1,20 +1,7 @@
 """The kubelet's container supervision: restarts by ``restartPolicy``, and readiness.
 
-A container whose process exits is handled as the kubelet handles it:
-
-- ``restartPolicy`` (the pod's; default ``Always``): ``Always`` restarts it, ``OnFailure``
-  only after a non-zero exit (or a signal), ``Never`` leaves it down;
-- the back-off is the kubelet's CrashLoopBackOff: the first restart at once, then 10 s,
-  20 s, 40 s ... capped at 300 s; a container that ran for 10 minutes starts over;
-- meanwhile the pod is **not ready**: it leaves the endpoints of its Services (the add-ons
-  hear of it through ``readiness_changed``) until the restarted container runs again and
-  every TCP ``containerPort`` it declares listens (a tcpSocket readiness probe), then it
-  returns.
-
-One thread per cluster polls every pod's containers (``poll()`` of the process: no system
-call per pod beyond ``waitpid``; the ports are looked at only while a pod is not ready).
-A pod being deleted (``Pod.stopping``) is left alone; restarts and ``stop_containers`` take
-the pod's ``lifecycle`` lock in turn, so a container never comes back after its pod stopped.
+A container whose process exits is handled as the kubelet handles it (restart policy,
+back-off, readiness): :class:`ContainerSupervisor`.
 """
 
 from __future__ import annotations
@@ -60,7 +47,24 @@ class ContainerState:
 
 
 class ContainerSupervisor(Periodic):
-    """Restarts exited containers and keeps every pod's ``ready`` flag; see the module doc."""
+    """Restarts exited containers and keeps every pod's ``ready`` flag.
+
+    A container whose process exits is handled as the kubelet handles it:
+
+    - ``restartPolicy`` (the pod's; default ``Always``): ``Always`` restarts it, ``OnFailure``
+      only after a non-zero exit (or a signal), ``Never`` leaves it down;
+    - the back-off is the kubelet's CrashLoopBackOff: the first restart at once, then 10 s,
+      20 s, 40 s ... capped at 300 s; a container that ran for 10 minutes starts over;
+    - meanwhile the pod is **not ready**: it leaves the endpoints of its Services (the add-ons
+      hear of it through ``readiness_changed``) until the restarted container runs again and
+      every TCP ``containerPort`` it declares listens (a tcpSocket readiness probe), then it
+      returns.
+
+    One thread per cluster polls every pod's containers (``poll()`` of the process: no system
+    call per pod beyond ``waitpid``; the ports are looked at only while a pod is not ready).
+    A pod being deleted (``Pod.stopping``) is left alone; restarts and ``stop_containers`` take
+    the pod's ``lifecycle`` lock in turn, so a container never comes back after its pod stopped.
+    """
 
     thread_name = "kubelet-containers"
 

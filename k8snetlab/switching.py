@@ -3,28 +3,8 @@ are linked, where every node, host and router plugs in, and who controls them.
 
 By default every subnet is one switch (a Linux bridge) and that is all a cluster file says. To
 build a switched fabric, with redundant links if the controller can handle loops, a cluster
-file lists the switches of a subnet and the links between them::
-
-    underlay:
-      switch: ovs                  # linuxbridge (default) | ovs (Open vSwitch)
-      controller: fabric           # none (default) | an app of controllers.APPS (needs ovs)
-      subnets: [{name: lan, cidr: 192.168.1.0/24}]
-      switches:                    # optional: the switches of a subnet (else one per subnet)
-        - {name: spine1, subnet: lan}
-        - {name: leaf1, subnet: lan, attach: [node1, node2]}   # nodes, hosts, routers on it
-      links:                       # optional: switch-to-switch links, [a, b] each
-        - [leaf1, spine1]
-
-Rules, checked when the file loads: switch names are unique and differ from subnet names; a
-link joins two switches of the same subnet (a subnet is one L2 segment; between subnets,
-routers route); the switches of a subnet are connected; a node, host or router attaches to
-at most one switch of each of its subnets (unlisted ones attach to the subnet's first
-switch); a loop in the links needs ``switch: ovs`` and a controller app that handles loops
-(``fabric``), since anything that floods would circle it forever.
-
-:mod:`k8snetlab.clusterspec` parses these keys; :func:`check` (part of the validation) applies
-the rules; the runtime (:mod:`k8snetlab.cluster`, :mod:`k8snetlab.underlay_ovs`) builds the
-switches from :func:`plan`.
+file lists the switches of a subnet and the links between them (an example, and the rules:
+:func:`plan`; their checks: :func:`check`).
 """
 
 from __future__ import annotations
@@ -174,7 +154,29 @@ class Plan:
 
 
 def plan(spec: ClusterSpec) -> Plan:
-    """Every subnet without declared switches gets one, named after the subnet."""
+    """Every subnet without declared switches gets one, named after the subnet.
+
+        underlay:
+          switch: ovs                  # linuxbridge (default) | ovs (Open vSwitch)
+          controller: fabric           # none (default) | an app of controllers.APPS (needs ovs)
+          subnets: [{name: lan, cidr: 192.168.1.0/24}]
+          switches:                    # optional: the switches of a subnet (else one per subnet)
+            - {name: spine1, subnet: lan}
+            - {name: leaf1, subnet: lan, attach: [node1, node2]}   # nodes, hosts, routers on it
+          links:                       # optional: switch-to-switch links, [a, b] each
+            - [leaf1, spine1]
+
+    Rules, checked when the file loads: switch names are unique and differ from subnet names; a
+    link joins two switches of the same subnet (a subnet is one L2 segment; between subnets,
+    routers route); the switches of a subnet are connected; a node, host or router attaches to
+    at most one switch of each of its subnets (unlisted ones attach to the subnet's first
+    switch); a loop in the links needs ``switch: ovs`` and a controller app that handles loops
+    (``fabric``), since anything that floods would circle it forever.
+
+    :mod:`k8snetlab.clusterspec` parses these keys; :func:`check` (part of the validation) applies
+    the rules; the runtime (:mod:`k8snetlab.cluster`, :mod:`k8snetlab.underlay_ovs`) builds the
+    switches from :func:`plan`.
+    """
     u = spec.underlay
     declared = {s.subnet for s in u.switches}
     switches: list[SwitchSpec] = []

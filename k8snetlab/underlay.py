@@ -18,7 +18,7 @@ from mininet.net import Mininet
 from mininet.nodelib import LinuxBridge
 
 from . import naming, proc
-from .cleanup import StateDir
+from .statedir import StateDir
 from .netutil import Netns
 from .pod import NetnsHost, NodeHost, RouterHost
 from .clusterspec import ClusterSpec, NodeSpec

@@ -2,29 +2,6 @@
 
 What a Mininet user gets with ``mn --switch ovs,datapath=user --controller remote``, owned by
 the cluster from start to stop and isolated from anything else on the machine:
-
-- **A private Open vSwitch.** Each cluster runs its own ``ovsdb-server`` (database in the
-  cluster's state directory, ``/run/k8snetlab/knlN/ovs/``) and ``ovs-vswitchd``, started here
-  as our child processes and stopped by PID. Both run in a network namespace of their own
-  (held by a ``sleep`` process): the bridges' internal ports, the datapath's ``ovs-netdev``
-  port and the switch ends of every underlay veth live there, not in the root namespace. A
-  system Open vSwitch, if there is one, is never contacted (every ``ovs-vsctl`` names our
-  database; ``OVS_RUNDIR`` points the tools at our sockets).
-- **The datapath** is chosen automatically and logged: ``kernel`` where the kernel has the
-  ``openvswitch`` module, else ``user`` (netdev: packets cross ``ovs-vswitchd`` in user space,
-  slower and CPU-hungry). With ``user``, transmit checksum offload is turned off on the hosts'
-  underlay interfaces: a packet with a checksum left to the NIC would reach the other side
-  unfinished through the AF_PACKET sockets of the userspace datapath, and TCP would stall.
-- **The controller**: ``python -m controllers APP`` (os-ken, or Ryu where installed) runs in
-  the same namespace and listens on its loopback, ``127.0.0.1:6653``; every bridge connects to
-  it (OpenFlow 1.3, ``fail_mode=secure``: nothing is forwarded that the app did not allow).
-  With ``controller: none`` the bridges are ``fail_mode=standalone`` learning switches.
-- **Switches** are Mininet ``OVSSwitch`` objects (:class:`OvsSwitch`) whose shells live in that
-  namespace, so Mininet builds links into it, and the Mininet CLI works: ``dpctl dump-flows``,
-  ``knl1s1 ovs-ofctl -O OpenFlow13 dump-flows knl1s1``. Every ``ovs-vsctl`` call is checked.
-
-From the root namespace: ``ovs-vsctl --db=unix:/run/k8snetlab/knlN/ovs/db.sock show`` and
-``OVS_RUNDIR=/run/k8snetlab/knlN/ovs ovs-ofctl -O OpenFlow13 dump-flows knlNs1``.
 """
 
 from __future__ import annotations
@@ -48,7 +25,7 @@ from .netutil import Netns
 from .switching import OVS_TOOLS
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .cleanup import StateDir
+    from .statedir import StateDir
     from .clusterspec import ClusterSpec
 
 log = logging.getLogger(__name__)
@@ -80,7 +57,31 @@ def _new_netns() -> None:
 
 class OvsUnderlay:
     """The Open vSwitch daemons and controller of one cluster. ``start()``, then the cluster
-    builds its switches with :meth:`switch_class`; ``stop()`` after Mininet has stopped."""
+    builds its switches with :meth:`switch_class`; ``stop()`` after Mininet has stopped.
+
+    - **A private Open vSwitch.** Each cluster runs its own ``ovsdb-server`` (database in the
+      cluster's state directory, ``/run/k8snetlab/knlN/ovs/``) and ``ovs-vswitchd``, started here
+      as our child processes and stopped by PID. Both run in a network namespace of their own
+      (held by a ``sleep`` process): the bridges' internal ports, the datapath's ``ovs-netdev``
+      port and the switch ends of every underlay veth live there, not in the root namespace. A
+      system Open vSwitch, if there is one, is never contacted (every ``ovs-vsctl`` names our
+      database; ``OVS_RUNDIR`` points the tools at our sockets).
+    - **The datapath** is chosen automatically and logged: ``kernel`` where the kernel has the
+      ``openvswitch`` module, else ``user`` (netdev: packets cross ``ovs-vswitchd`` in user space,
+      slower and CPU-hungry). With ``user``, transmit checksum offload is turned off on the hosts'
+      underlay interfaces: a packet with a checksum left to the NIC would reach the other side
+      unfinished through the AF_PACKET sockets of the userspace datapath, and TCP would stall.
+    - **The controller**: ``python -m controllers APP`` (os-ken, or Ryu where installed) runs in
+      the same namespace and listens on its loopback, ``127.0.0.1:6653``; every bridge connects to
+      it (OpenFlow 1.3, ``fail_mode=secure``: nothing is forwarded that the app did not allow).
+      With ``controller: none`` the bridges are ``fail_mode=standalone`` learning switches.
+    - **Switches** are Mininet ``OVSSwitch`` objects (:class:`OvsSwitch`) whose shells live in that
+      namespace, so Mininet builds links into it, and the Mininet CLI works: ``dpctl dump-flows``,
+      ``knl1s1 ovs-ofctl -O OpenFlow13 dump-flows knl1s1``. Every ``ovs-vsctl`` call is checked.
+
+    From the root namespace: ``ovs-vsctl --db=unix:/run/k8snetlab/knlN/ovs/db.sock show`` and
+    ``OVS_RUNDIR=/run/k8snetlab/knlN/ovs ovs-ofctl -O OpenFlow13 dump-flows knlNs1``.
+    """
 
     def __init__(self, spec: "ClusterSpec", state: "StateDir"):
         self.spec = spec
@@ -260,7 +261,7 @@ class OvsUnderlay:
 
     def prepare_host_side(self, host: Any, ifname: str) -> None:
         """A host's interface on an OVS switch: with the userspace datapath, compute checksums
-        in the host (see the module docstring)."""
+        in the host (see :class:`OvsUnderlay`)."""
         if self.datapath == "user":
             host.run(["ethtool", "-K", ifname, "tx", "off"])
 
@@ -300,28 +301,14 @@ class OvsUnderlay:
                              env=self.env(), check=False, timeout=10)
                 if r.returncode != 0:
                     log.debug("ovs-appctl exit: %s", r.stderr.strip())
-            if not _stop(p, grace=3.0):
+            if not proc.end_child(p, grace=3.0):
                 errors.append(name)
         self._procs.clear()
         if self._holder is not None:
-            _stop(self._holder, grace=1.0)
+            proc.end_child(self._holder, grace=1.0)
             self._holder = None
         if errors:
             raise K8sNetLabError(f"could not stop {', '.join(errors)}")
-
-
-def _stop(p: subprocess.Popen, grace: float) -> bool:
-    if p.poll() is None:
-        p.terminate()
-        try:
-            p.wait(grace)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                return False
-    return True
 
 
 def _tail(path: Path | None, lines: int = 1) -> str:

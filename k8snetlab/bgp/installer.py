@@ -8,14 +8,6 @@ keeps, per prefix, what each peer announced (a small Adj-RIB-In), picks one path
 hops, then the lowest peer address: with two route reflectors both send the same path) and
 mirrors the choice into the kernel with netlink, ``proto bgp`` (186), so these routes are told
 apart from BIRD's (``proto bird``) and from the CNI plugin's.
-
-Like BIRD's kernel protocol it also installs the node's own pod CIDR as a blackhole (what
-Calico does for its block), and removes every route it installed when ExaBGP goes away
-(end of stdin): a stopped speaker leaves no stale routes behind on its node.
-
-    python -m k8snetlab.bgp.installer --announce 10.244.2.0/24 --self 192.168.1.131
-
-Only pyroute2 and the standard library are imported: the process starts with every speaker.
 """
 
 from __future__ import annotations
@@ -197,6 +189,14 @@ def _exit(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Like BIRD's kernel protocol it also installs the node's own pod CIDR as a blackhole (what
+    Calico does for its block), and removes every route it installed when ExaBGP goes away
+    (end of stdin): a stopped speaker leaves no stale routes behind on its node.
+
+        python -m k8snetlab.bgp.installer --announce 10.244.2.0/24 --self 192.168.1.131
+
+    Only pyroute2 and the standard library are imported: the process starts with every speaker.
+    """
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--announce", action="append", default=[], help="own CIDR (blackholed, never learned)")
     p.add_argument("--self", dest="addresses", action="append", default=[], help="own address")

@@ -5,24 +5,6 @@ announces the node's pod CIDR (its IPAM block) and installs what the others anno
 module decides the sessions from the cluster spec and the ``cni.bgp`` options, before
 anything runs, so the plan can be unit-tested and the session counts checked against the
 formulas without root:
-
-- ``mesh`` (Calico's ``nodeToNodeMeshEnabled``): every node peers with every other node over
-  iBGP, N(N-1)/2 sessions.
-- ``route-reflector``: clients peer only with the reflectors (iBGP, the reflectors mark them
-  ``rr client``); reflectors peer with each other as ordinary iBGP peers and share one
-  cluster ID, so a route reflected by one is not reflected again by the other.
-  (N-R)*R + R(R-1)/2 sessions for R reflectors.
-- ``peerWithToR`` (routed underlays): each node peers by eBGP with its top-of-rack router
-  (the router holding its subnet's gateway address); each router has an AS of its own (one
-  per rack) and peers with the routers it shares a subnet with. A route then crosses
-  node -> ToR -> ToR -> node and carries the nodes' AS twice, so the nodes accept their own
-  AS once in a path from their ToR (BIRD ``allow local as``, Cisco's ``allowas-in``).
-
-In every session only the side with the lower address connects; the other waits (``passive``).
-
-Next hops stay the originating node's address wherever it is on-link (iBGP keeps it, a
-reflector does not change it, an eBGP router passes on a third-party next hop on a shared
-subnet), so pod traffic is plain routed IP with no encapsulation.
 """
 
 from __future__ import annotations
@@ -144,7 +126,26 @@ def speaker_of(node: str, options: Any) -> str:
 
 
 def build(spec: "ClusterSpec", options: Any, node_names: Iterable[str] | None = None) -> BgpPlan:
-    """The plan for ``spec`` (only the nodes in ``node_names`` when given: the running ones)."""
+    """The plan for ``spec`` (only the nodes in ``node_names`` when given: the running ones).
+
+    - ``mesh`` (Calico's ``nodeToNodeMeshEnabled``): every node peers with every other node over
+      iBGP, N(N-1)/2 sessions.
+    - ``route-reflector``: clients peer only with the reflectors (iBGP, the reflectors mark them
+      ``rr client``); reflectors peer with each other as ordinary iBGP peers and share one
+      cluster ID, so a route reflected by one is not reflected again by the other.
+      (N-R)*R + R(R-1)/2 sessions for R reflectors.
+    - ``peerWithToR`` (routed underlays): each node peers by eBGP with its top-of-rack router
+      (the router holding its subnet's gateway address); each router has an AS of its own (one
+      per rack) and peers with the routers it shares a subnet with. A route then crosses
+      node -> ToR -> ToR -> node and carries the nodes' AS twice, so the nodes accept their own
+      AS once in a path from their ToR (BIRD ``allow local as``, Cisco's ``allowas-in``).
+
+    In every session only the side with the lower address connects; the other waits (``passive``).
+
+    Next hops stay the originating node's address wherever it is on-link (iBGP keeps it, a
+    reflector does not change it, an eBGP router passes on a third-party next hop on a shared
+    subnet), so pod traffic is plain routed IP with no encapsulation.
+    """
     wanted = None if node_names is None else set(node_names)
     nodes = [n for n in spec.nodes if wanted is None or n.name in wanted]
     asn, hold = options.as_number, options.hold_time

@@ -4,17 +4,6 @@ A driver owns one daemon: it renders the configuration from the speaker's plan, 
 daemon dry-run it, starts the daemon with the host's ``popen_ns`` (the PID is recorded in the
 cluster's state for crash cleanup), reloads it when the peers change, stops it by PID, and
 asks it for its status through its own control channel.
-
-- ``bird``: ``bird -f -c bird.conf -s bird.ctl -P bird.pid`` (foreground, so the PID we hold
-  is the daemon's); ``birdc -s bird.ctl`` for ``configure``, ``show protocols all``,
-  ``show route``, ``show memory``. BIRD's kernel protocol installs the learned routes.
-- ``exabgp``: ``python -m exabgp server exabgp.conf``, configured by environment variables
-  (listen on the node's address, keep root for the API process, CLI pipes under the state
-  dir via ``EXABGP_ROOT``); its API process :mod:`k8snetlab.bgp.installer` installs the
-  learned routes. Status goes through ExaBGP's CLI pipes.
-
-Adding a speaker (FRR, GoBGP...) means one Speaker class declared in the
-``k8snetlab.bgp_speakers`` entry-point group.
 """
 
 from __future__ import annotations
@@ -57,7 +46,19 @@ class SpeakerError(K8sNetLabError):
 
 
 class Speaker:
-    """One BGP daemon in one namespace."""
+    """One BGP daemon in one namespace.
+
+    - ``bird``: ``bird -f -c bird.conf -s bird.ctl -P bird.pid`` (foreground, so the PID we hold
+      is the daemon's); ``birdc -s bird.ctl`` for ``configure``, ``show protocols all``,
+      ``show route``, ``show memory``. BIRD's kernel protocol installs the learned routes.
+    - ``exabgp``: ``python -m exabgp server exabgp.conf``, configured by environment variables
+      (listen on the node's address, keep root for the API process, CLI pipes under the state
+      dir via ``EXABGP_ROOT``); its API process :mod:`k8snetlab.bgp.installer` installs the
+      learned routes. Status goes through ExaBGP's CLI pipes.
+
+    Adding a speaker (FRR, GoBGP...) means one Speaker class declared in the
+    ``k8snetlab.bgp_speakers`` entry-point group.
+    """
 
     kind: ClassVar[str]
     tools: ClassVar[tuple[str, ...]] = ()
@@ -136,20 +137,13 @@ class Speaker:
         if p is None:
             return
         family = _descendants(p.pid) if p.poll() is None else []
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM if graceful else signal.SIGKILL)
-            try:
-                p.wait(STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        proc.end_child(p, STOP_GRACE, signal.SIGTERM if graceful else signal.SIGKILL)
         # helpers the daemon started (ExaBGP's API processes) end on their own when it is gone
         # (the route installer takes its routes back first); whatever lingers is stopped
         deadline = time.monotonic() + STOP_GRACE
         while any(proc.running(pid, start) for pid, start in family) and time.monotonic() < deadline:
             time.sleep(0.02)
-        for pid, start in family:
-            _stop_pid(pid, start)
+        proc.stop_pids(family)
         self.process = None
         self._cleanup_runtime()
 
@@ -498,11 +492,6 @@ def _descendants(pid: int) -> list[tuple[int, int]]:
     except psutil.Error:
         return []
     return [(c.pid, proc.start_time(c.pid)) for c in children]
-
-
-def _stop_pid(pid: int, start: int, grace: float = 1.0) -> None:
-    from ..cleanup import kill_pid
-    kill_pid(pid, start, grace)
 
 
 def _rss_kb(pid: int) -> int:

@@ -3,21 +3,7 @@
 Pod side: the ``calico`` plugin, as in ``ipip`` (``cali*`` veth, pod ``/32``, default via
 ``169.254.1.1`` answered by proxy ARP), but with MTU 1500: nothing is encapsulated.
 
-Between nodes there are no static routes at all. Each node runs a real BGP speaker in its
-namespace (what calico-node's BIRD is): it announces the node's pod CIDR (Calico's block; the
-node itself keeps a blackhole route for it, more specific ``/32`` pod routes win) and installs
-what it learns into the node's FIB: ``proto bird`` for BIRD, ``proto bgp`` for our ExaBGP
-installer, so the two can be told apart in ``ip route``. Packets then cross the underlay as
-plain routed IP, also across routers when the nodes peer with their top-of-rack routers.
-
-Options (``cni.bgp``; see :class:`BgpOptions`): ``asNumber``, ``topology: mesh |
-route-reflector`` with ``reflectors``, ``speaker: bird | exabgp`` and per-node ``speakers``,
-``holdTime``, ``peerWithToR`` with ``torASNumbers``. Who peers with whom is decided in
-:mod:`k8snetlab.bgp.plan`; the daemons are driven by :mod:`k8snetlab.bgp.speakers`.
-
-For tests and experiments the mode also offers ``stop_speaker`` / ``start_speaker`` (faults),
-``start_speakers`` (when the cluster was started with ``defer_start``) and ``status()``: each
-speaker's sessions and routes, asked of the speaker itself.
+Routes between nodes, options and faults: :class:`BgpMode`.
 """
 
 from __future__ import annotations
@@ -67,7 +53,24 @@ class BgpOptions:
 
 
 class BgpMode(CalicoMode):
-    """Calico BGP: plain routed pod traffic, routes from BIRD or ExaBGP speakers on every node."""
+    """Calico BGP: plain routed pod traffic, routes from BIRD or ExaBGP speakers on every node.
+
+    Between nodes there are no static routes at all. Each node runs a real BGP speaker in its
+    namespace (what calico-node's BIRD is): it announces the node's pod CIDR (Calico's block; the
+    node itself keeps a blackhole route for it, more specific ``/32`` pod routes win) and installs
+    what it learns into the node's FIB: ``proto bird`` for BIRD, ``proto bgp`` for our ExaBGP
+    installer, so the two can be told apart in ``ip route``. Packets then cross the underlay as
+    plain routed IP, also across routers when the nodes peer with their top-of-rack routers.
+
+    Options (``cni.bgp``; see :class:`BgpOptions`): ``asNumber``, ``topology: mesh |
+    route-reflector`` with ``reflectors``, ``speaker: bird | exabgp`` and per-node ``speakers``,
+    ``holdTime``, ``peerWithToR`` with ``torASNumbers``. Who peers with whom is decided in
+    :mod:`k8snetlab.bgp.plan`; the daemons are driven by :mod:`k8snetlab.bgp.speakers`.
+
+    For tests and experiments the mode also offers ``stop_speaker`` / ``start_speaker`` (faults),
+    ``start_speakers`` (when the cluster was started with ``defer_start``) and ``status()``: each
+    speaker's sessions and routes, asked of the speaker itself.
+    """
 
     name = "bgp"
     Options = BgpOptions

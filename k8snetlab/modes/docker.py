@@ -1,20 +1,6 @@
 """``docker``: the default Docker network on every node, the baseline Kubernetes rejects.
 
-What ``dockerd`` sets up on each host, reproduced on each node:
-
-- ``docker0``, a Linux bridge holding 172.17.0.1/16; every container gets a veth on it and an
-  address from 172.17.0.0/16, allocated per host, so the first container on *every* node is
-  172.17.0.2;
-- ``-t nat -A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE``: whatever leaves the
-  node carries the node's address;
-- port publishing (``docker run -p HOST:CONTAINER``, here a container port's ``hostPort``):
-  ``-t nat -A DOCKER ! -i docker0 -p tcp --dport HOST -j DNAT --to-destination IP:CONTAINER``,
-  the only way in from outside the node.
-
-Nothing routes between nodes' container networks: they are one and the same range on every
-node. A container reaches a container of another node only through a published port, and that
-one sees the first node's address as the source. ``k8snetlab check-model`` shows exactly that.
-Pods are wired with our CNI ``bridge`` plugin (same veth and bridge layout as Docker's).
+What ``dockerd`` sets up on each host, reproduced on each node: :class:`DockerMode`.
 """
 
 from __future__ import annotations
@@ -57,6 +43,22 @@ def publish_rules(ip: str, proto: str, host_port: int, container_port: int) -> l
 
 
 class DockerMode(Mode):
+    """What ``dockerd`` sets up on each host, reproduced on each node:
+
+    - ``docker0``, a Linux bridge holding 172.17.0.1/16; every container gets a veth on it and an
+      address from 172.17.0.0/16, allocated per host, so the first container on *every* node is
+      172.17.0.2;
+    - ``-t nat -A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE``: whatever leaves the
+      node carries the node's address;
+    - port publishing (``docker run -p HOST:CONTAINER``, here a container port's ``hostPort``):
+      ``-t nat -A DOCKER ! -i docker0 -p tcp --dport HOST -j DNAT --to-destination IP:CONTAINER``,
+      the only way in from outside the node.
+
+    Nothing routes between nodes' container networks: they are one and the same range on every
+    node. A container reaches a container of another node only through a published port, and that
+    one sees the first node's address as the source. ``k8snetlab check-model`` shows exactly that.
+    Pods are wired with our CNI ``bridge`` plugin (same veth and bridge layout as Docker's).
+    """
     name = "docker"
     network_name = "bridge"        # Docker's name for its default network
     tools = ("iptables", "iptables-restore")

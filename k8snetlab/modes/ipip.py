@@ -5,25 +5,7 @@ proxy ARP, MTU 1480 so that the 20-byte outer header fits a 1500-byte underlay).
 
 Between nodes, ``ipipMode`` decides which packets are encapsulated: ``Always`` (all pod
 traffic to other nodes) or ``CrossSubnet`` (only to nodes on another underlay subnet; inside
-a subnet packets go plain, host-gw style). Two datapaths do the encapsulation:
-
-- ``kernel``: Calico's own, the ``tunl0`` ipip device and routes
-  ``<pod CIDR> via <node IP> dev tunl0 onlink``. Needs the kernel's ipip support.
-- ``ebpf``: tc BPF programs on the node's ``eth0`` (``k8snetlab/bpf/ipip_tc.c``). Routes go
-  ``via`` the underlay next hop on ``eth0``, and the egress program wraps packets for remote
-  pod CIDRs (an LPM map: CIDR -> remote node) in an outer IPv4 header, protocol 4; the ingress
-  program strips it from packets sent by known nodes. Same bytes on the wire as ``tunl0``.
-
-With ``CrossSubnet`` only peers on another subnet are tunnelled: only they get a tunnel-map
-and a peer-map entry (ebpf) or a ``tunl0`` route (kernel); a peer on the node's own subnet
-gets the plain route ``<pod CIDR> via <node IP> dev eth0``. On a routed underlay the
-ebpf route to a tunnelled CIDR goes ``via`` the node's gateway (its ToR router, see
-``Mode.underlay_next_hop``) while the outer header names the peer node itself, so the
-routers forward an ordinary node-to-node packet. The pod MTU stays 1480 in both modes, as
-Calico keeps it: a pod cannot know which peers its packets will be wrapped for.
-
-``datapath: auto`` probes the kernel in the first node's namespace and picks ``kernel`` if it
-has ipip, otherwise ``ebpf``, and logs which.
+a subnet packets go plain, host-gw style). The two datapaths that encapsulate: :class:`IpipMode`.
 """
 
 from __future__ import annotations
@@ -84,6 +66,26 @@ class CalicoMode(Mode):
 
 
 class IpipMode(CalicoMode):
+    """Calico IPIP; the two datapaths that encapsulate:
+
+    - ``kernel``: Calico's own, the ``tunl0`` ipip device and routes
+      ``<pod CIDR> via <node IP> dev tunl0 onlink``. Needs the kernel's ipip support.
+    - ``ebpf``: tc BPF programs on the node's ``eth0`` (``k8snetlab/bpf/ipip_tc.c``). Routes go
+      ``via`` the underlay next hop on ``eth0``, and the egress program wraps packets for remote
+      pod CIDRs (an LPM map: CIDR -> remote node) in an outer IPv4 header, protocol 4; the ingress
+      program strips it from packets sent by known nodes. Same bytes on the wire as ``tunl0``.
+
+    With ``CrossSubnet`` only peers on another subnet are tunnelled: only they get a tunnel-map
+    and a peer-map entry (ebpf) or a ``tunl0`` route (kernel); a peer on the node's own subnet
+    gets the plain route ``<pod CIDR> via <node IP> dev eth0``. On a routed underlay the
+    ebpf route to a tunnelled CIDR goes ``via`` the node's gateway (its ToR router, see
+    ``Mode.underlay_next_hop``) while the outer header names the peer node itself, so the
+    routers forward an ordinary node-to-node packet. The pod MTU stays 1480 in both modes, as
+    Calico keeps it: a pod cannot know which peers its packets will be wrapped for.
+
+    ``datapath: auto`` probes the kernel in the first node's namespace and picks ``kernel`` if it
+    has ipip, otherwise ``ebpf``, and logs which.
+    """
     name = "ipip"
     Options = IpipOptions
     tools = ("tc",)

@@ -4,29 +4,7 @@ Pod side: as host-gw, the ``flannel`` plugin delegating to ``bridge`` on the nod
 but with MTU 1450: every packet between nodes gains 50 bytes on the wire (outer IPv4 20,
 UDP 8, VXLAN 8, inner Ethernet 14), and a 1500-byte underlay must still carry it unfragmented.
 
-Node side, what flanneld's vxlan backend does (its current scheme: no L2/L3-miss callouts to
-the daemon and no multicast learning, so nothing is resolved at packet time):
-
-- one VTEP per node, ``flannel.1``: VNI 1, UDP destination port 8472 (the Linux default that
-  flannel keeps), ``local`` = the node's underlay address, ``dev eth0``, ``nolearning``, MTU
-  1450, and the address ``<pod CIDR network>.0/32`` so that what the node itself sends to a
-  remote pod has a source address on the pod network;
-- its VTEP MAC published in the node's lease (flannel keeps it in a node annotation,
-  ``flannel.alpha.coreos.com/backend-data``; here: ``<node state dir>/flannel-lease.json``);
-- for every other node, from that node's lease, in this order (the route last, or the kernel
-  would look for the gateway before it can be resolved):
-
-  1. a permanent neighbour entry on ``flannel.1``: peer VTEP address -> peer VTEP MAC,
-  2. a forwarding-database entry on ``flannel.1``: peer VTEP MAC -> ``dst`` peer node address,
-  3. the route ``<peer pod CIDR> via <peer pod CIDR>.0 dev flannel.1 onlink``.
-
-The outer packet is addressed to the peer's node address and routed by the node's own
-routing table, so the overlay works on every underlay: on one L2 segment it goes straight to
-the peer, on a routed underlay it goes through the ToR routers like any other node traffic.
-
-``DirectRouting: true`` is flannel's option of the same name: a peer on the node's own
-subnet is routed plain (``via <peer node> dev eth0``, host-gw style) and only peers on other
-subnets get the VXLAN entries, as Calico's ``ipipMode: CrossSubnet`` does for IPIP.
+What the node agent sets up per node and per peer: :class:`VxlanMode`.
 """
 
 from __future__ import annotations
@@ -87,7 +65,32 @@ class Lease:
 
 
 class VxlanMode(FlannelMode):
-    """flannel VXLAN: bridge + flannel.1 VTEP, neighbour and FDB entries per node."""
+    """flannel VXLAN: bridge + flannel.1 VTEP, neighbour and FDB entries per node.
+
+    Node side, what flanneld's vxlan backend does (its current scheme: no L2/L3-miss callouts to
+    the daemon and no multicast learning, so nothing is resolved at packet time):
+
+    - one VTEP per node, ``flannel.1``: VNI 1, UDP destination port 8472 (the Linux default that
+      flannel keeps), ``local`` = the node's underlay address, ``dev eth0``, ``nolearning``, MTU
+      1450, and the address ``<pod CIDR network>.0/32`` so that what the node itself sends to a
+      remote pod has a source address on the pod network;
+    - its VTEP MAC published in the node's lease (flannel keeps it in a node annotation,
+      ``flannel.alpha.coreos.com/backend-data``; here: ``<node state dir>/flannel-lease.json``);
+    - for every other node, from that node's lease, in this order (the route last, or the kernel
+      would look for the gateway before it can be resolved):
+
+      1. a permanent neighbour entry on ``flannel.1``: peer VTEP address -> peer VTEP MAC,
+      2. a forwarding-database entry on ``flannel.1``: peer VTEP MAC -> ``dst`` peer node address,
+      3. the route ``<peer pod CIDR> via <peer pod CIDR>.0 dev flannel.1 onlink``.
+
+    The outer packet is addressed to the peer's node address and routed by the node's own
+    routing table, so the overlay works on every underlay: on one L2 segment it goes straight to
+    the peer, on a routed underlay it goes through the ToR routers like any other node traffic.
+
+    ``DirectRouting: true`` is flannel's option of the same name: a peer on the node's own
+    subnet is routed plain (``via <peer node> dev eth0``, host-gw style) and only peers on other
+    subnets get the VXLAN entries, as Calico's ``ipipMode: CrossSubnet`` does for IPIP.
+    """
 
     name = "vxlan"
     Options = VxlanOptions

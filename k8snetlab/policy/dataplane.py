@@ -11,14 +11,15 @@ touch a node are small. Chosen by ``networkPolicy.dataplane``, registered in :da
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 from ..registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..pod import NodeHost
-    from .plan import NodePlan
+    from .plan import EndpointPlan, NodePlan, PolicyChain
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,11 @@ class Rendered:
 
     def element_count(self) -> int:
         return sum(len(e) for _, e in self.sets.values())
+
+    def counted(self, rules: dict[str, int], elements: dict[str, int]) -> bool:
+        """Does the node hold as many rules per chain and elements per set as this says?"""
+        return all(rules.get(c) == len(r) for c, r in self.chains.items()) and \
+            all(elements.get(s) == len(e) for s, (_, e) in self.sets.items())
 
 
 @dataclass
@@ -58,6 +64,21 @@ class Dataplane:
         raise NotImplementedError
 
     def sync(self, plan: "NodePlan", full: bool = False) -> SyncStats:
+        """Program what ``plan`` renders to: the difference from what was written, or all of it
+        (``full``, or nothing known); a failure leaves nothing known, so the next is full."""
+        t0 = time.monotonic()
+        new = self.render(plan)
+        old = None if full else self.written
+        if old is not None and old == new:
+            return SyncStats(False, 0, 0, time.monotonic() - t0)
+        self.written = None
+        chains, elements = self.write(old, new)
+        self.written = new
+        return SyncStats(old is None, chains, elements, time.monotonic() - t0)
+
+    def write(self, old: Rendered | None, new: Rendered) -> tuple[int, int]:
+        """Go from ``old`` (None: unknown) to ``new`` on the node in one transaction; return
+        (chains written, set elements changed)."""
         raise NotImplementedError
 
     def intact(self) -> bool:
@@ -83,6 +104,17 @@ DATAPLANES: Registry[type[Dataplane]] = Registry("policy dataplane", "k8snetlab.
 def endpoint_chains(ep_id: str) -> tuple[str, str]:
     """felix's per-endpoint chains: to the workload (ingress), from it (egress)."""
     return f"cali-tw-{ep_id}", f"cali-fw-{ep_id}"
+
+
+def isolated(plan: "NodePlan") -> Iterator[tuple["EndpointPlan", str, str, list["PolicyChain"]]]:
+    """(endpoint, direction, its chain, the policy chains that select it) for every local pod
+    that policies isolate in that direction: what each dataplane renders, in its own syntax."""
+    by_key = {(c.policy, c.direction): c for c in plan.chains}
+    for ep in plan.endpoints:
+        tw, fw = endpoint_chains(ep.id)
+        for pols, chain, direction in ((ep.ingress, tw, "Ingress"), (ep.egress, fw, "Egress")):
+            if pols is not None:
+                yield ep, direction, chain, [by_key[(key, direction)] for key in pols]
 
 
 def policy_chain(policy_id: str, direction: str) -> str:

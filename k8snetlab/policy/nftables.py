@@ -1,36 +1,7 @@
 """Policy dataplane ``nftables``: one table, ``table ip calico``, sets and verdict maps.
 
 The same plan as the iptables dataplane, where the dispatch to a pod's chain is one lookup in a
-verdict map instead of a walk down a list::
-
-    chain forward   (hook forward, priority filter - 5, policy accept)
-        ct state established,related accept                  replies of allowed connections
-        meta mark set meta mark & ~0x10000
-        ip saddr vmap @from-wl                               pod -> jump cali-fw-<endpoint>
-        meta mark set meta mark & ~0x10000
-        ip daddr vmap @to-wl                                 pod -> jump cali-tw-<endpoint>
-    chain cali-tw-<endpoint>    the pod itself: return;
-                                ip saddr @cali-tw-<endpoint>-a return             (compiled, see below)
-                                meta l4proto . th dport @cali-tw-<endpoint>-p return
-                                ip saddr . meta l4proto . th dport @cali-tw-<endpoint>-ap return
-                                per other policy: jump cali-pi-<policy>, marked: return;
-                                last: counter drop
-    chain cali-pi-<policy>      ip saddr @cali40s-<hash> tcp dport 80 counter
-                                meta mark set meta mark | 0x10000 return
-    set cali40s-<hash>   type ipv4_addr                          (pods a selector matches)
-    set cali40c-<hash>   type ipv4_addr; flags interval           (an ipBlock's cidr; its
-    set cali40e-<hash>   type ipv4_addr; flags interval            except in a second set)
-    set cali40n-<hash>   type ipv4_addr . inet_proto . inet_service   (a named port)
-
-Policies whose rules are exact (selector peers; single ports, ranges of up to 64 ports, named
-ports) are compiled, per endpoint, into the elements of three hashed sets, so that the first
-packet of a connection costs three lookups however many policies select the pod; the others
-(an ipBlock, a protocol without a port, a wide range) keep felix's per-policy chain.
-
-An accept in this base chain ends only this chain: other tables' forward chains (kube-proxy's,
-iptables-nft's) still see the packet; a drop is final. A full sync deletes and re-creates the
-table in one ``nft -f`` transaction; a partial one flushes and rewrites the chains that changed,
-adds and deletes single set and map elements, then deletes chains and sets no longer needed.
+verdict map instead of a walk down a list. Table layout and sync: :class:`NftablesDataplane`.
 """
 
 from __future__ import annotations
@@ -38,11 +9,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import time
 
 from ..errors import K8sNetLabError
-from .dataplane import (Dataplane, Rendered, SyncStats, endpoint_chains, policy_chain,
-                        rule_comment)
+from .dataplane import Dataplane, Rendered, isolated, policy_chain, rule_comment
 from .plan import ACCEPT_MARK, NodePlan, PolicyChain
 
 log = logging.getLogger(__name__)
@@ -110,52 +79,46 @@ def render(plan: NodePlan) -> Rendered:
     first packet's cost does not grow with the number of policies; the others keep felix's
     per-policy chain."""
     out = Rendered()
-    by_key = {(c.policy, c.direction): c for c in plan.chains}
     members = {s.id: s.members for s in plan.sets}
     used_chains: set[PolicyChain] = set()
     out.chains[BASE] = ('ct state established,related accept comment "replies of allowed connections"',
                         f"meta mark set meta mark & {MASK}", "ip saddr vmap @from-wl",
                         f"meta mark set meta mark & {MASK}", "ip daddr vmap @to-wl")
     vmaps: dict[str, set[str]] = {"from-wl": set(), "to-wl": set()}
-    for ep in plan.endpoints:
-        tw, fw = endpoint_chains(ep.id)
-        for pols, chain, vmap, side in ((ep.ingress, tw, "to-wl", "saddr"), (ep.egress, fw, "from-wl", "daddr")):
-            if pols is None:
+    for ep, direction, chain, chains in isolated(plan):
+        vmap, side = ("to-wl", "saddr") if direction == "Ingress" else ("from-wl", "daddr")
+        vmaps[vmap].add(f"{ep.ip} : jump {chain}")
+        rules = [f'ip {side} {ep.ip} return comment "a pod always reaches itself"']
+        peers_only: set[str] = set()
+        ports_only: set[str] = set()
+        both: set[str] = set()
+        allow_all = False
+        fallback = []
+        for pc in chains:
+            got = _compile(pc, direction, ep.ip, members)
+            if got is None:
+                fallback.append(pc)
                 continue
-            direction = "Ingress" if chain == tw else "Egress"
-            vmaps[vmap].add(f"{ep.ip} : jump {chain}")
-            rules = [f'ip {side} {ep.ip} return comment "a pod always reaches itself"']
-            peers_only: set[str] = set()
-            ports_only: set[str] = set()
-            both: set[str] = set()
-            allow_all = False
-            fallback = []
-            for key in pols:
-                pc = by_key[(key, direction)]
-                got = _compile(pc, direction, ep.ip, members)
-                if got is None:
-                    fallback.append(pc)
-                    continue
-                peers_only |= got[0]
-                ports_only |= got[1]
-                both |= got[2]
-                allow_all |= got[3]
-            if allow_all:
-                rules.append('counter return comment "a rule allows every peer and port"')
-            for suffix, elems, decl, match in (
-                    ("a", peers_only, "type ipv4_addr", f"ip {side}"),
-                    ("p", ports_only, "type inet_proto . inet_service", "meta l4proto . th dport"),
-                    ("ap", both, "type ipv4_addr . inet_proto . inet_service", f"ip {side} . meta l4proto . th dport")):
-                if elems:
-                    name = f"{chain}-{suffix}"
-                    out.sets[name] = (decl, frozenset(elems))
-                    rules.append(f'{match} @{name} counter return comment "compiled rules"')
-            for pc in fallback:
-                used_chains.add(pc)
-                rules += [f"jump {policy_chain(pc.id, direction)}",
-                          f"meta mark & 0x{ACCEPT_MARK:08x} == 0x{ACCEPT_MARK:08x} return"]
-            rules.append('counter drop comment "Drop if no policies passed packet"')
-            out.chains[chain] = tuple(rules)
+            peers_only |= got[0]
+            ports_only |= got[1]
+            both |= got[2]
+            allow_all |= got[3]
+        if allow_all:
+            rules.append('counter return comment "a rule allows every peer and port"')
+        for suffix, elems, decl, match in (
+                ("a", peers_only, "type ipv4_addr", f"ip {side}"),
+                ("p", ports_only, "type inet_proto . inet_service", "meta l4proto . th dport"),
+                ("ap", both, "type ipv4_addr . inet_proto . inet_service", f"ip {side} . meta l4proto . th dport")):
+            if elems:
+                name = f"{chain}-{suffix}"
+                out.sets[name] = (decl, frozenset(elems))
+                rules.append(f'{match} @{name} counter return comment "compiled rules"')
+        for pc in fallback:
+            used_chains.add(pc)
+            rules += [f"jump {policy_chain(pc.id, direction)}",
+                      f"meta mark & 0x{ACCEPT_MARK:08x} == 0x{ACCEPT_MARK:08x} return"]
+        rules.append('counter drop comment "Drop if no policies passed packet"')
+        out.chains[chain] = tuple(rules)
     for name, elems in vmaps.items():
         out.sets[name] = ("type ipv4_addr : verdict", frozenset(elems))
     wanted: set[str] = set()
@@ -273,6 +236,35 @@ def counts_from_json(doc: dict) -> tuple[dict[str, int], dict[str, int]]:
 
 
 class NftablesDataplane(Dataplane):
+    """chain forward   (hook forward, priority filter - 5, policy accept)
+            ct state established,related accept                  replies of allowed connections
+            meta mark set meta mark & ~0x10000
+            ip saddr vmap @from-wl                               pod -> jump cali-fw-<endpoint>
+            meta mark set meta mark & ~0x10000
+            ip daddr vmap @to-wl                                 pod -> jump cali-tw-<endpoint>
+        chain cali-tw-<endpoint>    the pod itself: return;
+                                    ip saddr @cali-tw-<endpoint>-a return             (compiled, see below)
+                                    meta l4proto . th dport @cali-tw-<endpoint>-p return
+                                    ip saddr . meta l4proto . th dport @cali-tw-<endpoint>-ap return
+                                    per other policy: jump cali-pi-<policy>, marked: return;
+                                    last: counter drop
+        chain cali-pi-<policy>      ip saddr @cali40s-<hash> tcp dport 80 counter
+                                    meta mark set meta mark | 0x10000 return
+        set cali40s-<hash>   type ipv4_addr                          (pods a selector matches)
+        set cali40c-<hash>   type ipv4_addr; flags interval           (an ipBlock's cidr; its
+        set cali40e-<hash>   type ipv4_addr; flags interval            except in a second set)
+        set cali40n-<hash>   type ipv4_addr . inet_proto . inet_service   (a named port)
+
+    Policies whose rules are exact (selector peers; single ports, ranges of up to 64 ports, named
+    ports) are compiled, per endpoint, into the elements of three hashed sets, so that the first
+    packet of a connection costs three lookups however many policies select the pod; the others
+    (an ipBlock, a protocol without a port, a wide range) keep felix's per-policy chain.
+
+    An accept in this base chain ends only this chain: other tables' forward chains (kube-proxy's,
+    iptables-nft's) still see the packet; a drop is final. A full sync deletes and re-creates the
+    table in one ``nft -f`` transaction; a partial one flushes and rewrites the chains that changed,
+    adds and deletes single set and map elements, then deletes chains and sets no longer needed.
+    """
     name = "nftables"
     tools = ("nft",)
 
@@ -282,17 +274,10 @@ class NftablesDataplane(Dataplane):
     def nft(self, text: str) -> None:
         self.node.run(["nft", "-f", "-"], input=text)
 
-    def sync(self, plan: NodePlan, full: bool = False) -> SyncStats:
-        t0 = time.monotonic()
-        new = render(plan)
-        old = None if full else self.written
-        if old is not None and old == new:
-            return SyncStats(False, 0, 0, time.monotonic() - t0)
+    def write(self, old: Rendered | None, new: Rendered) -> tuple[int, int]:
         text, chains, elements = transaction(old, new)
-        self.written = None
         self.nft(text)
-        self.written = new
-        return SyncStats(old is None, chains, elements, time.monotonic() - t0)
+        return chains, elements
 
     def intact(self) -> bool:
         if self.written is None:
@@ -300,9 +285,7 @@ class NftablesDataplane(Dataplane):
         r = self.node.run(["nft", "-j", "list", "table", FAMILY, TABLE], check=False)
         if r.returncode != 0:
             return False
-        rules, elems = counts_from_json(json.loads(r.stdout))
-        return all(rules.get(c) == len(rs) for c, rs in self.written.chains.items()) and \
-            all(elems.get(s) == len(e) for s, (_, e) in self.written.sets.items())
+        return self.written.counted(*counts_from_json(json.loads(r.stdout)))
 
     def counters(self, chain: str) -> list[tuple[int, int, str]]:
         r = self.node.run(["nft", "-j", "list", "chain", FAMILY, TABLE, chain], check=False)

@@ -1,31 +1,7 @@
 """Cluster DNS: ``name.namespace.svc.cluster.local`` answered by dnsmasq in a pod.
 
-What a kubeadm cluster has, built from the same parts:
-
-- a Deployment ``kube-dns`` in namespace ``kube-system`` whose pod runs a real DNS server
-  (dnsmasq; CoreDNS is not packaged for Debian, dnsmasq is, and answering from a hosts file
-  is all the Service records need), and a Service ``kube-dns`` at the service CIDR's tenth
-  address (``10.96.0.10`` by default), ports 53/UDP ``dns`` and 53/TCP ``dns-tcp``. Queries
-  reach the pod through kube-proxy like any Service traffic, in every kube-proxy mode.
-- the records, rendered from each :class:`~.model.Snapshot` into a hosts file that dnsmasq
-  reads with ``--addn-hosts`` (re-read on SIGHUP, sent only when the records changed):
-  ``<name>.<ns>.svc.cluster.local`` -> the ClusterIP; for a headless Service one line per
-  ready pod, so the name gives the pod IPs and follows scaling.
-- nothing leaves the testbed: no upstream server (``--no-resolv``), ``cluster.local`` is
-  answered from the records only, every other name is NXDOMAIN.
-- each pod resolves through it, as the kubelet arranges with ``dnsPolicy: ClusterFirst``: its
-  own ``resolv.conf`` (``nameserver 10.96.0.10``, ``search <ns>.svc.cluster.local
-  svc.cluster.local cluster.local``, ``options ndots:5``), kept in the cluster's state
-  directory and bind-mounted over ``/etc/resolv.conf`` *inside the pod's mount namespace*.
-  Pod sandboxes are started by ``mnexec -n``, which gives each one a mount namespace of its
-  own with ``/`` private; the mount is made private again before binding, so nothing
-  propagates to the machine's namespace, whose ``/etc/resolv.conf`` is never touched. The
-  pod's containers, ``pod.run(...)`` and ``pod.cmd(...)`` all run in that namespace and see
-  the file; the mount goes away with the pod.
-
-The records are written before the DNS pod starts, so it answers from its first query; a pod
-gets its ``resolv.conf`` right after its containers started (the add-on hook), a few
-milliseconds later than a kubelet would write it.
+What a kubeadm cluster has, built from the same parts (a dnsmasq pod behind the kube-dns
+Service, every pod's resolv.conf pointing at it): :class:`ClusterDNS`.
 """
 
 from __future__ import annotations
@@ -134,7 +110,35 @@ def service(cluster_ip: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------- runtime
 class ClusterDNS:
-    """The cluster DNS of one cluster (created and driven by the Services add-on)."""
+    """The cluster DNS of one cluster (created and driven by the Services add-on).
+
+    What a kubeadm cluster has, built from the same parts:
+
+    - a Deployment ``kube-dns`` in namespace ``kube-system`` whose pod runs a real DNS server
+      (dnsmasq; CoreDNS is not packaged for Debian, dnsmasq is, and answering from a hosts file
+      is all the Service records need), and a Service ``kube-dns`` at the service CIDR's tenth
+      address (``10.96.0.10`` by default), ports 53/UDP ``dns`` and 53/TCP ``dns-tcp``. Queries
+      reach the pod through kube-proxy like any Service traffic, in every kube-proxy mode.
+    - the records, rendered from each :class:`~.model.Snapshot` into a hosts file that dnsmasq
+      reads with ``--addn-hosts`` (re-read on SIGHUP, sent only when the records changed):
+      ``<name>.<ns>.svc.cluster.local`` -> the ClusterIP; for a headless Service one line per
+      ready pod, so the name gives the pod IPs and follows scaling.
+    - nothing leaves the testbed: no upstream server (``--no-resolv``), ``cluster.local`` is
+      answered from the records only, every other name is NXDOMAIN.
+    - each pod resolves through it, as the kubelet arranges with ``dnsPolicy: ClusterFirst``: its
+      own ``resolv.conf`` (``nameserver 10.96.0.10``, ``search <ns>.svc.cluster.local
+      svc.cluster.local cluster.local``, ``options ndots:5``), kept in the cluster's state
+      directory and bind-mounted over ``/etc/resolv.conf`` *inside the pod's mount namespace*.
+      Pod sandboxes are started by ``mnexec -n``, which gives each one a mount namespace of its
+      own with ``/`` private; the mount is made private again before binding, so nothing
+      propagates to the machine's namespace, whose ``/etc/resolv.conf`` is never touched. The
+      pod's containers, ``pod.run(...)`` and ``pod.cmd(...)`` all run in that namespace and see
+      the file; the mount goes away with the pod.
+
+    The records are written before the DNS pod starts, so it answers from its first query; a pod
+    gets its ``resolv.conf`` right after its containers started (the add-on hook), a few
+    milliseconds later than a kubelet would write it.
+    """
 
     def __init__(self, addon: Any):
         self.addon = addon
@@ -207,7 +211,7 @@ class ClusterDNS:
 
     def give_resolv_conf(self, pod: "Pod") -> None:
         """Write the pod's resolv.conf and bind-mount it over /etc/resolv.conf in the pod's
-        own mount namespace (see the module doc)."""
+        own mount namespace (see :class:`ClusterDNS`)."""
         mine = os.readlink("/proc/self/ns/mnt")
         try:
             theirs = os.readlink(pod.mntns)

@@ -5,15 +5,6 @@ match it become its endpoints (pod IP, node, pod name), each with the port every
 ServicePort resolves to in that pod: a numeric ``targetPort`` as is, a named one looked up
 among the pod's container ports of the same protocol (a pod without that name is left out
 of that port, as Kubernetes does). A Service without a selector has no endpoints.
-
-"Ready" here: the pod has its IP (CNI ADD returned), none of its containers has exited, the
-kubelet's supervision says it is ready (after a restart: only once its TCP container ports
-listen again, see :mod:`k8snetlab.supervisor`), and it is not being deleted. The add-on marks a pod *terminating* before its containers are
-stopped (``pod_removing``), so it leaves every Service before it stops answering: the
-graceful-termination order of a real cluster.
-
-The controller is pure: it works on :class:`PodView` records, so it is unit-tested without
-building anything; :func:`view` makes one from a running pod.
 """
 
 from __future__ import annotations
@@ -77,7 +68,17 @@ def endpoints_of(svc: Service, pods: Iterable[PodView]) -> tuple[Endpoint, ...]:
 
 
 class EndpointsController:
-    """Keeps the endpoints of every Service (called by the add-on on each change)."""
+    """Keeps the endpoints of every Service (called by the add-on on each change).
+
+    "Ready" here: the pod has its IP (CNI ADD returned), none of its containers has exited, the
+    kubelet's supervision says it is ready (after a restart: only once its TCP container ports
+    listen again, see :mod:`k8snetlab.supervisor`), and it is not being deleted. The add-on marks a pod *terminating* before its containers are
+    stopped (``pod_removing``), so it leaves every Service before it stops answering: the
+    graceful-termination order of a real cluster.
+
+    The controller is pure: it works on :class:`PodView` records, so it is unit-tested without
+    building anything; :func:`view` makes one from a running pod.
+    """
 
     def __init__(self) -> None:
         self.terminating: set[str] = set()      # container ids of pods being deleted

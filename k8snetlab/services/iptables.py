@@ -1,41 +1,8 @@
 """kube-proxy ``iptables`` mode: the chain layout of a real node, one ``iptables-restore`` per sync.
 
-In the node's ``nat`` table (what ``iptables-save`` shows on a Kubernetes node)::
-
-    PREROUTING, OUTPUT  -> KUBE-SERVICES          "kubernetes service portals"
-    KUBE-SERVICES       -d <clusterIP> --dport <port>       -> KUBE-SVC-<hash>
-                        -d <loadBalancerIP> --dport <port>  -> KUBE-EXT-<hash>
-                        last: --dst-type LOCAL               -> KUBE-NODEPORTS
-    KUBE-NODEPORTS      --dport <nodePort>                   -> KUBE-EXT-<hash>
-    KUBE-SVC-<hash>     ! -s <clusterCIDR> -> KUBE-MARK-MASQ (traffic from outside the pod network)
-                        [ClientIP affinity: -m recent --rcheck per endpoint]
-                        -m statistic --mode random --probability 1/n, 1/(n-1), ... -> KUBE-SEP-<hash>
-    KUBE-EXT-<hash>     Cluster policy: -> KUBE-MARK-MASQ, -> KUBE-SVC-<hash>
-                        Local policy:   pods and the node itself -> KUBE-SVC-<hash>; the rest
-                                        -> KUBE-SVL-<hash> (this node's endpoints only, no SNAT:
-                                        the backend sees the client's address)
-    KUBE-SEP-<hash>     -s <pod>/32 -> KUBE-MARK-MASQ (hairpin: a pod reaching itself)
-                        DNAT --to-destination <pod>:<port>
-    KUBE-MARK-MASQ      MARK --or-mark 0x4000;  POSTROUTING -> KUBE-POSTROUTING: MASQUERADE marked
-
-and in ``filter``: ``KUBE-SERVICES`` / ``KUBE-EXTERNAL-SERVICES`` REJECT traffic to services
-without endpoints (connections are refused at once instead of timing out) and DROP nodePort
-traffic of ``externalTrafficPolicy: Local`` services on nodes without a local endpoint;
-``KUBE-FORWARD`` accepts marked and established traffic.
-
-Chain names hash the ServicePortName like kube-proxy (base32 of the sha256 of
-``"ns/name:port" + "tcp"``, 16 characters), so they are the names a real node would show.
-Every sync writes one ``iptables-restore --noflush`` batch. As kube-proxy's partial syncs
-(MinimizeIPTablesRestore) do, it rewrites the top-level chains (KUBE-SERVICES, KUBE-NODEPORTS,
-the filter chains...) and only those per-Service chains whose rules changed, and deletes the
-chains no longer needed; a full sync rewrites every KUBE-* chain (the first one, after a
-failure, hourly, and whenever the node's rules are not as the last restore left them). That
-last check does not trust kube-proxy's canary chain alone (``iptables -t nat -F`` or deleting
-the jumps leaves it in place): each sync compares a fingerprint of the node's whole ruleset,
-taken right after our own restore, with the kernel's (:mod:`.ruleset`: one netlink request).
-A full sync first lists the built-in chains and adds the jumps from them that are missing, so
-other users of the tables are untouched.
-Rendering (:class:`IptablesRules`) is pure and unit-tested without root.
+Chain names hash the Service port like kube-proxy's, so ``iptables-save`` shows what a real
+node would; a sync rewrites only the chains that changed. Layout and sync rules:
+:class:`IptablesRules`.
 """
 
 from __future__ import annotations
@@ -144,7 +111,45 @@ class _Table:
 
 
 class IptablesRules:
-    """Renders the ``iptables-restore --noflush`` input for one node (pure)."""
+    """Renders the ``iptables-restore --noflush`` input for one node (pure).
+
+    In the node's ``nat`` table (what ``iptables-save`` shows on a Kubernetes node)::
+
+        PREROUTING, OUTPUT  -> KUBE-SERVICES          "kubernetes service portals"
+        KUBE-SERVICES       -d <clusterIP> --dport <port>       -> KUBE-SVC-<hash>
+                            -d <loadBalancerIP> --dport <port>  -> KUBE-EXT-<hash>
+                            last: --dst-type LOCAL               -> KUBE-NODEPORTS
+        KUBE-NODEPORTS      --dport <nodePort>                   -> KUBE-EXT-<hash>
+        KUBE-SVC-<hash>     ! -s <clusterCIDR> -> KUBE-MARK-MASQ (traffic from outside the pod network)
+                            [ClientIP affinity: -m recent --rcheck per endpoint]
+                            -m statistic --mode random --probability 1/n, 1/(n-1), ... -> KUBE-SEP-<hash>
+        KUBE-EXT-<hash>     Cluster policy: -> KUBE-MARK-MASQ, -> KUBE-SVC-<hash>
+                            Local policy:   pods and the node itself -> KUBE-SVC-<hash>; the rest
+                                            -> KUBE-SVL-<hash> (this node's endpoints only, no SNAT:
+                                            the backend sees the client's address)
+        KUBE-SEP-<hash>     -s <pod>/32 -> KUBE-MARK-MASQ (hairpin: a pod reaching itself)
+                            DNAT --to-destination <pod>:<port>
+        KUBE-MARK-MASQ      MARK --or-mark 0x4000;  POSTROUTING -> KUBE-POSTROUTING: MASQUERADE marked
+
+    and in ``filter``: ``KUBE-SERVICES`` / ``KUBE-EXTERNAL-SERVICES`` REJECT traffic to services
+    without endpoints (connections are refused at once instead of timing out) and DROP nodePort
+    traffic of ``externalTrafficPolicy: Local`` services on nodes without a local endpoint;
+    ``KUBE-FORWARD`` accepts marked and established traffic.
+
+    Chain names hash the ServicePortName like kube-proxy (base32 of the sha256 of
+    ``"ns/name:port" + "tcp"``, 16 characters), so they are the names a real node would show.
+    Every sync writes one ``iptables-restore --noflush`` batch. As kube-proxy's partial syncs
+    (MinimizeIPTablesRestore) do, it rewrites the top-level chains (KUBE-SERVICES, KUBE-NODEPORTS,
+    the filter chains...) and only those per-Service chains whose rules changed, and deletes the
+    chains no longer needed; a full sync rewrites every KUBE-* chain (the first one, after a
+    failure, hourly, and whenever the node's rules are not as the last restore left them). That
+    last check does not trust kube-proxy's canary chain alone (``iptables -t nat -F`` or deleting
+    the jumps leaves it in place): each sync compares a fingerprint of the node's whole ruleset,
+    taken right after our own restore, with the kernel's (:mod:`.ruleset`: one netlink request).
+    A full sync first lists the built-in chains and adds the jumps from them that are missing, so
+    other users of the tables are untouched.
+    Rendering (:class:`IptablesRules`) is pure and unit-tested without root.
+    """
 
     def __init__(self, node: str, cluster_cidr: str, masquerade_all: bool = False):
         self.node = node

@@ -5,29 +5,7 @@ provider's load balancer to spread connections over the nodePorts of the cluster
 that load balancer is a host ``lb`` on the underlay (``cluster.add_host``), outside the
 cluster, built from plain Linux parts:
 
-- **addresses**: Services get external IPs from ``kubeProxy.loadBalancerPool`` (default: the
-  last /28 of the first node subnet). The pool's first address is the ``lb`` host's own; each
-  assigned one is added to ``lb``'s ``eth0`` as a ``/32``, so ``lb`` answers ARP for it and
-  the ``external`` client host (or anything routed to that subnet) reaches it.
-- **spreading**: one ``nat`` rule set in ``lb``'s namespace per Service port: ``LB-SERVICES``
-  matches ``<external IP>:<port>`` and jumps to a per-port chain that DNATs new connections to
-  ``<node IP>:<nodePort>``, round robin over the nodes (``statistic --mode nth``). With
-  ``externalTrafficPolicy: Cluster`` every node is a target; with ``Local`` only nodes that
-  have a ready endpoint of the Service, which is what a cloud load balancer learns from its
-  health check of the Service's ``healthCheckNodePort`` (here read from the same snapshot the
-  proxies get, not probed). A Service port without targets has no rule: a connection reaches
-  ``lb`` itself and is refused.
-- **replies**: ``LB-POSTROUTING`` SNATs the forwarded connections to ``lb``'s own address, so
-  a node answers ``lb`` and ``lb`` undoes both translations on the way back to the client (a
-  cloud load balancer in proxy mode does the same; direct server return would need the node to
-  own the external IP). Hence the source a backend sees: in iptables/nftables mode, with
-  ``Cluster`` the node's address (kube-proxy masquerades), with ``Local`` the **``lb``'s
-  address** (kube-proxy keeps the source, which is ``lb`` after its SNAT); in userspace mode
-  always the node's address.
-
-``sync(snap)`` rewrites the whole ``nat`` table of ``lb`` in one ``iptables-restore`` (the
-namespace is ours alone) and adds or removes the external addresses. ``assign(key)`` is what the
-Service controller calls when a LoadBalancer Service is created; it needs no running host.
+Addresses, spreading and replies: :class:`LoadBalancer`.
 """
 
 from __future__ import annotations
@@ -126,7 +104,32 @@ def render(forwards: list[Forward], own_ip: str) -> str:
 
 
 class LoadBalancer:
-    """The ``lb`` host and the external IPs of LoadBalancer Services (driven by the add-on)."""
+    """The ``lb`` host and the external IPs of LoadBalancer Services (driven by the add-on).
+
+    - **addresses**: Services get external IPs from ``kubeProxy.loadBalancerPool`` (default: the
+      last /28 of the first node subnet). The pool's first address is the ``lb`` host's own; each
+      assigned one is added to ``lb``'s ``eth0`` as a ``/32``, so ``lb`` answers ARP for it and
+      the ``external`` client host (or anything routed to that subnet) reaches it.
+    - **spreading**: one ``nat`` rule set in ``lb``'s namespace per Service port: ``LB-SERVICES``
+      matches ``<external IP>:<port>`` and jumps to a per-port chain that DNATs new connections to
+      ``<node IP>:<nodePort>``, round robin over the nodes (``statistic --mode nth``). With
+      ``externalTrafficPolicy: Cluster`` every node is a target; with ``Local`` only nodes that
+      have a ready endpoint of the Service, which is what a cloud load balancer learns from its
+      health check of the Service's ``healthCheckNodePort`` (here read from the same snapshot the
+      proxies get, not probed). A Service port without targets has no rule: a connection reaches
+      ``lb`` itself and is refused.
+    - **replies**: ``LB-POSTROUTING`` SNATs the forwarded connections to ``lb``'s own address, so
+      a node answers ``lb`` and ``lb`` undoes both translations on the way back to the client (a
+      cloud load balancer in proxy mode does the same; direct server return would need the node to
+      own the external IP). Hence the source a backend sees: in iptables/nftables mode, with
+      ``Cluster`` the node's address (kube-proxy masquerades), with ``Local`` the **``lb``'s
+      address** (kube-proxy keeps the source, which is ``lb`` after its SNAT); in userspace mode
+      always the node's address.
+
+    ``sync(snap)`` rewrites the whole ``nat`` table of ``lb`` in one ``iptables-restore`` (the
+    namespace is ours alone) and adds or removes the external addresses. ``assign(key)`` is what the
+    Service controller calls when a LoadBalancer Service is created; it needs no running host.
+    """
 
     def __init__(self, addon: Any):
         self.addon = addon

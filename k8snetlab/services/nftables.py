@@ -1,41 +1,8 @@
 """kube-proxy ``nftables`` mode: one table, ``table ip kube-proxy``, with verdict maps.
 
-Where the iptables mode walks a list of rules per packet (KUBE-SERVICES grows by one rule per
-service port), the nftables mode looks the destination up in hashed verdict maps, as
-kube-proxy's nftables mode does::
-
-    chain nat-prerouting / nat-output   (nat hooks, priority dstnat)  -> jump services
-    chain services
-        ip daddr . meta l4proto . th dport vmap @service-ips         # ClusterIPs, LB IPs
-        fib daddr type local ... meta l4proto . th dport vmap @service-nodeports
-    chain service-<hash>-<ns>/<name>/<proto>/<port>
-        ip daddr <clusterIP> <proto> dport <port> ip saddr != <clusterCIDR> jump mark-for-masquerade
-        [ip saddr @affinity-... goto endpoint-...]                   # sessionAffinity ClientIP
-        numgen random mod <n> vmap { 0 : goto endpoint-..., 1 : goto endpoint-... }
-        (a single endpoint: just ``goto endpoint-...``; see below)
-    chain external-... / local-...   externalTrafficPolicy Cluster (masquerade) / Local (no SNAT,
-                                     this node's endpoints only)
-    chain endpoint-<hash>-<ns>/<name>/<proto>/<port>__<ip>/<port>
-        ip saddr <ip> jump mark-for-masquerade                       # hairpin
-        meta l4proto <proto> dnat to <ip>:<port>
-    chain filter-input/-forward/-output (filter hooks, priority dstnat - 10) -> endpoints-check:
-        @no-endpoint-services / @no-endpoint-nodeports -> goto reject-chain (reject) or drop
-    chain nat-postrouting -> masquerading: masquerade what carries mark 0x4000
-
-Each sync is ONE ``nft -f`` transaction, which the kernel applies atomically: no packet ever
-sees half a ruleset. A full one (the first, after a failure, hourly, or whenever the ruleset
-is not as our last transaction left it: the nf_tables generation of the node's namespace,
-read after each of our transactions, has moved; see :mod:`.ruleset`) does ``flush table``
-(rules only: the affinity sets keep their entries, so ClientIP affinity survives it), rewrites every chain and rule and refills the maps; a partial one, as
-kube-proxy's, flushes and rewrites only the service and endpoint chains whose rules changed
-and deletes and adds single map elements. Both delete the chains and sets no longer needed.
-Rendering (:class:`NftablesRules`) is pure.
-
-One difference from kube-proxy's output: a service port with one endpoint jumps to it
-directly instead of through a one-entry ``numgen`` map. Each such map is an anonymous set,
-and the kernel names a new anonymous set by scanning all the table's sets, so thousands of
-them in one transaction cost quadratic time (5,000 one-endpoint services: ~2.6 s of kernel
-time with the maps, ~0.3 s without, measured on this machine's 6.18 kernel).
+A packet's Service is found by one hashed map lookup, not a walk over a rule per Service port;
+each sync is one ``nft -f`` transaction, applied atomically. The table's layout and what a sync
+writes: :class:`NftablesRules`.
 """
 
 from __future__ import annotations
@@ -113,7 +80,45 @@ def element_key(element: str) -> str:
 
 
 class NftablesRules:
-    """Renders the ``nft -f`` transaction for one node (pure)."""
+    """Renders the ``nft -f`` transaction for one node (pure).
+
+    Where the iptables mode walks a list of rules per packet (KUBE-SERVICES grows by one rule per
+    service port), the nftables mode looks the destination up in hashed verdict maps, as
+    kube-proxy's nftables mode does::
+
+        chain nat-prerouting / nat-output   (nat hooks, priority dstnat)  -> jump services
+        chain services
+            ip daddr . meta l4proto . th dport vmap @service-ips         # ClusterIPs, LB IPs
+            fib daddr type local ... meta l4proto . th dport vmap @service-nodeports
+        chain service-<hash>-<ns>/<name>/<proto>/<port>
+            ip daddr <clusterIP> <proto> dport <port> ip saddr != <clusterCIDR> jump mark-for-masquerade
+            [ip saddr @affinity-... goto endpoint-...]                   # sessionAffinity ClientIP
+            numgen random mod <n> vmap { 0 : goto endpoint-..., 1 : goto endpoint-... }
+            (a single endpoint: just ``goto endpoint-...``; see below)
+        chain external-... / local-...   externalTrafficPolicy Cluster (masquerade) / Local (no SNAT,
+                                         this node's endpoints only)
+        chain endpoint-<hash>-<ns>/<name>/<proto>/<port>__<ip>/<port>
+            ip saddr <ip> jump mark-for-masquerade                       # hairpin
+            meta l4proto <proto> dnat to <ip>:<port>
+        chain filter-input/-forward/-output (filter hooks, priority dstnat - 10) -> endpoints-check:
+            @no-endpoint-services / @no-endpoint-nodeports -> goto reject-chain (reject) or drop
+        chain nat-postrouting -> masquerading: masquerade what carries mark 0x4000
+
+    Each sync is ONE ``nft -f`` transaction, which the kernel applies atomically: no packet ever
+    sees half a ruleset. A full one (the first, after a failure, hourly, or whenever the ruleset
+    is not as our last transaction left it: the nf_tables generation of the node's namespace,
+    read after each of our transactions, has moved; see :mod:`.ruleset`) does ``flush table``
+    (rules only: the affinity sets keep their entries, so ClientIP affinity survives it), rewrites every chain and rule and refills the maps; a partial one, as
+    kube-proxy's, flushes and rewrites only the service and endpoint chains whose rules changed
+    and deletes and adds single map elements. Both delete the chains and sets no longer needed.
+    Rendering (:class:`NftablesRules`) is pure.
+
+    One difference from kube-proxy's output: a service port with one endpoint jumps to it
+    directly instead of through a one-entry ``numgen`` map. Each such map is an anonymous set,
+    and the kernel names a new anonymous set by scanning all the table's sets, so thousands of
+    them in one transaction cost quadratic time (5,000 one-endpoint services: ~2.6 s of kernel
+    time with the maps, ~0.3 s without, measured on this machine's 6.18 kernel).
+    """
 
     def __init__(self, node: str, cluster_cidr: str, masquerade_all: bool = False):
         self.node = node

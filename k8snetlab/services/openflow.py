@@ -4,18 +4,7 @@ With ``kubeProxy: {mode: openflow}`` and ``underlay: {switch: ovs, controller: s
 ClusterIP Services are served by the ``service_lb`` controller app (``controllers/service_lb.py``),
 the way OVS-based CNIs replace kube-proxy. This proxier is the runtime's half: on every sync
 it writes the desired state the app needs to a JSON file in the cluster's Open vSwitch run
-directory (the app re-reads it when it changes):
-
-- the service CIDR (the app answers ARP for it and sends its packets to the controller);
-- the nodes: IP, ``eth0`` MAC and pod CIDR (to send a connection to its backend's node and to
-  tell whether a client and its backend share a node, which needs source NAT);
-- every ClusterIP port with its ready backends (pod IP, resolved target port, node).
-
-The nodes themselves are not touched: no iptables, no sysctls. nodePorts and load balancer IPs
-are not served in this mode (logged once); use iptables or nftables for them. Requirements
-(checked when the cluster file loads, see :func:`k8snetlab.switching.check`): the OVS underlay
-with ``controller: service_lb``, one subnet and ``cni.type: host-gw`` (pod packets cross the
-underlay unencapsulated, so the switch can rewrite them).
+directory (the app re-reads it when it changes; what it holds: :class:`OpenFlowProxier`).
 """
 
 from __future__ import annotations
@@ -63,6 +52,19 @@ def render(cluster: "ClusterView", snap: Snapshot, macs: dict[str, str]) -> dict
 
 
 class OpenFlowProxier(Proxier):
+    """What the service_lb app needs, written on every sync:
+
+    - the service CIDR (the app answers ARP for it and sends its packets to the controller);
+    - the nodes: IP, ``eth0`` MAC and pod CIDR (to send a connection to its backend's node and to
+      tell whether a client and its backend share a node, which needs source NAT);
+    - every ClusterIP port with its ready backends (pod IP, resolved target port, node).
+
+    The nodes themselves are not touched: no iptables, no sysctls. nodePorts and load balancer IPs
+    are not served in this mode (logged once); use iptables or nftables for them. Requirements
+    (checked when the cluster file loads, see :func:`k8snetlab.switching.check`): the OVS underlay
+    with ``controller: service_lb``, one subnet and ``cni.type: host-gw`` (pod packets cross the
+    underlay unencapsulated, so the switch can rewrite them).
+    """
     mode = "openflow"
     tools = ()
 

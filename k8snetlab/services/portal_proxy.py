@@ -1,40 +1,8 @@
 #!/usr/bin/env python3
 """The node's proxy process of kube-proxy's ``userspace`` mode (one per node).
 
-This is the program the classic Kubernetes networking walk-throughs trace with tcpdump: for
-every Service port it holds a listening socket on a port the kernel picked at random, and
-iptables in the node (``KUBE-PORTALS-CONTAINER``: ``REDIRECT``, ``KUBE-PORTALS-HOST``:
-``DNAT``, see :mod:`k8snetlab.services.userspace`) sends Service traffic there. For each
-accepted connection it opens a *second* TCP connection to a backend pod, chosen round robin
-(``sessionAffinity: ClientIP`` keeps a client on one backend), and copies bytes both ways.
-So two connections exist: client pod -> Service IP (the pod's view; the node's conntrack
-turns it into client pod -> node:proxyPort), and node IP -> backend pod IP on the wire. UDP
-is proxied per client (one socket to the backend per client address and port), with an idle
-timeout, as kube-proxy did.
-
-A portal without endpoints keeps its port *bound but not listening*: a SYN gets a reset,
-so clients see "connection refused" at once (as with kube-proxy's REJECT rules) and the
-random port stays ours.
-
-It is a plain asyncio program using only the standard library, run by path (not as a
-module) so that it starts fast and imports nothing of the testbed. The runtime drives it
-over a Unix control socket, one JSON object per line, one answer per request:
-
-    {"op": "apply", "portals": [<portal>...], "udp_timeout": 0.25}
-        -> {"ok": true, "ports": {"<portal id>": <proxy port>, ...}}
-    {"op": "stats"} -> {"ok": true, "portals": {"<id>": {"port": ..., "connections": {...}}}}
-
-    <portal> = {"id": "default/web:http/TCP", "protocol": "TCP" | "UDP",
-                "endpoints": [["10.244.1.2", 8080], ...],
-                "affinity": "None" | "ClientIP", "affinity_timeout": 10800}
-
-``apply`` carries the whole desired state: portals it does not name are closed; existing
-ones keep their port; UDP sessions and affinity entries of removed endpoints are dropped (the
-userspace counterpart of flushing stale conntrack entries). SIGTERM stops it, and so does the
-end of the node (``--node-pid``: the process holding the node's namespace).
-
-    python3 portal_proxy.py --control /run/k8snetlab/knl1/nodes/node1/kube-proxy/control.sock \
-        --node-pid 4242
+Standard library only, run by path (not as a module), so it starts fast and imports nothing
+of the testbed. What it does per connection and its control protocol: :class:`Proxy`.
 """
 
 from __future__ import annotations
@@ -385,6 +353,42 @@ class UdpPortal(Portal):
 
 # ---------------------------------------------------------------------------------- control
 class Proxy:
+    """The proxy: its portals, and the control socket that drives it.
+
+    This is the program the classic Kubernetes networking walk-throughs trace with tcpdump: for
+    every Service port it holds a listening socket on a port the kernel picked at random, and
+    iptables in the node (``KUBE-PORTALS-CONTAINER``: ``REDIRECT``, ``KUBE-PORTALS-HOST``:
+    ``DNAT``, see :mod:`k8snetlab.services.userspace`) sends Service traffic there. For each
+    accepted connection it opens a *second* TCP connection to a backend pod, chosen round robin
+    (``sessionAffinity: ClientIP`` keeps a client on one backend), and copies bytes both ways.
+    So two connections exist: client pod -> Service IP (the pod's view; the node's conntrack
+    turns it into client pod -> node:proxyPort), and node IP -> backend pod IP on the wire. UDP
+    is proxied per client (one socket to the backend per client address and port), with an idle
+    timeout, as kube-proxy did.
+
+    A portal without endpoints keeps its port *bound but not listening*: a SYN gets a reset,
+    so clients see "connection refused" at once (as with kube-proxy's REJECT rules) and the
+    random port stays ours.
+
+    It is a plain asyncio program using only the standard library, run by path (not as a
+    module) so that it starts fast and imports nothing of the testbed. The runtime drives it
+    over a Unix control socket, one JSON object per line, one answer per request:
+
+        {"op": "apply", "portals": [<portal>...], "udp_timeout": 0.25}
+            -> {"ok": true, "ports": {"<portal id>": <proxy port>, ...}}
+        {"op": "stats"} -> {"ok": true, "portals": {"<id>": {"port": ..., "connections": {...}}}}
+
+        <portal> = {"id": "default/web:http/TCP", "protocol": "TCP" | "UDP",
+                    "endpoints": [["10.244.1.2", 8080], ...],
+                    "affinity": "None" | "ClientIP", "affinity_timeout": 10800}
+
+    ``apply`` carries the whole desired state: portals it does not name are closed; existing
+    ones keep their port; UDP sessions and affinity entries of removed endpoints are dropped (the
+    userspace counterpart of flushing stale conntrack entries). SIGTERM stops it, and so does the
+    end of the node (``--node-pid``: the process holding the node's namespace).
+
+        python3 portal_proxy.py --control /run/k8snetlab/knl1/nodes/node1/kube-proxy/control.sock         --node-pid 4242
+    """
     def __init__(self) -> None:
         self.portals: dict[str, Portal] = {}
         self.udp_timeout = UDP_TIMEOUT_S
@@ -458,20 +462,22 @@ def _raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
-def _start_time(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 async def watch_node(pid: int, stop: asyncio.Event) -> None:
     """Stop when the process holding the node's namespace is gone (the node left the cluster):
     a kube-proxy lives and dies with its node."""
-    born = _start_time(pid)
-    while born is not None and _start_time(pid) == born:
-        await asyncio.sleep(1.0)
+    try:
+        fd = os.pidfd_open(pid)       # readable once that very process has ended
+    except OSError:
+        fd = None                     # gone already
+    if fd is not None:
+        gone = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_reader(fd, gone.set)
+        try:
+            await gone.wait()
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
     log.info("node process %d is gone: stopping", pid)
     stop.set()
 

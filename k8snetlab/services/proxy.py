@@ -7,18 +7,8 @@ as kube-proxy's full resync does. A mode is one :class:`Proxier` subclass, decla
 ``k8snetlab.kube_proxy_modes`` entry-point group (:data:`PROXIERS`) and chosen with
 ``kubeProxy.mode`` in the cluster file.
 
-Shared here, because every NAT-based mode needs them:
-
-- :func:`stale_udp_flows`: which conntrack entries to delete after a change. A UDP "flow"
-  is only a conntrack entry; while a client keeps sending, the entry lives on and keeps
-  pointing at the old pod's IP after that pod is gone (the classic kube-proxy bug). kube-proxy
-  deletes the entries of removed UDP endpoints, and of UDP services that just got their first
-  endpoint, with ``conntrack -D``; :meth:`Proxier.flush_conntrack` does the same on the node.
-- ``bridge-nf-call-iptables``: pods on a Linux bridge (``cni0``) talk to each other at L2, so
-  a reply from a same-node backend would bypass the node's NAT and arrive from the pod's IP
-  instead of the ClusterIP. br_netfilter passes bridged frames through iptables/nftables so
-  conntrack can undo the DNAT; the sysctl is per network namespace (kernels >= 5.3), and
-  :meth:`Proxier.bridge_netfilter` turns it on in the node (and puts the old value back).
+What every NAT-based mode shares lives here too: which UDP conntrack entries a change makes
+stale (:func:`stale_udp_flows`), and ``bridge-nf-call-iptables`` (:meth:`Proxier.bridge_netfilter`).
 """
 
 from __future__ import annotations
@@ -97,8 +87,14 @@ class Proxier:
         self._sysctls.clear()
 
     def bridge_netfilter(self) -> bool:
-        """Let bridged pod-to-pod frames pass the node's netfilter hooks (see the module doc);
-        False when this kernel has no br_netfilter (same-node replies then skip the un-DNAT)."""
+        """Let bridged pod-to-pod frames pass the node's netfilter hooks; False when this kernel
+        has no br_netfilter (same-node replies then skip the un-DNAT).
+
+        Pods on a Linux bridge (``cni0``) talk to each other at L2, so a reply from a same-node
+        backend would bypass the node's NAT and arrive from the pod's IP instead of the
+        ClusterIP. br_netfilter passes bridged frames through iptables/nftables so conntrack can
+        undo the DNAT; the sysctl is per network namespace (kernels >= 5.3), and the old value
+        is put back on stop."""
         try:
             get_sysctl(BRIDGE_NF_SYSCTL, self.node.netns, self.node.name)
         except NetlinkError:
@@ -191,6 +187,10 @@ def stale_udp_flows(old: Snapshot | None, new: Snapshot) -> list[tuple[str, ...]
       left: ``--orig-dst <clusterIP> --orig-port-dst <port> --reply-src <old pod IP>``;
     - a UDP service port that had no endpoint and now has one: every entry to it (created
       while packets were rejected, they would keep black-holing the client).
+
+    A UDP "flow" is only a conntrack entry; while a client keeps sending, the entry lives on
+    and keeps pointing at the old pod's IP after that pod is gone (the classic kube-proxy bug).
+    :meth:`Proxier.flush_conntrack` deletes these on the node, as kube-proxy does.
     """
     before, after = _udp_dests(old), _udp_dests(new)
     out: list[tuple[str, ...]] = []

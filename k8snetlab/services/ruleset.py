@@ -7,22 +7,6 @@ repairs it. Listing the rules each sync to compare them costs too much (``iptabl
 nat`` at 5,000 Services: 0.5 s with iptables-nft; a netlink dump of the table 0.25-1.2 s), so
 the proxiers compare a fingerprint of the whole ruleset instead, taken around their own
 writes:
-
-- **nf_tables** (the nftables mode, and iptables-nft, Debian's default iptables) numbers the
-  committed transactions of each network namespace: the ruleset generation, one netlink
-  request (``NFT_MSG_GETGEN``; ``nft monitor`` prints it), about 30-60 us whatever the number
-  of rules. Every foreign change bumps it; reads (``iptables -S``, ``nft list``) do not. Our
-  own write bumps it by at most one per transaction (``nft -f``: one; ``iptables-restore``:
-  one per table section), so a foreign change racing with our write shows as a jump larger
-  than that and is caught too.
-- **iptables-legacy** has no generation; the kernel tells each table's number of entries and
-  the size of its blob (``IPT_SO_GET_INFO``, what ``iptables-legacy-save`` asks first): any
-  rule added, deleted or flushed changes them.
-
-Any difference means a full sync. The fingerprint cannot tell our chains from other agents'
-(another writer in the node's namespace, e.g. a NetworkPolicy agent, costs us one full sync
-per change of its rules), and a legacy rule replaced by one of exactly the same size is not
-seen: the hourly full sync still repairs those.
 """
 
 from __future__ import annotations
@@ -108,7 +92,24 @@ def legacy_table_info(netns: str | None, table: str) -> tuple[int, int]:
 class RulesetWatch:
     """The fingerprint of a node's rules right after our last write, and a comparison with now.
 
-    ``backend``: ``nft`` (nf_tables generation) or ``legacy`` (``tables``' entry counts and sizes)."""
+    ``backend``: ``nft`` (nf_tables generation) or ``legacy`` (``tables``' entry counts and sizes).
+
+    - **nf_tables** (the nftables mode, and iptables-nft, Debian's default iptables) numbers the
+      committed transactions of each network namespace: the ruleset generation, one netlink
+      request (``NFT_MSG_GETGEN``; ``nft monitor`` prints it), about 30-60 us whatever the number
+      of rules. Every foreign change bumps it; reads (``iptables -S``, ``nft list``) do not. Our
+      own write bumps it by at most one per transaction (``nft -f``: one; ``iptables-restore``:
+      one per table section), so a foreign change racing with our write shows as a jump larger
+      than that and is caught too.
+    - **iptables-legacy** has no generation; the kernel tells each table's number of entries and
+      the size of its blob (``IPT_SO_GET_INFO``, what ``iptables-legacy-save`` asks first): any
+      rule added, deleted or flushed changes them.
+
+    Any difference means a full sync. The fingerprint cannot tell our chains from other agents'
+    (another writer in the node's namespace, e.g. a NetworkPolicy agent, costs us one full sync
+    per change of its rules), and a legacy rule replaced by one of exactly the same size is not
+    seen: the hourly full sync still repairs those.
+    """
 
     def __init__(self, netns: str | None, backend: str = "nft",
                  tables: tuple[str, ...] = ("mangle", "nat", "filter")):

@@ -12,15 +12,6 @@ all ready endpoints) and hands it to every proxier, then to the DNS and the load
 A pod leaves its Services *before* its containers stop, as with graceful termination.
 Besides, a background thread re-applies the last snapshot to every proxier every
 ``syncPeriod`` seconds: kube-proxy's periodic resync, which repairs rules deleted by hand.
-
-Use it as ``cluster.services``::
-
-    svc = cluster.services.add_service({"apiVersion": "v1", "kind": "Service", ...})
-    cluster.services.add_services([...])            # many, with one sync of every node
-    cluster.services.endpoints("default/web")        # -> (Endpoint(ip, node, pod, ports), ...)
-    cluster.services.proxiers["node1"]               # the node's kube-proxy
-    cluster.services.external.cmd("curl -s 192.168.1.129:30080")
-    cluster.services.set_mode("nftables")            # restart kube-proxy in another mode
 """
 
 from __future__ import annotations
@@ -61,6 +52,17 @@ EXTERNAL_HOST = "external"
 
 
 class ServicesAddon(Addon):
+    """The add-on ``cluster.services`` is.
+
+    Use it as ``cluster.services``::
+
+        svc = cluster.services.add_service({"apiVersion": "v1", "kind": "Service", ...})
+        cluster.services.add_services([...])            # many, with one sync of every node
+        cluster.services.endpoints("default/web")        # -> (Endpoint(ip, node, pod, ports), ...)
+        cluster.services.proxiers["node1"]               # the node's kube-proxy
+        cluster.services.external.cmd("curl -s 192.168.1.129:30080")
+        cluster.services.set_mode("nftables")            # restart kube-proxy in another mode
+    """
     name = "services"
 
     def __init__(self, cluster: "ClusterView"):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .. import proc
 from ..errors import K8sNetLabError
 from .model import Snapshot
 from .proxy import Proxier
@@ -235,13 +236,8 @@ class UserspaceProxier(Proxier):
 
     def _stop_process(self) -> None:
         p, self.process = self.process, None
-        if p is not None and p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(3)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        if p is not None:
+            proc.end_child(p, grace=3)
         try:
             self.control.unlink()
         except FileNotFoundError:
@@ -345,7 +341,7 @@ class UserspaceProxier(Proxier):
 
 def _redirect_works(cluster: "ClusterView", node: "NodeHost") -> bool:
     """False in the Calico layout: pods sit behind address-less ``cali*`` veths, where
-    ``REDIRECT`` has no address to redirect to (see the module doc)."""
+    ``REDIRECT`` has no address to redirect to (see :class:`UserspaceProxier`)."""
     try:
         plugins = cluster.mode.plugin_configs(node)
     except Exception:  # a mode without a plugin list: assume a bridge with a gateway address

@@ -7,10 +7,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import yaml
 
 from helpers import THREE_NODES, require_root_and
+from k8snetlab import proc
 
 
 def require_ovs() -> None:
@@ -30,27 +32,15 @@ def processes_mentioning(text: str) -> list[str]:
     """Command lines of running processes that name ``text`` (a state dir: our OVS daemons,
     controller and switch shells all do)."""
     out = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{pid}/stat") as f:
-                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
-        except OSError:
-            continue
-        if text in cmd and not zombie and int(pid) != os.getpid():
-            out.append(f"{pid}: {cmd.strip()}")
+    for p in psutil.process_iter(["cmdline", "status"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if text in cmd and p.info["status"] != psutil.STATUS_ZOMBIE and p.pid != os.getpid():
+            out.append(f"{p.pid}: {cmd}")
     return out
 
 
 def netns_alive(inode: int) -> bool:
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if os.stat(f"/proc/{pid}/ns/net").st_ino == inode:
-                return True
-        except OSError:
-            continue
-    return False
+    return any(proc.netns_inode(pid) == inode for pid in psutil.pids())
 
 
 def links_named(prefix: str) -> list[str]:

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from k8snetlab import cleanup, naming, proc
+from k8snetlab import proc
 from k8snetlab.services.proxy import PROXIERS
+from leftover_check import Footprint
 
 
 @dataclass(frozen=True)
@@ -103,13 +104,9 @@ def stop_and_check(c) -> None:
     state, no link (other clusters, e.g. of tests running beside us, are not ours to judge)."""
     if c.state is None or c.services is None:    # never started, or stopped (and checked) already
         return
-    index, path = c.state.index, str(c.state.path)
+    footprint = Footprint(c)
     procs = [getattr(p, "process", None) for p in c.services.proxiers.values()]
     pids = [(p.pid, proc.start_time(p.pid)) for p in procs if p is not None]
     c.stop()
-    left = cleanup.leftovers()
-    mine = [x for x in left.clusters if x == path.rsplit("/", 1)[-1]] + \
-        [x for x in left.links if naming.cluster_index_of(x) == index] + \
-        [x for x in left.mounts if x.startswith(path)] + \
-        [f"proxy pid {pid}" for pid, start in pids if proc.running(pid, start)]
-    assert not mine, mine
+    left = footprint.problems() + [f"proxy pid {pid}" for pid, start in pids if proc.running(pid, start)]
+    assert not left, left

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, THREE_NODES, clean_cli, require_root_and, up_then_kill_9
-from k8snetlab import cleanup, naming, proc
+from k8snetlab import naming, proc, statedir
 
 pytestmark = pytest.mark.integration
 
@@ -54,8 +54,8 @@ def foreign_bridges():
 def test_clean_leaves_foreign_knl_links_alone_and_says_so(foreign_bridges):
     r = clean_cli()
     assert r.returncode == 0, r.stderr
-    live = {naming.cluster_index_of(d.name) for root in cleanup.state_roots() for d in root.glob("knl*")
-            if cleanup._owner_alive(d)}
+    live = {naming.cluster_index_of(d.name) for root in statedir.state_roots() for d in root.glob("knl*")
+            if statedir.owner_alive(d)}
     for name in foreign_bridges:
         assert os.path.exists(f"/sys/class/net/{name}"), f"clean deleted a foreign link {name}"
         assert f"removed interface: {name}" not in r.stdout
@@ -119,7 +119,7 @@ def test_a_marked_link_of_a_dead_owner_without_state_is_removed(tmp_path):
     pid = int(dead.stdout)           # a process that has exited: its start time cannot match
     proc.run(["ip", "link", "add", "name", name, "type", "bridge"])
     try:
-        Path(f"/sys/class/net/{name}/ifalias").write_text(cleanup.link_mark(pid, 1, tmp_path / "gone" / "knl98"))
+        Path(f"/sys/class/net/{name}/ifalias").write_text(statedir.link_mark(pid, 1, tmp_path / "gone" / "knl98"))
         r = clean_cli()
         assert not os.path.exists(f"/sys/class/net/{name}"), r.stdout
         assert f"removed interface: {name}" in r.stdout

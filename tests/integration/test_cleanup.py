@@ -16,7 +16,7 @@ import pytest
 
 from helpers import REPO, THREE_NODES, clean_cli, require_root_and, up_then_kill_9
 from leftover_check import Footprint
-from k8snetlab import cleanup, naming, proc, spec
+from k8snetlab import naming, proc, spec, statedir
 from k8snetlab.cluster import Cluster
 
 pytestmark = pytest.mark.integration
@@ -100,7 +100,7 @@ def test_missing_tool_is_one_line_exit_2(tmp_path):
     assert "not installed" in err and "apt-get install" in err
     assert err.strip().count("\n") == 0
     # no state dir of that run (others' clusters may come and go meanwhile)
-    for root in cleanup.state_roots():
+    for root in statedir.state_roots():
         for owner in root.glob("knl*/owner.json"):
             try:
                 assert json.loads(owner.read_text())["pid"] != p.pid, f"the refused run left {owner.parent}"

@@ -155,13 +155,7 @@ class Lab:
         return p
 
     def stop(self, p: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-        if p.poll() is None:
-            p.send_signal(sig)
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        proc.end_child(p, 5, sig)
         if p in self.procs:
             self.procs.remove(p)
 

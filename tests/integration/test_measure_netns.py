@@ -7,10 +7,12 @@ them, so nothing ever appears in the root namespace, and deleting the namespaces
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from dataclasses import dataclass
 
+import psutil
 import pytest
 
 from k8snetlab import measure, proc
@@ -51,31 +53,20 @@ def iperf3_in(pair: Pair) -> list[int]:
     """PIDs of iperf3 processes inside the pair's namespaces: only ours can be there."""
     ours = {_ns_inode(pair.a_ns), _ns_inode(pair.b_ns)}
     found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                if f.read().strip() != "iperf3":
-                    continue
-            if _ns_inode(f"/proc/{pid}/ns/net") in ours:
-                found.append(int(pid))
-        except OSError:
-            continue
+    for p in psutil.process_iter(["name"]):
+        with contextlib.suppress(OSError):
+            if p.info["name"] == "iperf3" and _ns_inode(f"/proc/{p.pid}/ns/net") in ours:
+                found.append(p.pid)
     return found
 
 
 def iperf3_children() -> list[int]:
     """iperf3 processes (live or unreaped) whose parent is this test process."""
     found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        if comm == "iperf3" and ppid == os.getpid():
-            found.append(int(pid))
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            if child.name() == "iperf3":
+                found.append(child.pid)
     return found
 
 

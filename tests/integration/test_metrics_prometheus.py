@@ -18,6 +18,7 @@ import urllib.request
 import pytest
 
 from helpers import REPO, THREE_NODES, require_root_and
+from k8snetlab import proc
 
 pytestmark = pytest.mark.integration
 
@@ -34,13 +35,7 @@ def get(url: str) -> str:
 
 
 def stop(p: subprocess.Popen, sig=signal.SIGTERM) -> None:
-    if p.poll() is None:
-        p.send_signal(sig)
-        try:
-            p.wait(60)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    proc.end_child(p, 60, sig)
 
 
 def test_prometheus_scrapes_per_pod_counters(tmp_path):

@@ -92,11 +92,11 @@ def test_stop_removes_controller_ovs_and_bridges(cluster):
     state, prefix = cluster.state.path, cluster.state.prefix
     inode = os.stat(ovs.netns).st_ino
     pids = {**ovs.pids(), **{f"switch {s.name}": s.pid for s in cluster.switches.values()}}
+    starts = {what: proc.start_time(pid) for what, pid in pids.items()}
     bridges = ovs.vsctl("list-br").split()
     assert bridges == [s.name for s in cluster.switches.values()]
     cluster.stop()
-    alive = [what for what, pid in pids.items() if proc.pid_alive(pid) and
-             not open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"]
+    alive = [what for what, pid in pids.items() if proc.running(pid, starts[what])]
     assert alive == []
     assert_gone(state, prefix, inode)
 

@@ -26,9 +26,10 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import REPO, require_root_and, wait_for
+from leftover_check import Footprint
 from services_helpers import KUBE_PROXY_E2E, expect, kube_proxy_modes, runnable_modes
 
-from k8snetlab import cleanup, naming, spec
+from k8snetlab import naming, spec
 from k8snetlab.cluster import Cluster
 from k8snetlab.modes import MODES
 
@@ -100,11 +101,9 @@ def assert_gone(c) -> None:
     if c.state is None:          # never started, or already stopped
         c.stop()
         return
-    state, prefix = c.state.path, c.state.prefix
+    footprint = Footprint(c)
     c.stop()
-    assert not state.exists(), f"{state} left behind"
-    links = [n for n in cleanup.leftovers().links if n.startswith(prefix + "s")]
-    assert not links, f"interfaces left behind: {links}"
+    footprint.assert_gone()
 
 
 @pytest.fixture(scope="module", params=kube_proxy_modes())

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, require_root_and
-from k8snetlab import cleanup, naming, proc
+from k8snetlab import cleanup, naming, proc, statedir
+from leftover_check import left_under
 
 pytestmark = pytest.mark.integration
 
@@ -107,23 +108,15 @@ class Run:
         return self.shell.returncode
 
     def problems(self) -> list[str]:
-        out = [f"state dir {d}" for d in self.root.glob("knl*")]
-        if self.index is not None:
-            out += [f"link {n}" for n in os.listdir("/sys/class/net") if naming.cluster_index_of(n) == self.index]
+        # processes are found by the environment they inherited, with this run's own state
+        # root (namespace inodes would not do: the kernel reuses them for other clusters)
+        out = [x for x in left_under(self.root) if not x.startswith(f"process {self.pid} ")]
+        if self.index is not None:      # also a link made but not marked yet when the signal came
+            for link in statedir.root_links():
+                mark = statedir.parse_link_mark(link["alias"])
+                if naming.cluster_index_of(link["ifname"]) == self.index and mark is None:
+                    out.append(f"link {link['ifname']}")
         out += [f"process {pid}" for pid, start in self.pids if start and proc.running(pid, start)]
-        # every process the runtime started inherited its environment, with this run's own
-        # state root (namespace inodes would not do: the kernel reuses them for other clusters)
-        mine = f"K8SNETLAB_STATE={self.root}".encode()
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) in (os.getpid(), self.pid):
-                continue
-            try:
-                with open(f"/proc/{entry}/environ", "rb") as f:
-                    env = f.read().split(b"\0")
-            except OSError:
-                continue
-            if mine in env:
-                out.append(f"process {entry} ({proc.cmdline(int(entry))[:60]})")
         return out
 
 
@@ -154,6 +147,10 @@ def signal_at(tmp: Path, n: int, sig: int, moment: str, delay: float) -> str:
     where = f"{signal.Signals(sig).name} at {moment}+{delay}s"
     assert "Traceback" not in text and "Exception ignored" not in text, f"{where}:\n{text}"
     assert status == 130, f"{where}: exit {status}\n{text}"
+    # the kernel deletes the veths of a namespace that ended asynchronously: give it a moment
+    deadline = time.monotonic() + 5
+    while run.problems() and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert not run.problems(), f"{where}: left {run.problems()}\n{text}"
     return where
 

@@ -16,7 +16,7 @@ import pytest
 from helpers import REPO, require_root_and
 from leftover_check import running
 
-from k8snetlab import naming, spec
+from k8snetlab import hoststat, naming, spec
 from k8snetlab.cluster import Cluster
 
 pytestmark = pytest.mark.integration
@@ -70,11 +70,10 @@ def uplink_packets(c, leaf: str = "leaf1") -> dict[str, int]:
     (r,) = [r for r in c.spec.underlay.routers if r.name == leaf]
     dev = {naming.router_intf(leaf, i): subnet for i, (subnet, _) in enumerate(r.interfaces)}
     out = {}
-    for line in c.routers[leaf].run(["cat", "/proc/net/dev"]).stdout.splitlines()[2:]:
-        name, counters = line.split(":", 1)
-        subnet = dev.get(name.strip(), "")
+    for name, counters in hoststat.ns_counters(c.routers[leaf].netns).ifaces.items():
+        subnet = dev.get(name, "")
         if "-spine" in subnet:
-            out[subnet.split("-", 1)[1]] = int(counters.split()[9])     # tx_packets
+            out[subnet.split("-", 1)[1]] = counters.tx_packets
     return out
 
 

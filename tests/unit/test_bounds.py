@@ -102,14 +102,14 @@ def test_node_count_is_bounded(tmp_path):
 def test_sandboxes_are_created_in_bounded_batches(tmp_path, monkeypatch):
     """Cluster.start wires pods a batch at a time: never more sandboxes (one shell each) than
     POD_BATCH exist before their CNI ADD."""
-    from k8snetlab import cleanup, cluster as cluster_mod, proc
+    from k8snetlab import cluster as cluster_mod, proc, statedir
     s = spec.load(write(tmp_path, cluster(300)))
     batches: list[int] = []
     monkeypatch.setattr(proc, "require_root", lambda *a, **k: None)
     monkeypatch.setattr(proc, "require", lambda *a, **k: None)
     monkeypatch.setenv("K8SNETLAB_STATE", str(tmp_path / "state"))
-    monkeypatch.setattr(cleanup, "ROOTS_FILE", tmp_path / "roots")
-    monkeypatch.setattr(cleanup.naming, "STATE_ROOT", str(tmp_path / "default-root"))
+    monkeypatch.setattr(statedir, "ROOTS_FILE", tmp_path / "roots")
+    monkeypatch.setattr(statedir.naming, "STATE_ROOT", str(tmp_path / "default-root"))
     for step in ("_write_cni_bin", "_start_node_agents", "_start_agent_resync", "_start_supervisor"):
         monkeypatch.setattr(cluster_mod.Cluster, step, lambda self: None)
 

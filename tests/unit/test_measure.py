@@ -481,6 +481,9 @@ class FakeServer:
     def terminate(self):
         self.terminated, self.returncode = True, -15
 
+    def send_signal(self, sig):
+        self.terminated, self.returncode = True, -sig
+
     def kill(self):
         self.killed, self.returncode = True, -9
 
@@ -488,7 +491,7 @@ class FakeServer:
 @pytest.fixture
 def fake_server(monkeypatch, fake_root):
     monkeypatch.setattr(measure.subprocess, "Popen", FakeServer)
-    monkeypatch.setattr(measure, "_owns_listener", lambda pid, port: True)
+    monkeypatch.setattr(measure.proc, "listening", lambda pid, port, own=False: True)
     return fake_root
 
 
@@ -531,18 +534,6 @@ def test_iperf3_server_that_dies_is_reported(monkeypatch, fake_root):
     monkeypatch.setattr(measure.subprocess, "Popen", Dead)
     with pytest.raises(MeasureError, match="Address already in use"):
         measure.iperf3(fake_root, fake_root, "10.123.0.2", duration_s=1)
-
-
-def test_owns_listener_ignores_other_processes():
-    """This test process listens on no port: whatever else listens, the answer is no."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        assert not measure._owns_listener(os.getpid(), port)
-        s.listen(1)
-        assert measure._owns_listener(os.getpid(), port)
-        assert not measure._owns_listener(os.getpid(), port + 1 if port < 65535 else port - 1)
 
 
 # ------------------------------------------------------------------------ CPU placement
