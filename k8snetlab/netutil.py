@@ -58,6 +58,7 @@ class Netns:
                 # an ioctl socket in the namespace too: a name -> index lookup or a link
                 # going up is one syscall there, a pyroute2 request ~1 ms of Python
                 self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self._rtnl = _Rtnl()
         except OSError as e:
             raise NetlinkError(f"cannot enter network namespace of {self.label} ({path}): "
                                f"{e.strerror}; is the pod or node still running?") from None
@@ -66,6 +67,7 @@ class Netns:
     def close(self) -> None:
         self.ipr.close()
         self._sock.close()
+        self._rtnl.close()
 
     def __enter__(self) -> "Netns":
         return self
@@ -253,6 +255,11 @@ class Netns:
     # -- addresses --------------------------------------------------------------------------
     def ensure_addr(self, ifname: str | int, cidr: str) -> None:
         iface = ipaddress.ip_interface(cidr)
+        if iface.version == 4:      # one hand-encoded request (what pyroute2 sends, ~40x cheaper)
+            err = self._rtnl.addr_add(self.require_index(ifname), iface)
+            if err and err != errno.EEXIST:
+                raise NetlinkError(f"add address {cidr} to {ifname} in {self.label}: {os.strerror(err)}")
+            return
         self._call(f"add address {cidr} to {ifname}", self.ipr.addr, "add",
                    index=self.require_index(ifname), address=str(iface.ip),
                    prefixlen=iface.network.prefixlen, ok=(errno.EEXIST,))
@@ -297,7 +304,14 @@ class Netns:
         if mtu:
             kw["metrics"] = {"mtu": mtu}
         what = f"route {dst}" + (f" via {gateway}" if gateway else "") + (f" dev {dev}" if dev else "")
-        self._call(what, self.ipr.route, "replace" if replace else "add", **kw)
+        if ":" in kw["dst"] or (gateway and ":" in gateway):      # IPv6: pyroute2
+            self._call(what, self.ipr.route, "replace" if replace else "add", **kw)
+            return
+        err = self._rtnl.route(kw["dst"], gateway=gateway, oif=kw.get("oif"), scope=kw.get("scope", SCOPE_UNIVERSE),
+                               proto=RTPROT_STATIC if proto is None else proto, onlink=onlink, table=table,
+                               mtu=mtu, prefsrc=src, replace=replace)
+        if err:
+            raise NetlinkError(f"{what} in {self.label}: {os.strerror(err)}")
 
     def add_multipath_route(self, dst: str, gateways: list[str], table: int = MAIN_TABLE) -> None:
         """Replace the route to ``dst`` with one over several gateways of equal weight (ECMP)."""
@@ -307,28 +321,22 @@ class Netns:
 
     def replace_routes(self, routes: list[dict[str, Any]]) -> None:
         """Replace many routes at once: ``{"dst", "gateway", "dev", "onlink", "mtu"}`` each
-        (``dev`` by name). One ``ip -batch`` run in the namespace instead of a pyroute2
-        request per route: a node agent at 100 nodes programs 99 routes per node, 9,900 in
-        all, and each request costs about a millisecond of the runtime's CPU, ``ip`` a few
-        microseconds. Raises NetlinkError naming the route ``ip`` refused."""
-        lines = []
+        (``dev`` by name). A node agent at 100 nodes programs 99 routes per node, 9,900 in
+        all: each is one hand-encoded request here (~25 us of CPU), where a pyroute2 request
+        costs about a millisecond. Raises NetlinkError naming the route the kernel refused."""
+        index: dict[str, int] = {}
         for r in routes:
-            words = ["route", "replace", _dst(r["dst"])]
-            if r.get("gateway"):
-                words += ["via", str(r["gateway"])]
-            if r.get("dev"):
-                words += ["dev", str(r["dev"])]
-            if r.get("onlink"):
-                words.append("onlink")
-            if r.get("mtu"):
-                words += ["mtu", str(int(r["mtu"]))]
-            lines.append(" ".join(words))
-        if not lines:
-            return
-        try:
-            proc.run(["ip", "-batch", "-"], input="\n".join(lines) + "\n", netns=self.path, where=self.label)
-        except CommandError as e:
-            raise NetlinkError(f"{len(lines)} routes in {self.label}: {e.stderr.strip() or e}") from None
+            dev = r.get("dev")
+            oif = None
+            if dev:
+                oif = index.get(dev) or index.setdefault(dev, self.require_index(dev))
+            dst = _dst(r["dst"])
+            err = self._rtnl.route(dst, gateway=r.get("gateway"), oif=oif,
+                                   scope=SCOPE_LINK if dev and not r.get("gateway") else SCOPE_UNIVERSE,
+                                   proto=RTPROT_STATIC, onlink=bool(r.get("onlink")), mtu=r.get("mtu"))
+            if err:
+                via = f" via {r['gateway']}" if r.get("gateway") else ""
+                raise NetlinkError(f"route {dst}{via} dev {dev} in {self.label}: {os.strerror(err)}")
 
     def del_route(self, dst: str, *, table: int = MAIN_TABLE, **match: Any) -> bool:
         """Delete a route; True if it existed. Already gone is success."""
@@ -495,6 +503,74 @@ def _link_info(msg: Any) -> dict[str, Any]:
     return {"index": msg["index"], "ifname": msg.get("ifname"), "mtu": msg.get("mtu"),
             "mac": msg.get("address"), "master": msg.get("master"), "alias": msg.get("ifalias") or "",
             "up": bool(msg["flags"] & 1), "kind": _link_kind(msg)}
+
+
+class _Rtnl:
+    """A raw rtnetlink socket for the two requests every pod and node agent makes many of
+    (an IPv4 address, a route): encoded by hand, as ``ip`` sends them (what pyroute2 sends
+    too: no broadcast, ``proto static``), ~25 us of CPU each where pyroute2's machinery
+    costs ~1 ms. Opened in the namespace like the pyroute2 socket beside it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+        self.sock.bind((0, 0))
+        self.seq = 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def request(self, msgtype: int, flags: int, body: bytes) -> int:
+        """Send one request asking for an ACK; return 0 or the errno the kernel answered."""
+        self.seq += 1
+        seq = self.seq
+        self.sock.send(struct.pack("=LHHLL", 16 + len(body), msgtype, flags | _NLM_F_REQUEST | _NLM_F_ACK,
+                                   seq, 0) + body)
+        while True:
+            data = self.sock.recv(65536)
+            off = 0
+            while off + 16 <= len(data):
+                length, kind, _, s, _ = struct.unpack_from("=LHHLL", data, off)
+                if kind == _NLMSG_ERROR and s == seq:
+                    return -struct.unpack_from("=i", data, off + 16)[0]
+                if length < 16:
+                    break
+                off += (length + 3) & ~3
+
+    def addr_add(self, index: int, iface: Any) -> int:
+        ip = iface.ip.packed
+        body = struct.pack("=BBBBI", socket.AF_INET, iface.network.prefixlen, 0, 0, index)
+        return self.request(_RTM_NEWADDR, _NLM_F_CREATE | _NLM_F_EXCL,
+                            body + _rtattr(_IFA_LOCAL, ip) + _rtattr(_IFA_ADDRESS, ip))
+
+    def route(self, dst: str, *, gateway: str | None = None, oif: int | None = None, scope: int = 0,
+              proto: int = RTPROT_STATIC, onlink: bool = False, table: int = MAIN_TABLE,
+              mtu: int | None = None, prefsrc: str | None = None, replace: bool = True) -> int:
+        net = ipaddress.IPv4Network(dst, strict=False)
+        body = struct.pack("=BBBBBBBBI", socket.AF_INET, net.prefixlen, 0, 0, table if table < 256 else 252,
+                           proto, scope, _RTN_UNICAST, RTNH_F_ONLINK if onlink else 0)
+        body += _rtattr(_RTA_TABLE, struct.pack("=I", table))
+        if net.prefixlen:
+            body += _rtattr(_RTA_DST, net.network_address.packed)
+        if gateway:
+            body += _rtattr(_RTA_GATEWAY, ipaddress.IPv4Address(gateway).packed)
+        if oif:
+            body += _rtattr(_RTA_OIF, struct.pack("=I", oif))
+        if prefsrc:
+            body += _rtattr(_RTA_PREFSRC, ipaddress.IPv4Address(prefsrc).packed)
+        if mtu:
+            body += _rtattr(_RTA_METRICS, _rtattr(_RTAX_MTU, struct.pack("=I", int(mtu))))
+        return self.request(_RTM_NEWROUTE, _NLM_F_CREATE | (_NLM_F_REPLACE if replace else _NLM_F_EXCL), body)
+
+
+def _rtattr(kind: int, payload: bytes) -> bytes:
+    n = 4 + len(payload)
+    return struct.pack("=HH", n, kind) + payload + b"\0" * (-n % 4)
+
+
+_NLMSG_ERROR, _RTM_NEWADDR, _RTM_NEWROUTE, _RTN_UNICAST = 2, 20, 24, 1
+_NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_REPLACE, _NLM_F_EXCL, _NLM_F_CREATE = 0x1, 0x4, 0x100, 0x200, 0x400
+_IFA_ADDRESS, _IFA_LOCAL = 1, 2
+_RTA_DST, _RTA_OIF, _RTA_GATEWAY, _RTA_PREFSRC, _RTA_METRICS, _RTA_TABLE, _RTAX_MTU = 1, 4, 5, 7, 8, 15, 2
 
 
 def _link_kind(msg: Any) -> str | None:
