@@ -24,9 +24,9 @@ Per (dataplane, size, population, round), on the server's node or between the po
 
 - ``first_packet_added`` (us): ``--probes`` fresh TCP connections to the server and as many
   to the control, interleaved one by one in ABBA order (microseconds apart, so the drift of a
-  shared machine hits both alike); the median connect time to the server minus the control's
-  (``path_difference``), minus the same difference with 0 policies in the same round (the two
-  pods' own difference). ``connect_p50`` / ``connect_p50_control`` are the medians;
+  shared machine hits both alike); the median of the per-pair differences server - control
+  (``path_difference``), minus the same with 0 policies in the same round (the two pods' own
+  difference). ``connect_p50`` / ``connect_p50_control`` are the medians;
 - ``rules_walked`` / ``set_lookups``: the rules the client's first packet (a SYN to 7000)
   is evaluated against on both nodes' policy rules, and the set/map lookups among them, from
   what the agents wrote (:mod:`k8snetlab.policy.walk`): the load-independent figure
@@ -317,7 +317,7 @@ def run(args) -> int:
                         got = probes.setdefault((dp, size, population), ([], []))
                         got[0].extend(srv)
                         got[1].extend(ctl)
-                        diff = statistics.median(srv) - statistics.median(ctl)
+                        diff = statistics.median(a - b for a, b in zip(srv, ctl))
                         row(dp, scen, rnd, "connect_p50", statistics.median(srv), "us")
                         row(dp, scen, rnd, "connect_p50_control", statistics.median(ctl), "us")
                         row(dp, scen, rnd, "path_difference", diff, "us")
@@ -363,15 +363,15 @@ def scenario(size: int, population: str) -> str:
 
 def added_interval(srv_n: list[float], ctl_n: list[float], srv_0: list[float], ctl_0: list[float],
                    seed: int = 1, samples: int = BOOTSTRAP) -> tuple[float, float, float]:
-    """What N policies add to the server's first packet: (median server - median control) with
-    N policies minus the same with 0, and a bootstrap 95 % interval (each sample resampled)."""
+    """What N policies add to the server's first packet: the median of the per-pair differences
+    (server - control, the two connections made one after the other) with N policies minus the
+    same with 0, and a bootstrap 95 % interval (the pairs of each resampled)."""
     med = statistics.median
-
-    def est(a, b, c, d):
-        return (med(a) - med(b)) - (med(c) - med(d))
+    d_n = [a - b for a, b in zip(srv_n, ctl_n)]
+    d_0 = [a - b for a, b in zip(srv_0, ctl_0)]
     rng = random.Random(seed)
-    boot = sorted(est(*(rng.choices(x, k=len(x)) for x in (srv_n, ctl_n, srv_0, ctl_0))) for _ in range(samples))
-    return est(srv_n, ctl_n, srv_0, ctl_0), boot[int(0.025 * samples)], boot[int(0.975 * samples) - 1]
+    boot = sorted(med(rng.choices(d_n, k=len(d_n))) - med(rng.choices(d_0, k=len(d_0))) for _ in range(samples))
+    return med(d_n) - med(d_0), boot[int(0.025 * samples)], boot[int(0.975 * samples) - 1]
 
 
 def first_packet_line(dp: str, size: int, population: str, value: float, low: float, high: float, n: int) -> str:

@@ -144,16 +144,21 @@ def chained_configs(names: Iterable[str], sysctl: dict[str, str] | None = None) 
     return out
 
 
-def parse_chain(raw: Any, default: tuple[str, ...], where: str) -> tuple[tuple[str, ...], dict[str, str]]:
-    """The ``cni.chain`` section: ``[portmap, bandwidth]`` or ``{plugins: [...], sysctl: {...}}``;
-    returns (names in order, the tuning plugin's node-wide sysctls)."""
+def parse_chain(raw: Any, default: tuple[str, ...], where: str) -> tuple[tuple[str, ...], dict[str, str], bool]:
+    """The ``cni.chain`` section: ``[portmap, bandwidth]`` or ``{plugins: [...], sysctl: {...},
+    reference: true}``; returns (names in order, the tuning plugin's node-wide sysctls, whether
+    the chained plugins are Debian's reference binaries)."""
     if raw is None:
-        return default, {}
+        return default, {}, False
     sysctl: dict[str, str] = {}
+    reference = False
     if isinstance(raw, dict):
-        bad = [k for k in raw if k not in ("plugins", "sysctl")]
+        bad = [k for k in raw if k not in ("plugins", "sysctl", "reference")]
         if bad:
-            raise SpecError(f"{where}: unknown key {bad[0]!r}: use plugins and sysctl")
+            raise SpecError(f"{where}: unknown key {bad[0]!r}: use plugins, sysctl and reference")
+        reference = raw.get("reference", False)
+        if not isinstance(reference, bool):
+            raise SpecError(f"{where}.reference: must be true or false")
         sysctl_raw = raw.get("sysctl") or {}
         if not isinstance(sysctl_raw, dict):
             raise SpecError(f"{where}.sysctl: must be a mapping of sysctl name to value")
@@ -174,7 +179,7 @@ def parse_chain(raw: Any, default: tuple[str, ...], where: str) -> tuple[tuple[s
         raise SpecError(f"{where}: a chained plugin is listed twice")
     if sysctl and "tuning" not in names:
         raise SpecError(f"{where}.sysctl: needs tuning in the chain's plugins")
-    return tuple(names), sysctl
+    return tuple(names), sysctl, reference
 
 
 def check_pods_against_chain(pods: Iterable[PodSpec], names: tuple[str, ...], src: str,

@@ -108,6 +108,7 @@ class CNISpec:
     # the chained plugins after the mode's own (cni.chain; the mode's default until validated)
     chain: tuple[str, ...] | None = None
     chain_sysctl: dict[str, str] = field(default_factory=dict, hash=False)
+    chain_reference: bool = False         # the chained plugins are Debian's reference binaries
 
 
 @dataclass(frozen=True)

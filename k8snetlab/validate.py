@@ -57,7 +57,7 @@ def resolve_cni(cni: CNISpec, src: str) -> CNISpec:
     if bad:
         raise SpecError(f"{src}: cni: unknown key {bad[0]!r}: valid keys are type, reference, invoke, chain "
                         f"and a section per mode ({', '.join(MODES.names())})")
-    names, sysctl = chain.parse_chain(raw.get("chain"), mode.chained, f"{src}: cni.chain")
+    names, sysctl, chain_ref = chain.parse_chain(raw.get("chain"), mode.chained, f"{src}: cni.chain")
     if mode.publishes_host_ports and "portmap" in names:
         raise SpecError(f"{src}: cni.chain: {cni.type} publishes hostPorts itself: leave portmap out")
     for name in MODES.names():
@@ -69,7 +69,7 @@ def resolve_cni(cni: CNISpec, src: str) -> CNISpec:
                         f"are used for type bridge only, not {cni.type}")
     if cni.invoke not in INVOKERS:
         raise SpecError(f"{src}: cni.invoke: {cni.invoke!r} is not one of {', '.join(INVOKERS.names())}")
-    return dataclasses.replace(cni, options=opts, chain=names, chain_sysctl=sysctl)
+    return dataclasses.replace(cni, options=opts, chain=names, chain_sysctl=sysctl, chain_reference=chain_ref)
 
 
 def check_addresses(spec: ClusterSpec) -> None:
@@ -135,6 +135,6 @@ def check_host_ports(spec: ClusterSpec, pods: list) -> None:
     sched = Scheduler({n.name: n.labels for n in spec.nodes})
     for p in pods:
         try:
-            sched.schedule(p)
+            sched.bind(p.host_name, sched.place(p), p.owner, host_ports(p))
         except SpecError as e:
             raise SpecError(f"{spec.source}: {e}") from None

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .. import chain, naming
 from ..cni import SPEC_VERSION, NetworkConfigList
+from ..errors import ToolMissing
 from ..netutil import Netns
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -16,6 +19,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..clusterspec import ClusterSpec
 
 log = logging.getLogger(__name__)
+
+REFERENCE_DIR = "/usr/lib/cni"      # Debian's containernetworking-plugins
+REFERENCE_VERSION = "1.0.0"         # the newest CNI version containernetworking-plugins 1.1 speaks
 
 
 @dataclass
@@ -72,9 +78,28 @@ class Mode:
         return self.plugin_configs(node) + self.chained_configs(node)
 
     def netconf(self, node: "NodeHost") -> NetworkConfigList:
-        """The node's network config list, as a kubelet finds it in /etc/cni/net.d."""
-        return NetworkConfigList(self.network_name, SPEC_VERSION, self.config_list(node),
-                                 bin_dirs=(str(self.cluster.state.cni_bin),))
+        """The node's network config list, as a kubelet finds it in /etc/cni/net.d. With
+        ``cni.chain.reference`` the chained plugins are Debian's binaries: a directory of links
+        to them comes first in CNI_PATH, and the list speaks their CNI version."""
+        bins = str(self.cluster.state.cni_bin)
+        if not self.cluster.spec.cni.chain_reference:
+            return NetworkConfigList(self.network_name, SPEC_VERSION, self.config_list(node), bin_dirs=(bins,))
+        return NetworkConfigList(self.network_name, REFERENCE_VERSION, self.config_list(node),
+                                 bin_dirs=(str(self.reference_chain_dir()), bins))
+
+    def reference_chain_dir(self) -> Path:
+        """``<cni dir>/bin-reference``: links to the reference tuning, bandwidth and portmap."""
+        d = Path(self.cluster.state.cni_bin).parent / "bin-reference"
+        d.mkdir(parents=True, exist_ok=True)
+        for name in chain.CHAINED:
+            target = Path(REFERENCE_DIR) / name
+            if not os.access(target, os.X_OK):
+                raise ToolMissing(str(target), "containernetworking-plugins", "Debian")
+            try:
+                (d / name).symlink_to(target)
+            except FileExistsError:
+                pass
+        return d
 
     def host_local(self, node: "NodeHost", **extra: Any) -> dict[str, Any]:
         """host-local IPAM on the node's pod CIDR, state in the node's own directory."""

@@ -12,13 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 from .. import naming
 from ..cni import NetworkConfigList
-from .base import Mode
+from .base import REFERENCE_DIR, REFERENCE_VERSION, Mode
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..pod import NodeHost
 
-REFERENCE_DIRS = ("/usr/lib/cni", "/opt/cni/bin")
-REFERENCE_VERSION = "1.0.0"   # containernetworking-plugins 1.1 speaks up to 1.0.0
+REFERENCE_DIRS = (REFERENCE_DIR, "/opt/cni/bin")
 
 
 class BridgeMode(Mode):

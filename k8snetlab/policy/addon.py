@@ -375,5 +375,5 @@ class PolicyAddon(Addon):
         if st is None:
             return
         tmp = st.path / f".{STATE_FILE}.tmp"
-        tmp.write_text(json.dumps(self.state(), indent=1))
+        tmp.write_text(json.dumps(self.state(), separators=(",", ":")))   # compact: written at every sync
         tmp.replace(st.path / STATE_FILE)

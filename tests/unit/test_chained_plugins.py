@@ -243,9 +243,9 @@ def test_too_many_host_port_replicas_are_refused_at_load() -> None:
 
 
 # -- config lists and knobs --------------------------------------------------------------------------
-def node_list(mode: str, **cni: Any) -> NetworkConfigList:
+def node_list(mode: str, cni_bin: Path = Path("/x/bin"), **cni: Any) -> NetworkConfigList:
     s = spec.from_dict(cluster_doc({"type": mode, **cni}), "f")
-    view = SimpleNamespace(spec=s, state=SimpleNamespace(cni_bin=Path("/x/bin")))
+    view = SimpleNamespace(spec=s, state=SimpleNamespace(cni_bin=cni_bin))
     node = SimpleNamespace(spec=s.nodes[0], state_dir=Path("/x/node1"), name="node1")
     return MODES.get(mode)(view, s.cni.options).netconf(node)
 
@@ -274,13 +274,25 @@ def test_the_chain_knob_and_the_reference_binaries() -> None:
     assert [p["type"] for p in ref.plugins] == ["bridge", "tuning", "bandwidth", "portmap"]
 
 
+@pytest.mark.skipif(not all(Path(f"/usr/lib/cni/{p}").exists() for p in chain.CHAINED),
+                    reason="Debian's containernetworking-plugins is not installed")
+def test_reference_chained_plugins_in_any_mode(tmp_path: Path) -> None:
+    net = node_list("ipip", tmp_path / "cni" / "bin", chain={"plugins": ["bandwidth", "portmap"], "reference": True})
+    assert net.cni_version == "1.0.0" and net.bin_dirs == (str(tmp_path / "cni" / "bin-reference"),
+                                                           str(tmp_path / "cni" / "bin"))
+    assert all((tmp_path / "cni" / "bin-reference" / p).resolve() == Path(f"/usr/lib/cni/{p}")
+               for p in chain.CHAINED)
+    assert [p["type"] for p in net.plugins] == ["calico", "bandwidth", "portmap"]
+
+
 @pytest.mark.parametrize("chain_value,message", [
     (["portmap", "nat"], "'nat' is not a chained plugin"),
     (["portmap", "portmap"], "listed twice"),
     ("portmap", "must be a list"),
     ({"plugins": ["portmap"], "sysctl": {"net.core.somaxconn": "1"}}, "needs tuning"),
     ({"plugins": ["tuning"], "sysctl": {"kernel.pid_max": "1"}}, "not a network sysctl"),
-    ({"plugins": ["tuning"], "extra": 1}, "unknown key 'extra'")])
+    ({"plugins": ["tuning"], "extra": 1}, "unknown key 'extra'"),
+    ({"plugins": ["tuning"], "reference": "yes"}, "must be true or false")])
 def test_bad_chain_knobs_are_one_line(chain_value: Any, message: str) -> None:
     with pytest.raises(SpecError, match=message) as e:
         spec.from_dict(cluster_doc({"type": "host-gw", "chain": chain_value}), "f.yaml")
@@ -298,3 +310,21 @@ def test_pods_asking_what_the_chain_lacks_are_refused() -> None:
     bad = copy.deepcopy(pod_doc(sysctls=[{"name": "kernel.msgmax", "value": "1"}]))
     with pytest.raises(SpecError, match="only namespaced net"):
         spec.from_dict(cluster_doc({"type": "host-gw", "chain": ["tuning"]}, bad), "f")
+
+
+# -- the command line ----------------------------------------------------------------------------
+@pytest.mark.parametrize("annotations,ports,word", [
+    ({chain.EGRESS_ANNOTATION: "100Mbps"}, [{"containerPort": 80}], "100Mbps"),
+    ({}, [{"containerPort": 80, "hostPort": 70000}], "hostPort"),
+    ({chain.INGRESS_ANNOTATION: "100M"}, [{"containerPort": 80}], None)])
+def test_up_refuses_bad_chained_input_in_one_line(tmp_path: Path, annotations: dict, ports: list,
+                                                  word: str | None) -> None:
+    import yaml
+    from cli_harness import cli, cluster, one_error_line
+    d = cluster(cni={"type": "host-gw", "chain": ["portmap"]})
+    d["workloads"] = [pod_doc("shaped", annotations=annotations, ports=ports)]
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(d))
+    line = one_error_line(cli("up", str(f)))
+    # no bandwidth plugin in the chain: the fix is named
+    assert (word or "add bandwidth to cni.chain") in line
