@@ -58,18 +58,18 @@ def add(conf: dict[str, Any], args: skel.CmdArgs) -> Result:
                 host.set_brport(hv_index, mode=1)   # IFLA_BRPORT_MODE: hairpin
             if c["is_gw"] or c["default_gw"]:
                 host.ensure_addr(br_index, f"{gw}/{iface.network.prefixlen}")
-            pv = pod.link(args.ifname)
+            pv = pod.link_brief(args.ifname)     # by ioctls: what the result needs
             if pv is None:
                 raise CNIError(cni.ERR_IO, f"{args.ifname} did not appear in the pod's namespace")
             pod.ensure_addr(pv["index"], str(iface))
-            pod.link_up(pv["index"])
+            pod.link_up(args.ifname)
             routes = list(ipam.routes)
             if c["default_gw"]:
                 routes = [r for r in routes if r.dst != "0.0.0.0/0"] + [Route("0.0.0.0/0", gw)]
             for r in routes:
                 pod.add_route(r.dst, gateway=r.gw or gw, dev=pv["index"])
-            bridge = host.link(c["bridge"])
-            hv = host.link(host_veth)
+            bridge = host.link_brief(c["bridge"])
+            hv = host.link_brief(host_veth)
         except Exception:
             host.del_link(host_veth)
             skel.ipam_del(conf, args)

@@ -42,7 +42,7 @@ def add(conf: dict[str, Any], args: skel.CmdArgs) -> Result:
             pod.link_up(args.ifname)
             pod.add_route(f"{naming.CALICO_GATEWAY}/32", dev=args.ifname)
             pod.add_route("default", gateway=naming.CALICO_GATEWAY, dev=args.ifname)
-            hv, pv = host.link(cali), pod.link(args.ifname)
+            hv, pv = host.link_brief(cali), pod.link_brief(args.ifname)
         except Exception:
             host.del_link(cali)
             skel.ipam_del(conf, args)

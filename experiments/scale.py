@@ -53,7 +53,10 @@ UNITS = {"pods_up": "s", "pods_down": "s", "underlay_up": "s", "agents_up": "s",
          "routes_per_node": "count", "bgp_full_routes": "s", "node_join": "s", "node_leave": "s",
          "cni_add": "ms", "pod_startup_p50": "s", "pod_startup_p99": "s", "pod_delete_p50": "s",
          "pod_delete_p99": "s", "churn_rate": "pods/s", "clean_time": "s", "clean_leftovers": "count",
-         "growth_exponent": "ratio"}
+         "growth_exponent": "ratio", "underlay_cpu": "s", "agents_cpu": "s", "pods_cpu": "s",
+         "underlay_children_cpu": "s", "agents_children_cpu": "s", "pods_children_cpu": "s",
+         "cni_servers_cpu": "s", "stop_cpu": "s", "stop_children_cpu": "s",
+         "proxy_sync": "s", "proxy_rules": "count", "proxy_service_add": "s"}
 results.METRIC_UNITS.update({k: v for k, v in UNITS.items() if k not in results.METRIC_UNITS})
 
 
@@ -64,7 +67,7 @@ def cluster_dict(pods: int, mode: str, invoke: str, replicas: int | None = None,
     node_list = [{"name": f"node{i + 1}", "ip": f"192.168.{1 + i // 200}.{10 + i % 200}"} for i in range(n)]
     cni: dict[str, Any] = {"type": mode, "invoke": invoke}
     if mode == "bgp":
-        cni["bgp"] = {"topology": "full-mesh"}
+        cni["bgp"] = {"topology": "mesh"}
     return {"name": f"scale-{pods}", "underlay": {"subnets": [{"name": "lan", "cidr": "192.168.0.0/16"}]},
             "nodes": node_list, "network": {"clusterCIDR": "10.244.0.0/16", "nodeCIDRMaskSize": 24},
             "cni": cni,
@@ -130,6 +133,11 @@ def measure_size(pods: int, mode: str, invoke: str, rnd: int, rec: Recorder, joi
         rec(label, scenario, rnd, "pods_start", t.get("pods_s", math.nan), load)
         for phase, v in c.phase_timings().items():
             rec(label, scenario, rnd, phase.replace("_s", "_cpu"), v, load)
+        for phase in ("underlay", "agents", "pods"):       # CPU seconds, not wall: see the table
+            rec(label, scenario, rnd, f"{phase}_cpu", t.get(f"{phase}_cpu_s", math.nan), load)
+            rec(label, scenario, rnd, f"{phase}_children_cpu", t.get(f"{phase}_children_cpu_s", math.nan), load)
+        if c.cni_servers is not None:
+            rec(label, scenario, rnd, "cni_servers_cpu", c.cni_servers.cpu_seconds(), load)
         rss = rss_mb()
         rec(label, scenario, rnd, "runtime_rss", rss, load)
         rec(label, scenario, rnd, "runtime_mem_per_pod", (rss - rss0) * 1024 / pods, load)
@@ -152,6 +160,8 @@ def measure_size(pods: int, mode: str, invoke: str, rnd: int, rec: Recorder, joi
     finally:
         c.stop()
     rec(label, scenario, rnd, "pods_down", c.timings.get("stop_s", math.nan), load)
+    rec(label, scenario, rnd, "stop_cpu", c.timings.get("stop_cpu_s", math.nan), load)
+    rec(label, scenario, rnd, "stop_children_cpu", c.timings.get("stop_children_cpu_s", math.nan), load)
 
 
 # ------------------------------------------------------------------------------ pods on 20 nodes
@@ -178,20 +188,38 @@ def measure_pods(rec: Recorder, quick: bool) -> dict[str, Any]:
                                        full_conf)}
         samples = {"exec": 20 if quick else ADD_SAMPLES, "inprocess": 20 if quick else ADD_SAMPLES,
                    "exec-no-server": 3 if quick else FULL_EXEC_SAMPLES}
+        # the runtime's own periodic work (agents' resync, container supervision) pauses: in a
+        # real cluster it runs in other processes than the one that execs the plugin
+        paused = [t for t in (c.agent_resync, c.supervisor) if t is not None]
+        for t in paused:
+            t.stop()
         for how, (runtime, conf) in runtimes.items():
+            # one ADD as a runtime sees it, with nothing queued beside it: the sandboxes are
+            # made first, and torn down only after the last ADD (a namespace's end holds the
+            # kernel's rtnl lock, which the next ADD's netlink requests would wait for)
+            sandboxes = [k.create_sandbox(PodSpec(f"addbench-{how}-{i}")) for i in range(samples[how])]
             lat = []
             load = load1()
-            for i in range(samples[how]):
-                pod = k.create_sandbox(PodSpec(f"addbench-{how}-{i}"))
-                rt = k.runtime_conf(pod)
-                t0 = time.perf_counter()
-                runtime.add(conf, rt)
-                lat.append((time.perf_counter() - t0) * 1000)
-                runtime.delete(conf, rt)
-                k.delete_pod(pod.name)
+            try:
+                time.sleep(0.5)
+                for pod in sandboxes:
+                    rt = k.runtime_conf(pod)
+                    t0 = time.perf_counter()
+                    runtime.add(conf, rt)
+                    lat.append((time.perf_counter() - t0) * 1000)
+                    pod.result = True           # DEL below
+            finally:
+                for pod in sandboxes:
+                    if pod.result is not None:
+                        runtime.delete(conf, k.runtime_conf(pod))
+                        pod.result = None
+                    k.delete_pod(pod.name)
+            time.sleep(1.0)                     # the namespaces' end, before the next variant
             for v in lat:
                 rec(how, scenario, 0, "cni_add", v, load)
             out[f"cni_add_{how}"] = lat
+        for t in paused:
+            t.start()
         # startup latency: 0 -> replicas
         load = load1()
         pods = c.scale("load", replicas)
@@ -228,6 +256,56 @@ def measure_pods(rec: Recorder, quick: bool) -> dict[str, Any]:
     return out
 
 
+# ------------------------------------------------------------------------------ kube-proxy
+PROXY_PODS_PER_SERVICE = 10
+
+
+def proxy_dict(pods: int) -> dict[str, Any]:
+    """``pods // 10`` nodes, ``pods // 10`` Services of 10 pods each (Deployments svc<i>),
+    kube-proxy in iptables mode, no DNS (kube-proxy's own cost only)."""
+    d = cluster_dict(pods, "host-gw", "exec", replicas=0)
+    services = max(1, pods // PROXY_PODS_PER_SERVICE)
+    d["name"] = f"scale-proxy-{pods}"
+    d["network"]["serviceCIDR"] = "10.96.0.0/12"
+    d["kubeProxy"] = {"mode": "iptables", "dns": False, "syncPeriod": 30}
+    template = d["workloads"][0]
+    d["workloads"] = []
+    for i in range(services):
+        w = {**template, "metadata": {"name": f"svc{i}"},
+             "spec": {**template["spec"], "replicas": PROXY_PODS_PER_SERVICE,
+                      "selector": {"matchLabels": {"app": f"svc{i}"}},
+                      "template": {**template["spec"]["template"], "metadata": {"labels": {"app": f"svc{i}"}}}}}
+        d["workloads"].append(w)
+        d["workloads"].append(service_manifest(f"svc{i}", f"svc{i}"))
+    return d
+
+
+def service_manifest(name: str, app: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+            "spec": {"selector": {"app": app}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}
+
+
+def measure_proxy(pods: int, rec: Recorder) -> None:
+    """kube-proxy (iptables) with ``pods`` pods behind ``pods // 10`` Services on ``pods // 10``
+    nodes: the first sync of every node (the add-on's start), the rules on one node, and one
+    Service added to a running cluster (a partial sync of every node)."""
+    from k8snetlab.cluster import Cluster
+    scenario = f"{pods} pods, {max(1, pods // PROXY_PODS_PER_SERVICE)} Services"
+    load = load1()
+    c = Cluster(spec.from_dict(proxy_dict(pods), f"<{NAME}: kube-proxy, {pods} pods>"))
+    try:
+        c.start()
+        rec("iptables", scenario, 0, "proxy_sync", c.timings.get("addons_s", math.nan), load)
+        node1 = next(iter(c.nodes.values()))
+        saved = node1.run(["iptables-save", "-t", "nat"]).stdout
+        rec("iptables", scenario, 0, "proxy_rules", sum(1 for l in saved.splitlines() if l.startswith("-A")), load)
+        t0 = time.monotonic()
+        c.services.add_service(service_manifest("extra", "svc0"))
+        rec("iptables", scenario, 0, "proxy_service_add", time.monotonic() - t0, load)
+    finally:
+        c.stop()
+
+
 def _pct(vals: list[float], q: float) -> float:
     s = sorted(vals)
     if not s:
@@ -257,21 +335,33 @@ def measure_kill_clean(pods: int, rec: Recorder) -> dict[str, Any]:
         if not line.isdigit():
             raise RuntimeError(f"the cluster to kill did not come up (it printed {line!r})")
         index = int(line)
-    finally:
+    except BaseException:
         child.send_signal(signal.SIGKILL)
         child.wait()
+        cleanup.clean()         # interrupted: what the child made goes all the same
+        raise
+    child.send_signal(signal.SIGKILL)
+    child.wait()
     prefix = naming.cluster_prefix(index)
     state = Path(naming.STATE_ROOT) / prefix
-    holders = [int(l.split('"pid": ')[1].split(",")[0]) for l in (state / "pids.jsonl").read_text().splitlines()]
-    load = load1()
-    t0 = time.monotonic()
-    cleanup.clean()
-    took = time.monotonic() - t0
+    cleaned = False
+    try:
+        import json
+        records = [json.loads(l) for l in (state / "pids.jsonl").read_text().splitlines() if l.strip()]
+        load = load1()
+        t0 = time.monotonic()
+        cleanup.clean()
+        cleaned = True
+        took = time.monotonic() - t0
+    finally:
+        if not cleaned:
+            cleanup.clean()
     left = [n for n in os.listdir("/sys/class/net") if naming.cluster_index_of(n) == index]
     left += [str(state)] if state.exists() else []
-    alive = [p for p in holders if proc.pid_alive(p) and f"{prefix}" in proc.cmdline(p)]
+    # every process the dead cluster recorded (holders, shells, CNI server workers) is gone
+    alive = [r["pid"] for r in records if proc.running(r["pid"], r.get("start", 0))]
     rec("host-gw", f"{pods} pods, kill -9", 0, "clean_time", took, load)
-    rec("host-gw", f"{pods} pods, kill -9", 0, "clean_leftovers", len(left), load)
+    rec("host-gw", f"{pods} pods, kill -9", 0, "clean_leftovers", len(left) + len(alive), load)
     return {"clean_s": took, "leftovers": left, "alive": alive}
 
 
@@ -340,11 +430,71 @@ def plot(rows: list[results.Row], sizes: list[int], modes: list[str], path: Path
     return path
 
 
-def target(text: str, value: float, limit: float, unit: str = "", spread: str = "") -> str:
-    if value is None or math.isnan(value):
-        return f"  [ n/a ] {text}: not measured"
-    ok = "met" if value <= limit else "MISSED"
-    return f"  [{ok:^6}] {text}: {value:.3g}{unit}{spread} (target <= {limit:g}{unit})"
+def boot_ci(vals: list[float], stat: Callable[[list[float]], float], samples: int = 2000,
+            seed: int = stats.DEFAULT_SEED) -> tuple[float, float, float]:
+    """``stat`` of ``vals`` with a seeded bootstrap 95 % interval (one value: no interval)."""
+    value = stat(vals)
+    if len(vals) < 2:
+        return value, value, value
+    import random
+    rng = random.Random(seed)
+    boot = sorted(stat(rng.choices(vals, k=len(vals))) for _ in range(samples))
+    return value, boot[int(0.025 * (samples - 1))], boot[int(0.975 * (samples - 1))]
+
+
+def target(text: str, est: tuple[float, float, float] | None, limit: float, unit: str = "",
+           n: int = 0, note: str = "") -> str:
+    """One target line: the figure with its interval and the verdict the interval gives
+    (met: all of it below the limit; MISSED: all of it above; inconclusive: it straddles)."""
+    if est is None or any(math.isnan(x) for x in est):
+        return f"  [    n/a     ] {text}: not measured"
+    value, lo, hi = est
+    verdict = stats.verdict(lo, hi, high=limit)
+    spread = f" [{lo:.3g}, {hi:.3g}], n {n}" if n > 1 and hi > lo else f" (n {n or 1}: no interval)"
+    return f"  [{verdict:^12}] {text}: {value:.3g}{unit}{spread}{note} (target <= {limit:g}{unit})"
+
+
+def summary_est(s: stats.Summary | None) -> tuple[float, float, float] | None:
+    return None if s is None else (s.median, s.ci_low, s.ci_high)
+
+
+def values(rows: list[results.Row], mode: str, scenario: str, metric: str) -> list[float]:
+    return [r.value for r in rows if r.mode == mode and r.scenario == scenario and r.metric == metric]
+
+
+def exponent_est(rows: list[results.Row], mode: str, a: int, b: int) -> tuple[tuple[float, float, float], int] | None:
+    """The growth exponent of up time from ``a`` to ``b`` pods, log(t_b/t_a)/log(b/a) of the
+    medians, with a bootstrap interval over the rounds of each size."""
+    va, vb = values(rows, mode, f"{a} pods", "pods_up"), values(rows, mode, f"{b} pods", "pods_up")
+    if not va or not vb:
+        return None
+    k = lambda x, y: math.log(statistics.median(y) / statistics.median(x)) / math.log(b / a)  # noqa: E731
+    n = min(len(va), len(vb))
+    if n < 2:
+        v = k(va, vb)
+        return (v, v, v), n
+    import random
+    rng = random.Random(stats.DEFAULT_SEED)
+    boot = sorted(k(rng.choices(va, k=len(va)), rng.choices(vb, k=len(vb))) for _ in range(2000))
+    return (k(va, vb), boot[50], boot[1949]), n
+
+
+def where_the_time_goes(rows: list[results.Row], sizes: list[int], labels: list[str]) -> str:
+    """Wall seconds per phase, and CPU seconds per phase and process: the runtime (all its
+    threads), the programs it ran and waited for, the CNI server workers."""
+    head = ["mode", "pods", "up s", "underlay", "agents", "pods s", "down s", "cpu: runtime underlay",
+            "agents", "pods", "children pods", "CNI servers", "stop", "children stop"]
+    table = []
+    for mode in labels:
+        for n in sizes:
+            sc = f"{n} pods"
+            g = lambda m: "-" if med(rows, mode, sc, m) is None else f"{med(rows, mode, sc, m).median:.1f}"  # noqa: E731
+            if med(rows, mode, sc, "pods_up") is None:
+                continue
+            table.append([mode, n, g("pods_up"), g("underlay_up"), g("agents_up"), g("pods_start"), g("pods_down"),
+                          g("underlay_cpu"), g("agents_cpu"), g("pods_cpu"), g("pods_children_cpu"),
+                          g("cni_servers_cpu"), g("stop_cpu"), g("stop_children_cpu")])
+    return results.format_table(head, table)
 
 
 def report(rows: list[results.Row], sizes: list[int], modes: list[str], extra: dict[str, Any]) -> str:
@@ -364,55 +514,95 @@ def report(rows: list[results.Row], sizes: list[int], modes: list[str], extra: d
                           g("agents_up"), g("pods_start"), g("sandbox_cpu"), g("cni_cpu"), g("runtime_rss", 0),
                           g("kernel_mem_per_pod", 0), g("routes_per_node", 0), g("bgp_full_routes")])
     out.append(results.format_table(head, table))
-    out.append("  (median over rounds; in brackets the sd and the number of rounds; 'cpu' columns sum the")
-    out.append("   seconds each phase took over all pods, which overlap in threads)")
+    out.append("  (median over rounds; in brackets the sd and the number of rounds; 'sandbox/CNI cpu' sum")
+    out.append("   the wall seconds each phase took over all pods, which overlap in threads)")
+    out.append("")
+    out.append("Where the time goes (medians; wall s, then CPU s per phase: the runtime process, the")
+    out.append("programs it ran and waited for, the CNI server workers over the cluster's life):")
+    out.append(where_the_time_goes(rows, sizes, labels))
     loads = [r.load1 for r in rows if r.load1 is not None]
     out.append(f"  load average (1 min) during the run: {min(loads):.1f} .. {max(loads):.1f} on "
                f"{os.cpu_count()} CPUs" if loads else "")
+    proxy = sorted({r.scenario for r in rows if r.metric == "proxy_sync"}, key=lambda x: int(x.split()[0]))
+    if proxy:
+        out.append("")
+        out.append("kube-proxy (iptables), 10 pods per Service:")
+        ptable = []
+        for sc in proxy:
+            g = lambda m, d=2: fmt(med(rows, "iptables", sc, m), d)  # noqa: E731
+            ptable.append([sc, g("proxy_sync"), g("proxy_rules", 0), g("proxy_service_add")])
+        out.append(results.format_table(["scenario", "first sync, all nodes s", "nat rules/node",
+                                         "one Service added s"], ptable))
     big = max(sizes)
     mid = max([n for n in sizes if n < big] or [big])
-    lines = ["Targets (this run's data):"]
+    lines = ["Targets (this run's data; verdicts from 95 % intervals: met / MISSED / inconclusive):"]
     for mode, limit in (("host-gw", 30), ("ipip", 40), ("bgp", 40)):
         if mode in modes:
-            s = med(rows, mode, f"{big} pods", "pods_up")
-            lines.append(target(f"{mode} {big} pods up", s.median if s else math.nan, limit if big <= 1000 else 60, " s",
-                                f" (sd {s.sd:.1f}, n {s.n})" if s and s.n > 1 else ""))
-    s = med(rows, "host-gw", f"{big} pods", "pods_down")
-    lines.append(target(f"host-gw {big} pods down", s.median if s else math.nan, 10, " s"))
+            for n in sizes:
+                if n < 1000:
+                    continue
+                s = med(rows, mode, f"{n} pods", "pods_up")
+                lines.append(target(f"{mode} {n} pods up", summary_est(s), limit if n <= 1000 else 60, " s",
+                                    s.n if s else 0))
+    for n in sizes:
+        if n >= 1000:
+            s = med(rows, "host-gw", f"{n} pods", "pods_down")
+            lines.append(target(f"host-gw {n} pods down", summary_est(s), 10, " s", s.n if s else 0))
     for how in ("exec", "inprocess", "exec-no-server"):
         lat = extra.get(f"cni_add_{how}")
         if lat:
             sp = f" (p10 {_pct(lat, 10):.0f}, p90 {_pct(lat, 90):.0f}, n {len(lat)})"
             if how == "exec":
-                lines.append(target("one exec'd CNI ADD (flannel -> bridge -> host-local), median", statistics.median(lat), 50, " ms", sp))
+                lines.append(target("one exec'd CNI ADD (flannel -> bridge -> host-local), median",
+                                    boot_ci(lat, statistics.median), 50, " ms", len(lat), sp))
             else:
-                lines.append(f"  [  info ] one CNI ADD, {how}: median {statistics.median(lat):.0f} ms{sp}")
-    e, i = med(rows, "host-gw", f"{big} pods", "pods_up"), med(rows, "host-gw/inprocess", f"{big} pods", "pods_up")
+                lines.append(f"  [    info    ] one CNI ADD, {how}: median {statistics.median(lat):.0f} ms{sp}")
+    e = values(rows, "host-gw", f"{big} pods", "pods_up")
+    i = values(rows, "host-gw/inprocess", f"{big} pods", "pods_up")
     if e and i:
-        lines.append(target(f"exec / inprocess up time at {big} pods", e.median / i.median, 1.5, "x"))
+        if len(e) == len(i) and len(e) > 1:
+            r = stats.paired_ratio(e, i)
+            est = (r.value, r.ci_low, r.ci_high)
+        else:
+            v = statistics.median(e) / statistics.median(i)
+            est = (v, v, v)
+        lines.append(target(f"exec / inprocess up time at {big} pods", est, 1.5, "x", min(len(e), len(i))))
     st = extra.get("startup")
     if st:
-        lines.append(target(f"pod startup p99, Deployment 0 -> {len(st)}", _pct(st, 99), 1.0, " s",
-                            f" (p50 {_pct(st, 50):.2f} s)"))
+        lines.append(target(f"pod startup p99, Deployment 0 -> {len(st)}", boot_ci(st, lambda v: _pct(v, 99)),
+                            1.0, " s", len(st), f" (p50 {_pct(st, 50):.2f} s)"))
     if mid < big:
         for mode in modes:
-            k = exponent(rows, mode, mid, big)
-            lines.append(target(f"{mode} growth exponent of up time, {mid} -> {big} pods", k, 1.1))
+            got = exponent_est(rows, mode, mid, big)
+            lines.append(target(f"{mode} growth exponent of up time, {mid} -> {big} pods",
+                                got[0] if got else None, 1.1, "", got[1] if got else 0))
     s = med(rows, "host-gw", f"{big} pods", "runtime_rss")
-    lines.append(target(f"runtime RSS at {big} pods", s.median if s else math.nan, 300, " MB"))
+    lines.append(target(f"runtime RSS at {big} pods", summary_est(s), 300, " MB", s.n if s else 0))
     kc = extra.get("kill")
     if kc:
-        lines.append(target(f"clean after kill -9 at {extra.get('kill_pods')} pods", kc["clean_s"], 15, " s"))
-        lines.append(target("left after clean (links, state, live holders)", len(kc["leftovers"]) + len(kc["alive"]), 0))
+        lines.append(target(f"clean after kill -9 at {extra.get('kill_pods')} pods", (kc["clean_s"],) * 3, 15, " s", 1))
+        left = len(kc["leftovers"]) + len(kc["alive"])
+        lines.append(target("left after clean (links, state, live processes)", (left,) * 3, 0, "", 1))
+    if len(proxy) >= 2:
+        (a, sa), (b, sb) = [(int(sc.split()[0]), sc) for sc in proxy[:1] + proxy[-1:]]
+        ta, tb = med(rows, "iptables", sa, "proxy_sync"), med(rows, "iptables", sb, "proxy_sync")
+        ra, rb = med(rows, "iptables", sa, "proxy_rules"), med(rows, "iptables", sb, "proxy_rules")
+        if ta and tb and ra and rb and ta.median > 0 and ra.median > 0:
+            # every node holds every Service's rules: work = nodes x rules per node; per node and
+            # rule the cost must stay flat (no quadratic step inside one node's sync)
+            per = lambda t, r, n: t.median / (n // PODS_PER_NODE) / r.median  # noqa: E731
+            ratio = per(tb, rb, b) / per(ta, ra, a)
+            lines.append(target(f"kube-proxy sync cost per node and rule, {b} / {a} pods", (ratio,) * 3, 1.5, "x", 1,
+                                f" ({rb.median:.0f} vs {ra.median:.0f} rules/node)"))
     if extra.get("delete"):
         d = extra["delete"]
-        lines.append(f"  [  info ] pod delete: p50 {_pct(d, 50):.2f} s, p99 {_pct(d, 99):.2f} s (n {len(d)})")
+        lines.append(f"  [    info    ] pod delete: p50 {_pct(d, 50):.2f} s, p99 {_pct(d, 99):.2f} s (n {len(d)})")
     if extra.get("churn"):
-        lines.append(f"  [  info ] churn: {extra['churn']:.1f} pods created+deleted per second, "
+        lines.append(f"  [    info    ] churn: {extra['churn']:.1f} pods created+deleted per second, "
                      f"{CHURN_BATCH} at a time, 200 running")
     for r in rows:
         if r.metric in ("node_join", "node_leave"):
-            lines.append(f"  [  info ] {r.metric.replace('_', ' ')} at {r.scenario}: {r.value:.2f} s ({r.mode})")
+            lines.append(f"  [    info    ] {r.metric.replace('_', ' ')} at {r.scenario}: {r.value:.2f} s ({r.mode})")
     return "\n".join(out + [""] + lines)
 
 
@@ -435,7 +625,8 @@ def run(args) -> int:
     if "host-gw" in modes and not args.quick:
         plan += [(rnd, big, "host-gw", "inprocess") for rnd in range(1, args.repeat + 1)]
     plan.sort(key=lambda p: (p[0], p[1]))
-    steps = len(plan) + (0 if args.skip_pods else 1) + (0 if args.quick or args.skip_kill else 1)
+    proxy_sizes = [] if args.quick or args.skip_kube_proxy else sorted({min(100, big), big})
+    steps = len(plan) + (0 if args.skip_pods else 1) + (0 if args.quick or args.skip_kill else 1) + len(proxy_sizes)
     progress = experiment.Progress(steps)
     extra: dict[str, Any] = {}
     with results.CsvWriter(csv_path) as w:
@@ -443,11 +634,13 @@ def run(args) -> int:
         for rnd, n, mode, invoke in plan:
             join = rnd == 1 and invoke == "exec" and max(2, n // PODS_PER_NODE) >= 100 and mode == "host-gw"
             measure_size(n, mode, invoke, rnd, rec, join)
-            up = rec.rows[-1] if rec.rows else None
             progress.step(f"{n} pods {mode} {invoke} round {rnd}: up {med(rec.rows, mode if invoke == 'exec' else f'{mode}/{invoke}', f'{n} pods', 'pods_up').median:.1f} s")
         if not args.skip_pods:
             extra.update(measure_pods(rec, args.quick))
             progress.step("pod latency, CNI ADD, churn")
+        for n in proxy_sizes:
+            measure_proxy(n, rec)
+            progress.step(f"kube-proxy, {n} pods behind {max(1, n // PROXY_PODS_PER_SERVICE)} Services")
         if not (args.quick or args.skip_kill):
             extra["kill"] = measure_kill_clean(big, rec)
             extra["kill_pods"] = big
@@ -471,6 +664,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default=",".join(MODES), help="CNI modes, default %(default)s")
     p.add_argument("--skip-pods", action="store_true", help="skip the 20-node latency part")
     p.add_argument("--skip-kill", action="store_true", help="skip kill -9 + clean")
+    p.add_argument("--skip-kube-proxy", action="store_true",
+                   help="skip kube-proxy with 10 pods per Service (at 100 pods and the largest size)")
     return experiment.main(run, p, argv)
 
 

@@ -21,6 +21,14 @@ full plugin program, stdin untouched, so every plugin stays a complete CNI execu
 Wire format (both directions, one request per connection): the request is the plugin type
 and the ``CNI_*`` variables as one JSON line, then the raw stdin bytes; the answer is the
 exit status as a decimal line, then the raw stdout bytes.
+
+Where the servers run: a :class:`ServerPool` of a few worker processes (one per CPU, as
+Kube-OVN's daemon or Antrea's agent is one process per node, not per pod), each holding the
+servers of some nodes (node *i* on worker *i mod n*). The plugins' work (pyroute2, about a
+millisecond of CPU per netlink request) then runs beside the runtime, not under its
+interpreter lock, and ADDs of nodes on different workers run on different cores. A worker
+is told over its stdin which nodes to serve (one JSON line per order, one answer line each)
+and exits when its stdin closes, i.e. with the runtime, also after a ``kill -9``.
 """
 
 from __future__ import annotations
@@ -32,11 +40,14 @@ import os
 import shutil
 import socket
 import struct
+import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import IO, Any, Callable
 
 from . import proc
+from .errors import K8sNetLabError
 
 log = logging.getLogger(__name__)
 
@@ -208,3 +219,193 @@ class CNIServer:
         invoker = InProcessInvoker()
         with proc.netns(self.node_netns):
             return skel.dispatch(PLUGINS.get(ptype), dict(req["env"]), stdin, invoker=invoker)
+
+
+# ---------------------------------------------------------------------------------------
+# the servers in worker processes
+WORKER_PROGRAM = ("import os, sys\n"
+                  "sys.path.insert(0, {repo!r})\n"
+                  "from k8snetlab.cni_server import worker_main\n"
+                  "worker_main()\n"
+                  "os._exit(0)\n")      # its servers are stopped: no interpreter teardown to wait for
+
+
+def pool_size(nodes: int) -> int:
+    """Worker processes for ``nodes`` nodes: one per CPU (at least 2, at most one per node)."""
+    return max(1, min(nodes, max(2, os.cpu_count() or 1)))
+
+
+def worker_main(stdin: IO[str] | None = None, stdout: IO[str] | None = None) -> None:
+    """A worker's loop: one JSON order per line on stdin, one JSON answer per line on stdout.
+
+    Orders: ``{"op": "serve", "netns": PATH, "run_dir": DIR, "label": NODE}`` starts that
+    node's server; ``{"op": "stop", "label": NODE}`` stops it; ``{"op": "requests", "label":
+    NODE}`` answers ``{"requests": N}``. At the end of stdin every server stops."""
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s cni-server[%(process)d] %(levelname)s %(message)s")
+    # import what the requests need now, not in the first ADD
+    from cni_plugins import PLUGINS, skel  # noqa: F401
+    from cni_plugins.inprocess import InProcessInvoker  # noqa: F401
+    for name in PLUGINS.names():
+        try:
+            PLUGINS.get(name)
+        except Exception as e:      # said now; a request of that type gets the error as its answer
+            logging.getLogger(__name__).warning("CNI plugin %s: %s", name, e)
+    servers: dict[str, CNIServer] = {}
+    try:
+        for line in stdin:
+            try:
+                order = json.loads(line)
+                label = order["label"]
+                if order["op"] == "serve":
+                    server = CNIServer(order["netns"], Path(order["run_dir"]), label)
+                    server.start()
+                    servers[label] = server
+                    answer: dict[str, Any] = {"ok": True}
+                elif order["op"] == "stop":
+                    gone = servers.pop(label, None)
+                    if gone is not None:
+                        gone.stop()
+                    answer = {"ok": True}
+                elif order["op"] == "requests":
+                    answer = {"ok": True, "requests": servers[label].requests if label in servers else 0}
+                else:
+                    answer = {"error": f"unknown order {order['op']!r}"}
+            except Exception as e:      # tell the runtime, keep serving the other nodes
+                answer = {"error": f"{type(e).__name__}: {e}"}
+            stdout.write(json.dumps(answer) + "\n")
+            stdout.flush()
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+class _Worker:
+    """One worker process and the pipe to it (orders are answered in turn)."""
+
+    def __init__(self, index: int, log_path: Path, record: Callable[[int, str], None] | None):
+        self.index = index
+        self.log_path = log_path
+        with open(log_path, "ab") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", WORKER_PROGRAM.format(repo=str(REPO_ROOT))],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file, text=True,
+                start_new_session=True)
+        if record is not None:
+            record(self.process.pid, f"CNI server worker {index}")
+        self._lock = threading.Lock()
+
+    def ask(self, order: dict[str, Any]) -> dict[str, Any]:
+        p = self.process
+        with self._lock:
+            try:
+                assert p.stdin is not None and p.stdout is not None
+                p.stdin.write(json.dumps(order) + "\n")
+                p.stdin.flush()
+                line = p.stdout.readline()
+            except OSError:
+                line = ""
+        if not line:
+            raise K8sNetLabError(f"CNI server worker {self.index} (pid {p.pid}) exited "
+                                 f"(status {p.poll()}); see {self.log_path}")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise K8sNetLabError(f"CNI server worker {self.index}, {order.get('op')} "
+                                 f"{order.get('label')}: {answer['error']}")
+        return answer
+
+    def stop(self, timeout: float = 5.0) -> None:
+        p = self.process
+        if p.stdin is not None:
+            try:
+                p.stdin.close()         # the worker's end of orders: it stops its servers
+            except OSError:
+                pass
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+        if p.stdout is not None:
+            p.stdout.close()
+
+
+class PooledServer:
+    """The handle of one node's CNI server in a pool worker (the same face as CNIServer)."""
+
+    def __init__(self, worker: _Worker, node_netns: str, run_dir: Path, label: str):
+        self.worker, self.node_netns, self.run_dir, self.label = worker, node_netns, Path(run_dir), label
+        self.path = self.run_dir / f"{os.stat(node_netns).st_ino}.sock"
+
+    def start(self) -> None:
+        self.worker.ask({"op": "serve", "netns": self.node_netns, "run_dir": str(self.run_dir),
+                         "label": self.label})
+
+    def stop(self) -> None:
+        if self.worker.process.poll() is None:
+            self.worker.ask({"op": "stop", "label": self.label})
+        self.path.unlink(missing_ok=True)
+
+    @property
+    def requests(self) -> int:
+        """Requests this node's server has answered."""
+        return int(self.worker.ask({"op": "requests", "label": self.label})["requests"])
+
+    @property
+    def pid(self) -> int:
+        return self.worker.process.pid
+
+
+class ServerPool:
+    """The worker processes that run the nodes' CNI servers (see the module docstring)."""
+
+    def __init__(self, run_dir: Path, log_dir: Path, workers: int,
+                 record: Callable[[int, str], None] | None = None):
+        self.run_dir, self.log_dir = Path(run_dir), Path(log_dir)
+        self.size = workers
+        self.record = record
+        self.workers: list[_Worker] = []
+        self._next = 0
+
+    def start(self) -> None:
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(self.size):
+            self.workers.append(_Worker(i, self.log_dir / f"cni-server-{i}.log", self.record))
+
+    def server(self, node_netns: str, label: str) -> PooledServer:
+        """A server for one node, on the next worker in turn (not started yet)."""
+        if not self.workers:
+            raise K8sNetLabError("the CNI server pool is not running")
+        worker = self.workers[self._next % len(self.workers)]
+        self._next += 1
+        return PooledServer(worker, node_netns, self.run_dir, label)
+
+    def pids(self) -> list[int]:
+        return [w.process.pid for w in self.workers]
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds the workers used so far (user + system, from /proc/PID/stat)."""
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick
+            except (OSError, IndexError, ValueError):
+                continue
+        return total
+
+    def stop(self) -> None:
+        workers, self.workers = self.workers, []
+        for w in workers:
+            if w.process.stdin is not None:
+                try:
+                    w.process.stdin.close()
+                except OSError:
+                    pass
+        for w in workers:
+            w.stop()

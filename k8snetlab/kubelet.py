@@ -6,9 +6,10 @@ there, as flanneld / calico-node run beside the kubelet), the node's network con
 the sandboxes and containers of the pods bound to it. That is the seam through which a node
 could one day live on another machine.
 
-With ``cni.invoke: exec`` the node also runs a CNI server (:mod:`k8snetlab.cni_server`): the
-runtime still executes the plugin named by ``type`` with the CNI environment and stdin, and
-that executable forwards the request to the server, as Multus' thick plugin does.
+With ``cni.invoke: exec`` the node also has a CNI server (:mod:`k8snetlab.cni_server`, in one
+of the cluster's server worker processes): the runtime still executes the plugin named by
+``type`` with the CNI environment and stdin, and that executable forwards the request to the
+server, as Multus' thick plugin does.
 
 The kubelet's methods may run concurrently for different pods; what they share (the pod
 table, the timings) is guarded by a lock.
@@ -59,9 +60,10 @@ class Kubelet:
         return self.node.name
 
     # -- node ------------------------------------------------------------------------------
-    def start(self, cni_server_dir: Path | None = None) -> None:
+    def start(self, server: Any = None) -> None:
         """Start the node agent, write the node's network config list, open its CNI runtime
-        (and, given a directory, the node's CNI server)."""
+        and start the node's CNI server, given one (a ``cni_server.PooledServer`` or
+        ``CNIServer`` for this node's namespace)."""
         node = self.node
         with Netns(node.netns, node.name) as ns:
             self.mode.start_node(node, ns)
@@ -71,10 +73,9 @@ class Kubelet:
         netd.mkdir(exist_ok=True)
         (netd / f"10-{conf.name}.conflist").write_text(json.dumps(conf.to_dict(), indent=2) + "\n")
         self.runtime = CNIRuntime(node.netns, node.state_dir / "results", INVOKERS.get(self.invoke)())
-        if cni_server_dir is not None:
-            from .cni_server import CNIServer
-            self.server = CNIServer(node.netns, cni_server_dir, node.name)
-            self.server.start()
+        if server is not None:
+            server.start()
+            self.server = server
 
     def stop(self, attempt: Callable[..., None], cni_del: bool = True) -> None:
         """Stop the node's pods (containers, CNI DEL when asked), the CNI server, the node agent."""
@@ -136,6 +137,22 @@ class Kubelet:
         self.mode.pod_added(pod)
         with self._lock:
             self.timings["cni_s"] += time.monotonic() - t0
+
+    def teardown_needs_del(self) -> bool:
+        """Must a pod of this node get CNI DEL when the whole cluster goes? Not when the
+        network config list runs only our plugins from this cluster's CNI_PATH: they keep
+        their state in the node's namespace and the cluster's state directory, which the
+        teardown removes whole. Other plugins (Debian's reference binaries), and a plugin of
+        ours whose module sets ``TEARDOWN_DEL = True``, get their DEL."""
+        from cni_plugins import PLUGINS
+        conf = self.netconf
+        if conf is None or self.runtime is None:
+            return False
+        ours = getattr(getattr(self.mode.cluster, "state", None), "cni_bin", None)
+        if ours is None or tuple(conf.bin_dirs) != (str(ours),):
+            return True
+        types = [p.get("type") for p in conf.plugins]
+        return not all(t in PLUGINS and not getattr(PLUGINS.get(t), "TEARDOWN_DEL", False) for t in types)
 
     def cni_del(self, pod: Pod) -> None:
         if self.runtime is not None and self.netconf is not None:

@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import ipaddress
 import logging
 import os
+import socket
+import struct
 from typing import Any, Iterable
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError as _PyNetlinkError
 
 from . import proc
-from .errors import NetlinkError
+from .errors import CommandError, NetlinkError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,8 @@ NUD_PERMANENT = 0x80
 NUD_NOARP = 0x40
 NTF_SELF = 0x02
 RTPROT_STATIC = 4
+_SIOCGIFFLAGS, _SIOCSIFFLAGS, _SIOCGIFINDEX, _IFF_UP = 0x8913, 0x8914, 0x8933, 0x1
+_SIOCGIFMTU, _SIOCGIFHWADDR = 0x8921, 0x8927
 
 
 class Netns:
@@ -50,6 +55,9 @@ class Netns:
         try:
             with proc.netns(path):
                 self.ipr = IPRoute()
+                # an ioctl socket in the namespace too: a name -> index lookup or a link
+                # going up is one syscall there, a pyroute2 request ~1 ms of Python
+                self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         except OSError as e:
             raise NetlinkError(f"cannot enter network namespace of {self.label} ({path}): "
                                f"{e.strerror}; is the pod or node still running?") from None
@@ -57,6 +65,7 @@ class Netns:
     # -- plumbing ---------------------------------------------------------------------------
     def close(self) -> None:
         self.ipr.close()
+        self._sock.close()
 
     def __enter__(self) -> "Netns":
         return self
@@ -74,8 +83,17 @@ class Netns:
 
     # -- links ------------------------------------------------------------------------------
     def index(self, ifname: str) -> int | None:
-        found = self.ipr.link_lookup(ifname=ifname)
-        return found[0] if found else None
+        """The interface's index, None if there is none (one ioctl, SIOCGIFINDEX)."""
+        name = ifname.encode()
+        if not name or len(name) > 15:
+            return None
+        try:
+            res = fcntl.ioctl(self._sock, _SIOCGIFINDEX, struct.pack("16si12x", name, 0))
+        except OSError as e:
+            if e.errno in (errno.ENODEV, errno.ENXIO, errno.EINVAL):
+                return None
+            raise NetlinkError(f"look up {ifname} in {self.label}: {e.strerror}") from None
+        return struct.unpack("16si12x", res)[1]
 
     def require_index(self, ifname: str | int) -> int:
         """The index of ``ifname``; an int is taken as the index already (saves a request)."""
@@ -100,6 +118,24 @@ class Netns:
     def links(self) -> list[dict[str, Any]]:
         """Every link here, as :meth:`link` describes one (one dump)."""
         return [_link_info(msg) for msg in self.ipr.get_links()]
+
+    def link_brief(self, ifname: str) -> dict[str, Any] | None:
+        """The link's index, mtu, mac and up, by ioctls (no master, no kind: see :meth:`link`);
+        None if there is none. What a CNI result needs of an interface, in microseconds."""
+        idx = self.index(ifname)
+        if idx is None:
+            return None
+        name = ifname.encode()
+        try:
+            hw = fcntl.ioctl(self._sock, _SIOCGIFHWADDR, struct.pack("16s16x", name))[18:24]
+            mtu = struct.unpack("16si12x", fcntl.ioctl(self._sock, _SIOCGIFMTU, struct.pack("16si12x", name, 0)))[1]
+            flags = struct.unpack("16sH14x", fcntl.ioctl(self._sock, _SIOCGIFFLAGS, struct.pack("16sH14x", name, 0)))[1]
+        except OSError as e:
+            if e.errno in (errno.ENODEV, errno.ENXIO):
+                return None
+            raise NetlinkError(f"look up {ifname} in {self.label}: {e.strerror}") from None
+        return {"index": idx, "ifname": ifname, "mtu": mtu, "mac": ":".join(f"{b:02x}" for b in hw),
+                "up": bool(flags & _IFF_UP)}
 
     def ensure_bridge(self, name: str, mtu: int | None = None) -> int:
         """Create bridge ``name`` (or accept the one there), set it up; return its index."""
@@ -151,6 +187,17 @@ class Netns:
                    index=self.require_index(ifname), mtu=mtu)
 
     def link_up(self, ifname: str | int) -> None:
+        if isinstance(ifname, str):     # by name: two ioctls (SIOCGIFFLAGS, SIOCSIFFLAGS)
+            req = struct.pack("16sH14x", ifname.encode(), 0)
+            try:
+                flags = struct.unpack("16sH14x", fcntl.ioctl(self._sock, _SIOCGIFFLAGS, req))[1]
+                if not flags & _IFF_UP:
+                    fcntl.ioctl(self._sock, _SIOCSIFFLAGS, struct.pack("16sH14x", ifname.encode(), flags | _IFF_UP))
+            except OSError as e:
+                if e.errno in (errno.ENODEV, errno.ENXIO, errno.EINVAL):
+                    raise NetlinkError(f"no interface {ifname!r} in {self.label}") from None
+                raise NetlinkError(f"set {ifname} up in {self.label}: {e.strerror}") from None
+            return
         self._call(f"set {ifname} up", self.ipr.link, "set", index=self.require_index(ifname),
                    state="up")
 
@@ -257,6 +304,31 @@ class Netns:
         what = f"route {dst} via " + ", ".join(gateways)
         self._call(what, self.ipr.route, "replace", dst=_dst(dst), table=table,
                    multipath=[{"gateway": g} for g in gateways])
+
+    def replace_routes(self, routes: list[dict[str, Any]]) -> None:
+        """Replace many routes at once: ``{"dst", "gateway", "dev", "onlink", "mtu"}`` each
+        (``dev`` by name). One ``ip -batch`` run in the namespace instead of a pyroute2
+        request per route: a node agent at 100 nodes programs 99 routes per node, 9,900 in
+        all, and each request costs about a millisecond of the runtime's CPU, ``ip`` a few
+        microseconds. Raises NetlinkError naming the route ``ip`` refused."""
+        lines = []
+        for r in routes:
+            words = ["route", "replace", _dst(r["dst"])]
+            if r.get("gateway"):
+                words += ["via", str(r["gateway"])]
+            if r.get("dev"):
+                words += ["dev", str(r["dev"])]
+            if r.get("onlink"):
+                words.append("onlink")
+            if r.get("mtu"):
+                words += ["mtu", str(int(r["mtu"]))]
+            lines.append(" ".join(words))
+        if not lines:
+            return
+        try:
+            proc.run(["ip", "-batch", "-"], input="\n".join(lines) + "\n", netns=self.path, where=self.label)
+        except CommandError as e:
+            raise NetlinkError(f"{len(lines)} routes in {self.label}: {e.stderr.strip() or e}") from None
 
     def del_route(self, dst: str, *, table: int = MAIN_TABLE, **match: Any) -> bool:
         """Delete a route; True if it existed. Already gone is success."""

@@ -18,7 +18,7 @@ from .. import naming
 from ..errors import KernelFeatureMissing
 from ..netutil import Netns
 from ..options import opt
-from .base import Mode, uplink
+from .base import BATCH_MIN, Mode, uplink
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..pod import NodeHost
@@ -89,6 +89,7 @@ class IpipMode(CalicoMode):
     name = "ipip"
     Options = IpipOptions
     tools = ("tc",)
+    parallel_node_start = True      # ebpf: bpftool and tc per node; each node its own pins and maps
 
     def __init__(self, cluster: Any, options: IpipOptions):
         super().__init__(cluster, options)
@@ -153,6 +154,26 @@ class IpipMode(CalicoMode):
             tc.set_tunnel(cidr, str(peer.spec.ip))   # the map entry first: no packet leaks out plain
             # mtu: what the node itself sends there must still fit the underlay once wrapped
             ns.add_route(cidr, gateway=self.underlay_next_hop(node, peer), dev=uplink(), mtu=self.mtu)
+
+    def add_peers(self, node: "NodeHost", ns: Netns, peers: list["NodeHost"]) -> None:
+        """What ``add_peer`` does, the routes of all peers in one batch (the BPF map entries
+        are syscalls already, and go first: no packet leaks out plain); a few by netlink."""
+        if len(peers) < BATCH_MIN:
+            return super().add_peers(node, ns, peers)
+        routes = []
+        for peer in peers:
+            cidr, ip = str(peer.spec.pod_cidr), str(peer.spec.ip)
+            if not self.encapsulates(node, peer):
+                routes.append({"dst": cidr, "gateway": ip, "dev": uplink()})
+            elif self.datapath == "kernel":
+                routes.append({"dst": cidr, "gateway": ip, "dev": naming.IPIP_DEV, "onlink": True})
+            else:
+                tc = self._tc[node.name]
+                tc.add_peer(ip)
+                tc.set_tunnel(cidr, ip)
+                routes.append({"dst": cidr, "gateway": self.underlay_next_hop(node, peer), "dev": uplink(),
+                               "mtu": self.mtu})
+        ns.replace_routes(routes)
 
     def bpf_datapath(self, node: str) -> Any:
         """The node's eBPF IPIP datapath (its maps and counters), None on the kernel datapath."""

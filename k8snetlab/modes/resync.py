@@ -12,8 +12,9 @@ on it. One :class:`AgentResync` per cluster does the same for every node, every
 3. runs the mode's own ``add_peer`` for those only, the verb that made them in the first
    place (replace semantics: repairing twice is harmless).
 
-It shares one lock with the cluster's node-list changes (``add_node``/``remove_node``), so it
-never re-adds the routes of a node that is leaving. ``stop()`` ends the thread before the
+It shares one lock with the cluster's node-list changes (``add_node``/``remove_node``), taken
+per node, so it never re-adds the routes of a node that is leaving and a join waits for one
+node's reconcile at most. ``stop()`` ends the thread before the
 node agents are stopped.
 """
 
@@ -53,13 +54,19 @@ class AgentResync(Periodic):
         return self.resync_once()
 
     def resync_once(self) -> dict[str, list[str]]:
-        """One round over every node; returns {node: [peers repaired]} (only nodes with any)."""
+        """One round over every node; returns {node: [peers repaired]} (only nodes with any).
+
+        The lock is taken per node, not for the round: at 100 nodes a round is a hundred
+        route dumps, and a node joining or leaving waits for one node's, not for all."""
         out: dict[str, list[str]] = {}
-        with self.lock:
-            if self.stopping:
-                return out
-            nodes = dict(self.nodes())
-            for name, node in nodes.items():
+        for name in list(self.nodes()):
+            with self.lock:
+                if self.stopping:
+                    return out
+                nodes = self.nodes()
+                node = nodes.get(name)
+                if node is None:            # it left while the round went on
+                    continue
                 peers = [p for n, p in nodes.items() if n != name]
                 try:
                     with Netns(node.netns, name) as ns:
@@ -70,9 +77,9 @@ class AgentResync(Periodic):
                         log.warning("%s agent resync on %s: %s", self.mode.name, name, e)
                         self._said.add(name)
                     continue
-                if fixed:
-                    log.info("%s agent on %s: repaired the state for %s", self.mode.name, name, ", ".join(fixed))
-                    out[name] = fixed
-            self.repaired = out
-            self.rounds += 1
+            if fixed:
+                log.info("%s agent on %s: repaired the state for %s", self.mode.name, name, ", ".join(fixed))
+                out[name] = fixed
+        self.repaired = out
+        self.rounds += 1
         return out

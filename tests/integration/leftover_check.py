@@ -3,7 +3,7 @@
 The machine holds other clusters too (other engineers', other test runs), which
 may be alive at the same time; this checks only what *this* cluster made: its state
 directory, its root-namespace links (``knl<index>...``), its bpffs mount, and the processes
-holding its nodes', routers' and pods' namespaces.
+holding its nodes', routers' and pods' namespaces, and its CNI server workers.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ class Footprint:
         self.pids = {h.name: (h.pid, proc.start_time(h.pid))
                      for group in (cluster.nodes, cluster.routers, cluster.pods, cluster.hosts)
                      for h in group.values()}
+        servers = getattr(cluster, "cni_servers", None)      # the CNI server workers (invoke exec)
+        for pid in (servers.pids() if servers is not None else []):
+            self.pids[f"CNI server worker {pid}"] = (pid, proc.start_time(pid))
 
     def problems(self) -> list[str]:
         out = []

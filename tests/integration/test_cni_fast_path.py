@@ -105,3 +105,15 @@ def test_a_sandbox_made_on_a_kubelet_directly_goes_with_the_cluster():
     finally:
         c.stop()
     assert not proc.running(*holder), "the sandbox's holder outlived the cluster"
+
+
+def test_the_servers_run_beside_the_runtime_in_worker_processes(cluster):
+    """The node's server answers from a worker process of the cluster, not from the runtime:
+    the plugins' CPU is not under the runtime's interpreter lock."""
+    from k8snetlab import proc
+    server = cluster.kubelets["node1"].server
+    assert server.pid in cluster.cni_servers.pids() and server.pid != os.getpid()
+    assert proc.running(server.pid, proc.start_time(server.pid))
+    before = server.requests
+    rc, out = call(cluster, cluster.nodes["node1"].netns, "bridge", {"CNI_COMMAND": "VERSION"}, b"{}")
+    assert rc == 0 and json.loads(out)["supportedVersions"] and server.requests == before + 1

@@ -32,6 +32,10 @@ class StateNs:
         self.table[dst] = {"dst": dst, "gateway": gateway, "dev": dev}
         self.added.append(dst)
 
+    def replace_routes(self, routes):
+        for r in routes:
+            self.add_route(r["dst"], gateway=r.get("gateway"), dev=r.get("dev"))
+
     def require_index(self, ifname):
         return 2
 

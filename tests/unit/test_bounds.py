@@ -110,7 +110,8 @@ def test_sandboxes_are_created_in_bounded_batches(tmp_path, monkeypatch):
     monkeypatch.setenv("K8SNETLAB_STATE", str(tmp_path / "state"))
     monkeypatch.setattr(statedir, "ROOTS_FILE", tmp_path / "roots")
     monkeypatch.setattr(statedir.naming, "STATE_ROOT", str(tmp_path / "default-root"))
-    for step in ("_write_cni_bin", "_start_node_agents", "_start_agent_resync", "_start_supervisor"):
+    for step in ("_state_in_memory", "_write_cni_bin", "_start_node_agents", "_start_agent_resync",
+                 "_start_supervisor"):
         monkeypatch.setattr(cluster_mod.Cluster, step, lambda self: None)
 
     class NoUnderlay:

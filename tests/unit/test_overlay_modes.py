@@ -74,6 +74,9 @@ class FakeNs:
 
     def del_route(self, dst, **kw):
         self._rec("del_route", dst, **kw)
+
+    def replace_routes(self, routes):
+        self._rec("replace_routes", [dict(r) for r in routes])
         return True
 
     def set_neigh(self, ifname, ip, mac):
@@ -328,3 +331,55 @@ def test_auto_datapath_picks_ebpf_without_ipip(tmp_path, monkeypatch):
     mode.cluster.state.mount_bpffs = lambda: None
     mode.prepare(nodes["node-a1"])
     assert mode.datapath == "ebpf"
+
+
+# ------------------------------------------------------------------------------- batched routes
+
+def batched_as_single(ns: FakeNs) -> list[tuple]:
+    """The routes of replace_routes batches, written as the add_route calls they stand for."""
+    out = []
+    for r in [r for (batch,), _ in ns.of("replace_routes") for r in batch]:
+        kw = {"gateway": r["gateway"], "dev": r["dev"]}
+        if r.get("onlink"):
+            kw["onlink"] = True
+        if r.get("mtu"):
+            kw["mtu"] = r["mtu"]
+        out.append(("add_route", (r["dst"],), kw))
+    return out
+
+
+@pytest.mark.parametrize("mode_name,datapath", [("CrossSubnet", "kernel"), ("Always", "kernel"),
+                                                ("CrossSubnet", "ebpf"), ("Always", "ebpf")])
+def test_ipip_add_peers_batches_what_add_peer_does(tmp_path, monkeypatch, mode_name, datapath):
+    """A node agent at 100 nodes programs its 99 peers in one batch: the same routes (and,
+    ebpf, the same map entries) as one add_peer per peer, in one replace_routes call."""
+    import k8snetlab.modes.ipip as ipip_mod
+    monkeypatch.setattr(ipip_mod, "BATCH_MIN", 2)       # three peers here stand for 99
+    peers = ("node-a2", "node-b1", "node-b2")
+    mode, nodes = ipip(tmp_path, TWO_RACKS, mode_name, datapath)
+    one, tc_one = FakeNs(), mode._tc.setdefault("node-a1", FakeTc())
+    for peer in peers:
+        mode.add_peer(nodes["node-a1"], one, nodes[peer])
+    many, tc_many = FakeNs(), FakeTc()
+    mode._tc["node-a1"] = tc_many
+    mode.add_peers(nodes["node-a1"], many, [nodes[p] for p in peers])
+    assert many.names() == ["replace_routes"]
+    assert batched_as_single(many) == one.calls
+    assert (tc_many.tunnels, tc_many.peers) == (tc_one.tunnels, tc_one.peers)
+
+
+def test_host_gw_add_peers_is_one_batch_of_routes_via_each_peer(tmp_path, monkeypatch):
+    import k8snetlab.modes.host_gw as host_gw_mod
+    cluster, nodes = fake_cluster(THREE_NODES, tmp_path)
+    for i, n in enumerate(nodes.values(), 1):
+        n.pid = i
+    mode = MODES.get("host-gw")(cluster, MODES.get("host-gw").Options())
+    ns = FakeNs()
+    mode.add_peers(nodes["node1"], ns, [nodes["node2"], nodes["node3"]])     # a few: by netlink
+    assert ns.names() == ["add_route", "add_route"]
+    monkeypatch.setattr(host_gw_mod, "BATCH_MIN", 2)
+    ns = FakeNs()
+    mode.add_peers(nodes["node1"], ns, [nodes["node2"], nodes["node3"]])
+    assert ns.calls == [("replace_routes", ([
+        {"dst": str(nodes[n].spec.pod_cidr), "gateway": str(nodes[n].spec.ip), "dev": "eth0"}
+        for n in ("node2", "node3")],), {})]

@@ -1,0 +1,73 @@
+"""The pure parts of experiments/scale.py: the clusters it builds are valid cluster files in
+every mode (bgp included) and for kube-proxy, and its targets take their verdicts from
+intervals (met only when the whole interval is under the limit)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from k8snetlab import results, spec
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def sc():
+    path = REPO / "experiments" / "scale.py"
+    mod_spec = importlib.util.spec_from_file_location("scale_under_test", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    sys.modules[mod_spec.name] = module
+    mod_spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("mode", ["host-gw", "ipip", "bgp"])
+def test_every_mode_builds_a_valid_cluster_of_ten_pods_per_node(sc, mode):
+    s = spec.from_dict(sc.cluster_dict(1000, mode, "exec"), "scale")
+    assert len(s.nodes) == 100 and len(s.pods()) == 1000 and s.cni.type == mode
+
+
+def test_kube_proxy_cluster_puts_ten_pods_behind_each_service(sc):
+    s = spec.from_dict(sc.proxy_dict(200), "scale-proxy")
+    assert len(s.nodes) == 20 and len(s.pods()) == 200 and len(s.services) == 20
+    by_app: dict[str, int] = {}
+    for p in s.pods():
+        by_app[p.labels["app"]] = by_app.get(p.labels["app"], 0) + 1
+    assert set(by_app.values()) == {10} and len(by_app) == 20
+
+
+def test_a_target_is_met_only_when_its_whole_interval_is_under_the_limit(sc):
+    assert "[    met     ]" in sc.target("up", (20.0, 18.0, 22.0), 30, " s", 3)
+    assert "[   MISSED   ]" in sc.target("up", (40.0, 35.0, 45.0), 30, " s", 3)
+    line = sc.target("up", (29.0, 25.0, 33.0), 30, " s", 3)
+    assert "inconclusive" in line and "[25, 33], n 3" in line
+    assert "n 1: no interval" in sc.target("up", (20.0, 20.0, 20.0), 30, " s", 1)
+    assert "n/a" in sc.target("up", None, 30)
+
+
+def test_bootstrap_interval_of_a_median_holds_the_median(sc):
+    vals = [10.0, 11.0, 12.0, 13.0, 50.0, 9.0, 10.5]
+    value, lo, hi = sc.boot_ci(vals, sc.statistics.median)
+    assert value == 11.0 and lo <= value <= hi and hi < 50
+    assert sc.boot_ci([5.0], sc.statistics.median) == (5.0, 5.0, 5.0)
+
+
+def row(sc, mode, scenario, metric, value, rnd=1):
+    return results.Row("r", "t", "scale", "flat", mode, "", scenario, "", "", rnd, metric, value, "s", None, "k", 1.0)
+
+
+def test_report_has_the_time_table_and_the_growth_exponent_from_rounds(sc):
+    rows = []
+    for rnd, (a, b) in enumerate([(2.0, 20.0), (2.2, 21.0), (1.9, 19.0)], start=1):
+        rows += [row(sc, "host-gw", "100 pods", "pods_up", a, rnd), row(sc, "host-gw", "1000 pods", "pods_up", b, rnd)]
+        rows += [row(sc, "host-gw", "1000 pods", m, 1.0, rnd) for m in ("underlay_cpu", "agents_cpu", "pods_cpu",
+                                                                          "cni_servers_cpu", "pods_down")]
+    text = sc.report(rows, [100, 1000], ["host-gw"], {})
+    assert "Where the time goes" in text and "CNI servers" in text
+    line = next(l for l in text.splitlines() if "growth exponent" in l)
+    assert "n 3" in line and "1" in line      # log10(20/2) = 1.0 from the medians
+    assert "host-gw 1000 pods up" in text and "met" in text
