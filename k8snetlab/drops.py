@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import hashlib
 import json
 import logging
 import os
@@ -140,20 +139,7 @@ def _reason_names() -> dict[int, str]:
 
 
 def _compile() -> pathlib.Path:
-    clang = proc.require("clang")["clang"]
-    flags = (*ebpf.CFLAGS, f"-I/usr/include/{ebpf._multiarch(clang)}")
-    digest = hashlib.sha256(SOURCE.read_bytes() + proc.run([clang, "--version"]).stdout.encode()
-                            + " ".join(flags).encode()).hexdigest()[:16]
-    out = ebpf.CACHE_DIR / f"drops-{digest}.o"
-    if not out.exists():
-        ebpf.CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-        try:
-            proc.run([clang, *flags, "-c", str(SOURCE), "-o", str(tmp)], where=f"compiling {SOURCE.name}")
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return out
+    return ebpf.compile_cached(SOURCE)
 
 
 class DropCounter:

@@ -126,13 +126,13 @@ def possible_cpus() -> int:
         return parse_cpu_list(f.read())
 
 
-def object_name(source: bytes, clang_version: str, flags: tuple[str, ...]) -> str:
+def object_name(source: bytes, clang_version: str, flags: tuple[str, ...], stem: str = "ipip_tc") -> str:
     """Cache file name of a compiled object: changes with the source, compiler and flags."""
     digest = hashlib.sha256()
     for part in (source, clang_version.encode(), " ".join(flags).encode()):
         digest.update(part)
         digest.update(b"\0")
-    return f"ipip_tc-{digest.hexdigest()[:16]}.o"
+    return f"{stem}-{digest.hexdigest()[:16]}.o"
 
 
 def fs_type_at(path: str, mounts: list[tuple[str, str]] | None = None) -> tuple[str, str] | None:
@@ -160,12 +160,17 @@ def _multiarch(clang: str) -> str:
 
 
 def compile_object(force: bool = False) -> pathlib.Path:
-    """Compile ``bpf/ipip_tc.c`` (cached by a hash of source and compiler); return the .o."""
+    """Compile ``bpf/ipip_tc.c`` (cached); return the .o."""
+    return compile_cached(SOURCE, force=force)
+
+
+def compile_cached(src: pathlib.Path, extra_flags: tuple[str, ...] = (), force: bool = False) -> pathlib.Path:
+    """Compile one of our BPF C files with clang, cached by a hash of the source, the compiler
+    and the flags (``extra_flags``: e.g. ``-D`` values); return the .o."""
     clang = proc.require("clang")["clang"]
     version = proc.run([clang, "--version"]).stdout
-    flags = (*CFLAGS, f"-I/usr/include/{_multiarch(clang)}")
-    source = SOURCE.read_bytes()
-    out = CACHE_DIR / object_name(source, version, flags)
+    flags = (*CFLAGS, f"-I/usr/include/{_multiarch(clang)}", *extra_flags)
+    out = CACHE_DIR / object_name(src.read_bytes(), version, flags, src.stem)
     if out.exists() and not force:
         return out
     try:
@@ -173,10 +178,9 @@ def compile_object(force: bool = False) -> pathlib.Path:
     except OSError as e:
         raise BpfError(f"cannot create the BPF object cache {CACHE_DIR}: {e.strerror}") from None
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    log.info("compiling %s -> %s", SOURCE.name, out)
+    log.info("compiling %s -> %s", src.name, out)
     try:
-        proc.run([clang, *flags, "-c", str(SOURCE), "-o", str(tmp)],
-                 where=f"compiling {SOURCE.name}")
+        proc.run([clang, *flags, "-c", str(src), "-o", str(tmp)], where=f"compiling {src.name}")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -149,24 +149,8 @@ def loss_threshold(loss: float) -> int:
 
 def loss_object(loss: float):
     """``bpf/loss_tc.c`` compiled for this loss rate (cached by source, compiler and rate)."""
-    import hashlib
-    import os
-    from . import ebpf, proc
-    src = ebpf.SOURCE.with_name(LOSS_SOURCE)
-    clang = proc.require("clang")["clang"]
-    flags = (*ebpf.CFLAGS, f"-I/usr/include/{ebpf._multiarch(clang)}", f"-DLOSS_THRESHOLD={loss_threshold(loss)}u")
-    digest = hashlib.sha256(src.read_bytes() + proc.run([clang, "--version"]).stdout.encode()
-                            + " ".join(flags).encode()).hexdigest()[:16]
-    out = ebpf.CACHE_DIR / f"loss_tc-{digest}.o"
-    if not out.exists():
-        ebpf.CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-        try:
-            proc.run([clang, *flags, "-c", str(src), "-o", str(tmp)], where=f"compiling {src.name}")
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return out
+    from . import ebpf
+    return ebpf.compile_cached(ebpf.SOURCE.with_name(LOSS_SOURCE), (f"-DLOSS_THRESHOLD={loss_threshold(loss)}u",))
 
 
 def set_mtu(dev: str, mtu: int, netns: str | None) -> None:
