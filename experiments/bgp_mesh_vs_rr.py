@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from k8snetlab import experiment, framework, hoststat, proc, results, spec, stats  # noqa: E402
+from k8snetlab import experiment_script, framework, hoststat, proc, results, spec, stats  # noqa: E402
 from k8snetlab.bgp import SPEAKERS, fib, plan as bgpplan  # noqa: E402
 from k8snetlab.cluster import Cluster  # noqa: E402
 from k8snetlab.errors import SpecError  # noqa: E402
@@ -48,7 +48,7 @@ POLL_S = 0.02
 
 
 def build_parser():
-    p = experiment.parser(__doc__.strip().splitlines()[0], default_repeat=3)
+    p = experiment_script.parser(__doc__.strip().splitlines()[0], default_repeat=3)
     p.add_argument("--nodes", default="10,20,50", help="cluster sizes, comma-separated (default %(default)s; "
                    f"at most {MAX_NODES})")
     p.add_argument("--reflectors", type=int, default=2, help="route reflectors (default %(default)s)")
@@ -148,7 +148,7 @@ def measure_one(n: int, mode: str, rnd: int, args, row) -> None:
 
 
 def run(args) -> int:
-    if args.topology != experiment.DEFAULT_TOPOLOGY or getattr(args, "param", None):
+    if args.topology != experiment_script.DEFAULT_TOPOLOGY or getattr(args, "param", None):
         raise SpecError("--topology/--param: this experiment generates its flat clusters itself: use --nodes")
     if args.reflectors < 1:
         raise SpecError("--reflectors: at least 1")
@@ -161,7 +161,7 @@ def run(args) -> int:
         for mode in TOPOLOGIES:
             flat_cluster(n, TOPOLOGIES[mode], args)
     proc.require_root(NAME)
-    out_dir, run_id, csv_path = experiment.output(args, NAME)
+    out_dir, run_id, csv_path = experiment_script.output(args, NAME)
     kernel = results.kernel_release()
     seed = args.seed if getattr(args, "seed", None) is not None else secrets.randbelow(2 ** 31)
     rng = random.Random(seed)
@@ -175,7 +175,7 @@ def run(args) -> int:
                                   mode=mode, datapath=args.speaker, scenario=scenario, src=src, dst="",
                                   round=rnd, metric=metric, value=value, unit=unit, mtu=None, kernel=kernel))
 
-        progress = experiment.Progress(args.repeat * len(ns) * len(TOPOLOGIES))
+        progress = experiment_script.Progress(args.repeat * len(ns) * len(TOPOLOGIES))
         for rnd in range(1, args.repeat + 1):
             order = [(n, mode) for n in ns for mode in TOPOLOGIES]
             rng.shuffle(order)                    # neither mesh nor reflectors always first
@@ -283,4 +283,4 @@ def summary(rows, ns: list[int], reflectors: int) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(experiment.main(run, build_parser()))
+    sys.exit(experiment_script.main(run, build_parser()))

@@ -51,7 +51,7 @@ from typing import Any, Iterable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from k8snetlab import experiment, framework, hoststat, measure, naming, proc, results, spec as specmod  # noqa: E402
+from k8snetlab import experiment_script, framework, hoststat, measure, naming, proc, results, spec as specmod  # noqa: E402
 from k8snetlab.errors import SpecError  # noqa: E402
 from k8snetlab.framework import Comparison, Target  # noqa: E402
 from k8snetlab.modes import MODES  # noqa: E402
@@ -422,7 +422,7 @@ class CniModes(framework.Experiment):
             cluster.add_pod(probe_manifest(name, node))
 
     def scenarios(self, run, variant, cluster):
-        ep = lambda p: experiment.Endpoint(p.name, p.netns, p.ip)
+        ep = lambda p: experiment_script.Endpoint(p.name, p.netns, p.ip)
         return [framework.Path2(sc.name, ep(cluster.pods[sc.src]), ep(cluster.pods[sc.dst]), cluster.mode.mtu)
                 for sc in scenarios(variant, self.where)]
 

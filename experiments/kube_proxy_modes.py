@@ -57,7 +57,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from k8snetlab import experiment, framework, hoststat, manifests, measure, proc, results, stats  # noqa: E402
+from k8snetlab import experiment_script, framework, hoststat, manifests, measure, proc, results, stats  # noqa: E402
 from k8snetlab.framework import Target  # noqa: E402
 from k8snetlab.cluster import Cluster  # noqa: E402
 from k8snetlab.errors import K8sNetLabError, SpecError  # noqa: E402
@@ -79,7 +79,7 @@ ACCEPT_PORT, ACCEPT_SERVER, CONNECT_TIMES, CONN_RATE = (measure.ACCEPT_PORT, mea
 
 
 def build_parser():
-    p = experiment.parser(__doc__.strip().splitlines()[0])
+    p = experiment_script.parser(__doc__.strip().splitlines()[0])
     p.add_argument("--modes", default=None,
                    help="comma-separated kube-proxy modes (default: userspace, iptables, nftables, ipvs: "
                         "those this machine can run)")
@@ -337,12 +337,12 @@ def run(args) -> int:
     if bad or not modes:
         raise SpecError(f"--modes: {', '.join(bad) or '(none)'} cannot be compared here: use some of "
                         f"{', '.join(can) or '(none: no kube-proxy mode can run on this machine)'}")
-    base = experiment.load_topology(args)
+    base = experiment_script.load_topology(args)
     cspec = experiment_spec(base, modes[0])
     proc.require_root(NAME)
     proc.require("iperf3", "sockperf")
 
-    out_dir, run_id, csv_path = experiment.output(args, NAME)
+    out_dir, run_id, csv_path = experiment_script.output(args, NAME)
     kernel = results.kernel_release()
     args.seed = args.seed if getattr(args, "seed", None) is not None else secrets.randbelow(2 ** 31)
     machine_start = hoststat.machine()
@@ -350,7 +350,7 @@ def run(args) -> int:
     scale_steps = [(n, modes) for n in [1, *sizes]]
     if args.nft_max and "nftables" in modes and args.nft_max > sizes[-1]:
         scale_steps.append((args.nft_max, ["nftables"]))
-    progress = experiment.Progress(args.repeat * len(modes) * 3 + sum(len(ms) for _, ms in scale_steps))
+    progress = experiment_script.Progress(args.repeat * len(modes) * 3 + sum(len(ms) for _, ms in scale_steps))
 
     with results.CsvWriter(csv_path) as csv:
         meta: dict[str, Any] = {"topology": base.name, "cni": cspec.cni.type, "mtu": None}
@@ -563,4 +563,4 @@ def summary(rows: list[results.Row], modes: list[str], seed: int = 1) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(experiment.main(run, build_parser()))
+    sys.exit(experiment_script.main(run, build_parser()))

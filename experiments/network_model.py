@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from k8snetlab import experiment, conformance, proc, results, spec  # noqa: E402
+from k8snetlab import experiment_script, conformance, proc, results, spec  # noqa: E402
 from k8snetlab.errors import SpecError  # noqa: E402
 from k8snetlab.validate import validate  # noqa: E402
 from k8snetlab.modes import MODES  # noqa: E402
@@ -31,7 +31,7 @@ PREFERRED = ("docker", "host-gw", "vxlan", "ipip", "bgp")
 
 
 def build_parser():
-    p = experiment.parser(__doc__.strip().splitlines()[0], default_repeat=1)
+    p = experiment_script.parser(__doc__.strip().splitlines()[0], default_repeat=1)
     p.add_argument("--modes", help="comma-separated modes (default: docker and every CNI mode that "
                    "applies to the topology)")
     p.add_argument("--kube-proxy", default="iptables",
@@ -63,17 +63,17 @@ def with_services(base: spec.ClusterSpec, kube_proxy: str) -> spec.ClusterSpec:
 
 
 def run(args) -> int:
-    base = experiment.load_topology(args)
+    base = experiment_script.load_topology(args)
     modes, skipped = applicable(base, [m for m in args.modes.split(",") if m] if args.modes else None)
     base = with_services(base, args.kube_proxy)
     proc.require_root(NAME)
-    out_dir, run_id, csv_path = experiment.output(args, NAME)
+    out_dir, run_id, csv_path = experiment_script.output(args, NAME)
     md_path = out_dir / f"{NAME}-{run_id}.md"
     started = results.utc_timestamp()
     for s in skipped:
         print(f"skipped {s}", file=sys.stderr)
 
-    progress = experiment.Progress(len(modes))
+    progress = experiment_script.Progress(len(modes))
     found = conformance.check_modes(base, modes, progress=lambda m: progress.step(m))
     keys = (*conformance.REQUIREMENTS, *conformance.TRAFFIC)
     headers = ["mode", *[f"({k})" if k in conformance.REQUIREMENTS else k for k in keys]]
@@ -128,4 +128,4 @@ def _expectations(found: dict[str, list[conformance.Check]]) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(experiment.main(run, build_parser()))
+    sys.exit(experiment_script.main(run, build_parser()))

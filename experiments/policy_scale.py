@@ -60,7 +60,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from k8snetlab import experiment, measure, proc, results, stats  # noqa: E402
+from k8snetlab import experiment_script, measure, proc, results, stats  # noqa: E402
 from k8snetlab.cluster import Cluster  # noqa: E402
 from k8snetlab.errors import K8sNetLabError, SpecError  # noqa: E402
 from k8snetlab.policy import walk as walkmod  # noqa: E402
@@ -97,7 +97,7 @@ CONNECT_PAIRS = ("import json, socket, struct, sys, time\n"
 
 
 def build_parser():
-    p = experiment.parser(__doc__.strip().splitlines()[0], default_repeat=3)
+    p = experiment_script.parser(__doc__.strip().splitlines()[0], default_repeat=3)
     p.add_argument("--dataplanes", default="iptables,nftables", help="comma-separated (default %(default)s)")
     p.add_argument("--sizes", default="0,10,100,1000", help="policy counts (default %(default)s)")
     p.add_argument("--selecting", type=int, default=3,
@@ -282,15 +282,15 @@ def run(args) -> int:
             raise SpecError(f"--{opt.replace('_', '-')}: must be at least 1")
     if args.large < 0:
         raise SpecError("--large: give a number of pods >= 1")
-    cspec = experiment_spec(experiment.load_topology(args), args.large)
+    cspec = experiment_spec(experiment_script.load_topology(args), args.large)
     proc.require_root(NAME)
     proc.require("iperf3", "ipset", "nft")
     steps = [(n, "spread") for n in sizes]
     if not args.no_worst and sizes[-1] > args.selecting:
         steps.append((sizes[-1], "worst"))
-    out_dir, run_id, csv_path = experiment.output(args, NAME)
+    out_dir, run_id, csv_path = experiment_script.output(args, NAME)
     kernel = results.kernel_release()
-    progress = experiment.Progress(args.repeat * len(steps) * len(dataplanes))
+    progress = experiment_script.Progress(args.repeat * len(steps) * len(dataplanes))
     probes: dict[tuple[str, int, str], tuple[list[float], list[float]]] = {}
     partial: dict[str, list[float]] = {}
 
@@ -439,7 +439,7 @@ def summary(rows, dataplanes, steps, probes, partial, large: int = 0) -> str:
 
 
 def main(argv=None) -> int:
-    return experiment.main(run, build_parser(), argv)
+    return experiment_script.main(run, build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from k8snetlab import cleanup, experiment, naming, proc, results, spec, stats  # noqa: E402
+from k8snetlab import cleanup, experiment_script, naming, proc, results, spec, stats  # noqa: E402
 from k8snetlab.errors import SpecError  # noqa: E402
 
 NAME = "scale"
@@ -619,7 +619,7 @@ def run(args) -> int:
     if args.quick:
         sizes, modes, args.repeat = [s for s in sizes if s <= 100] or [10], modes[:1], 1
     proc.require_root("running the scale experiment")
-    out_dir, run_id, csv_path = experiment.output(args, NAME)
+    out_dir, run_id, csv_path = experiment_script.output(args, NAME)
     big = max(sizes)
     plan = [(rnd, n, m, "exec") for rnd in range(1, args.repeat + 1) for n in sizes for m in modes]
     if "host-gw" in modes and not args.quick:
@@ -627,7 +627,7 @@ def run(args) -> int:
     plan.sort(key=lambda p: (p[0], p[1]))
     proxy_sizes = [] if args.quick or args.skip_kube_proxy else sorted({min(100, big), big})
     steps = len(plan) + (0 if args.skip_pods else 1) + (0 if args.quick or args.skip_kill else 1) + len(proxy_sizes)
-    progress = experiment.Progress(steps)
+    progress = experiment_script.Progress(steps)
     extra: dict[str, Any] = {}
     with results.CsvWriter(csv_path) as w:
         rec = Recorder(w, run_id)
@@ -658,7 +658,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = experiment.parser(__doc__.split("\n\n")[0], default_repeat=3)
+    p = experiment_script.parser(__doc__.split("\n\n")[0], default_repeat=3)
     p.add_argument("--sizes", default="10,100,1000", help="pod counts (10 per node), default %(default)s")
     p.add_argument("--large", action="store_true", help="add 2000 pods (200 nodes)")
     p.add_argument("--modes", default=",".join(MODES), help="CNI modes, default %(default)s")
@@ -666,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-kill", action="store_true", help="skip kill -9 + clean")
     p.add_argument("--skip-kube-proxy", action="store_true",
                    help="skip kube-proxy with 10 pods per Service (at 100 pods and the largest size)")
-    return experiment.main(run, p, argv)
+    return experiment_script.main(run, p, argv)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from k8snetlab import experiment, framework, hoststat, measure, proc, results, spec  # noqa: E402
+from k8snetlab import experiment_script, framework, hoststat, measure, proc, results, spec  # noqa: E402
 from k8snetlab.cluster import Cluster  # noqa: E402
 from k8snetlab.errors import SpecError  # noqa: E402
 from k8snetlab.netutil import Netns  # noqa: E402
@@ -52,7 +52,7 @@ PLOT_METRICS = ("rtt_p50", "tcp_throughput", "first_packet_rtt")
 
 
 def build_parser():
-    p = experiment.parser(__doc__.strip().splitlines()[0], default_repeat=3)
+    p = experiment_script.parser(__doc__.strip().splitlines()[0], default_repeat=3)
     p.add_argument("--controller", default="l2_learning", help="controller app for the OVS underlay "
                    "(default %(default)s; 'k8snetlab controllers' lists them)")
     p.add_argument("--duration", type=float, default=3.0, help="seconds per iperf3 run (default %(default)s)")
@@ -67,7 +67,7 @@ def build_parser():
 
 
 def variants(args) -> dict[str, spec.ClusterSpec]:
-    base = experiment.load_topology(args)
+    base = experiment_script.load_topology(args)
     ovs_mode = f"ovs+{args.controller}"
     return {BASELINE: spec.with_underlay(base, "linuxbridge", "none"),
             ovs_mode: spec.with_underlay(base, "ovs", args.controller)}
@@ -84,7 +84,7 @@ def run(args) -> int:
     modes = list(specs)
     proc.require_root(NAME)
     proc.require("ping", "iperf3", "bridge")
-    out_dir, run_id, csv_path = experiment.output(args, NAME)
+    out_dir, run_id, csv_path = experiment_script.output(args, NAME)
     kernel = results.kernel_release()
     seed = args.seed if getattr(args, "seed", None) is not None else secrets.randbelow(2 ** 31)
     rng = random.Random(seed)
@@ -101,7 +101,7 @@ def run(args) -> int:
             c = clusters[m]
             print(f"{m}: cluster up in {c.timings['start_s']:.2f} s"
                   + (f" ({c.ovs.describe()})" if c.ovs else ""), file=sys.stderr)
-        scenarios = {m: experiment.standard_scenarios(c) for m, c in clusters.items()}
+        scenarios = {m: experiment_script.standard_scenarios(c) for m, c in clusters.items()}
         meta = {m: (c.spec.name, c.ovs.datapath if c.ovs else "kernel") for m, c in clusters.items()}
 
         freezer = hoststat.Freezer({m: hoststat.host_namespaces(c) for m, c in clusters.items()},
@@ -129,7 +129,7 @@ def run(args) -> int:
 
         for m, c in clusters.items():
             row(m, "lifecycle", "", "", 0, "cluster_up", c.timings["start_s"], "s", None)
-        progress = experiment.Progress(args.repeat * len(modes) * 3)
+        progress = experiment_script.Progress(args.repeat * len(modes) * 3)
         for rnd in range(1, args.repeat + 1):
             with freezer.only(None):
                 baseline = framework.quiet_busy_rate()   # the machine's busy CPU when we are quiet
@@ -273,4 +273,4 @@ def summary(rows, modes, seed: int = 1) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(experiment.main(run, build_parser()))
+    sys.exit(experiment_script.main(run, build_parser()))

@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from k8snetlab import experiment, naming, proc, results  # noqa: E402
+from k8snetlab import experiment_script, naming, proc, results  # noqa: E402
 from k8snetlab.cluster import Cluster  # noqa: E402
 from k8snetlab.validate import validate  # noqa: E402
 from k8snetlab.errors import K8sNetLabError  # noqa: E402
@@ -54,7 +54,7 @@ CHECK_COLUMNS = ("run_id", "timestamp", "kube_proxy", "step", "check", "expected
 
 
 def build_parser():
-    p = experiment.parser(__doc__.strip().splitlines()[0], default_repeat=1)
+    p = experiment_script.parser(__doc__.strip().splitlines()[0], default_repeat=1)
     p.set_defaults(topology=str(TOPOLOGY))
     p.add_argument("--step", action="store_true", help="pause for Enter between steps")
     p.add_argument("--requests", type=int, default=30, help="requests to the service per mode (default %(default)s)")
@@ -260,7 +260,7 @@ def steps3to5(lab: Lab, c: Cluster, mode: str, requests: int, first: bool) -> No
 def run(args) -> int:
     if args.quick:
         args.requests = min(args.requests, 12)
-    base = experiment.load_topology(args)
+    base = experiment_script.load_topology(args)
     modes = [m for m in args.modes.split(",") if m]
     specs = [validate(dataclasses.replace(base, kube_proxy={**base.kube_proxy, "mode": m})) for m in modes]
     proc.require_root(NAME)
@@ -291,4 +291,4 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(experiment.main(run, build_parser()))
+    sys.exit(experiment_script.main(run, build_parser()))

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterable, Sequence
 
-from . import experiment, hoststat, measure, results, spec, stats
+from . import experiment_script, hoststat, measure, results, spec, stats
 from .errors import SpecError
 
 log = logging.getLogger(__name__)
@@ -97,8 +97,8 @@ class Path2:
     """A scenario: traffic from ``src`` to ``dst`` (endpoints with a namespace and address)."""
 
     name: str
-    src: experiment.Endpoint
-    dst: experiment.Endpoint
+    src: experiment_script.Endpoint
+    dst: experiment_script.Endpoint
     mtu: int | None = None
     connect_ip: str | None = None      # e.g. a ClusterIP in front of dst
 
@@ -150,7 +150,7 @@ class Experiment:
     def scenarios(self, run: "Run", variant: Variant, cluster: Any) -> list[Path2]:
         pod_mtu = getattr(cluster.mode, "mtu", None)
         out = []
-        for sc in experiment.standard_scenarios(cluster):
+        for sc in experiment_script.standard_scenarios(cluster):
             out.append(Path2(sc.name, sc.src, sc.dst, 1500 if sc.name == "node-to-node" else pod_mtu))
         return out
 
@@ -169,7 +169,7 @@ class Experiment:
 # ---------------------------------------------------------------- options
 
 def parser(exp: Experiment) -> argparse.ArgumentParser:
-    p = experiment.parser(exp.description or exp.name, default_repeat=exp.default_repeat)
+    p = experiment_script.parser(exp.description or exp.name, default_repeat=exp.default_repeat)
     p.add_argument("--duration", type=float, default=5.0, help="seconds per iperf3 run (default %(default)s)")
     p.add_argument("--omit", type=float, default=1.0,
                    help="seconds of TCP ramp-up iperf3 leaves out (-O; default %(default)s)")
@@ -220,7 +220,7 @@ class Run:
         self.exp, self.args, self.base = exp, args, base
         self.seed = args.seed if args.seed is not None else secrets.randbelow(2 ** 31)
         self.rng = random.Random(self.seed)
-        self.out_dir, self.run_id, self.csv_path = experiment.output(args, exp.name)
+        self.out_dir, self.run_id, self.csv_path = experiment_script.output(args, exp.name)
         self.kernel = results.kernel_release()
         self.meta: dict[str, tuple[str, str]] = {}       # label -> (topology, datapath)
         self.writer: results.CsvWriter | None = None
@@ -438,7 +438,7 @@ def run(exp: Experiment, args: argparse.Namespace) -> int:
     from . import proc
     from .cluster import Cluster
     check_args(exp, args)
-    base = experiment.load_topology(args)
+    base = experiment_script.load_topology(args)
     if args.link_rate:
         from .shaping import with_link_rate
         base = with_link_rate(base, args.link_rate)
@@ -495,7 +495,7 @@ def run(exp: Experiment, args: argparse.Namespace) -> int:
                  {(c.den, c.den_scenario or c.scenario) for c in exp.comparisons if c.headline}
         lean = [(k, p) for k, p in full if (k, p.name) in needed] or full
 
-        def one_round(rnd: int, items: list[tuple[str, Path2]], progress: experiment.Progress | None,
+        def one_round(rnd: int, items: list[tuple[str, Path2]], progress: experiment_script.Progress | None,
                       duration: float) -> None:
             order = list(items)
             r.rng.shuffle(order)
@@ -523,7 +523,7 @@ def run(exp: Experiment, args: argparse.Namespace) -> int:
                 one_round(0, full, None, 1.0)
             finally:
                 r.lean = False
-        progress = experiment.Progress(args.repeat * len(full))
+        progress = experiment_script.Progress(args.repeat * len(full))
         rnd = 0
         for rnd in range(1, args.repeat + 1):
             one_round(rnd, full, progress, args.duration)
@@ -603,7 +603,7 @@ def _rows_so_far(r: Run) -> list[results.Row]:
 
 
 def main(exp: Experiment, argv: Sequence[str] | None = None) -> int:
-    return experiment.main(lambda a: run(exp, a), parser(exp), argv)
+    return experiment_script.main(lambda a: run(exp, a), parser(exp), argv)
 
 
 # ---------------------------------------------------------------- statistics of rows (pure)

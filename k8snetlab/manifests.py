@@ -91,7 +91,8 @@ class Workload:
                 for i in range(n)]
 
 
-def _map(d: Any, where: str) -> dict[str, Any]:
+def mapping(d: Any, where: str) -> dict[str, Any]:
+    """``d`` as a mapping (None: empty); anything else is a SpecError naming ``where``."""
     if d is None:
         return {}
     if not isinstance(d, dict):
@@ -100,7 +101,7 @@ def _map(d: Any, where: str) -> dict[str, Any]:
 
 
 def _str_map(d: Any, where: str) -> dict[str, str]:
-    d = _map(d, where)
+    d = mapping(d, where)
     for k, v in d.items():
         if not isinstance(k, str) or not isinstance(v, (str, int, float, bool)):
             raise SpecError(f"{where}: keys and values must be strings")
@@ -122,7 +123,7 @@ def _containers(spec: dict[str, Any], where: str) -> tuple[ContainerSpec, ...]:
     out, seen = [], set()
     for i, c in enumerate(items):
         cw = f"{where}.containers[{i}]"
-        c = _map(c, cw)
+        c = mapping(c, cw)
         name = check_name(c.get("name"), f"{cw}.name")
         if name in seen:
             raise SpecError(f"{cw}.name: duplicate container name {name!r}")
@@ -133,7 +134,7 @@ def _containers(spec: dict[str, Any], where: str) -> tuple[ContainerSpec, ...]:
                 raise SpecError(f"{cw}.{key}: must be a list of strings")
         ports = []
         for j, p in enumerate(c.get("ports") or []):
-            p = _map(p, f"{cw}.ports[{j}]")
+            p = mapping(p, f"{cw}.ports[{j}]")
             cp = p.get("containerPort")
             if not isinstance(cp, int) or not 1 <= cp <= 65535:
                 raise SpecError(f"{cw}.ports[{j}].containerPort: must be a port number 1-65535")
@@ -160,14 +161,14 @@ def _containers(spec: dict[str, Any], where: str) -> tuple[ContainerSpec, ...]:
 
 def _sysctls(spec: dict[str, Any], where: str) -> tuple[tuple[str, str], ...]:
     """``securityContext.sysctls``: ``[{name, value}]``, network-namespaced ones only."""
-    ctx = _map(spec.get("securityContext"), f"{where}.securityContext")
+    ctx = mapping(spec.get("securityContext"), f"{where}.securityContext")
     items = ctx.get("sysctls") or []
     if not isinstance(items, list):
         raise SpecError(f"{where}.securityContext.sysctls: must be a list of {{name, value}}")
     out: dict[str, str] = {}
     for i, item in enumerate(items):
         w = f"{where}.securityContext.sysctls[{i}]"
-        item = _map(item, w)
+        item = mapping(item, w)
         if set(item) - {"name", "value"} or "value" not in item:
             raise SpecError(f"{w}: give exactly name and value")
         name = chain.check_sysctl_name(item.get("name"), f"{w}.name")
@@ -181,7 +182,7 @@ def _sysctls(spec: dict[str, Any], where: str) -> tuple[tuple[str, str], ...]:
 
 def _pod_spec(name: str, namespace: str, labels: dict[str, str], spec: Any, where: str,
               annotations: dict[str, str] | None = None) -> PodSpec:
-    spec = _map(spec, where)
+    spec = mapping(spec, where)
     node = spec.get("nodeName")
     if node is not None and not isinstance(node, str):
         raise SpecError(f"{where}.nodeName: must be a node name")
@@ -198,15 +199,15 @@ def _pod_spec(name: str, namespace: str, labels: dict[str, str], spec: Any, wher
 
 def parse_workload(doc: Any, where: str) -> Workload:
     """One manifest (a YAML document) -> Workload; SpecError names the offending key."""
-    doc = _map(doc, where)
+    doc = mapping(doc, where)
     kind = doc.get("kind")
     if kind not in WORKLOAD_KINDS:
         raise SpecError(f"{where}.kind: {kind!r} is not a workload kind: use one of {', '.join(WORKLOAD_KINDS)} (or Service)")
-    meta = _map(doc.get("metadata"), f"{where}.metadata")
+    meta = mapping(doc.get("metadata"), f"{where}.metadata")
     name = check_name(meta.get("name"), f"{where}.metadata.name")
     ns = check_name(meta.get("namespace", "default"), f"{where}.metadata.namespace")
     labels = _str_map(meta.get("labels"), f"{where}.metadata.labels")
-    spec = _map(doc.get("spec"), f"{where}.spec")
+    spec = mapping(doc.get("spec"), f"{where}.spec")
     if kind == "Pod":
         pod = _pod_spec(name, ns, labels, spec, f"{where}.spec",
                         _str_map(meta.get("annotations"), f"{where}.metadata.annotations"))
@@ -215,10 +216,10 @@ def parse_workload(doc: Any, where: str) -> Workload:
     if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
         raise SpecError(f"{where}.spec.replicas: must be a whole number >= 0")
     check_replicas(replicas, f"{where}.spec.replicas")
-    tmpl = _map(spec.get("template"), f"{where}.spec.template")
-    tmeta = _map(tmpl.get("metadata"), f"{where}.spec.template.metadata")
+    tmpl = mapping(spec.get("template"), f"{where}.spec.template")
+    tmeta = mapping(tmpl.get("metadata"), f"{where}.spec.template.metadata")
     tlabels = _str_map(tmeta.get("labels"), f"{where}.spec.template.metadata.labels")
-    sel_raw = _map(spec.get("selector"), f"{where}.spec.selector")
+    sel_raw = mapping(spec.get("selector"), f"{where}.spec.selector")
     selector = _str_map(sel_raw.get("matchLabels", sel_raw) if kind == "Deployment" else sel_raw,
                         f"{where}.spec.selector")
     if not selector:

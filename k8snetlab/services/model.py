@@ -22,7 +22,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import TYPE_CHECKING, Any, Iterable
 
 from ..errors import SpecError
-from ..manifests import NAME_RE, check_name
+from ..manifests import NAME_RE, check_name, mapping
 from ..options import opt
 from ..options import parse as parse_options
 
@@ -219,13 +219,13 @@ def _external(value: str, spec: "ClusterSpec", used: dict[IPv4Address, str],
 def parse_service(doc: Any, where: str) -> Service:
     """One ``kind: Service`` manifest -> :class:`Service` (ClusterIP and nodePorts may still be
     unallocated: ``cluster_ip == ""`` and ``node_port is None``)."""
-    doc = _mapping(doc, where)
+    doc = mapping(doc, where)
     if doc.get("kind", "Service") != "Service":
         raise SpecError(f"{where}.kind: {doc.get('kind')!r} is not Service")
-    meta = _mapping(doc.get("metadata"), f"{where}.metadata")
+    meta = mapping(doc.get("metadata"), f"{where}.metadata")
     name = check_name(meta.get("name"), f"{where}.metadata.name")
     namespace = check_name(meta.get("namespace", "default"), f"{where}.metadata.namespace")
-    spec = _mapping(doc.get("spec"), f"{where}.spec")
+    spec = mapping(doc.get("spec"), f"{where}.spec")
     w = f"{where}.spec"
     for key, value in spec.items():
         if key in SPEC_KEYS:
@@ -264,14 +264,6 @@ def parse_service(doc: Any, where: str) -> Service:
     return Service(name, namespace, stype, cluster_ip, ports, selector, affinity, timeout, etp)
 
 
-def _mapping(value: Any, where: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise SpecError(f"{where}: must be a mapping")
-    return value
-
-
 def _cluster_ip(value: Any, stype: str, where: str) -> str | None:
     if value in (None, ""):
         return ""
@@ -302,7 +294,7 @@ def _ports(raw: Any, stype: str, headless: bool, where: str) -> tuple[ServicePor
     ports: list[ServicePort] = []
     for i, p in enumerate(raw):
         pw = f"{where}[{i}]"
-        p = _mapping(p, pw)
+        p = mapping(p, pw)
         bad = [k for k in p if k not in PORT_KEYS]
         if bad:
             raise SpecError(f"{pw}: unknown key {bad[0]!r}: valid keys are {', '.join(PORT_KEYS)}")
@@ -344,7 +336,7 @@ def _ports(raw: Any, stype: str, headless: bool, where: str) -> tuple[ServicePor
 
 
 def _selector(raw: Any, where: str) -> dict[str, str]:
-    raw = _mapping(raw, where)
+    raw = mapping(raw, where)
     for k, v in raw.items():
         if not isinstance(k, str) or not isinstance(v, (str, int, float, bool)):
             raise SpecError(f"{where}: keys and values must be strings (matchLabels style)")
@@ -352,8 +344,8 @@ def _selector(raw: Any, where: str) -> dict[str, str]:
 
 
 def _affinity_timeout(raw: Any, affinity: str, where: str) -> int:
-    cfg = _mapping(raw, where)
-    client = _mapping(cfg.get("clientIP"), f"{where}.clientIP")
+    cfg = mapping(raw, where)
+    client = mapping(cfg.get("clientIP"), f"{where}.clientIP")
     timeout = client.get("timeoutSeconds", DEFAULT_AFFINITY_TIMEOUT)
     if not isinstance(timeout, int) or isinstance(timeout, bool) or not 1 <= timeout <= MAX_AFFINITY_TIMEOUT:
         raise SpecError(f"{where}.clientIP.timeoutSeconds: {timeout!r} must be 1-{MAX_AFFINITY_TIMEOUT}")

@@ -116,7 +116,7 @@ def _run(tmp_path, *argv):
 
 
 def test_adaptive_rounds_measure_tcp_only_and_rows_carry_the_pin(tmp_path, monkeypatch):
-    from k8snetlab import experiment, measure
+    from k8snetlab import experiment_script, measure
     r = _run(tmp_path)
     assert r.pin == "same:0"
     assert framework.pin_label(measure.placement("split", 0, [0, 1])) == "split:0/1"
@@ -125,7 +125,7 @@ def test_adaptive_rounds_measure_tcp_only_and_rows_carry_the_pin(tmp_path, monke
     monkeypatch.setattr(framework.measure, "ping",
                         lambda *a, **k: pinged.append(a) or measure.RttStats([0.05] * 50, 50, 50))
     monkeypatch.setattr(r, "tcp", lambda path, d: [("tcp_throughput", 1.0, "Gbit/s")])
-    ep = experiment.Endpoint("a", "/proc/self/ns/net", "10.0.0.1")
+    ep = experiment_script.Endpoint("a", "/proc/self/ns/net", "10.0.0.1")
     path = framework.Path2("x", ep, ep)
     full = [m for m, _, _ in r.ping_and_tcp(path, 1.0)]
     assert "rtt_p50" in full and "tcp_throughput" in full and pinged
@@ -150,20 +150,20 @@ def test_busy_warning_counts_other_programs_not_the_runs_own_load(tmp_path):
 
 def test_pin_is_chosen_once_and_a_bad_cpu_is_one_clear_error(monkeypatch):
     import pytest
-    from k8snetlab import experiment, hoststat, measure
+    from k8snetlab import experiment_script, hoststat, measure
     from k8snetlab.errors import SpecError
-    p = experiment.parser("t")
+    p = experiment_script.parser("t")
     monkeypatch.setattr(measure, "allowed_cpus", lambda: [0, 1])
     monkeypatch.setattr(hoststat, "quietest_cpu", lambda cpus: 1)
     saved = measure.current_placement()
     try:
         args = p.parse_args([])
         assert args.pin == "same"                                   # the default
-        where = experiment.choose_placement(args)
+        where = experiment_script.choose_placement(args)
         assert (where.client, where.server, where.others) == (1, 1, frozenset({0}))
         assert measure.current_placement() is where and args.placement is where
-        assert experiment.choose_placement(p.parse_args(["--pin", "none"])) == measure.NO_PLACEMENT
+        assert experiment_script.choose_placement(p.parse_args(["--pin", "none"])) == measure.NO_PLACEMENT
         with pytest.raises(SpecError, match="--pin-cpu: CPU 5 is not one this process may run on"):
-            experiment.choose_placement(p.parse_args(["--pin-cpu", "5"]))
+            experiment_script.choose_placement(p.parse_args(["--pin-cpu", "5"]))
     finally:
         measure.set_placement(saved)

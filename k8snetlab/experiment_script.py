@@ -1,4 +1,4 @@
-"""What every experiment shares: its options, progress line, exit codes, and scenarios.
+"""What every experiment script shares: its options, progress line, exit codes, and scenarios.
 
 The experiment framework (:mod:`k8snetlab.framework`: shuffled interleaved rounds, intervals,
 adaptive rounds, golden signals, reports) is built on these pieces; hostgw_vs_ipip and
