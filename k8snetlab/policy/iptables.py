@@ -35,11 +35,10 @@ from __future__ import annotations
 import functools
 import logging
 import re
-import time
 from ipaddress import IPv4Address, IPv4Network
 
 from ..errors import K8sNetLabError
-from .dataplane import (Dataplane, Rendered, SyncStats, endpoint_chains, policy_chain,
+from .dataplane import (Dataplane, Rendered, isolated, policy_chain,
                         rule_comment)
 from .plan import ACCEPT_MARK, NodePlan, PolicyChain, hash16
 
@@ -64,7 +63,6 @@ def _c(text: str) -> str:
 def render(plan: NodePlan) -> Rendered:
     """The node's chains (rule texts without ``-A <chain>``) and ipsets."""
     out = Rendered()
-    by_key = {(c.policy, c.direction): c for c in plan.chains}
     for s in plan.sets:
         elems = set(s.members)
         if s.kind == "ipport":
@@ -78,22 +76,15 @@ def render(plan: NodePlan) -> Rendered:
     out.chains["cali-FORWARD"] = tuple(fwd)
     to_wl: list[tuple[int, str]] = []
     from_wl: list[tuple[int, str]] = []
-    for ep in plan.endpoints:
-        tw, fw = endpoint_chains(ep.id)
-        for pols, chain, dispatch, match, self_match in ((ep.ingress, tw, to_wl, "-d", "-s"),
-                                                         (ep.egress, fw, from_wl, "-s", "-d")):
-            if pols is None:
-                continue
-            direction = "Ingress" if chain == tw else "Egress"
-            dispatch.append((int(IPv4Address(ep.ip)), f"{match} {ep.ip}/32 {_c(ep.key)} -g {chain}"))
-            rules = [f"{self_match} {ep.ip}/32 {_c('a pod always reaches itself')} -j RETURN"]
-            for key in pols:
-                pc = by_key[(key, direction)]
-                assert pc is not None
-                rules += [f"-j {policy_chain(pc.id, direction)}",
-                          f"-m mark --mark {MARK} {_c('Return if policy accepted')} -j RETURN"]
-            rules.append(f"{_c('Drop if no policies passed packet')} -j DROP")
-            out.chains[chain] = tuple(rules)
+    for ep, direction, chain, pcs in isolated(plan):
+        match, self_match, dispatch = ("-d", "-s", to_wl) if direction == "Ingress" else ("-s", "-d", from_wl)
+        dispatch.append((int(IPv4Address(ep.ip)), f"{match} {ep.ip}/32 {_c(ep.key)} -g {chain}"))
+        rules = [f"{self_match} {ep.ip}/32 {_c('a pod always reaches itself')} -j RETURN"]
+        for pc in pcs:
+            rules += [f"-j {policy_chain(pc.id, direction)}",
+                      f"-m mark --mark {MARK} {_c('Return if policy accepted')} -j RETURN"]
+        rules.append(f"{_c('Drop if no policies passed packet')} -j DROP")
+        out.chains[chain] = tuple(rules)
     out.chains.update(dispatch_tree("cali-from-wl-dispatch", "-s", from_wl))
     out.chains.update(dispatch_tree("cali-to-wl-dispatch", "-d", to_wl))
     for pc in plan.chains:
@@ -251,23 +242,16 @@ class IptablesDataplane(Dataplane):
         return self.node.run([self.binary, "-w", "5", "-C", "FORWARD", "-m", "comment", "--comment",
                               JUMP_COMMENT, "-j", "cali-FORWARD"], check=False).returncode == 0
 
-    def sync(self, plan: NodePlan, full: bool = False) -> SyncStats:
-        t0 = time.monotonic()
-        new = render(plan)
-        old = None if full else self.written
-        if old is not None and old == new:
-            return SyncStats(False, 0, 0, time.monotonic() - t0)
+    def write(self, old: Rendered | None, new: Rendered) -> tuple[int, int]:
         add_jump = old is None and not self._jump_present()
         pre, text, post, chains, elements = restore_text(old, new, add_jump)
-        self.written = None                 # a failure below: the next sync is a full one
         if pre:
             self.node.run(["ipset", "restore"], input=pre)
         if chains or add_jump or text != "*filter\nCOMMIT\n":
             self.node.run([f"{self.binary}-restore", "-w", "5", "--noflush"], input=text)
         if post:
             self.node.run(["ipset", "restore"], input=post)
-        self.written = new
-        return SyncStats(old is None, chains, elements, time.monotonic() - t0)
+        return chains, elements
 
     def intact(self) -> bool:
         if self.written is None:
@@ -275,12 +259,8 @@ class IptablesDataplane(Dataplane):
         if not self._jump_present():
             return False
         save = self.node.run([f"{self.binary}-save", "-t", "filter"]).stdout
-        have = counts_from_save(save)
-        want = {c: len(r) for c, r in self.written.chains.items()}
-        if any(have.get(c) != n for c, n in want.items()):
-            return False
         sets = elements_from_save(self.node.run(["ipset", "save"]).stdout)
-        return all(sets.get(s) == len(e) for s, (_, e) in self.written.sets.items())
+        return self.written.counted(counts_from_save(save), sets)
 
     def counters(self, chain: str) -> list[tuple[int, int, str]]:
         out = self.node.run([self.binary, "-w", "5", "-t", "filter", "-L", chain, "-v", "-x", "-n"],
