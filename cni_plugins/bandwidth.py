@@ -1,24 +1,9 @@
 """CNI ``bandwidth``: a pod's rate limits as token buckets on its node-side veth.
 
-A chained plugin, shaping the interfaces the previous plugins made, as the reference plugin
-does. Rates and bursts are bits (per second); they come from the config (``ingressRate``,
-``ingressBurst``, ``egressRate``, ``egressBurst``) or, when the config declares
+A chained plugin, as the reference: rates and bursts (bits) from the config or, with
 ``capabilities: {bandwidth: true}``, from ``runtimeConfig.bandwidth``, which the kubelet fills
-from the pod annotations ``kubernetes.io/ingress-bandwidth`` / ``egress-bandwidth``.
-
-- *ingress* (into the pod) leaves the node through the node-side veth: a ``tbf`` root qdisc
-  there shapes it;
-- *egress* (out of the pod) enters the node through that veth, and Linux shapes only what
-  leaves a device: an ``ingress`` qdisc on the veth redirects every packet (a u32 filter
-  matching all, action mirred egress redirect) to an ``ifb`` device ``bwp<hash>``, whose
-  ``tbf`` root qdisc shapes it. The ifb joins the result's interfaces.
-
-The bucket: rate in bytes, latency 25 ms, queue limit = rate x latency + burst; the request
-carries the burst as the time it takes at the rate, in ticks of a 32-bit field (a burst
-longer than that field holds is cut to fit, where the reference's Go code would wrap). The
-kubelet's "no limit" burst (2^32-1 bits, 512 MiB) lets that much pass at line rate first, as
-on a containerd node. DEL removes the ifb (the
-veth's qdiscs go with the veth); CHECK verifies qdiscs, rates, filter and ifb.
+from the annotations ``kubernetes.io/ingress-bandwidth`` / ``egress-bandwidth``. How each
+direction is shaped is at :func:`add`; the bucket's sizes at :func:`tbf_params`.
 """
 
 from __future__ import annotations
@@ -66,8 +51,11 @@ def limits(conf: dict[str, Any]) -> dict[str, int]:
 
 
 def tbf_params(rate_bits: int, burst_bits: int) -> dict[str, int]:
-    """rate (bits/s), burst and limit (bytes) of the bucket, as the reference computes them;
-    the burst at most what MAX_BUFFER_S holds at the rate."""
+    """rate (bits/s), burst and limit (bytes) of the bucket, as the reference computes them:
+    latency 25 ms, limit = rate x latency + burst. The request carries the burst as its time
+    at the rate in ticks of a 32-bit field, so a longer burst is cut to fit (MAX_BUFFER_S; the
+    reference's Go code would wrap). The kubelet's "no limit" burst (2^32-1 bits, 512 MiB)
+    lets that much pass at line rate first, as on a containerd node."""
     rate_bytes = rate_bits // 8
     burst = min(burst_bits // 8, int(rate_bytes * MAX_BUFFER_S))
     limit = int(rate_bytes * LATENCY_MS / 1000) + burst
@@ -108,6 +96,11 @@ def _prepare(conf: dict[str, Any], args: skel.CmdArgs) -> tuple[dict[str, int], 
 
 
 def add(conf: dict[str, Any], args: skel.CmdArgs) -> Result:
+    """Ingress (into the pod) leaves the node through the node-side veth: a ``tbf`` root qdisc
+    there. Egress enters the node through that veth, and Linux shapes only what leaves a
+    device: the veth's ``ingress`` qdisc redirects every packet (u32 match-all, mirred egress
+    redirect) to an ``ifb`` ``bwp<hash>`` with its own ``tbf``; the ifb joins the result's
+    interfaces. DEL removes the ifb (the veth's qdiscs go with the veth)."""
     bw, prev, dev = _prepare(conf, args)
     if dev is None:
         return prev

@@ -1,27 +1,8 @@
 """CNI ``portmap``: hostPort as the reference plugin builds it, iptables nat on the node.
 
-A chained plugin: it makes no interface, it forwards ``hostIP:hostPort`` of the node to the
-pod address the previous plugins gave (``prevResult``). Its input is the ``portMappings``
-capability argument (``runtimeConfig.portMappings``: ``hostPort``, ``containerPort``,
-``protocol``, ``hostIP``), which the runtime passes when the config says
-``capabilities: {portMappings: true}``. The nat table, in the reference plugin's layout:
-
-- ``PREROUTING`` and ``OUTPUT``: ``-m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT``: every
-  packet to an address of the node, from outside and from the node itself;
-- ``CNI-HOSTPORT-DNAT``: one jump per pod and protocol, ``-p tcp -m multiport
-  --destination-ports 8080,8443 -j CNI-DN-<hash>``, commented with the network and container;
-- ``CNI-DN-<hash>`` (``CNI-DN-`` + the SHA-512 of network name and container ID, 28
-  characters): per mapping, mark hairpin traffic (``-s <pod network>``) and localhost traffic
-  (``-s 127.0.0.1``) for masquerade, then ``-j DNAT --to-destination <pod IP>:<port>``;
-- ``CNI-HOSTPORT-SETMARK`` sets mark bit ``markMasqBit`` (13: ``0x2000``), and
-  ``CNI-HOSTPORT-MASQ``, jumped to first from ``POSTROUTING``, masquerades what carries it:
-  a pod reaching its own hostPort through the node sees the node's address as the source,
-  so its reply comes back through the node's conntrack.
-
-The shared chains are made once and never deleted (as the reference does); DEL removes the
-pod's jump and its ``CNI-DN-`` chain, nothing else, and is idempotent. CHECK asks ``iptables
--C`` for every rule ADD made. ``route_localnet`` is set on the node interface that routes to
-the pod, so that 127.0.0.1:hostPort works as well.
+A chained plugin: it makes no interface; it forwards ``hostIP:hostPort`` of the node to the pod
+address of ``prevResult``, from the ``portMappings`` capability argument
+(``runtimeConfig.portMappings``). The nat layout is at :func:`shared_chains` and :func:`dnat_rules`.
 """
 
 from __future__ import annotations
@@ -101,6 +82,7 @@ def container_ip(prev: Result | None, ifname: str) -> tuple[str, str]:
 
 # -- rules (pure) -------------------------------------------------------------------------------
 def dnat_chain_name(network: str, container_id: str) -> str:
+    """``CNI-DN-`` + the SHA-512 of network name and container ID, cut to 28 characters."""
     return ("CNI-DN-" + hashlib.sha512((network + container_id).encode()).hexdigest())[:MAX_CHAIN]
 
 
@@ -109,7 +91,14 @@ def mark(bit: int) -> str:
 
 
 def shared_chains(c: dict[str, Any]) -> list[tuple[str, list[list[str]], list[tuple[str, list[str], bool]]]]:
-    """The shared chains: (name, rules, [(entry chain, entry match, prepend)])."""
+    """The shared chains: (name, rules, [(entry chain, entry match, prepend)]).
+
+    ``PREROUTING`` and ``OUTPUT`` jump to ``CNI-HOSTPORT-DNAT`` for every packet to an address of
+    the node (``addrtype LOCAL``); ``CNI-HOSTPORT-SETMARK`` sets the masquerade mark bit (13:
+    ``0x2000``) and ``CNI-HOSTPORT-MASQ``, first in ``POSTROUTING``, masquerades what carries
+    it, so a pod reaching its own hostPort through the node sees the node's address and its
+    reply comes back through the node's conntrack. They are made once and never deleted, as
+    the reference does; DEL removes only the pod's jumps and its ``CNI-DN-`` chain."""
     chains = []
     if c["snat"] and not c["external"]:
         chains.append((SETMARK, [["-m", "comment", "--comment", "CNI portfwd masquerade mark",
@@ -136,7 +125,7 @@ def entry_rules(c: dict[str, Any], network: str, container_id: str) -> list[list
 
 
 def dnat_rules(c: dict[str, Any], ip: str, net: str) -> list[list[str]]:
-    """The pod's chain: per mapping, the hairpin marks (with snat) for the pod's network, as the
+    """The pod's ``CNI-DN-<hash>`` chain: per mapping, the hairpin marks (with snat) for the pod's network, as the
     reference marks it (pods of one bridge reaching each other's hostPort come back through
     the node too), and for localhost, then DNAT."""
     rules = []
@@ -263,6 +252,7 @@ def delete(conf: dict[str, Any], args: skel.CmdArgs) -> None:
 
 
 def check(conf: dict[str, Any], args: skel.CmdArgs) -> None:
+    """``iptables -C`` for every rule ADD made."""
     c = parse(conf)
     if not c["mappings"]:
         return

@@ -1,33 +1,7 @@
 """Policy dataplane ``iptables``: the chain layout of Calico's felix, selectors as ipsets.
 
-In the node's ``filter`` table (``iptables-save`` on a node shows it)::
-
-    FORWARD                -> cali-FORWARD (first rule)
-    cali-FORWARD           RELATED,ESTABLISHED -> RETURN     (replies of allowed connections)
-                           clear mark 0x10000; -> cali-from-wl-dispatch
-                           clear mark 0x10000; -> cali-to-wl-dispatch
-    cali-from-wl-dispatch  -s <pod IP> -g cali-fw-<endpoint>   (local pods isolated for egress)
-    cali-to-wl-dispatch    -d <pod IP> -g cali-tw-<endpoint>   (local pods isolated for ingress)
-                           beyond 16 pods a tree: -d <prefix> -g cali-to-wl-dispatch-<hex> ...
-    cali-tw-<endpoint>     the pod itself -> RETURN; per policy: -j cali-pi-<policy>,
-                           marked -> RETURN; last: DROP "Drop if no policies passed packet"
-    cali-pi-<policy>       per rule and (peer, port): -m set --match-set cali40s:<hash> src
-                           -p tcp --dport 80 -j MARK --set-xmark 0x10000/0x10000; marked -> RETURN
-
-Sets (Debian's ``ipset``, the kernel's ip_set; per network namespace, so per node):
-``cali40s:<hash>`` hash:ip (the pods a selector peer matches), ``cali40c:<hash>`` hash:net
-(an ipBlock; its ``except`` entries as ``nomatch``), ``cali40n:<hash>`` hash:ip,port (a named
-port: every pod's address with its port). The dispatch is by pod address rather than by
-interface (felix matches ``cali*`` interfaces, in a tree keyed on name prefixes; ours is keyed
-on address prefixes, :func:`dispatch_tree`): pods on a bridge (``cni0``) are reached
-through br_netfilter, where the bridge port is not known when FORWARD runs for routed packets;
-the address is known in every CNI mode. Traffic the node itself sends to its pods never
-passes FORWARD (OUTPUT), so the node always reaches them. FORWARD sees addresses after
-kube-proxy's DNAT, so policy applies to the pod behind a Service.
-
-A sync: ``ipset restore`` (sets created, elements added/removed), one
-``iptables-restore --noflush`` (the chains that changed; removed chains flushed and deleted),
-then ``ipset restore`` again to destroy sets no longer referenced.
+The layout is drawn at :func:`render`; the dispatch tree at :func:`dispatch_tree`; one sync is
+one ``iptables-restore`` between two ``ipset restore`` (:meth:`IptablesDataplane.write`).
 """
 
 from __future__ import annotations
@@ -61,7 +35,33 @@ def _c(text: str) -> str:
 
 
 def render(plan: NodePlan) -> Rendered:
-    """The node's chains (rule texts without ``-A <chain>``) and ipsets."""
+    """The node's chains (rule texts without ``-A <chain>``) and ipsets.
+
+    In the node's ``filter`` table (``iptables-save`` on a node shows it)::
+
+        FORWARD                -> cali-FORWARD (first rule)
+        cali-FORWARD           RELATED,ESTABLISHED -> RETURN     (replies of allowed connections)
+                               clear mark 0x10000; -> cali-from-wl-dispatch
+                               clear mark 0x10000; -> cali-to-wl-dispatch
+        cali-from-wl-dispatch  -s <pod IP> -g cali-fw-<endpoint>   (local pods isolated for egress)
+        cali-to-wl-dispatch    -d <pod IP> -g cali-tw-<endpoint>   (local pods isolated for ingress)
+                               beyond 16 pods a tree: -d <prefix> -g cali-to-wl-dispatch-<hex> ...
+        cali-tw-<endpoint>     the pod itself -> RETURN; per policy: -j cali-pi-<policy>,
+                               marked -> RETURN; last: DROP "Drop if no policies passed packet"
+        cali-pi-<policy>       per rule and (peer, port): -m set --match-set cali40s:<hash> src
+                               -p tcp --dport 80 -j MARK --set-xmark 0x10000/0x10000; marked -> RETURN
+
+    Sets (Debian's ``ipset``, the kernel's ip_set; per network namespace, so per node):
+    ``cali40s:<hash>`` hash:ip (the pods a selector peer matches), ``cali40c:<hash>`` hash:net
+    (an ipBlock; its ``except`` entries as ``nomatch``), ``cali40n:<hash>`` hash:ip,port (a named
+    port: every pod's address with its port). The dispatch is by pod address rather than by
+    interface (felix matches ``cali*`` interfaces, in a tree keyed on name prefixes; ours is keyed
+    on address prefixes, :func:`dispatch_tree`): pods on a bridge (``cni0``) are reached
+    through br_netfilter, where the bridge port is not known when FORWARD runs for routed packets;
+    the address is known in every CNI mode. Traffic the node itself sends to its pods never
+    passes FORWARD (OUTPUT), so the node always reaches them. FORWARD sees addresses after
+    kube-proxy's DNAT, so policy applies to the pod behind a Service.
+    """
     out = Rendered()
     for s in plan.sets:
         elems = set(s.members)
@@ -243,6 +243,9 @@ class IptablesDataplane(Dataplane):
                               JUMP_COMMENT, "-j", "cali-FORWARD"], check=False).returncode == 0
 
     def write(self, old: Rendered | None, new: Rendered) -> tuple[int, int]:
+        """A sync: ``ipset restore`` (sets created, elements added/removed), one
+        ``iptables-restore --noflush`` (the chains that changed; removed chains flushed and deleted),
+        then ``ipset restore`` again to destroy sets no longer referenced."""
         add_jump = old is None and not self._jump_present()
         pre, text, post, chains, elements = restore_text(old, new, add_jump)
         if pre:

@@ -1,27 +1,8 @@
 """Namespaces and NetworkPolicies (``networking.k8s.io/v1``): schema, validation, semantics.
 
 Pure: no root, no datapath. :func:`parse_namespace` and :func:`parse_policy` read Kubernetes'
-own schema and refuse what the API server would (unknown fields, a bad selector operator,
-``endPort`` below ``port`` or with a named port, an ``ipBlock`` that is not a CIDR or whose
-``except`` is not inside it, a peer mixing ``ipBlock`` with selectors). :class:`PolicyModel`
-says what the policies allow, with the reason, following the API's semantics:
-
-- a pod is isolated for ingress (egress) when a policy of its namespace selects it and lists
-  ``Ingress`` (``Egress``) in ``policyTypes`` (default: Ingress, plus Egress when the policy
-  has egress rules); an isolated pod takes only what some selecting policy's rule allows;
-  policies only ever add;
-- a rule without ``from``/``to`` matches every peer, without ``ports`` every port; an empty
-  rule list isolates and allows nothing (default deny);
-- a peer with ``podSelector`` only: pods of the policy's namespace; ``namespaceSelector``
-  only: every pod of the matching namespaces; both: the matching pods of the matching
-  namespaces; ``ipBlock``: addresses in ``cidr`` and in no ``except`` (as Calico, pod
-  addresses too);
-- a named port is the destination pod's container port of that name and protocol;
-- a connection needs egress allowed at its source pod and ingress at its destination pod;
-  a pod always reaches itself and the node it runs on reaches it (kubelet probes); replies
-  of allowed connections pass.
-
-Namespaces carry the label ``kubernetes.io/metadata.name: <name>`` as the API server sets it.
+own schema and refuse what the API server would; :class:`PolicyModel` says what the policies
+allow, with the reason. Namespaces carry ``kubernetes.io/metadata.name`` as the API server sets it.
 """
 
 from __future__ import annotations
@@ -392,7 +373,24 @@ Endpoint = PodInfo | str      # a pod, or an address outside the pods
 
 
 class PolicyModel:
-    """Expected reachability from namespaces, pods and policies (no datapath)."""
+    """Expected reachability from namespaces, pods and policies (no datapath), by the API's
+    semantics:
+
+    - a pod is isolated for ingress (egress) when a policy of its namespace selects it and lists
+      ``Ingress`` (``Egress``) in ``policyTypes`` (default: Ingress, plus Egress when the policy
+      has egress rules); an isolated pod takes only what some selecting policy's rule allows;
+      policies only ever add;
+    - a rule without ``from``/``to`` matches every peer, without ``ports`` every port; an empty
+      rule list isolates and allows nothing (default deny);
+    - a peer with ``podSelector`` only: pods of the policy's namespace; ``namespaceSelector``
+      only: every pod of the matching namespaces; both: the matching pods of the matching
+      namespaces; ``ipBlock``: addresses in ``cidr`` and in no ``except`` (as Calico, pod
+      addresses too);
+    - a named port is the destination pod's container port of that name and protocol;
+    - a connection needs egress allowed at its source pod and ingress at its destination pod;
+      a pod always reaches itself and the node it runs on reaches it (kubelet probes); replies
+      of allowed connections pass.
+    """
 
     def __init__(self, namespaces: dict[str, dict[str, str]], pods: Iterable[PodInfo],
                  policies: Iterable[NetworkPolicy], node_ips: dict[str, set[str]] | None = None):
