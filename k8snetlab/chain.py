@@ -1,21 +1,10 @@
 """The chained plugins of a node's config list, and what the kubelet hands them per pod.
 
-A real flannel or Calico config list does not stop at the main plugin: ``portmap`` (hostPort)
-and ``bandwidth`` (pod rate limits) follow it, and ``tuning`` sets sysctls in the pod. They get
-their per-pod input as the CNI conventions say: the kubelet puts *capability arguments* in
-the runtime config (``portMappings``, ``bandwidth``), and the runtime copies each into the
-``runtimeConfig`` of those plugins whose config declares ``capabilities: {NAME: true}``
-(:meth:`k8snetlab.cni.NetworkConfigList.plugin_config`).
-
-- ``portMappings``: one entry per container port with a ``hostPort``, as the CRI builds them:
-  ``{"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": "..."}``.
-- ``bandwidth``: from the pod annotations ``kubernetes.io/ingress-bandwidth`` and
-  ``kubernetes.io/egress-bandwidth`` (Kubernetes quantities, ``100M``, ``1G``), in bits per
-  second; the burst is "no limit" (``math.MaxUint32`` bits) as containerd's CRI sets it.
-- per-pod sysctls (``spec.securityContext.sysctls``) reach ``tuning`` in the config's
-  ``args.cni.sysctl`` (the conventions' ``args``), which the reference tuning plugin reads too.
-
-Everything here is pure: parsing, checking, building JSON.
+``portmap`` (hostPort), ``bandwidth`` (rate limits) and ``tuning`` (sysctls) follow the main
+plugin, as in a real flannel or Calico list. Their per-pod input travels as the CNI conventions
+say: capability arguments copied into ``runtimeConfig`` of the plugins that declare them
+(:meth:`k8snetlab.cni.NetworkConfigList.plugin_config`), built here by :func:`capability_args`.
+Pure: parsing, checking, building JSON.
 """
 
 from __future__ import annotations
@@ -98,7 +87,16 @@ def port_mappings(pod: PodSpec) -> list[dict[str, Any]]:
 
 
 def capability_args(pod: PodSpec) -> dict[str, Any]:
-    """What the kubelet puts in the runtime config's capability arguments for ``pod``."""
+    """What the kubelet puts in the runtime config's capability arguments for ``pod``.
+
+    - ``portMappings``: one entry per container port with a ``hostPort``, as the CRI builds them:
+      ``{"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": "..."}``.
+    - ``bandwidth``: from the pod annotations ``kubernetes.io/ingress-bandwidth`` and
+      ``kubernetes.io/egress-bandwidth`` (Kubernetes quantities, ``100M``, ``1G``), in bits per
+      second; the burst is "no limit" (``math.MaxUint32`` bits) as containerd's CRI sets it.
+    - per-pod sysctls (``spec.securityContext.sysctls``) reach ``tuning`` in the config's
+      ``args.cni.sysctl`` (the conventions' ``args``), which the reference tuning plugin reads too.
+    """
     args: dict[str, Any] = {}
     ports = port_mappings(pod)
     if ports:

@@ -1,20 +1,8 @@
 """Kernel drop reasons per network namespace, counted while a run measures.
 
-Every packet the kernel frees as a *drop* passes the ``skb:kfree_skb`` tracepoint with its
-``enum skb_drop_reason`` (a packet freed after use goes to ``skb:consume_skb`` instead).
-:class:`DropCounter` loads ``bpf/drops.c`` (a raw tracepoint program, CO-RE against the
-kernel's BTF) and counts drops by (network namespace inode, reason) in a hash map; a caller
-names the namespaces to count (:meth:`DropCounter.watch`: the machine's other namespaces are
-not counted), reads the map before and after a measurement and keeps the difference for the
-namespaces of the path it measured (:func:`delta`). The reason names come from the kernel's BTF (``enum
-skb_drop_reason``), so ``NO_SOCKET``, ``TCP_OFOMERGE``, ``QDISC_DROP`` ... are the kernel's
-own. Reasons that are not packet loss are kept apart (:data:`NOISE`): ``NOT_SPECIFIED`` (a
-``kfree_skb()`` whose caller gave no reason) and what closing a socket frees
-(``QUEUE_PURGE``, ``SOCKET_CLOSE``, ``TCP_CLOSE``: every iperf3 test ends so).
-
-Nothing stays behind: the program and map are pinned only for the moment it takes to open
-them, then unpinned; the program stays attached while this process holds the link's file
-descriptor, so a killed run detaches it by exiting.
+Every packet the kernel frees as a drop passes ``skb:kfree_skb`` with its ``enum
+skb_drop_reason``; :class:`DropCounter` counts them by (namespace inode, reason) with a small
+BPF program, and reasons that are not packet loss are kept apart (:data:`NOISE`).
 """
 
 from __future__ import annotations
@@ -146,7 +134,21 @@ class DropCounter:
     """``skb:kfree_skb`` counted by (netns inode, reason) while it is started.
 
     ``start()`` raises DropsUnavailable (naming what is missing) or CommandError;
-    ``snapshot()`` reads the counts; ``stop()`` detaches (also by the context manager)."""
+    ``snapshot()`` reads the counts; ``stop()`` detaches (also by the context manager).
+
+    It loads ``bpf/drops.c`` (a raw tracepoint program, CO-RE against the kernel's BTF) and
+    counts into a hash map; a caller names the namespaces to count (:meth:`watch`: the
+    machine's other namespaces are not counted), reads the map before and after a measurement
+    and keeps the difference for the namespaces of the path it measured (:func:`delta`). The
+    reason names come from the kernel's BTF (``enum skb_drop_reason``), so ``NO_SOCKET``, ``TCP_OFOMERGE``, ``QDISC_DROP`` ... are the kernel's
+    own. Reasons that are not packet loss are kept apart (:data:`NOISE`): ``NOT_SPECIFIED`` (a
+    ``kfree_skb()`` whose caller gave no reason) and what closing a socket frees
+    (``QUEUE_PURGE``, ``SOCKET_CLOSE``, ``TCP_CLOSE``: every iperf3 test ends so).
+
+    Nothing stays behind: the program and map are pinned only for the moment it takes to open
+    them, then unpinned; the program stays attached while this process holds the link's file
+    descriptor, so a killed run detaches it by exiting.
+    """
 
     def __init__(self) -> None:
         self.names: dict[int, str] = {}
