@@ -31,7 +31,7 @@ from .pod import NetnsHost, NodeHost, Pod
 from .scheduler import Scheduler, host_ports
 from .clusterspec import ClusterSpec, parse_address
 from .statedir import StateDir
-from .underlay import ECMP_HASH_FIELDS, Underlay, underlay_first_hops  # noqa: F401 (re-exported)
+from .underlay import Underlay, underlay_first_hops  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError as _PyNetlinkError
 
 from . import proc
-from .errors import CommandError, NetlinkError
+from .errors import NetlinkError
 
 log = logging.getLogger(__name__)
 
@@ -614,3 +614,12 @@ def get_sysctl(key: str, netns_path: str | None = None, label: str = "") -> str:
                 return f.read().strip()
     except OSError as e:
         raise NetlinkError(f"read sysctl {key} in {label or netns_path}: {e.strerror}") from None
+
+
+def ip_batch(commands: Iterable[str], where: str, netns_path: str | None = None) -> None:
+    """Many link changes in one ``ip -batch`` (one program, one netlink socket): what the
+    underlay uses for hundreds of links at once, where a request each would cost a Python
+    round trip per link. Raises CommandError naming ``where`` if any line fails."""
+    text = "".join(c.rstrip("\n") + "\n" for c in commands)
+    if text:
+        proc.run(["ip", "-batch", "-"], input=text, netns=netns_path, where=where)

@@ -20,7 +20,7 @@ from mininet.link import Link
 from mininet.net import Mininet
 from mininet.nodelib import LinuxBridge
 
-from . import naming, proc
+from . import naming, netutil
 from .statedir import StateDir
 from .netutil import Netns
 from .pod import NetnsHost, NodeHost, RouterHost
@@ -79,7 +79,7 @@ class _Bridge(LinuxBridge):
             if self.name in intf.name:
                 lines += [f"link set {intf.name} master {self.name}", f"link set {intf.name} up"]
         lines.append(f"link set {self.name} up")
-        proc.run(["ip", "-batch", "-"], input="\n".join(lines) + "\n", where=f"switch {self.name}")
+        netutil.ip_batch(lines, where=f"switch {self.name}")
 
 
 class Underlay:
@@ -138,7 +138,7 @@ class Underlay:
         for h in self.spec.underlay.hosts:
             self._add_plain_host(h.name, h.subnet, h.ip)
         if self._veths:     # every uplink veth at once, the host end already in its namespace
-            proc.run(["ip", "-batch", "-"], input="".join(self._veths), where="the root namespace")
+            netutil.ip_batch(self._veths, where="the root namespace")
         self._veths = None
         for r in self.spec.underlay.routers:
             router = self._new_host(r.name, RouterHost, ip=None)
@@ -280,7 +280,7 @@ class Underlay:
                 batch = [f"link set {n} group {group}" for n in present] + [f"link del group {group}"]
             else:
                 batch = [f"link del {n}" for n in present]
-            proc.run(["ip", "-batch", "-"], input="\n".join(batch) + "\n", where="the root namespace")
+            netutil.ip_batch(batch, where="the root namespace")
         nodes = [*net.hosts, *net.switches]
         for node in nodes:
             shell = node.shell
