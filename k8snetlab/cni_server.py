@@ -1,34 +1,11 @@
 """The fast CNI exec path: a thin executable per plugin type and a CNI server per node.
 
-The runtime (ours, or containerd through libcni) still does what the CNI specification says:
-it executes the binary named by the network config's ``type``, in the node's network
-namespace, with the ``CNI_*`` environment and the config on stdin, and reads the result or
-error JSON on stdout and the exit status. What it executes is a thin shim, the design of
-Multus' thick plugin, Antrea and Kube-OVN: a Python program started lean (``-I -S``: no
-``site``, no user paths, ~10 ms) that forwards the environment and stdin over a unix
-socket to the CNI server of the node it runs in, and prints what the server answers. The
-server runs in the runtime process (our node agent), has the plugins imported already and
-runs them there, in the node's namespace, through :mod:`cni_plugins.skel` as an in-process
-call would. A plugin that delegates (flannel -> bridge -> host-local) delegates inside the
-server.
-
-The shim finds its server by the inode of the network namespace it was started in
-(``<run dir>/<inode>.sock``): one server per node, no extra environment, nothing a runtime
-must know. Where no server listens (a namespace that is no node of a running cluster, a
-runtime driving the plugins by hand), the shim becomes the plugin itself: it executes the
-full plugin program, stdin untouched, so every plugin stays a complete CNI executable.
-
-Wire format (both directions, one request per connection): the request is the plugin type
-and the ``CNI_*`` variables as one JSON line, then the raw stdin bytes; the answer is the
-exit status as a decimal line, then the raw stdout bytes.
-
-Where the servers run: a :class:`ServerPool` of a few worker processes (one per CPU, as
-Kube-OVN's daemon or Antrea's agent is one process per node, not per pod), each holding the
-servers of some nodes (node *i* on worker *i mod n*). The plugins' work (pyroute2, about a
-millisecond of CPU per netlink request) then runs beside the runtime, not under its
-interpreter lock, and ADDs of nodes on different workers run on different cores. A worker
-is told over its stdin which nodes to serve (one JSON line per order, one answer line each)
-and exits when its stdin closes, i.e. with the runtime, also after a ``kill -9``.
+The runtime (ours, or containerd through libcni) still executes the binary named by ``type``
+with the ``CNI_*`` environment and stdin, as the CNI specification says. That binary is a thin
+shim (the design of Multus' thick plugin, Antrea and Kube-OVN) that forwards the request over a
+unix socket to its node's server, which has the plugins imported and runs them in the node's
+namespace; with no server listening, the shim runs the full plugin. Details at
+:class:`CNIServer` (finding a server, the wire format) and :class:`ServerPool` (where they run).
 """
 
 from __future__ import annotations
@@ -141,7 +118,18 @@ def run_dir(bin_dir: Path) -> Path:
 
 
 class CNIServer:
-    """Answers the shims started in one node's network namespace."""
+    """Answers the shims started in one node's network namespace.
+
+    The shim finds its server by the inode of the network namespace it was started in
+    (``<run dir>/<inode>.sock``): one server per node, no extra environment, nothing a runtime
+    must know. Where no server listens (a namespace that is no node of a running cluster, a
+    runtime driving the plugins by hand), the shim becomes the plugin itself: it executes the
+    full plugin program, stdin untouched, so every plugin stays a complete CNI executable.
+
+    Wire format (both directions, one request per connection): the request is the plugin type
+    and the ``CNI_*`` variables as one JSON line, then the raw stdin bytes; the answer is the
+    exit status as a decimal line, then the raw stdout bytes.
+    """
 
     def __init__(self, node_netns: str, run_dir: Path, label: str = ""):
         self.node_netns = node_netns
@@ -359,7 +347,16 @@ class PooledServer:
 
 
 class ServerPool:
-    """The worker processes that run the nodes' CNI servers (see the module docstring)."""
+    """The worker processes that run the nodes' CNI servers.
+
+    A pool of a few worker processes (one per CPU, as
+    Kube-OVN's daemon or Antrea's agent is one process per node, not per pod), each holding the
+    servers of some nodes (node *i* on worker *i mod n*). The plugins' work (pyroute2, about a
+    millisecond of CPU per netlink request) then runs beside the runtime, not under its
+    interpreter lock, and ADDs of nodes on different workers run on different cores. A worker
+    is told over its stdin which nodes to serve (one JSON line per order, one answer line each)
+    and exits when its stdin closes, i.e. with the runtime, also after a ``kill -9``.
+    """
 
     def __init__(self, run_dir: Path, log_dir: Path, workers: int,
                  record: Callable[[int, str], None] | None = None):
