@@ -58,3 +58,13 @@ def cluster(**top: Any) -> dict[str, Any]:
     d = yaml.safe_load(THREE_NODES.read_text())
     d.update(top)
     return d
+
+
+def experiment_module(script: str, name: str) -> Any:
+    """``experiments/<script>`` imported as module ``name`` (the scripts are not a package)."""
+    import importlib.util
+    mod_spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / script)
+    module = importlib.util.module_from_spec(mod_spec)
+    sys.modules[mod_spec.name] = module
+    mod_spec.loader.exec_module(module)
+    return module

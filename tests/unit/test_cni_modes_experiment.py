@@ -3,14 +3,13 @@ others are skipped), where the probe pods go, how a captured packet is read, the
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
 from k8snetlab import results, spec
+from cli_harness import experiment_module
 
 REPO = Path(__file__).resolve().parents[2]
 THREE_NODES = REPO / "topologies" / "three_nodes.yaml"
@@ -20,12 +19,7 @@ LEAF_SPINE = REPO / "topologies" / "leaf_spine.py"
 
 @pytest.fixture(scope="module")
 def cm():
-    path = REPO / "experiments" / "cni_modes.py"
-    mod_spec = importlib.util.spec_from_file_location("cni_modes_under_test", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    sys.modules[mod_spec.name] = module
-    mod_spec.loader.exec_module(module)
-    return module
+    return experiment_module("cni_modes.py", "cni_modes_under_test")
 
 
 ALL = ("bridge", "host-gw", "vxlan", "ipip", "ipip-crosssubnet", "bgp")

@@ -4,8 +4,6 @@ rules, and the populations experiments/policy_scale.py measures."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from k8snetlab.policy.dataplane import Rendered, endpoint_chains
 from k8snetlab.policy.model import PodInfo, PolicyModel, parse_policy
 from k8snetlab.policy.plan import build, hash16
 from k8snetlab.policy.walk import Packet, iptables_walk, nftables_walk
+from cli_harness import experiment_module
 
 REPO = Path(__file__).resolve().parents[2]
 NS = {"x": {"ns": "x"}}
@@ -111,12 +110,7 @@ def test_walk_refuses_rules_it_does_not_know():
 
 @pytest.fixture(scope="module")
 def ps():
-    path = REPO / "experiments" / "policy_scale.py"
-    mod_spec = importlib.util.spec_from_file_location("policy_scale_under_test", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    sys.modules[mod_spec.name] = module
-    mod_spec.loader.exec_module(module)
-    return module
+    return experiment_module("policy_scale.py", "policy_scale_under_test")
 
 
 def test_experiment_spread_population_selects_the_server_by_a_few_policies(ps):

@@ -4,25 +4,19 @@ intervals (met only when the whole interval is under the limit)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
 from k8snetlab import results, spec
+from cli_harness import experiment_module
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def sc():
-    path = REPO / "experiments" / "scale.py"
-    mod_spec = importlib.util.spec_from_file_location("scale_under_test", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    sys.modules[mod_spec.name] = module
-    mod_spec.loader.exec_module(module)
-    return module
+    return experiment_module("scale.py", "scale_under_test")
 
 
 @pytest.mark.parametrize("mode", ["host-gw", "ipip", "bgp"])
