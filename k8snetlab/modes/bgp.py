@@ -129,6 +129,9 @@ class BgpMode(CalicoMode):
         if o.topology == "mesh":
             if o.reflectors:
                 raise SpecError(f"{where}.reflectors: only used with topology: route-reflector (topology is mesh)")
+            _check_neighbours(where, len(nodes), bgpplan.mesh_sessions(len(nodes)),
+                              "use topology: route-reflector with reflectors: "
+                              f"[{', '.join(nodes[:2])}] (Calico's advice beyond ~100 nodes)")
             return
         if not o.reflectors:
             raise SpecError(f"{where}.reflectors: topology route-reflector needs at least one reflector: "
@@ -143,6 +146,8 @@ class BgpMode(CalicoMode):
             if bgpplan.speaker_of(r, o) != "bird":
                 raise SpecError(f"{where}.reflectors: {r} runs exabgp, which does not reflect routes: "
                                 "reflectors run bird")
+        _check_neighbours(where, len(nodes), bgpplan.rr_sessions(len(nodes), len(o.reflectors)),
+                          "use fewer reflectors")
 
     @property
     def datapath(self) -> str:
@@ -303,6 +308,21 @@ class BgpMode(CalicoMode):
 
     def status_table(self) -> str:
         return table(list(self.status().values()))
+
+
+def _check_neighbours(where: str, nodes: int, sessions: int, fix: str) -> None:
+    """Refuse sessions whose ARP entries the kernel's neighbour table cannot hold.
+
+    The table is one for the whole machine (every namespace, other clusters too). Past its
+    limit each new entry is refused after a forced garbage collection of the table: sessions
+    cannot connect or lose their peer's address, flap, and 200 BIRDs retrying a 200-node
+    mesh (39,800 entries against 16,384) kept both cores busy for a quarter of an hour while
+    the runtime starved."""
+    need, limit = bgpplan.neighbour_entries(sessions), bgpplan.neighbour_limit()
+    if limit is not None and need > limit:
+        raise SpecError(f"{where}: {nodes} nodes make {sessions:,} BGP sessions, whose ends need "
+                        f"{need:,} ARP entries, more than the kernel's neighbour table holds for the "
+                        f"whole machine ({limit:,}, net.ipv4.neigh.default.gc_thresh3): {fix}")
 
 
 def _lacking(missing: dict[str, list[str]]) -> str:
