@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..bgp import SPEAKERS, plan as bgpplan
 from ..bgp.status import SpeakerStatus, table
+from .. import signals
 from ..errors import K8sNetLabError, SpecError
 from ..netutil import Netns
 from ..options import opt
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 MAX_AS = 4294967295
 CONVERGE_TIMEOUT = 15.0     # start-up: how long to wait for every node to have every pod route
+START_TIMEOUT = 10.0        # start-up: every speaker answers its control channel within this
+START_PER_SPEAKER = 0.1     # ... plus this per speaker started at once (they share the CPUs)
 
 
 @dataclass
@@ -201,6 +204,12 @@ class BgpMode(CalicoMode):
     def remove_peer(self, node: "NodeHost", ns: Netns, peer: "NodeHost") -> None:
         self._follow_plan()
 
+    def stop_all(self) -> None:
+        """A cluster's teardown: every speaker (routers' too) stopped at once, before each
+        node's stop_node (which then finds its speaker gone)."""
+        from ..bgp.speakers import stop_all
+        stop_all(list(self.speakers.values()))
+
     def stop_node(self, node: "NodeHost") -> None:
         drv = self.speakers.pop(node.name, None)
         if drv is not None:
@@ -268,9 +277,10 @@ class BgpMode(CalicoMode):
         todo.sort(key=lambda d: bgpplan.ip_key(d.plan.router_id), reverse=True)
         for drv in todo:
             drv.start(wait=False)
-        if wait:
+        if wait:        # one deadline for all: each speaker's own would add up
+            deadline = time.monotonic() + START_TIMEOUT + START_PER_SPEAKER * len(todo)
             for drv in todo:
-                drv.wait_ready()
+                drv.wait_ready(max(0.0, deadline - time.monotonic()))
 
     def missing_routes(self) -> dict[str, list[str]]:
         """Per node with a running speaker: the pod CIDRs of the other such nodes that its
@@ -290,6 +300,7 @@ class BgpMode(CalicoMode):
         """Wait until every node has every pod route; the seconds it took, None on timeout."""
         t0 = time.monotonic()
         while self.missing_routes():
+            signals.poll()          # a stop signal during a start interrupts the wait
             if time.monotonic() - t0 > timeout:
                 return None
             time.sleep(interval)
