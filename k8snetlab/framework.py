@@ -631,10 +631,12 @@ def comparison_ratio(rows: list[results.Row], c: Comparison | Target, seed: int)
 
 
 def headline_widths(exp: Experiment, rows: list[results.Row], seed: int) -> dict[str, float]:
-    """Half-width in percent of each headline comparison's interval (inf with under 2 rounds)."""
+    """Half-width in percent of each headline comparison's interval (inf with under 2 rounds).
+    A comparison of a variant this run does not measure (``--modes`` left it out) has none."""
     out = {}
+    measured = {r.mode for r in rows if r.round >= 1}
     for c in exp.comparisons:
-        if not c.headline:
+        if not c.headline or c.num not in measured or c.den not in measured:
             continue
         rt = comparison_ratio(rows, c, seed)
         out[c.label] = math.inf if rt is None or rt.n < 2 else rt.half_width_pct
