@@ -118,6 +118,7 @@ class Experiment:
     plot_metrics: Sequence[str] = ("rtt_p50", "tcp_throughput", "cpu_per_gbit")
     default_repeat = 3
     default_ci: float | None = None
+    default_max_repeat = DEFAULT_MAX_REPEAT
     tools: Sequence[str] = ("ping", "iperf3")
     may_skip = False          # a variant this machine cannot start is skipped with its reason
 
@@ -179,7 +180,7 @@ def parser(exp: Experiment) -> argparse.ArgumentParser:
     p.add_argument("--ci", type=float, default=exp.default_ci, metavar="PCT",
                    help="add rounds until every headline ratio's 95%% interval is within PCT %% "
                         "(default %(default)s)")
-    p.add_argument("--max-repeat", type=int, default=DEFAULT_MAX_REPEAT,
+    p.add_argument("--max-repeat", type=int, default=exp.default_max_repeat,
                    help="most rounds --ci may run (default %(default)s)")
     p.add_argument("--rate", default=None, metavar="RATE",
                    help="iperf3 at a fixed rate (-b, e.g. 5G): CPU cost at equal throughput")
@@ -630,10 +631,12 @@ def comparison_ratio(rows: list[results.Row], c: Comparison | Target, seed: int)
 
 
 def headline_widths(exp: Experiment, rows: list[results.Row], seed: int) -> dict[str, float]:
-    """Half-width in percent of each headline comparison's interval (inf with under 2 rounds)."""
+    """Half-width in percent of each headline comparison's interval (inf with under 2 rounds).
+    A comparison of a variant this run does not measure (``--modes`` left it out) has none."""
     out = {}
+    measured = {r.mode for r in rows if r.round >= 1}
     for c in exp.comparisons:
-        if not c.headline:
+        if not c.headline or c.num not in measured or c.den not in measured:
             continue
         rt = comparison_ratio(rows, c, seed)
         out[c.label] = math.inf if rt is None or rt.n < 2 else rt.half_width_pct

@@ -3,18 +3,14 @@ the summary's targets computed from rows."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from k8snetlab import results
 from k8snetlab.errors import SpecError
 
-PATH = Path(__file__).resolve().parents[2] / "experiments" / "bgp_mesh_vs_rr.py"
-spec_ = importlib.util.spec_from_file_location("bgp_mesh_vs_rr", PATH)
-exp = importlib.util.module_from_spec(spec_)
-spec_.loader.exec_module(exp)
+from cli_harness import experiment_module
+
+exp = experiment_module("bgp_mesh_vs_rr.py", "bgp_mesh_vs_rr")
 
 
 def test_sizes():

@@ -3,22 +3,16 @@ the refusal of a looped file that Linux bridges cannot run, and the summary it p
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from k8snetlab import proc, results, switching
 from k8snetlab.errors import SpecError
 
-REPO = Path(__file__).resolve().parents[2]
+from cli_harness import REPO, experiment_module
 
 
 def experiment():
-    spec = importlib.util.spec_from_file_location("underlay_switching", REPO / "experiments" / "underlay_switching.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return experiment_module("underlay_switching.py", "underlay_switching")
 
 
 @pytest.fixture

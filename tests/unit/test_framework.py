@@ -49,6 +49,12 @@ def test_a_single_round_has_infinite_width_so_adaptive_rounds_go_on():
     assert framework.headline_widths(Two(), rows, seed=1)["b / a"] == float("inf")
 
 
+def test_a_headline_of_a_variant_the_run_left_out_does_not_hold_adaptive_rounds():
+    rows = [r for r in drifting_rows() if r.mode == "a"]
+    assert framework.headline_widths(Two(), rows, seed=1) == {}
+    assert framework.headline_widths(Two(), drifting_rows(), seed=1)
+
+
 def test_target_lines_never_say_met_when_the_interval_crosses_the_target():
     rows = drifting_rows(ratio=0.9)
     crossing = Target("b >= 0.9 x a", "ratio", "b", "a", "x", low=0.9)

@@ -13,11 +13,9 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import io
 import re
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -82,11 +80,8 @@ def test_readme_names_every_requirement_docker_fails():
 
 
 def _walkthrough():
-    path = REPO / "experiments" / "walkthrough_pod_service.py"
-    mod_spec = importlib.util.spec_from_file_location("_walkthrough_under_test", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    return module
+    from cli_harness import experiment_module
+    return experiment_module("walkthrough_pod_service.py", "_walkthrough_under_test")
 
 
 def test_step_pauses_only_on_a_terminal_and_says_so(tmp_path, monkeypatch, capsys):
