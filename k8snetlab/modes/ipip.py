@@ -94,7 +94,8 @@ class IpipMode(CalicoMode):
     def __init__(self, cluster: Any, options: IpipOptions):
         super().__init__(cluster, options)
         self._datapath: str | None = None if options.datapath == "auto" else options.datapath
-        self._tc: dict[str, Any] = {}
+        self._tc: dict[str, Any] = {}          # node -> its attached IpipTcDatapath
+        self._idle_tc: dict[str, Any] = {}     # node -> one not attached yet (CrossSubnet)
 
     @property
     def mtu(self) -> int:
@@ -132,12 +133,24 @@ class IpipMode(CalicoMode):
             ns.link_up(naming.IPIP_DEV)
         else:
             from ..ebpf import IpipTcDatapath
-            tc = IpipTcDatapath(node.name, node.netns, uplink(), str(node.spec.ip),
-                                str(self.cluster.state.bpf_dir / node.name))
+            self._idle_tc[node.name] = IpipTcDatapath(node.name, node.netns, uplink(), str(node.spec.ip),
+                                                      str(self.cluster.state.bpf_dir / node.name))
+            if self.options.ipip_mode == "Always":
+                self._hooked(node)
+
+    def _hooked(self, node: "NodeHost") -> Any:
+        """The node's tc programs, attached when the first peer needs a tunnel. With
+        ``CrossSubnet`` inside one subnet none ever does, and the node's packets then meet no
+        program at all: a same-subnet packet does not touch Calico's ``tunl0`` either."""
+        tc = self._tc.get(node.name)
+        if tc is None:
+            tc = self._idle_tc.pop(node.name)
             tc.attach()
             self._tc[node.name] = tc
+        return tc
 
     def stop_node(self, node: "NodeHost") -> None:
+        self._idle_tc.pop(node.name, None)
         tc = self._tc.pop(node.name, None)
         if tc is not None:
             tc.detach()
@@ -149,7 +162,7 @@ class IpipMode(CalicoMode):
         elif self.datapath == "kernel":
             ns.add_route(cidr, gateway=str(peer.spec.ip), dev=naming.IPIP_DEV, onlink=True)
         else:
-            tc = self._tc[node.name]
+            tc = self._hooked(node)
             tc.add_peer(str(peer.spec.ip))
             tc.set_tunnel(cidr, str(peer.spec.ip))   # the map entry first: no packet leaks out plain
             # mtu: what the node itself sends there must still fit the underlay once wrapped
@@ -168,7 +181,7 @@ class IpipMode(CalicoMode):
             elif self.datapath == "kernel":
                 routes.append({"dst": cidr, "gateway": ip, "dev": naming.IPIP_DEV, "onlink": True})
             else:
-                tc = self._tc[node.name]
+                tc = self._hooked(node)
                 tc.add_peer(ip)
                 tc.set_tunnel(cidr, ip)
                 routes.append({"dst": cidr, "gateway": self.underlay_next_hop(node, peer), "dev": uplink(),

@@ -98,6 +98,10 @@ class FakeTc:
     def __init__(self):
         self.tunnels: dict[str, str] = {}
         self.peers: set[str] = set()
+        self.attaches = 0
+
+    def attach(self):
+        self.attaches += 1
 
     def add_peer(self, ip):
         self.peers.add(ip)
@@ -310,6 +314,22 @@ def test_crosssubnet_on_a_flat_underlay_is_host_gw_like(tmp_path):
     tc = mode._tc["node1"] = FakeTc()
     mode.add_peer(nodes["node1"], FakeNs(), nodes["node3"])
     assert tc.tunnels == {} and tc.peers == set()
+
+
+def test_crosssubnet_ebpf_attaches_its_programs_only_when_a_peer_needs_a_tunnel(tmp_path):
+    # one subnet: no program on eth0, so the plain path is bgp's; across racks: attached once
+    mode, nodes = ipip(tmp_path, THREE_NODES, "CrossSubnet", "ebpf")
+    tc = mode._idle_tc["node1"] = FakeTc()
+    mode.add_peers(nodes["node1"], FakeNs(), [nodes["node2"], nodes["node3"]])
+    mode.add_peer(nodes["node1"], FakeNs(), nodes["node3"])
+    assert tc.attaches == 0 and mode.bpf_datapath("node1") is None
+    (tmp_path / "racks").mkdir()
+    mode, nodes = ipip(tmp_path / "racks", TWO_RACKS, "CrossSubnet", "ebpf")
+    tc = mode._idle_tc["node-a1"] = FakeTc()
+    for peer in ("node-a2", "node-b1", "node-b2"):
+        mode.add_peer(nodes["node-a1"], FakeNs(), nodes[peer])
+    assert tc.attaches == 1 and mode.bpf_datapath("node-a1") is tc
+    assert tc.tunnels == {"10.244.2.0/24": "10.100.1.11", "10.244.3.0/24": "10.100.1.12"}
 
 
 def test_kernel_datapath_without_ipip_is_refused_in_one_line(tmp_path, monkeypatch):
