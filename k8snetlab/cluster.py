@@ -464,8 +464,9 @@ class Cluster:
         return sorted((p for p in self.pods.values() if p.spec.owner == owner), key=lambda p: index[p.name])
 
     def _add_pods(self, specs: list[PodSpec]) -> list[Pod]:
-        """Bind, then start the pods on their nodes' kubelets concurrently, then wait for
-        readiness; a failed batch leaves none of its pods behind."""
+        """Bind, then start the pods on their nodes' kubelets concurrently, each up to its
+        readiness (``pod.created_at`` is this call, ``pod.ready_at`` when that pod was
+        observed ready); a failed batch leaves none of its pods behind."""
         asked = time.monotonic()
         placed: list[tuple[PodSpec, str]] = []
         try:
@@ -482,9 +483,7 @@ class Cluster:
 
         def run(item: tuple[PodSpec, str]) -> None:
             ps, node = item
-            pod = self.kubelets[node].run_pod(ps)
-            pod.created_at = asked
-            started[ps.host_name] = pod
+            started[ps.host_name] = self.kubelets[node].start_pod(ps, asked, READY_TIMEOUT_S)
 
         self._parallel([(run, item) for item in placed], errors, "start pod",
                        label=lambda item: item[0].name)
@@ -500,12 +499,6 @@ class Cluster:
                 else:
                     self.scheduler.unbind(ps.host_name)
             raise K8sNetLabError(errors[0])
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        by_node: dict[str, list[Pod]] = {}
-        for pod in pods:
-            by_node.setdefault(pod.node_name or "", []).append(pod)
-        for node, its in by_node.items():
-            self.kubelets[node].wait_ready(its, deadline)
         for addon in self.addons:
             addon.pods_added(pods)
         return pods

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 # phases of a pod's start, summed per node: where the time goes
 PHASES = ("sandbox_s", "cni_s", "containers_s", "readiness_s")
+READY_POLL_S = (0.001, 0.02)      # a readiness probe's poll: from 1 ms, doubling, to 20 ms
 
 
 class Kubelet:
@@ -109,9 +110,10 @@ class Kubelet:
         except BaseException:
             pod.terminate()
             raise
+        pod.marks["sandbox"] = t1 = time.monotonic()
         with self._lock:
             self.pods[name] = pod
-            self.timings["sandbox_s"] += time.monotonic() - t0
+            self.timings["sandbox_s"] += t1 - t0
         return pod
 
     def runtime_conf(self, pod: Pod) -> RuntimeConf:
@@ -135,8 +137,9 @@ class Kubelet:
         pod.result = result
         pod.attach_interface(naming.POD_IFNAME, cidr)
         self.mode.pod_added(pod)
+        pod.marks["cni"] = t1 = time.monotonic()
         with self._lock:
-            self.timings["cni_s"] += time.monotonic() - t0
+            self.timings["cni_s"] += t1 - t0
 
     def teardown_needs_del(self) -> bool:
         """Must a pod of this node get CNI DEL when the whole cluster goes? Not when the
@@ -168,13 +171,18 @@ class Kubelet:
         t0 = time.monotonic()
         for c in pod.spec.containers:
             pod.start_container(c, self.log_dir)
+        pod.marks["containers"] = t1 = time.monotonic()
         with self._lock:
-            self.timings["containers_s"] += time.monotonic() - t0
+            self.timings["containers_s"] += t1 - t0
 
-    def run_pod(self, ps: PodSpec) -> Pod:
+    def run_pod(self, ps: PodSpec, created_at: float | None = None) -> Pod:
         """Sandbox, CNI ADD, containers (not readiness: see :meth:`wait_ready`). A failure
-        leaves nothing of the pod behind."""
+        leaves nothing of the pod behind. ``created_at`` (time.monotonic()): when the pod was
+        asked for, the start of its startup latency (default: now)."""
+        t0 = time.monotonic()
         pod = self.create_sandbox(ps)
+        pod.created_at = t0 if created_at is None else created_at
+        pod.marks["created"], pod.marks["picked"] = pod.created_at, t0
         try:
             self.cni_add(pod)
             self.start_containers(pod)
@@ -186,25 +194,51 @@ class Kubelet:
             raise
         return pod
 
+    def start_pod(self, ps: PodSpec, created_at: float, ready_timeout: float) -> Pod:
+        """:meth:`run_pod`, then this pod's readiness (:meth:`wait_ready`), as the kubelet's
+        pod worker does it: each pod is observed ready on its own, not after the others of
+        its batch."""
+        pod = self.run_pod(ps, created_at)
+        try:
+            self.wait_ready([pod], time.monotonic() + ready_timeout)
+        except BaseException:
+            try:
+                self.delete_pod(pod.name)
+            except Exception as e:  # report the first error, not the cleanup's
+                log.warning("rollback of pod %s: %s", pod.name, e)
+            raise
+        return pod
+
     def wait_ready(self, pods: list[Pod], deadline: float) -> None:
-        """Wait until every declared TCP containerPort listens (a readiness probe), until
-        ``deadline`` (time.monotonic()); pods become ready at ``pod.ready_at``."""
+        """Wait until every container of each pod has started and every declared TCP
+        containerPort listens (a tcpSocket readiness probe, polled from 1 ms up to every
+        20 ms), until ``deadline`` (time.monotonic()); each pod becomes ready at its own
+        ``pod.ready_at``, the moment it was observed so."""
         t0 = time.monotonic()
         for pod in pods:
-            for c in pod.spec.containers:
-                cont = pod.containers.get(c.name)
-                for port in (p.container_port for p in c.ports if p.protocol == "TCP"):
-                    while cont is not None and not proc.listening(cont.pid, port):
-                        if not cont.running():
-                            raise K8sNetLabError(f"container {c.name} of pod {pod.name} exited "
-                                                 f"(status {cont.process.returncode}); see {cont.log_path}")
-                        if time.monotonic() > deadline:
-                            log.warning("pod %s: port %d not listening in time", pod.name, port)
-                            return
-                        time.sleep(0.02)
-            pod.ready_at = time.monotonic()
+            self._observe_ready(pod, deadline)
         with self._lock:
             self.timings["readiness_s"] += time.monotonic() - t0
+
+    def _observe_ready(self, pod: Pod, deadline: float) -> None:
+        for c in pod.spec.containers:
+            cont = pod.containers.get(c.name)
+            if cont is None:
+                continue                        # no command: nothing runs for it
+            ports = [p.container_port for p in c.ports if p.protocol == "TCP"]
+            wait = READY_POLL_S[0]
+            while ports:             # started (in the sandbox's namespaces: Pod.popen_ns) suffices without ports
+                if not cont.running():
+                    raise K8sNetLabError(f"container {c.name} of pod {pod.name} exited "
+                                         f"(status {cont.process.returncode}); see {cont.log_path}")
+                if all(proc.listening(cont.pid, port) for port in ports):
+                    break
+                if time.monotonic() > deadline:
+                    log.warning("pod %s: ports %s not listening in time", pod.name, ports)
+                    return
+                time.sleep(wait)
+                wait = min(wait * 2, READY_POLL_S[1])
+        pod.ready_at = pod.marks["ready"] = time.monotonic()
 
     def delete_pod(self, name: str, kill: Callable[[Pod], None] | None = None) -> Pod:
         """Containers, the mode's per-pod state, CNI DEL, the sandbox."""

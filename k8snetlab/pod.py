@@ -159,7 +159,10 @@ class Pod(NetnsHost):
         self.result: Any = None             # the CNI result
         self.containers: dict[str, Container] = {}
         self.created_at = 0.0               # time.monotonic() when it was asked for
-        self.ready_at = 0.0                 # ... and when it was ready
+        self.ready_at = 0.0                 # ... and when it was observed ready
+        # time.monotonic() at each step of its start (Kubelet.run_pod): created, picked (a
+        # worker took it up), sandbox, cni, containers, ready (each: when that step ended)
+        self.marks: dict[str, float] = {}
         # kept by the kubelet's container supervision (k8snetlab/supervisor.py)
         self.ready = True                   # every container runs and its TCP ports listen
         self.restarts: dict[str, int] = {}  # container -> restarts so far
@@ -194,6 +197,17 @@ class Pod(NetnsHost):
         finally:
             self.inNamespace = True
             self.pid = holder
+
+    STARTUP_STEPS = ("created", "picked", "sandbox", "cni", "containers", "ready")
+
+    def phase_seconds(self) -> dict[str, float]:
+        """Where this pod's startup latency went, from :attr:`marks`: ``queued`` (asked for,
+        waiting for a worker), ``sandbox``, ``cni``, ``containers``, ``readiness`` (seconds;
+        only the steps it reached)."""
+        steps = [s for s in self.STARTUP_STEPS if s in self.marks]
+        names = {"picked": "queued", "sandbox": "sandbox", "cni": "cni", "containers": "containers",
+                 "ready": "readiness"}
+        return {names[b]: self.marks[b] - self.marks[a] for a, b in zip(steps, steps[1:])}
 
     @property
     def touched(self) -> bool:

@@ -77,3 +77,17 @@ def test_report_has_the_time_table_and_the_growth_exponent_from_rounds(sc):
     line = next(l for l in text.splitlines() if "growth exponent" in l)
     assert "n 3" in line and "1" in line      # log10(20/2) = 1.0 from the medians
     assert "host-gw 1000 pods up" in text and "met" in text
+
+
+def test_startup_p99_interval_is_over_rounds_and_the_table_says_where_the_time_went(sc):
+    rounds = [[0.1 * i for i in range(1, 101)], [0.2 * i for i in range(1, 101)], [0.15 * i for i in range(1, 101)]]
+    (value, lo, hi), n = sc.startup_p99_est(rounds)
+    assert n == 3 and value == pytest.approx((9.9 + 19.8 + 14.85) / 3) and lo < value < hi
+    (one, lo1, hi1), n1 = sc.startup_p99_est(rounds[:1])
+    assert n1 == 100 and one == pytest.approx(9.9) and lo1 <= one <= hi1
+    phases = {p: [0.001 * (k + 1)] * 300 for k, p in enumerate(sc.STARTUP_PHASES)}
+    extra = {"startup_rounds": rounds, "startup_phases": phases, "startup_batches": {0: [(1, 0.05)] * 3}}
+    text = sc.report([], [100], ["host-gw"], extra)
+    assert "queued" in text and "readiness" in text and "slow-start batches" in text
+    line = next(l for l in text.splitlines() if "pod startup p99" in l)
+    assert "n 3" in line and "MISSED" in line and "runtime RSS" not in text
