@@ -47,6 +47,9 @@ PODS_PER_NODE = 10
 STARTUP_NODES, STARTUP_REPLICAS = 20, 200
 CHURN_BACKGROUND, CHURN_BATCH, CHURN_ROUNDS = 200, 20, 5
 ADD_SAMPLES, FULL_EXEC_SAMPLES = 100, 10
+# bgp: a node-to-node mesh up to here; beyond, two route reflectors (a 200-node mesh needs
+# 39,800 ARP entries, more than the kernel's neighbour table holds: the mode refuses it)
+BGP_MESH_MAX_NODES = 100
 
 # metric -> unit, added to the results schema
 UNITS = {"pods_up": "s", "pods_down": "s", "underlay_up": "s", "agents_up": "s", "pods_start": "s",
@@ -70,8 +73,9 @@ def cluster_dict(pods: int, mode: str, invoke: str, replicas: int | None = None,
     n = nodes or max(2, pods // PODS_PER_NODE)
     node_list = [{"name": f"node{i + 1}", "ip": f"192.168.{1 + i // 200}.{10 + i % 200}"} for i in range(n)]
     cni: dict[str, Any] = {"type": mode, "invoke": invoke}
-    if mode == "bgp":
-        cni["bgp"] = {"topology": "mesh"}
+    if mode == "bgp":       # a full mesh up to 100 nodes, route reflectors beyond, as Calico advises
+        cni["bgp"] = {"topology": "mesh"} if n <= BGP_MESH_MAX_NODES else \
+            {"topology": "route-reflector", "reflectors": [node_list[0]["name"], node_list[1]["name"]]}
     return {"name": f"scale-{pods}", "underlay": {"subnets": [{"name": "lan", "cidr": "192.168.0.0/16"}]},
             "nodes": node_list, "network": {"clusterCIDR": "10.244.0.0/16", "nodeCIDRMaskSize": 24},
             "cni": cni,

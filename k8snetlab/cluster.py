@@ -213,6 +213,7 @@ class Cluster:
         return self
 
     @signals.deferring      # a signal during teardown takes effect once it is complete
+    @signals.shielding
     def stop(self) -> None:
         """Tear everything down; safe to call twice and after a failed start."""
         if not self._started:
@@ -254,6 +255,7 @@ class Cluster:
         self._parallel([(lambda p=p: self.kubelets[p.node_name].cni_del(p), p) for p in pods
                         if p.result is not None and p.node_name in self.kubelets
                         and self.kubelets[p.node_name].teardown_needs_del()], errors, "CNI DEL")
+        attempt("stop the node agents", self.mode.stop_all)      # all at once, then per node
         for k in kubelets:
             k.stop(attempt, cni_del=False)
         self.kubelets.clear()
@@ -304,6 +306,7 @@ class Cluster:
         if not self.mode.parallel_node_start:
             for node in self.nodes.values():
                 self._start_node(node)
+                signals.poll()
         else:       # node agents that run programs (tc, bpftool) start side by side
             kubelets = [self._new_kubelet(node) for node in self.nodes.values()]
             errors: list[str] = []
@@ -547,11 +550,19 @@ class Cluster:
         workers = min(WORKERS, len(jobs))
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="kubelet") as ex:
             futs = {ex.submit(fn, arg): arg for fn, arg in jobs}
-            for f in concurrent.futures.as_completed(futs):
-                e = f.exception()
-                if e is not None:
-                    errors.append(str(e))
-                    log.warning("%s for %s: %s", what, label(futs[f]), e)
+            pending = set(futs)
+            while pending:
+                done, pending = concurrent.futures.wait(pending, timeout=0.2)
+                for f in done:
+                    e = f.exception()
+                    if e is not None:
+                        errors.append(str(e))
+                        log.warning("%s for %s: %s", what, label(futs[f]), e)
+                try:
+                    signals.poll()      # a stop signal: jobs not begun are dropped
+                except KeyboardInterrupt:
+                    ex.shutdown(wait=True, cancel_futures=True)
+                    raise
 
     # -- processes --------------------------------------------------------------------------------
     def _kill_pod(self, pod: Pod) -> None:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import select
 import shutil
 import socket
 import struct
@@ -218,6 +219,9 @@ WORKER_PROGRAM = ("import os, sys\n"
                   "os._exit(0)\n")      # its servers are stopped: no interpreter teardown to wait for
 
 
+ASK_TIMEOUT = 30.0      # seconds a worker has to answer one order (each is a few ms of work)
+
+
 def pool_size(nodes: int) -> int:
     """Worker processes for ``nodes`` nodes: one per CPU (at least 2, at most one per node)."""
     return max(1, min(nodes, max(2, os.cpu_count() or 1)))
@@ -285,13 +289,22 @@ class _Worker:
             record(self.process.pid, f"CNI server worker {index}")
         self._lock = threading.Lock()
 
-    def ask(self, order: dict[str, Any]) -> dict[str, Any]:
+    def ask(self, order: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """Send one order, return its answer; K8sNetLabError if the worker exits, or does not
+        answer within ``timeout`` seconds (default :data:`ASK_TIMEOUT`: a hung worker must not
+        hang the runtime)."""
+        timeout = ASK_TIMEOUT if timeout is None else timeout
         p = self.process
         with self._lock:
             try:
                 assert p.stdin is not None and p.stdout is not None
                 p.stdin.write(json.dumps(order) + "\n")
                 p.stdin.flush()
+                # one answer line per order, read whole: nothing waits in the file's buffer
+                if not select.select([p.stdout], [], [], timeout)[0]:
+                    raise K8sNetLabError(f"CNI server worker {self.index} (pid {p.pid}) did not answer "
+                                         f"{order.get('op')} {order.get('label')} within {timeout:g} s; "
+                                         f"see {self.log_path}")
                 line = p.stdout.readline()
             except OSError:
                 line = ""

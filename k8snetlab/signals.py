@@ -25,6 +25,7 @@ REDELIVER_S = 0.05
 
 _received: int | None = None
 _depth = 0                       # nesting of deferred() regions in the main thread
+_shield = 0                      # nesting of shielding() calls: poll() does nothing
 _wake = threading.Event()
 _installed = False
 
@@ -100,6 +101,29 @@ def checkpoint() -> None:
         _received = None
         _wake.clear()
         raise KeyboardInterrupt
+
+
+def poll() -> None:
+    """:func:`checkpoint` from the main thread, nothing from any other nor inside a
+    :func:`shielding` function (a teardown): for loops that wait (a speaker's start, BGP
+    convergence, a pool of kubelet threads), so that a stop signal during a long step of a
+    start takes effect within a moment, not when the step ends."""
+    if _shield == 0 and threading.current_thread() is threading.main_thread():
+        checkpoint()
+
+
+def shielding(fn: Callable[..., T]) -> Callable[..., T]:
+    """Run ``fn`` with :func:`poll` doing nothing (``Cluster.stop``: a signal during the
+    teardown takes effect once it is complete, never half-way)."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        global _shield
+        _shield += 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _shield -= 1
+    return wrapper
 
 
 @contextlib.contextmanager

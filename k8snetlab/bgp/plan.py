@@ -105,6 +105,26 @@ def rr_sessions(n: int, reflectors: int) -> int:
     return (n - r) * r + r * (r - 1) // 2
 
 
+NEIGH_LIMIT_SYSCTL = "/proc/sys/net/ipv4/neigh/default/gc_thresh3"
+
+
+def neighbour_entries(sessions: int) -> int:
+    """ARP entries the sessions hold: each end resolves the other (on a flat underlay every
+    peer is on-link), ``2 * sessions`` in all. The kernel's neighbour table is one for the
+    whole machine, all namespaces together."""
+    return 2 * sessions
+
+
+def neighbour_limit() -> int | None:
+    """How many neighbour entries the kernel keeps for the whole machine (``gc_thresh3``:
+    past it a new entry is refused, "neighbor table overflow"); None if unreadable."""
+    try:
+        with open(NEIGH_LIMIT_SYSCTL) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def tor_as_numbers(spec: "ClusterSpec", configured: dict[str, int]) -> dict[str, int]:
     """The AS of every underlay router: ``torASNumbers`` where given, else 65001, 65002, ...
     in the order of ``underlay.routers``, skipping numbers already taken."""

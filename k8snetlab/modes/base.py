@@ -128,6 +128,10 @@ class Mode:
     def pod_removed(self, pod: Any) -> None:
         """Before CNI DEL of a pod."""
 
+    def stop_all(self) -> None:
+        """A cluster's teardown, before every node's stop_node: end at once what the nodes
+        run (daemons that take seconds each to stop)."""
+
     def stop_node(self, node: "NodeHost") -> None:
         """Undo what start_node made outside the node's namespace (BPF pins...)."""
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..bgp import SPEAKERS, plan as bgpplan
 from ..bgp.status import SpeakerStatus, table
+from .. import signals
 from ..errors import K8sNetLabError, SpecError
 from ..netutil import Netns
 from ..options import opt
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 MAX_AS = 4294967295
 CONVERGE_TIMEOUT = 15.0     # start-up: how long to wait for every node to have every pod route
+START_TIMEOUT = 10.0        # start-up: every speaker answers its control channel within this
+START_PER_SPEAKER = 0.1     # ... plus this per speaker started at once (they share the CPUs)
 
 
 @dataclass
@@ -129,6 +132,9 @@ class BgpMode(CalicoMode):
         if o.topology == "mesh":
             if o.reflectors:
                 raise SpecError(f"{where}.reflectors: only used with topology: route-reflector (topology is mesh)")
+            _check_neighbours(where, len(nodes), bgpplan.mesh_sessions(len(nodes)),
+                              "use topology: route-reflector with reflectors: "
+                              f"[{', '.join(nodes[:2])}] (Calico's advice beyond ~100 nodes)")
             return
         if not o.reflectors:
             raise SpecError(f"{where}.reflectors: topology route-reflector needs at least one reflector: "
@@ -143,6 +149,8 @@ class BgpMode(CalicoMode):
             if bgpplan.speaker_of(r, o) != "bird":
                 raise SpecError(f"{where}.reflectors: {r} runs exabgp, which does not reflect routes: "
                                 "reflectors run bird")
+        _check_neighbours(where, len(nodes), bgpplan.rr_sessions(len(nodes), len(o.reflectors)),
+                          "use fewer reflectors")
 
     @property
     def datapath(self) -> str:
@@ -195,6 +203,12 @@ class BgpMode(CalicoMode):
 
     def remove_peer(self, node: "NodeHost", ns: Netns, peer: "NodeHost") -> None:
         self._follow_plan()
+
+    def stop_all(self) -> None:
+        """A cluster's teardown: every speaker (routers' too) stopped at once, before each
+        node's stop_node (which then finds its speaker gone)."""
+        from ..bgp.speakers import stop_all
+        stop_all(list(self.speakers.values()))
 
     def stop_node(self, node: "NodeHost") -> None:
         drv = self.speakers.pop(node.name, None)
@@ -263,9 +277,10 @@ class BgpMode(CalicoMode):
         todo.sort(key=lambda d: bgpplan.ip_key(d.plan.router_id), reverse=True)
         for drv in todo:
             drv.start(wait=False)
-        if wait:
+        if wait:        # one deadline for all: each speaker's own would add up
+            deadline = time.monotonic() + START_TIMEOUT + START_PER_SPEAKER * len(todo)
             for drv in todo:
-                drv.wait_ready()
+                drv.wait_ready(max(0.0, deadline - time.monotonic()))
 
     def missing_routes(self) -> dict[str, list[str]]:
         """Per node with a running speaker: the pod CIDRs of the other such nodes that its
@@ -285,6 +300,7 @@ class BgpMode(CalicoMode):
         """Wait until every node has every pod route; the seconds it took, None on timeout."""
         t0 = time.monotonic()
         while self.missing_routes():
+            signals.poll()          # a stop signal during a start interrupts the wait
             if time.monotonic() - t0 > timeout:
                 return None
             time.sleep(interval)
@@ -303,6 +319,21 @@ class BgpMode(CalicoMode):
 
     def status_table(self) -> str:
         return table(list(self.status().values()))
+
+
+def _check_neighbours(where: str, nodes: int, sessions: int, fix: str) -> None:
+    """Refuse sessions whose ARP entries the kernel's neighbour table cannot hold.
+
+    The table is one for the whole machine (every namespace, other clusters too). Past its
+    limit each new entry is refused after a forced garbage collection of the table: sessions
+    cannot connect or lose their peer's address, flap, and 200 BIRDs retrying a 200-node
+    mesh (39,800 entries against 16,384) kept both cores busy for a quarter of an hour while
+    the runtime starved."""
+    need, limit = bgpplan.neighbour_entries(sessions), bgpplan.neighbour_limit()
+    if limit is not None and need > limit:
+        raise SpecError(f"{where}: {nodes} nodes make {sessions:,} BGP sessions, whose ends need "
+                        f"{need:,} ARP entries, more than the kernel's neighbour table holds for the "
+                        f"whole machine ({limit:,}, net.ipv4.neigh.default.gc_thresh3): {fix}")
 
 
 def _lacking(missing: dict[str, list[str]]) -> str:

@@ -94,3 +94,26 @@ def test_tor_as_numbers_are_configurable():
     p = build(two_racks(torASNumbers={"tor-b": 65100}))
     assert {r.name: r.asn for r in p.routers()} == {"tor-a": 65001, "tor-b": 65100}
     assert plan.tor_as_numbers(two_racks(), {"tor-a": 65002}) == {"tor-a": 65002, "tor-b": 65001}
+
+
+def test_a_mesh_whose_arp_entries_overflow_the_kernels_neighbour_table_is_refused(monkeypatch):
+    """200 nodes in a mesh need 39,800 ARP entries; the machine's table held 16,384: the
+    speakers flapped and spun for a quarter of an hour. Refused with the fix; the same nodes
+    with two reflectors, or 100 in a mesh, are fine."""
+    from k8snetlab.errors import SpecError
+    monkeypatch.setattr(plan, "neighbour_limit", lambda: 16384)
+    with pytest.raises(SpecError, match=r"39,800 ARP entries.*16,384.*gc_thresh3.*route-reflector"):
+        flat(200)
+    assert flat(200, topology="route-reflector", reflectors=["node1", "node2"]).cni.options.reflectors
+    assert len(flat(100).nodes) == 100
+    monkeypatch.setattr(plan, "neighbour_limit", lambda: None)     # unknown: not refused
+    assert len(flat(200).nodes) == 200
+
+
+def test_neighbour_limit_reads_the_kernels_gc_thresh3(monkeypatch, tmp_path):
+    f = tmp_path / "gc_thresh3"
+    f.write_text("16384\n")
+    monkeypatch.setattr(plan, "NEIGH_LIMIT_SYSCTL", str(f))
+    assert plan.neighbour_limit() == 16384 and plan.neighbour_entries(plan.mesh_sessions(200)) == 39800
+    monkeypatch.setattr(plan, "NEIGH_LIMIT_SYSCTL", str(tmp_path / "absent"))
+    assert plan.neighbour_limit() is None

@@ -66,3 +66,18 @@ def test_a_dead_worker_is_one_clear_error(tmp_path):
             server.start()
     finally:
         pool.stop()
+
+
+def test_a_worker_that_never_answers_is_one_clear_error_not_a_hang(tmp_path, monkeypatch):
+    """Every wait of a cluster's start is bounded: a worker that reads its orders and answers
+    none (hung) fails the order after the timeout, naming the worker and its log."""
+    monkeypatch.setattr(cni_server, "WORKER_PROGRAM", "import sys\nfor line in sys.stdin:\n    pass\n")
+    monkeypatch.setattr(cni_server, "ASK_TIMEOUT", 0.3)
+    pool = cni_server.ServerPool(tmp_path / "run", tmp_path / "logs", 1)
+    pool.start()
+    try:
+        with pytest.raises(K8sNetLabError, match=r"worker 0 \(pid \d+\) did not answer serve node1 within 0.3 s"):
+            pool.server("/proc/self/ns/net", "node1").start()
+    finally:
+        pool.stop()
+    assert all(w.process.poll() is not None for w in pool.workers) or not pool.workers

@@ -25,6 +25,18 @@ def test_every_mode_builds_a_valid_cluster_of_ten_pods_per_node(sc, mode):
     assert len(s.nodes) == 100 and len(s.pods()) == 1000 and s.cni.type == mode
 
 
+@pytest.mark.parametrize("mode", ["host-gw", "ipip", "bgp"])
+def test_every_mode_builds_a_valid_cluster_of_2000_pods(sc, mode, monkeypatch):
+    """--large: bgp at 200 nodes uses route reflectors (a mesh is refused on this kernel's
+    neighbour table, whatever the machine it runs on says)."""
+    from k8snetlab.bgp import plan
+    monkeypatch.setattr(plan, "neighbour_limit", lambda: 16384)
+    s = spec.from_dict(sc.cluster_dict(2000, mode, "exec"), "scale")
+    assert len(s.nodes) == 200 and len(s.pods()) == 2000
+    if mode == "bgp":
+        assert s.cni.options.topology == "route-reflector" and s.cni.options.reflectors == ["node1", "node2"]
+
+
 def test_kube_proxy_cluster_puts_ten_pods_behind_each_service(sc):
     s = spec.from_dict(sc.proxy_dict(200), "scale-proxy")
     assert len(s.nodes) == 20 and len(s.pods()) == 200 and len(s.services) == 20
