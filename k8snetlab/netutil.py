@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import struct
+import threading
 from typing import Any, Iterable
 
 from pyroute2 import IPRoute
@@ -52,20 +53,40 @@ class Netns:
     def __init__(self, path: str | None, label: str = ""):
         self.path = path
         self.label = label or (path or "current namespace")
+        self._ipr: IPRoute | None = None
         try:
             with proc.netns(path):
-                self.ipr = IPRoute()
-                # an ioctl socket in the namespace too: a name -> index lookup or a link
-                # going up is one syscall there, a pyroute2 request ~1 ms of Python
+                # an ioctl socket in the namespace: a name -> index lookup or a link going up
+                # is one syscall there, a pyroute2 request ~1 ms of Python; and a raw netlink
+                # socket for the requests encoded by hand (_Rtnl)
                 self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
                 self._rtnl = _Rtnl()
+                self.ino = _thread_netns_ino()
         except OSError as e:
             raise NetlinkError(f"cannot enter network namespace of {self.label} ({path}): "
                                f"{e.strerror}; is the pod or node still running?") from None
 
+    @property
+    def ipr(self) -> IPRoute:
+        """pyroute2's socket in the namespace, opened on first use (~0.7 ms of CPU: a pod's
+        ADD needs none, only the requests not encoded by hand do)."""
+        if self._ipr is None:
+            with self._inside():
+                self._ipr = IPRoute()
+        return self._ipr
+
+    def _inside(self) -> Any:
+        """Enter this namespace (the one the ioctl socket was made in)."""
+        if self.path is not None:
+            return proc.netns(self.path)
+        if _thread_netns_ino() != self.ino:
+            raise NetlinkError(f"{self.label}: pyroute2 asked for outside the namespace the handle was made in")
+        return contextlib.nullcontext()
+
     # -- plumbing ---------------------------------------------------------------------------
     def close(self) -> None:
-        self.ipr.close()
+        if self._ipr is not None:
+            self._ipr.close()
         self._sock.close()
         self._rtnl.close()
 
@@ -140,9 +161,15 @@ class Netns:
                 "up": bool(flags & _IFF_UP)}
 
     def ensure_bridge(self, name: str, mtu: int | None = None) -> int:
-        """Create bridge ``name`` (or accept the one there), set it up; return its index."""
-        info = self.link(name)      # every pod after the first: this one request
+        """Create bridge ``name`` (or accept the one there), set it up; return its index.
+        A bridge this process saw already (same namespace, name and index) and still up is
+        accepted by two ioctls: every pod's ADD after the first."""
+        idx = self.index(name)
+        if idx is not None and _BRIDGES.get((self.ino, name)) == idx and self._is_up(name):
+            return idx
+        info = self.link(name)
         if info is not None and info["kind"] == "bridge" and info["up"]:
+            _BRIDGES[(self.ino, name)] = info["index"]
             return info["index"]
         proc_kw = {"mtu": mtu} if mtu else {}
         created = self._call(f"create bridge {name}", self.ipr.link, "add", ifname=name, kind="bridge",
@@ -159,29 +186,32 @@ class Netns:
             # an address, even the same one, flushes the bridge's neighbour entries.
             self._call(f"pin the MAC of {name}", self.ipr.link, "set", index=idx, address=info["mac"])
         self.link_up(name)
+        if info and info["kind"] == "bridge":
+            _BRIDGES[(self.ino, name)] = idx
         return idx
+
+    def _is_up(self, ifname: str) -> bool:
+        try:
+            req = struct.pack("16sH14x", ifname.encode(), 0)
+            return bool(struct.unpack("16sH14x", fcntl.ioctl(self._sock, _SIOCGIFFLAGS, req))[1] & _IFF_UP)
+        except OSError:
+            return False
 
     def add_veth(self, ifname: str, peer_ifname: str, peer: "Netns", mtu: int | None = None,
                  peer_mac: str | None = None, master: str | int | None = None, up: bool = False) -> int:
         """Create veth ``ifname`` here with its peer ``peer_ifname`` in namespace ``peer``;
         both ends get ``mtu``; this end is enslaved to ``master`` and set up if asked, all in
         the one request that creates it."""
-        fd = os.open(peer.path or "/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(peer.path or f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            peer_kw: dict[str, Any] = {"ifname": peer_ifname, "net_ns_fd": fd}
-            kw: dict[str, Any] = {}
-            if peer_mac:
-                peer_kw["address"] = peer_mac
-            if mtu:
-                peer_kw["mtu"] = kw["mtu"] = mtu
-            if master is not None:
-                kw["master"] = self.require_index(master)
-            if up:
-                kw["state"] = "up"
-            self._call(f"create veth {ifname} <-> {peer.label}:{peer_ifname}", self.ipr.link,
-                       "add", ifname=ifname, kind="veth", peer=peer_kw, **kw)
+            # one hand-encoded RTM_NEWLINK, what ``ip link add ... type veth peer ...`` sends
+            err = self._rtnl.veth_add(ifname, peer_ifname, fd, mtu=mtu, peer_mac=peer_mac,
+                                      master=None if master is None else self.require_index(master), up=up)
         finally:
             os.close(fd)
+        if err:
+            raise NetlinkError(f"create veth {ifname} <-> {peer.label}:{peer_ifname} in {self.label}: "
+                               f"{os.strerror(err)}")
         return self.require_index(ifname)
 
     def set_mtu(self, ifname: str | int, mtu: int) -> None:
@@ -222,8 +252,15 @@ class Netns:
         self._call(f"attach {ifname} to {bridge}", self.ipr.link, "set",
                    index=self.require_index(ifname), master=self.require_index(bridge))
 
-    def set_brport(self, ifname: str, **attrs: Any) -> None:
-        """Bridge port options, e.g. ``mode=1`` (IFLA_BRPORT_MODE: hairpin)."""
+    def set_brport(self, ifname: str | int, **attrs: Any) -> None:
+        """Bridge port options, e.g. ``mode=1`` (IFLA_BRPORT_MODE: hairpin, one hand-encoded
+        request as ``bridge link set ... hairpin on`` sends it)."""
+        if set(attrs) == {"mode"}:
+            err = self._rtnl.brport_mode(self.require_index(ifname), int(attrs["mode"]))
+            if err:
+                raise NetlinkError(f"set bridge port options {attrs} on {ifname} in {self.label}: "
+                                   f"{os.strerror(err)}")
+            return
         self._call(f"set bridge port options {attrs} on {ifname}", self.ipr.brport, "set",
                    index=self.require_index(ifname), **attrs)
 
@@ -499,6 +536,11 @@ class Netns:
         return get_sysctl(key, self.path, self.label)
 
 
+def _thread_netns_ino() -> int:
+    """The inode of the network namespace the calling thread is in (setns is per thread)."""
+    return os.stat(f"/proc/self/task/{threading.get_native_id()}/ns/net").st_ino
+
+
 def _link_info(msg: Any) -> dict[str, Any]:
     return {"index": msg["index"], "ifname": msg.get("ifname"), "mtu": msg.get("mtu"),
             "mac": msg.get("address"), "master": msg.get("master"), "alias": msg.get("ifalias") or "",
@@ -536,6 +578,34 @@ class _Rtnl:
                     break
                 off += (length + 3) & ~3
 
+    def veth_add(self, ifname: str, peer_ifname: str, peer_ns_fd: int, mtu: int | None = None,
+                 peer_mac: str | None = None, master: int | None = None, up: bool = False) -> int:
+        """A veth pair: ``ifname`` here (on ``master``, up if asked), ``peer_ifname`` in the
+        namespace of ``peer_ns_fd``; both ends ``mtu``."""
+        peer = struct.pack("=BBHiII", socket.AF_UNSPEC, 0, 0, 0, 0, 0) + _rtattr(_IFLA_IFNAME, peer_ifname.encode() + b"\0")
+        if mtu:
+            peer += _rtattr(_IFLA_MTU, struct.pack("=I", mtu))
+        if peer_mac:
+            peer += _rtattr(_IFLA_ADDRESS, bytes.fromhex(peer_mac.replace(":", "")))
+        peer += _rtattr(_IFLA_NET_NS_FD, struct.pack("=I", peer_ns_fd))
+        info = _rtattr(_IFLA_INFO_KIND, b"veth\0") + _rtattr(_IFLA_INFO_DATA, _rtattr(_VETH_INFO_PEER, peer))
+        flags = _IFF_UP if up else 0
+        body = struct.pack("=BBHiII", socket.AF_UNSPEC, 0, 0, 0, flags, flags)
+        body += _rtattr(_IFLA_IFNAME, ifname.encode() + b"\0")
+        if mtu:
+            body += _rtattr(_IFLA_MTU, struct.pack("=I", mtu))
+        if master is not None:
+            body += _rtattr(_IFLA_MASTER, struct.pack("=I", master))
+        body += _rtattr(_IFLA_LINKINFO, info)
+        return self.request(_RTM_NEWLINK, _NLM_F_CREATE | _NLM_F_EXCL, body)
+
+    def brport_mode(self, index: int, mode: int) -> int:
+        """IFLA_BRPORT_MODE of a bridge port (1: hairpin), in IFLA_PROTINFO of an AF_BRIDGE
+        RTM_SETLINK (nested: without the flag the kernel reads it as an STP state)."""
+        body = struct.pack("=BBHiII", _AF_BRIDGE, 0, 0, index, 0, 0)
+        body += _rtattr(_IFLA_PROTINFO | _NLA_F_NESTED, _rtattr(_IFLA_BRPORT_MODE, struct.pack("=B", mode)))
+        return self.request(_RTM_SETLINK, 0, body)
+
     def addr_add(self, index: int, iface: Any) -> int:
         ip = iface.ip.packed
         body = struct.pack("=BBBBI", socket.AF_INET, iface.network.prefixlen, 0, 0, index)
@@ -570,6 +640,10 @@ def _rtattr(kind: int, payload: bytes) -> bytes:
 _NLMSG_ERROR, _RTM_NEWADDR, _RTM_NEWROUTE, _RTN_UNICAST = 2, 20, 24, 1
 _NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_REPLACE, _NLM_F_EXCL, _NLM_F_CREATE = 0x1, 0x4, 0x100, 0x200, 0x400
 _IFA_ADDRESS, _IFA_LOCAL = 1, 2
+_RTM_NEWLINK, _RTM_SETLINK, _AF_BRIDGE, _NLA_F_NESTED = 16, 19, 7, 0x8000
+_IFLA_ADDRESS, _IFLA_IFNAME, _IFLA_MTU, _IFLA_MASTER, _IFLA_PROTINFO, _IFLA_LINKINFO, _IFLA_NET_NS_FD = 1, 3, 4, 10, 12, 18, 28
+_IFLA_INFO_KIND, _IFLA_INFO_DATA, _VETH_INFO_PEER, _IFLA_BRPORT_MODE = 1, 2, 1, 4
+_BRIDGES: dict[tuple[int, str], int] = {}   # (namespace inode, name) -> index of a bridge seen up
 _RTA_DST, _RTA_OIF, _RTA_GATEWAY, _RTA_PREFSRC, _RTA_METRICS, _RTA_TABLE, _RTAX_MTU = 1, 4, 5, 7, 8, 15, 2
 
 

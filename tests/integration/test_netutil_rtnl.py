@@ -66,3 +66,62 @@ def test_hand_encoded_requests_make_what_pyroute2_makes():
     assert raw == reference
     assert any("10.6.0.0/16 via 10.9.0.7 dev a0 proto static scope global onlink mtu 1400" in l for l in raw["routes"])
     assert said and said[0].startswith("ERROR") and "10.5.0.0/16" in said[0] and "unreachable" in said[0].lower()
+
+
+VETH = r"""
+import json, os, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+from k8snetlab import netutil
+from k8snetlab.netutil import Netns
+raw = sys.argv[2] == "raw"
+holder = subprocess.Popen(["unshare", "-n", "sleep", "30"])
+import time
+other = f"/proc/{holder.pid}/ns/net"
+while os.readlink(other) == os.readlink("/proc/self/ns/net"):
+    time.sleep(0.01)
+with Netns(None, "node") as node, Netns(other, "pod") as pod:
+    br = node.ensure_bridge("cni0", 1450)
+    assert node.ensure_bridge("cni0", 1450) == br                 # the second time: seen already
+    if raw:
+        node.add_veth("veth1234", "eth0", pod, mtu=1450, peer_mac="0a:58:0a:f4:01:02", master=br, up=True)
+        node.set_brport("veth1234", mode=1)
+        try:
+            node.add_veth("veth1234", "eth1", pod, mtu=1450, master=br)
+            print("NO ERROR")
+        except netutil.NetlinkError as e:
+            print("ERROR", e)
+    else:            # the pyroute2 requests netutil made before
+        fd = os.open(other, os.O_RDONLY)
+        node.ipr.link("add", ifname="veth1234", kind="veth", master=br, state="up", mtu=1450,
+                      peer={"ifname": "eth0", "net_ns_fd": fd, "mtu": 1450, "address": "0a:58:0a:f4:01:02"})
+        node.ipr.brport("set", index=node.require_index("veth1234"), mode=1)
+    pod_link = pod.link("eth0")
+    node_link = node.link("veth1234")
+    assert node.ipr is not None and node.links()     # pyroute2 still opens on demand, in the right namespace
+show = lambda *a: subprocess.run(["ip", "-d", *a], capture_output=True, text=True).stdout
+node_side = [l.split("mode DEFAULT")[0].split(": ", 1)[-1] for l in show("link", "show", "veth1234").splitlines()[:1]]
+hairpin = "hairpin on" in show("link", "show", "veth1234")
+pod_side = subprocess.run(["nsenter", f"--net={other}", "ip", "-o", "link", "show", "eth0"],
+                          capture_output=True, text=True).stdout.split(": ", 1)[-1].split(" link-netnsid")[0]
+holder.kill()
+print(json.dumps({"node": node_side, "hairpin": hairpin, "pod": pod_side,
+                  "master": node_link["master"] == br, "peer_up": pod_link["up"], "mtu": [node_link["mtu"], pod_link["mtu"]]}))
+"""
+
+
+def test_hand_encoded_veth_and_hairpin_make_what_pyroute2_makes():
+    """The veth pair a pod's ADD makes (peer in the pod's namespace, both MTUs, the node end on
+    the bridge and up, hairpin) and the refusal of a second pair of the same name."""
+    require_root_and("unshare", "ip", "nsenter")
+    outs = {}
+    for how in ("raw", "pyroute2"):
+        r = subprocess.run(["unshare", "-n", sys.executable, "-c", VETH, str(REPO), how],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        import json
+        outs[how] = (r.stdout.splitlines()[:-1], json.loads(r.stdout.splitlines()[-1]))
+    said, raw = outs["raw"]
+    assert raw == outs["pyroute2"][1]
+    assert raw["hairpin"] and raw["master"] and raw["mtu"] == [1450, 1450]
+    assert "0a:58:0a:f4:01:02" in raw["pod"] and "UP" in raw["node"][0]
+    assert said and said[0].startswith("ERROR") and "veth1234" in said[0] and "exists" in said[0]
