@@ -176,7 +176,7 @@ class IpipMode(CalicoMode):
         are syscalls already, and go first: no packet leaks out plain); a few by netlink."""
         if len(peers) < BATCH_MIN:
             return super().add_peers(node, ns, peers)
-        routes = []
+        routes, tunnels = [], []
         for peer in peers:
             cidr, ip = str(peer.spec.pod_cidr), str(peer.spec.ip)
             if not self.encapsulates(node, peer):
@@ -184,11 +184,11 @@ class IpipMode(CalicoMode):
             elif self.datapath == "kernel":
                 routes.append({"dst": cidr, "gateway": ip, "dev": naming.IPIP_DEV, "onlink": True})
             else:
-                tc = self._hooked(node)
-                tc.add_peer(ip)
-                tc.set_tunnel(cidr, ip)
+                tunnels.append((peer.spec.pod_cidr, peer.spec.ip))
                 routes.append({"dst": cidr, "gateway": self.underlay_next_hop(node, peer), "dev": uplink(),
                                "mtu": self.mtu})
+        if tunnels:     # the map entries first: no packet leaks out plain
+            self._hooked(node).add_tunnels(tunnels)
         ns.replace_routes(routes)
 
     def bpf_datapath(self, node: str) -> Any:

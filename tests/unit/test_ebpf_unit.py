@@ -141,3 +141,30 @@ def test_source_defines_what_the_loader_expects():
     names = re.findall(r"KNL_STAT_(\w+)", enum.group(1))
     assert names[-1] == "MAX"
     assert tuple(n.lower() for n in names[:-1]) == ebpf.STAT_NAMES
+
+
+class _RecordingMap:
+    def __init__(self):
+        self.entries: dict[bytes, bytes] = {}
+
+    def update(self, key: bytes, value: bytes, flags: int = 0) -> None:
+        self.entries[key] = value
+
+
+def test_add_tunnels_writes_the_bytes_add_peer_and_set_tunnel_write(tmp_path):
+    """The bulk path of a node agent's start packs from the address objects; the map entries
+    must be byte for byte those of the one-by-one path."""
+    import ipaddress
+    pairs = [("10.244.2.0/24", "192.168.1.131"), ("10.244.3.0/24", "192.168.1.132"), ("10.8.0.0/16", "192.168.2.9")]
+    maps = []
+    for bulk in (False, True):
+        dp = ebpf.IpipTcDatapath("node1", "/proc/1/ns/net", "eth0", "192.168.1.130", str(tmp_path))
+        dp._maps = {ebpf.TUNNELS_MAP: _RecordingMap(), ebpf.PEERS_MAP: _RecordingMap()}
+        if bulk:
+            dp.add_tunnels([(ipaddress.IPv4Network(c), ipaddress.IPv4Address(r)) for c, r in pairs])
+        else:
+            for c, r in pairs:
+                dp.add_peer(r)
+                dp.set_tunnel(c, r)
+        maps.append({k: m.entries for k, m in dp._maps.items()})
+    assert maps[0] == maps[1] and len(maps[0][ebpf.TUNNELS_MAP]) == 3 and len(maps[0][ebpf.PEERS_MAP]) == 3

@@ -112,6 +112,11 @@ class FakeTc:
     def set_tunnel(self, cidr, remote):
         self.tunnels[cidr] = remote
 
+    def add_tunnels(self, tunnels):
+        for cidr, remote in tunnels:
+            self.add_peer(str(remote))
+            self.set_tunnel(str(cidr), str(remote))
+
     def del_tunnel(self, cidr):
         self.tunnels.pop(cidr, None)
 
