@@ -353,6 +353,24 @@ def test_auto_datapath_picks_ebpf_without_ipip(tmp_path, monkeypatch):
     assert mode.datapath == "ebpf"
 
 
+def test_the_bpf_object_is_found_once_per_cluster_and_given_to_every_node(tmp_path, monkeypatch):
+    """Finding the cached object runs clang twice: once per node it was most of an ipip node
+    agent's start (200 nodes: 22 s of CPU)."""
+    mode, nodes = ipip(tmp_path, TWO_RACKS, "CrossSubnet", "ebpf")
+    compiled = []
+    monkeypatch.setattr(ebpf, "kernel_has_ipip", lambda path: False)
+    monkeypatch.setattr(ebpf, "compile_object", lambda: compiled.append(1) or Path("/cache/ipip_tc-x.o"))
+    from k8snetlab import proc
+    monkeypatch.setattr(proc, "require", lambda *tools: {t: t for t in tools})
+    mode.cluster.state.mount_bpffs = lambda: None
+    mode.cluster.state.bpf_dir = tmp_path / "bpf"
+    mode.prepare(nodes["node-a1"])
+    for node in nodes.values():
+        mode.start_node(node, FakeNs())
+    assert len(compiled) == 1
+    assert {str(tc.obj) for tc in mode._idle_tc.values()} == {"/cache/ipip_tc-x.o"} and len(mode._idle_tc) == len(nodes)
+
+
 # ------------------------------------------------------------------------------- batched routes
 
 def batched_as_single(ns: FakeNs) -> list[tuple]:
