@@ -17,6 +17,7 @@ table, the timings) is guarded by a lock.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ import secrets
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from . import chain, naming, proc
 from .cni import INVOKERS, CNIRuntime, NetworkConfigList, RuntimeConf
@@ -183,15 +184,9 @@ class Kubelet:
         pod = self.create_sandbox(ps)
         pod.created_at = t0 if created_at is None else created_at
         pod.marks["created"], pod.marks["picked"] = pod.created_at, t0
-        try:
+        with self._removed_on_failure(pod):
             self.cni_add(pod)
             self.start_containers(pod)
-        except BaseException:
-            try:
-                self.delete_pod(pod.name)
-            except Exception as e:  # report the first error, not the cleanup's
-                log.warning("rollback of pod %s: %s", pod.name, e)
-            raise
         return pod
 
     def start_pod(self, ps: PodSpec, created_at: float, ready_timeout: float) -> Pod:
@@ -199,15 +194,22 @@ class Kubelet:
         pod worker does it: each pod is observed ready on its own, not after the others of
         its batch."""
         pod = self.run_pod(ps, created_at)
-        try:
+        with self._removed_on_failure(pod):
             self.wait_ready([pod], time.monotonic() + ready_timeout)
+        return pod
+
+    @contextlib.contextmanager
+    def _removed_on_failure(self, pod: Pod) -> Iterator[None]:
+        """Any failure (or interrupt) inside deletes the pod, then goes on; a failing delete
+        is logged, so the first error is the one reported."""
+        try:
+            yield
         except BaseException:
             try:
                 self.delete_pod(pod.name)
-            except Exception as e:  # report the first error, not the cleanup's
+            except Exception as e:
                 log.warning("rollback of pod %s: %s", pod.name, e)
             raise
-        return pod
 
     def wait_ready(self, pods: list[Pod], deadline: float) -> None:
         """Wait until every container of each pod has started and every declared TCP

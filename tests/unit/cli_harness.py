@@ -4,10 +4,11 @@ check that a refusal is exactly one line on stderr with exit status 2."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -68,3 +69,14 @@ def experiment_module(script: str, name: str) -> Any:
     sys.modules[mod_spec.name] = module
     mod_spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def signals_installed() -> Iterator[None]:
+    """k8snetlab's signal handlers installed for a test, the previous ones restored after."""
+    from k8snetlab import signals
+    previous = signals.install()
+    try:
+        yield
+    finally:
+        signals.restore(previous)

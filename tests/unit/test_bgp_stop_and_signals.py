@@ -13,6 +13,7 @@ import time
 import pytest
 
 from bgp_specs import build, flat
+from cli_harness import signals_installed
 from k8snetlab import proc, signals
 from k8snetlab.bgp import speakers
 from k8snetlab.modes.bgp import BgpMode
@@ -20,11 +21,8 @@ from k8snetlab.modes.bgp import BgpMode
 
 @pytest.fixture
 def installed():
-    previous = signals.install()
-    try:
+    with signals_installed():
         yield
-    finally:
-        signals.restore(previous)
 
 
 def _stubborn() -> subprocess.Popen:

@@ -16,16 +16,14 @@ import time
 
 import pytest
 
+from cli_harness import signals_installed
 from k8snetlab import signals
 
 
 @pytest.fixture
 def installed():
-    previous = signals.install()
-    try:
+    with signals_installed():
         yield
-    finally:
-        signals.restore(previous)
 
 
 def _deliver(sig: int = signal.SIGTERM) -> None:
