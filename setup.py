@@ -20,7 +20,7 @@ setup(
     description="An emulated Kubernetes cluster network on one Linux machine (Mininet + CNI plugins)",
     packages=find_packages(include=["k8snetlab", "k8snetlab.*", "cni_plugins", "cni_plugins.*",
                                     "controllers", "controllers.*"]),
-    package_data={"k8snetlab": ["bpf/*.c", "cni_shim.c"], "k8snetlab.bgp": ["templates/*.j2"]},
+    package_data={"k8snetlab": ["bpf/*.c", "cni_shim.c", "pause.c"], "k8snetlab.bgp": ["templates/*.j2"]},
     python_requires=">=3.10",
     install_requires=["pyroute2>=0.9", "PyYAML>=6", "mininet>=2.3.0.dev6", "scapy>=2.5", "jinja2>=3",
                       "psutil>=5.9"],

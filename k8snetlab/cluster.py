@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import resource
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any, Callable
 
 from mininet.log import setLogLevel
 
-from . import addons as addonmod, chain, checks, manifests, proc, signals, spec as specmod
+from . import addons as addonmod, cbuild, chain, checks, manifests, proc, signals, spec as specmod
 from .errors import K8sNetLabError, SpecError
 from .kubelet import PHASES, Kubelet
 from .manifests import PodSpec, Workload
@@ -27,7 +28,7 @@ from .modes import MODES, Mode
 from .modes.resync import AgentResync
 from .supervisor import ContainerSupervisor
 from .netutil import Netns
-from .pod import NetnsHost, NodeHost, Pod
+from .pod import PAUSE_SOURCE, NetnsHost, NodeHost, Pod
 from .scheduler import Scheduler, host_ports
 from .clusterspec import ClusterSpec, parse_address
 from .statedir import StateDir
@@ -96,6 +97,7 @@ class Cluster:
         self.supervisor: ContainerSupervisor | None = None   # the kubelets' container restarts
         self.cni_servers: Any = None     # cni_server.ServerPool: the nodes' CNI servers (invoke exec)
         self._started = False
+        self._holder: tuple[str, ...] | None = None     # the pods' sandbox holder (see start)
 
     @classmethod
     def from_file(cls, path: str | Path, cni: str | None = None,
@@ -175,6 +177,7 @@ class Cluster:
         try:
             self._state_in_memory()
             self._write_cni_bin()
+            self._holder = self._sandbox_holder()
             self.underlay = Underlay(self.spec, self.state)
             self.underlay.build(self.timings)
             self.timings["underlay_s"] = time.monotonic() - t0
@@ -344,7 +347,7 @@ class Cluster:
         assert self.state is not None
         self.scheduler.add_node(node.name, node.spec.labels)
         kubelet = Kubelet(node, self.mode, self.spec.cni.invoke, self._log_dir(),
-                          self.state.record_pid, self.state.record_netns)
+                          self.state.record_pid, self.state.record_netns, self._holder)
         self.kubelets[node.name] = kubelet
         return kubelet
 
@@ -664,6 +667,19 @@ class Cluster:
             r = proc.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "k8snetlab", str(d)], check=False)
             if r.returncode != 0:       # still works on disk, only slower
                 log.info("state on disk: mount tmpfs at %s: %s", d, (r.stderr or r.stdout).strip())
+
+    def _sandbox_holder(self) -> tuple[str, ...] | None:
+        """What holds each pod sandbox: our pause (``k8snetlab/pause.c``, compiled once into
+        the state root, copied into this cluster's state directory as ``pause``, the name
+        ``ps`` shows), or None (``Pod.HOLDER``, ``mnexec -n sleep``) without a C compiler."""
+        assert self.state is not None
+        built = cbuild.compiled(PAUSE_SOURCE, self.state.path.parent, "pause")
+        if built is None:
+            return None
+        pause = self.state.path / "pause"
+        shutil.copyfile(built, pause)
+        pause.chmod(0o755)
+        return (str(pause),)
 
     # -- CNI plugin executables -------------------------------------------------------------------
     def _log_dir(self) -> Path:

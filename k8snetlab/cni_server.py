@@ -10,7 +10,6 @@ namespace; with no server listening, the shim runs the full plugin. Details at
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ import threading
 from pathlib import Path
 from typing import IO, Any, Callable
 
-from . import proc
+from . import cbuild, proc
 from .errors import K8sNetLabError
 
 log = logging.getLogger(__name__)
@@ -72,23 +71,10 @@ SHIM_SOURCE = Path(__file__).resolve().parent / "cni_shim.c"
 def compiled_shim(cache_dir: Path) -> Path | None:
     """The C shim, compiled once per source version into ``cache_dir``; None without a C
     compiler (then the Python shim serves, ~10 ms slower per call)."""
-    source = SHIM_SOURCE.read_bytes()
-    binary = cache_dir / f".cni-shim-{hashlib.sha256(source).hexdigest()[:16]}"
-    if binary.exists():
-        return binary
-    cc = next((c for c in ("cc", "gcc", "clang") if proc.which(c)), None)
-    if cc is None:
-        log.info("no C compiler: CNI plugins are Python shims")
-        return None
-    tmp = cache_dir / f".{binary.name}.{os.getpid()}.tmp"
-    try:
-        proc.run([cc, "-O2", "-o", str(tmp), str(SHIM_SOURCE)], timeout=120)
-        tmp.replace(binary)
-    except Exception as e:   # a broken toolchain is no reason to refuse a cluster
-        log.warning("compiling the CNI shim failed (%s): CNI plugins are Python shims", e)
-        tmp.unlink(missing_ok=True)
-        return None
-    return binary
+    shim = cbuild.compiled(SHIM_SOURCE, cache_dir, "cni-shim")
+    if shim is None:
+        log.info("CNI plugins are Python shims")
+    return shim
 
 
 def write_plugins(bin_dir: Path, cache_dir: Path | None = None) -> list[str]:

@@ -44,8 +44,10 @@ READY_POLL_S = (0.001, 0.02)      # a readiness probe's poll: from 1 ms, doublin
 
 class Kubelet:
     def __init__(self, node: NodeHost, mode: Mode, invoke: str, log_dir: Path,
-                 record: Callable[[int, str], None], record_netns: Callable[[int, str], None]):
+                 record: Callable[[int, str], None], record_netns: Callable[[int, str], None],
+                 holder: tuple[str, ...] | None = None):
         self.node = node
+        self.holder = holder                        # the sandbox holder's argv (None: Pod.HOLDER)
         self.mode = mode
         self.invoke = invoke
         self.log_dir = log_dir
@@ -98,7 +100,7 @@ class Kubelet:
         loopback up (what the runtime's loopback plugin does). No shell yet."""
         t0 = time.monotonic()
         name = ps.host_name
-        pod = Pod(name, spec=ps)
+        pod = Pod(name, spec=ps, holder=self.holder)
         pod.on_popen = self._record
         self._record(pod.pid, f"Pod {name}")
         self._record_netns(pod.pid, name)

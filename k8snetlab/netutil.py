@@ -381,6 +381,12 @@ class Netns:
                          ok=(errno.ESRCH, errno.ENOENT, errno.ENODEV), **match)
         return res is not None
 
+    def route_dsts(self, table: int = MAIN_TABLE) -> set[str]:
+        """The destinations (CIDR, or ``default``) of ``table``'s routes: one route dump and
+        no link dump (a node agent's periodic check, x nodes, every period)."""
+        return {f"{r.get('dst')}/{r['dst_len']}" if r.get("dst") else "default"
+                for r in self.ipr.get_routes(family=2, table=table)}
+
     def routes(self, table: int = MAIN_TABLE) -> list[dict[str, Any]]:
         """Routes of ``table`` as plain dicts: dst (CIDR), gateway, dev, scope, flags, proto."""
         names = {l["index"]: l.get("ifname") for l in self.ipr.get_links()}

@@ -32,6 +32,8 @@ from .clusterspec import NodeSpec
 
 log = logging.getLogger(__name__)
 
+PAUSE_SOURCE = Path(__file__).resolve().parent / "pause.c"     # the sandbox holder, in C
+
 
 class NetnsHost(Host):
     """A Mininet host with checked command execution in its network namespace."""
@@ -140,15 +142,20 @@ class Container:
 class Pod(NetnsHost):
     """A pod sandbox and its containers.
 
-    The sandbox is a network and mount namespace held by one small process (``sleep``, the
-    role of Kubernetes' ``pause`` container), made by ``mnexec -n`` as Mininet makes a host's.
+    The sandbox is a network and mount namespace held by one small process (the role of
+    Kubernetes' ``pause`` container): our ``pause`` (``k8snetlab/pause.c``), which makes them
+    as ``mnexec -n`` makes a Mininet host's, or ``mnexec -n sleep`` where no C compiler is.
     ``self.pid`` is that holder's. Mininet's shell is started only when something first runs
     a command in the pod (``pod.cmd``, the Mininet CLI): it joins the holder's namespaces
-    (``mnexec -a``). A thousand pods are a thousand ``sleep`` processes, not a thousand
+    (``mnexec -a``). A thousand pods are a thousand ``pause`` processes, not a thousand
     interactive shells."""
 
-    def __init__(self, name: str, spec: PodSpec | None = None, **params: Any):
+    HOLDER = ("mnexec", "-dnp", "sleep", "infinity")    # without our compiled pause (pause.c)
+
+    def __init__(self, name: str, spec: PodSpec | None = None, holder: Sequence[str] | None = None,
+                 **params: Any):
         self._holder: subprocess.Popen | None = None
+        self._holder_argv = list(holder or self.HOLDER)
         self._foreign = False
         self.spawned: list[subprocess.Popen] = []     # started with popen_ns (containers...)
         super().__init__(name, inNamespace=True, **params)
@@ -172,21 +179,22 @@ class Pod(NetnsHost):
     # -- the sandbox, and a shell on demand ---------------------------------------------------
     def startShell(self, mnopts: str | None = None) -> None:
         if self._holder is None:        # from Node.__init__: only the holder
-            # -p: mnexec prints its PID once the namespaces exist (not before). No -c: Popen
-            # closes the other descriptors already (close_fds), where mnexec -c would call
-            # close() on each of the 20,000 the limit allows (~7 ms of CPU per pod)
+            # the holder prints "\x01PID" once the namespaces exist (not before): pause.c,
+            # or mnexec -p. Not mnexec -c: Popen closes the other descriptors already
+            # (close_fds), where -c calls close() on each of the 20,000 the limit allows
+            # (~7 ms of CPU per pod)
             try:
-                self._holder = subprocess.Popen(["mnexec", "-dnp", "sleep", "infinity"],
-                                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                                stderr=subprocess.DEVNULL)
+                self._holder = subprocess.Popen(self._holder_argv, stdin=subprocess.DEVNULL,
+                                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
             except FileNotFoundError:
-                raise proc.tool_missing("mnexec") from None
+                raise proc.tool_missing(self._holder_argv[0]) from None
             with self._holder.stdout as out:
                 line = out.readline()
             if not line.startswith(b"\x01"):
                 self._holder.kill()
                 self._holder.wait()
-                raise OSError(f"pod {self.name}: mnexec made no sandbox (it printed {line!r})")
+                raise OSError(f"pod {self.name}: {self._holder_argv[0]} made no sandbox "
+                              f"(it printed {line!r})")
             self.pid = int(line[1:])
             return
         if self.shell is not None:

@@ -163,7 +163,7 @@ class Mode:
 
     def peers_to_repair(self, node: "NodeHost", ns: Netns, peers: list["NodeHost"]) -> list["NodeHost"]:
         """The peers whose pod CIDR has no route on ``node`` (one route dump)."""
-        have = {r["dst"] for r in ns.routes()}
+        have = ns.route_dsts()
         return [p for p in peers if str(p.spec.pod_cidr) not in have]
 
     def underlay_next_hop(self, node: "NodeHost", peer: "NodeHost") -> str:

@@ -364,10 +364,11 @@ class PolicyAddon(Addon):
     def state(self) -> dict[str, Any]:
         pods = [{**dataclasses.asdict(pod_info(p)), "pid": p.pid} for p in self.cluster.pods.values()
                 if p.name not in self._leaving and p.ip]
+        ips = self.node_ips()
         return {"cluster": self.cluster.spec.name, "dataplane": self.options.dataplane,
                 "enabled": self.options.enabled, "running": self._running,
                 "namespaces": self.namespaces, "policies": list(self.raw.values()), "pods": pods,
-                "nodes": {n: {"pid": node.pid, "ips": sorted(self.node_ips()[n])}
+                "nodes": {n: {"pid": node.pid, "ips": sorted(ips[n])}
                           for n, node in self.cluster.nodes.items()}}
 
     def _write_state(self) -> None:

@@ -117,3 +117,31 @@ def test_the_servers_run_beside_the_runtime_in_worker_processes(cluster):
     before = server.requests
     rc, out = call(cluster, cluster.nodes["node1"].netns, "bridge", {"CNI_COMMAND": "VERSION"}, b"{}")
     assert rc == 0 and json.loads(out)["supportedVersions"] and server.requests == before + 1
+
+
+@pytest.mark.parametrize("holder", ["pause", "mnexec"])
+def test_a_sandbox_holder_has_its_own_network_and_mount_namespaces_and_sysfs(cluster, holder):
+    """The sandbox's holder (our compiled pause, or ``mnexec -n sleep`` without a C compiler)
+    holds a network and a mount namespace of the pod's own, and the pod's /sys lists the
+    pod's interfaces, not the machine's; deleting the pod ends it."""
+    from k8snetlab import proc
+    kubelet = cluster.kubelets["node1"]
+    if holder == "pause" and kubelet.holder is None:
+        pytest.skip("no C compiler: the holder is mnexec -n sleep")
+    saved = kubelet.holder
+    kubelet.holder = None if holder == "mnexec" else saved
+    try:
+        pod = kubelet.create_sandbox(PodSpec(f"held-{holder}"))
+    finally:
+        kubelet.holder = saved
+    try:
+        comm = open(f"/proc/{pod.pid}/comm").read().strip()
+        assert comm == ("sleep" if holder == "mnexec" else "pause")
+        for ns in ("net", "mnt"):
+            assert os.stat(f"/proc/{pod.pid}/ns/{ns}").st_ino != os.stat(f"/proc/self/ns/{ns}").st_ino
+        assert pod.run(["ls", "/sys/class/net"]).stdout.split() == ["lo"]
+        assert "lo" in os.listdir("/sys/class/net") and len(os.listdir("/sys/class/net")) > 1
+        held = (pod.pid, proc.start_time(pod.pid))
+    finally:
+        kubelet.delete_pod(pod.name)
+    assert not proc.running(*held), "the sandbox's holder outlived its pod"

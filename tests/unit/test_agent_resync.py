@@ -19,7 +19,7 @@ THREE_NODES = REPO / "topologies" / "three_nodes.yaml"
 
 
 class StateNs:
-    """A namespace with routes only: what add_route adds, routes() shows."""
+    """A namespace with routes only: what add_route adds, routes() and route_dsts() show."""
 
     def __init__(self, routes=()):
         self.table = {dst: {"dst": dst, "gateway": None, "dev": "eth0"} for dst in routes}
@@ -27,6 +27,9 @@ class StateNs:
 
     def routes(self):
         return list(self.table.values())
+
+    def route_dsts(self):
+        return set(self.table)
 
     def add_route(self, dst, gateway=None, dev=None, **kw):
         self.table[dst] = {"dst": dst, "gateway": gateway, "dev": dev}
