@@ -215,8 +215,7 @@ class Cluster:
                  len(self.nodes), len(self.pods), self.timings["start_s"])
         return self
 
-    @signals.deferring      # a signal during teardown takes effect once it is complete
-    @signals.shielding
+    @signals.deferring(teardown=True)   # a signal during teardown takes effect once it is complete
     def stop(self) -> None:
         """Tear everything down; safe to call twice and after a failed start."""
         if not self._started:
@@ -456,8 +455,7 @@ class Cluster:
         wanted = {ps.name: ps for ps in w.pods(replicas + len(mine))}   # enough free indexes
         index = {name: i for i, name in enumerate(wanted)}
         keep = sorted(mine, key=lambda n: index.get(n, 1 << 30))[:replicas]
-        for name in set(mine) - set(keep):
-            self.delete_pod(mine[name].name)
+        self._delete_pods([mine[name].name for name in mine if name not in keep])
         missing = replicas - len(keep)
         new = [ps for ps in wanted.values() if ps.name not in mine][:missing]
         for size in slow_start_batches(len(new)):
@@ -524,6 +522,31 @@ class Cluster:
             self.scheduler.unbind(name)
             if self.underlay is not None:
                 self.underlay.forget(pod)
+
+    def _delete_pods(self, names: list[str]) -> None:
+        """Delete pods concurrently, each by its node's kubelet, as a ReplicaSet scale-down
+        does (the kernel's veth removals overlap: each waits for RCU grace periods); the
+        add-ons hear of every pod before any goes. All are gone from the cluster afterwards,
+        a failed teardown or not; the first failure is raised."""
+        pods = [self.pods[n] for n in names]
+        for pod in pods:
+            for addon in self.addons:
+                addon.pod_removing(pod)
+        errors: list[str] = []
+
+        def run(pod: Pod) -> None:
+            self.kubelets[pod.node_name or ""].delete_pod(pod.name, kill=self._kill_pod)
+
+        try:
+            self._parallel([(run, pod) for pod in pods], errors, "delete pod")
+        finally:
+            for pod in pods:
+                del self.pods[pod.name]
+                self.scheduler.unbind(pod.name)
+                if self.underlay is not None:
+                    self.underlay.forget(pod)
+        if errors:
+            raise K8sNetLabError(errors[0])
 
     def label_pod(self, name: str, labels: dict[str, str | None]) -> dict[str, str]:
         """``kubectl label pod``: set labels of a running pod (a value None removes the key);

@@ -25,7 +25,7 @@ REDELIVER_S = 0.05
 
 _received: int | None = None
 _depth = 0                       # nesting of deferred() regions in the main thread
-_shield = 0                      # nesting of shielding() calls: poll() does nothing
+_teardowns = 0                   # of those, teardown regions: poll() does nothing inside
 _wake = threading.Event()
 _installed = False
 
@@ -55,12 +55,12 @@ def install() -> dict[int, Any]:
 def restore(previous: dict[int, Any]) -> None:
     """Put back the handlers :func:`install` replaced, and forget any pending signal (for a
     caller that runs a command in its own process, e.g. a test calling ``cli.main([...])``)."""
-    global _installed, _received, _depth
+    global _installed, _received, _depth, _teardowns
     if threading.current_thread() is not threading.main_thread():
         return
     for sig, handler in previous.items():
         signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-    _installed, _received, _depth = False, None, 0
+    _installed, _received, _depth, _teardowns = False, None, 0, 0
     _wake.clear()
 
 
@@ -104,41 +104,31 @@ def checkpoint() -> None:
 
 
 def poll() -> None:
-    """:func:`checkpoint` from the main thread, nothing from any other nor inside a
-    :func:`shielding` function (a teardown): for loops that wait (a speaker's start, BGP
+    """:func:`checkpoint` from the main thread, nothing from any other nor inside a teardown
+    region (``deferred(teardown=True)``): for loops that wait (a speaker's start, BGP
     convergence, a pool of kubelet threads), so that a stop signal during a long step of a
-    start takes effect within a moment, not when the step ends."""
-    if _shield == 0 and threading.current_thread() is threading.main_thread():
+    start takes effect within a moment, not when the step ends, and one during a teardown
+    once it is complete, never half-way."""
+    if _teardowns == 0 and threading.current_thread() is threading.main_thread():
         checkpoint()
 
 
-def shielding(fn: Callable[..., T]) -> Callable[..., T]:
-    """Run ``fn`` with :func:`poll` doing nothing (``Cluster.stop``: a signal during the
-    teardown takes effect once it is complete, never half-way)."""
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> T:
-        global _shield
-        _shield += 1
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            _shield -= 1
-    return wrapper
-
-
 @contextlib.contextmanager
-def deferred() -> Iterator[None]:
+def deferred(teardown: bool = False) -> Iterator[None]:
     """A region where a stop signal only takes effect at :func:`checkpoint` or at its end
-    (a normal end: an exception already on its way is not replaced)."""
-    global _depth
+    (a normal end: an exception already on its way is not replaced); in a ``teardown``
+    region :func:`poll` does nothing either."""
+    global _depth, _teardowns
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     _depth += 1
+    _teardowns += teardown
     try:
         yield
     finally:
         _depth -= 1
+        _teardowns -= teardown
     if _depth == 0:
         checkpoint()
 
@@ -165,10 +155,13 @@ def wait() -> None:
         checkpoint()
 
 
-def deferring(fn: Callable[..., T]) -> Callable[..., T]:
-    """Run ``fn`` as a :func:`deferred` region (``Cluster.start`` and ``stop``)."""
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> T:
-        with deferred():
-            return fn(*args, **kwargs)
-    return wrapper
+def deferring(fn: Callable[..., T] | None = None, *, teardown: bool = False) -> Any:
+    """Run ``fn`` as a :func:`deferred` region: ``@deferring`` (``Cluster.start``),
+    ``@deferring(teardown=True)`` (``Cluster.stop``)."""
+    def wrap(f: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(f)
+        def wrapper(*args: Any, **kwargs: Any) -> T:
+            with deferred(teardown):
+                return f(*args, **kwargs)
+        return wrapper
+    return wrap(fn) if fn is not None else wrap

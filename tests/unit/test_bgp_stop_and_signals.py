@@ -80,7 +80,7 @@ def test_a_stop_signal_interrupts_the_wait_for_convergence_during_a_start(instal
 def test_during_a_teardown_the_signal_waits_for_its_end(installed):
     mode = _mode_missing_routes()
 
-    @signals.shielding
+    @signals.deferring(teardown=True)
     def teardown() -> float | None:
         os.kill(os.getpid(), signal.SIGTERM)
         return mode.wait_converged(timeout=0.2)
