@@ -209,16 +209,17 @@ class Pod(NetnsHost):
             self.inNamespace = True
             self.pid = holder
 
-    STARTUP_STEPS = ("created", "picked", "sandbox", "cni", "containers", "ready")
+    # each step of a start (Kubelet.run_pod marks when it ended) and the phase that ends there
+    STARTUP_STEPS = (("created", ""), ("picked", "queued"), ("sandbox", "sandbox"), ("cni", "cni"),
+                     ("containers", "containers"), ("ready", "readiness"))
+    STARTUP_PHASES = tuple(phase for _, phase in STARTUP_STEPS[1:])
 
     def phase_seconds(self) -> dict[str, float]:
         """Where this pod's startup latency went, from :attr:`marks`: ``queued`` (asked for,
         waiting for a worker), ``sandbox``, ``cni``, ``containers``, ``readiness`` (seconds;
         only the steps it reached)."""
-        steps = [s for s in self.STARTUP_STEPS if s in self.marks]
-        names = {"picked": "queued", "sandbox": "sandbox", "cni": "cni", "containers": "containers",
-                 "ready": "readiness"}
-        return {names[b]: self.marks[b] - self.marks[a] for a, b in zip(steps, steps[1:])}
+        steps = [(step, phase) for step, phase in self.STARTUP_STEPS if step in self.marks]
+        return {phase: self.marks[b] - self.marks[a] for (a, _), (b, phase) in zip(steps, steps[1:])}
 
     @property
     def touched(self) -> bool:

@@ -85,6 +85,8 @@ def test_startup_p99_interval_is_over_rounds_and_the_table_says_where_the_time_w
     assert n == 3 and value == pytest.approx((9.9 + 19.8 + 14.85) / 3) and lo < value < hi
     (one, lo1, hi1), n1 = sc.startup_p99_est(rounds[:1])
     assert n1 == 1 and one == pytest.approx(9.9) and lo1 == one == hi1     # one round: no interval
+    from k8snetlab.pod import Pod
+    assert sc.STARTUP_PHASES == Pod.STARTUP_PHASES      # the table's columns: the pod's own phases
     phases = {p: [0.001 * (k + 1)] * 300 for k, p in enumerate(sc.STARTUP_PHASES)}
     extra = {"startup_rounds": rounds, "startup_phases": phases, "startup_batches": {0: [(1, 0.05)] * 3}}
     text = sc.report([], [100], ["host-gw"], extra)
