@@ -113,6 +113,7 @@ class PolicyAddon(Addon):
         self.agents: dict[str, Dataplane] = {}
         self.last_sync: dict[str, SyncStats] = {}
         self._leaving: set[str] = set()
+        self._entries: dict[str, tuple[Any, tuple[Any, ...], str]] = {}    # see _pod_entry
         self._sysctls: dict[str, str] = {}
         self._lock = threading.RLock()
         self._resync = Periodic("policy-resync", lambda: self.options.resync_period, self._resync_round)
@@ -193,6 +194,7 @@ class PolicyAddon(Addon):
 
     # -- the model and the sync -----------------------------------------------------------------
     def pod_infos(self) -> list[m.PodInfo]:
+        self._leaving.intersection_update(self.cluster.pods)        # those gone are no news
         return [pod_info(p) for p in self.cluster.pods.values() if p.name not in self._leaving]
 
     def node_ips(self) -> dict[str, set[str]]:
@@ -238,16 +240,16 @@ class PolicyAddon(Addon):
 
     # -- events from the cluster --------------------------------------------------------------------
     def pods_added(self, pods: list[Any]) -> None:
+        self._leaving.difference_update(p.name for p in pods)      # a name used again
         for p in pods:
             self.namespaces.setdefault(p.spec.namespace, {m.NAME_LABEL: p.spec.namespace})
         self.sync()
 
     def pod_removing(self, pod: Any) -> None:
+        # left out from now on: a scale-down tells of every leaving pod before tearing any
+        # down, and the syncs for the next ones must not bring this one's rules back
         self._leaving.add(pod.name)
-        try:
-            self.sync()
-        finally:
-            self._leaving.discard(pod.name)
+        self.sync()
 
     def pod_updated(self, pod: Any) -> None:
         self.sync()
@@ -362,19 +364,42 @@ class PolicyAddon(Addon):
 
     # -- state for the CLI ---------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        pods = [{**dataclasses.asdict(pod_info(p)), "pid": p.pid} for p in self.cluster.pods.values()
-                if p.name not in self._leaving and p.ip]
+        return json.loads(self._state_text())
+
+    def _state_text(self) -> str:
+        """``policy.json``: written at every sync, so each pod's entry is JSON text kept from
+        the last write (:meth:`_pod_entry`); a write is one join, not a thousand encodings
+        (a scale-down of 1,000 pods writes it 1,000 times)."""
+        live = [p for p in list(self.cluster.pods.values()) if p.name not in self._leaving and p.ip]
+        entries = [self._pod_entry(p) for p in live]
+        if len(self._entries) > len(live):
+            names = {p.name for p in live}
+            for gone in [n for n in self._entries if n not in names]:
+                del self._entries[gone]
         ips = self.node_ips()
-        return {"cluster": self.cluster.spec.name, "dataplane": self.options.dataplane,
+        rest = {"cluster": self.cluster.spec.name, "dataplane": self.options.dataplane,
                 "enabled": self.options.enabled, "running": self._running,
-                "namespaces": self.namespaces, "policies": list(self.raw.values()), "pods": pods,
+                "namespaces": self.namespaces, "policies": list(self.raw.values()),
                 "nodes": {n: {"pid": node.pid, "ips": sorted(ips[n])}
                           for n, node in self.cluster.nodes.items()}}
+        head = json.dumps(rest, separators=(",", ":"))
+        return f'{head[:-1]},"pods":[{",".join(entries)}]}}'
+
+    def _pod_entry(self, pod: Any) -> str:
+        """A pod's entry in ``policy.json`` as JSON text, kept while the pod's spec (labels,
+        ports: a relabel replaces it), IP, PID and node stay the same."""
+        key = (pod.ip, pod.pid, pod.node_name)
+        hit = self._entries.get(pod.name)
+        if hit is not None and hit[0] is pod.spec and hit[1] == key:
+            return hit[2]
+        text = json.dumps({**vars(pod_info(pod)), "pid": pod.pid}, separators=(",", ":"))
+        self._entries[pod.name] = (pod.spec, key, text)
+        return text
 
     def _write_state(self) -> None:
         st = self.cluster.state
         if st is None:
             return
         tmp = st.path / f".{STATE_FILE}.tmp"
-        tmp.write_text(json.dumps(self.state(), separators=(",", ":")))   # compact: written at every sync
+        tmp.write_text(self._state_text())
         tmp.replace(st.path / STATE_FILE)

@@ -262,3 +262,58 @@ def test_done_when_bad_input_through_the_cli_builds_nothing(tmp_path, old, new, 
     path = write(tmp_path, CLUSTER.replace(old, new, 1))
     line = one_error_line(run_cli("up", str(path)))
     assert words in line and "workloads[3]" in line, line          # the policy, by its place
+
+
+def test_policy_json_follows_every_pod_change_and_keeps_each_entry_between_writes(tmp_path):
+    """policy.json is rewritten at every sync; a pod's entry is encoded once and kept until
+    its labels (a new spec), IP, PID or node change, and dropped when the pod goes."""
+    import dataclasses
+    import json
+    import types
+    from k8snetlab.manifests import PodSpec
+    from k8snetlab.policy.addon import PolicyAddon
+    s = specmod.load(write(tmp_path, CLUSTER.replace("{dataplane: nftables}", "{enabled: false}")))
+
+    def pod(i):
+        return types.SimpleNamespace(name=f"web-{i}.x", spec=PodSpec(f"web-{i}", namespace="x", labels={"app": "web"}),
+                                     ip=f"10.244.0.{i + 2}", pid=1000 + i, node_name="node1")
+    pods = {p.name: p for p in map(pod, range(3))}
+    addon = PolicyAddon(types.SimpleNamespace(spec=s, state=None, pods=pods, nodes={}))
+    want = lambda p: {"name": p.spec.name, "namespace": "x", "labels": dict(p.spec.labels), "ip": p.ip,  # noqa: E731
+                      "node": "node1", "ports": [], "host": p.name, "pid": p.pid}
+    assert addon.state()["pods"] == [want(p) for p in pods.values()]
+    first = addon._entries["web-0.x"][2]
+    assert addon.state() and addon._entries["web-0.x"][2] is first         # kept, not encoded again
+    p0 = pods["web-0.x"]
+    p0.spec = dataclasses.replace(p0.spec, labels={"app": "db"})            # kubectl label
+    p0.ip = "10.244.0.9"
+    assert addon.state()["pods"][0] == want(p0) and want(p0)["labels"] == {"app": "db"}
+    del pods["web-1.x"]
+    assert [e["name"] for e in addon.state()["pods"]] == ["web-0", "web-2"]
+    assert set(addon._entries) == {"web-0.x", "web-2.x"}
+    pods.clear()
+    assert addon.state()["pods"] == [] and not addon._entries
+    json.loads(addon._state_text())
+
+
+def test_pods_told_leaving_stay_out_of_the_model_until_a_pod_of_that_name_comes_again(tmp_path):
+    """A scale-down tells the add-ons of every leaving pod before any is torn down: the sync
+    for the second must not put the first back; a new pod of the same name counts again."""
+    import types
+    from k8snetlab.manifests import PodSpec
+    from k8snetlab.policy.addon import PolicyAddon
+    s = specmod.load(write(tmp_path, CLUSTER.replace("{dataplane: nftables}", "{enabled: false}")))
+    pods = {f"p{i}.x": types.SimpleNamespace(name=f"p{i}.x", spec=PodSpec(f"p{i}", namespace="x"),
+                                             ip=f"10.244.0.{i + 2}", pid=100 + i, node_name="node1")
+            for i in range(3)}
+    addon = PolicyAddon(types.SimpleNamespace(spec=s, state=None, pods=pods, nodes={}))
+    names = lambda: sorted(p.name for p in addon.model().pods)  # noqa: E731
+    addon.pod_removing(pods["p0.x"])
+    addon.pod_removing(pods["p1.x"])
+    assert names() == ["p2"] and [e["name"] for e in addon.state()["pods"]] == ["p2"]
+    back = pods.pop("p0.x")
+    del pods["p1.x"]
+    assert names() == ["p2"] and addon._leaving == set()
+    pods["p0.x"] = back                      # scaled up again: the same name
+    addon.pods_added([back])
+    assert names() == ["p0", "p2"]
