@@ -518,16 +518,20 @@ class Cluster:
         try:
             self.kubelets[pod.node_name or ""].delete_pod(name, kill=self._kill_pod)
         finally:
-            del self.pods[name]
-            self.scheduler.unbind(name)
-            if self.underlay is not None:
-                self.underlay.forget(pod)
+            self._forget_pod(pod)
+
+    def _forget_pod(self, pod: Pod) -> None:
+        del self.pods[pod.name]
+        self.scheduler.unbind(pod.name)
+        if self.underlay is not None:
+            self.underlay.forget(pod)
 
     def _delete_pods(self, names: list[str]) -> None:
         """Delete pods concurrently, each by its node's kubelet, as a ReplicaSet scale-down
-        does (the kernel's veth removals overlap: each waits for RCU grace periods); the
-        add-ons hear of every pod before any goes. All are gone from the cluster afterwards,
-        a failed teardown or not; the first failure is raised."""
+        does (a pod's teardown mostly waits: for its containers to end, for the CNI DEL, for
+        the kernel to remove its veth); the add-ons hear of every pod before any goes. All
+        are gone from the cluster afterwards, a failed teardown or not; the first failure is
+        raised."""
         pods = [self.pods[n] for n in names]
         for pod in pods:
             for addon in self.addons:
@@ -541,10 +545,7 @@ class Cluster:
             self._parallel([(run, pod) for pod in pods], errors, "delete pod")
         finally:
             for pod in pods:
-                del self.pods[pod.name]
-                self.scheduler.unbind(pod.name)
-                if self.underlay is not None:
-                    self.underlay.forget(pod)
+                self._forget_pod(pod)
         if errors:
             raise K8sNetLabError(errors[0])
 

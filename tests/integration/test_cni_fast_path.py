@@ -145,3 +145,34 @@ def test_a_sandbox_holder_has_its_own_network_and_mount_namespaces_and_sysfs(clu
     finally:
         kubelet.delete_pod(pod.name)
     assert not proc.running(*held), "the sandbox's holder outlived its pod"
+
+
+def test_a_scale_down_tears_its_pods_down_together_and_leaves_nothing_of_them(cluster):
+    """scale() deletes the surplus pods concurrently (as a ReplicaSet scale-down does): every
+    holder and container ends, every pod veth leaves the node, and the next scale-up
+    reuses the names."""
+    from k8snetlab import proc
+    node = cluster.nodes["node1"]
+
+    def veths() -> set[str]:
+        out = node.run(["ip", "-o", "link", "show", "type", "veth"]).stdout
+        return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+
+    before = veths()
+    cluster.add_pod({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "fleet"},
+                     "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "fleet"}},
+                              "template": {"metadata": {"labels": {"app": "fleet"}},
+                                           "spec": {"containers": [{"name": "c", "image": "busybox",
+                                                                    "command": ["sleep", "600"]}]}}}})
+    pods = cluster.scale("fleet", 6)
+    assert len(pods) == 6 and len(veths() - before) == 6
+    procs = [(p.pid, proc.start_time(p.pid)) for p in pods] + \
+            [(c.pid, proc.start_time(c.pid)) for p in pods for c in p.containers.values()]
+    assert cluster.scale("fleet", 0) == []
+    assert not [p for p in cluster.pods if p.startswith("fleet-")]
+    assert veths() == before, "a pod's veth stayed on the node"
+    assert not [pid for pid, start in procs if proc.running(pid, start)], "a holder or container outlived its pod"
+    again = cluster.scale("fleet", 6)
+    assert {p.name for p in again} == {p.name for p in pods} and len({p.ip for p in again}) == 6
+    cluster.scale("fleet", 0)
+    assert veths() == before
