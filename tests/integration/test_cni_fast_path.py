@@ -176,3 +176,14 @@ def test_a_scale_down_tears_its_pods_down_together_and_leaves_nothing_of_them(cl
     assert {p.name for p in again} == {p.name for p in pods} and len({p.ip for p in again}) == 6
     cluster.scale("fleet", 0)
     assert veths() == before
+
+
+def test_a_node_shell_holds_its_terminal_and_none_of_the_runtimes_descriptors(cluster):
+    """Node shells start by ``mnexec -d`` with Popen closing the runtime's descriptors (not
+    ``mnexec -c``, which closes the 20,000 the limit allows one by one): the shell holds its
+    terminal (0, 1, 2, and bash's own copy), no socket or file of the runtime."""
+    shell = cluster.nodes["node1"].shell
+    fds = {int(fd) for fd in os.listdir(f"/proc/{shell.pid}/fd")}
+    assert fds - {255} == {0, 1, 2}, fds
+    cmdline = open(f"/proc/{shell.pid}/cmdline", "rb").read().split(b"\0")
+    assert b"mininet:node1" in cmdline
