@@ -52,13 +52,13 @@ ADD_SAMPLES, FULL_EXEC_SAMPLES = 100, 10
 BGP_MESH_MAX_NODES = 100
 
 # metric -> unit, added to the results schema
+STARTUP_PHASES = ("queued", "sandbox", "cni", "containers", "readiness")    # Pod.STARTUP_PHASES
 UNITS = {"pods_up": "s", "pods_down": "s", "underlay_up": "s", "agents_up": "s", "pods_start": "s",
          "sandbox_cpu": "s", "cni_cpu": "s", "containers_cpu": "s", "readiness_cpu": "s",
          "runtime_rss": "MB", "kernel_mem_per_pod": "kB", "runtime_mem_per_pod": "kB",
          "routes_per_node": "count", "bgp_full_routes": "s", "node_join": "s", "node_leave": "s",
          "cni_add": "ms", "pod_startup_p50": "s", "pod_startup_p99": "s", "pod_delete_p50": "s",
-         **{f"pod_startup_{ph}_p{q}": "s" for ph in ("queued", "sandbox", "cni", "containers", "readiness")
-            for q in (50, 99)},
+         **{f"pod_startup_{ph}_p{q}": "s" for ph in STARTUP_PHASES for q in (50, 99)}, "kernel_settle": "s",
          "pod_delete_p99": "s", "churn_rate": "pods/s", "clean_time": "s", "clean_leftovers": "count",
          "growth_exponent": "ratio", "underlay_cpu": "s", "agents_cpu": "s", "pods_cpu": "s",
          "underlay_children_cpu": "s", "agents_children_cpu": "s", "pods_children_cpu": "s",
@@ -97,6 +97,50 @@ def meminfo_kb() -> float:
     return vals.get("Slab", 0.0) + vals.get("Percpu", 0.0)
 
 
+SETTLE_TIMEOUT_S = 60.0     # at most this long for the kernel to end the last clusters' namespaces
+SETTLE_QUIET_S = 1.0        # ... settled once it has not been at it for this long
+
+
+def netns_cleanup_running() -> bool | None:
+    """Is the kernel ending network namespaces now? A kworker executing an item of the
+    ``netns`` workqueue is named ``kworker/...+netns`` while it does. None where no kworker
+    is visible."""
+    seen = False
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                comm = f.read()
+        except OSError:
+            continue
+        if comm.startswith("kworker"):
+            seen = True
+            if "+netns" in comm:
+                return True
+    return False if seen else None
+
+
+def settle_kernel(timeout: float = SETTLE_TIMEOUT_S, poll: float = 0.25) -> float:
+    """Wait until the kernel has ended the namespaces of the clusters measured before: it
+    does so in a worker thread for seconds after a teardown (3 s after 1,000 pods), holding
+    the locks a new cluster's links need and freeing its memory, so a cluster started
+    meanwhile would be charged for the last one's end. Settled: no netns work for
+    :data:`SETTLE_QUIET_S`; where that cannot be seen, two seconds. Returns the seconds waited."""
+    t0 = time.monotonic()
+    quiet = 0.0
+    while time.monotonic() - t0 < timeout:
+        running = netns_cleanup_running()
+        if running is None:
+            time.sleep(2.0)
+            break
+        quiet = 0.0 if running else quiet + poll
+        if quiet >= SETTLE_QUIET_S:
+            break
+        time.sleep(poll)
+    return time.monotonic() - t0
+
+
 def rss_mb(pid: int | str = "self") -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -129,6 +173,7 @@ def measure_size(pods: int, mode: str, invoke: str, rnd: int, rec: Recorder, joi
     from k8snetlab.cluster import Cluster
     label = mode if invoke == "exec" else f"{mode}/{invoke}"
     scenario = f"{pods} pods"
+    rec(label, scenario, rnd, "kernel_settle", settle_kernel())
     load = load1()
     kernel0, rss0 = meminfo_kb(), rss_mb()
     c = Cluster(spec.from_dict(cluster_dict(pods, mode, invoke), f"<{NAME}: {pods} pods, {mode}>"))
@@ -223,7 +268,7 @@ def measure_pods(rec: Recorder, quick: bool, startup_rounds: int = 1, startup_on
                         runtime.delete(conf, k.runtime_conf(pod))
                         pod.result = None
                     k.delete_pod(pod.name)
-            time.sleep(1.0)                     # the namespaces' end, before the next variant
+            settle_kernel()                     # the namespaces' end, before the next variant
             for v in lat:
                 rec(how, scenario, 0, "cni_add", v, load)
             out[f"cni_add_{how}"] = lat
@@ -261,8 +306,6 @@ def measure_pods(rec: Recorder, quick: bool, startup_rounds: int = 1, startup_on
     return out
 
 
-STARTUP_PHASES = ("queued", "sandbox", "cni", "containers", "readiness")
-STARTUP_SETTLE_S = 2.0      # between rounds: the kernel ends the last round's namespaces
 
 
 def measure_startup(c: Any, rec: Recorder, scenario: str, replicas: int, rounds: int,
@@ -278,7 +321,7 @@ def measure_startup(c: Any, rec: Recorder, scenario: str, replicas: int, rounds:
     for rnd in range(1, rounds + 1):
         if rnd > 1:
             c.scale("load", 0)
-            time.sleep(STARTUP_SETTLE_S)
+            settle_kernel()         # the kernel ends the last round's namespaces
         load = load1()
         pods = c.scale("load", replicas)
         lat = [p.ready_at - p.created_at for p in pods]
@@ -604,6 +647,10 @@ def report(rows: list[results.Row], sizes: list[int], modes: list[str], extra: d
     loads = [r.load1 for r in rows if r.load1 is not None]
     out.append(f"  load average (1 min) during the run: {min(loads):.1f} .. {max(loads):.1f} on "
                f"{os.cpu_count()} CPUs" if loads else "")
+    settle = [r.value for r in rows if r.metric == "kernel_settle"]
+    if settle:
+        out.append(f"  before each cluster, the kernel ended the last ones' namespaces in {min(settle):.1f} .. "
+                   f"{max(settle):.1f} s (not counted in any time above)")
     proxy = sorted({r.scenario for r in rows if r.metric == "proxy_sync"}, key=lambda x: int(x.split()[0]))
     if proxy:
         out.append("")
@@ -731,12 +778,15 @@ def run(args) -> int:
             measure_size(n, mode, invoke, rnd, rec, join)
             progress.step(f"{n} pods {mode} {invoke} round {rnd}: up {med(rec.rows, mode if invoke == 'exec' else f'{mode}/{invoke}', f'{n} pods', 'pods_up').median:.1f} s")
         if not args.skip_pods:
+            settle_kernel()
             extra.update(measure_pods(rec, args.quick, args.repeat, args.startup_only))
             progress.step("pod startup latency" if args.startup_only else "pod latency, CNI ADD, churn")
         for n in proxy_sizes:
+            settle_kernel()
             measure_proxy(n, rec)
             progress.step(f"kube-proxy, {n} pods behind {max(1, n // PROXY_PODS_PER_SERVICE)} Services")
         if not (args.quick or args.skip_kill):
+            settle_kernel()
             extra["kill"] = measure_kill_clean(big, rec)
             extra["kill_pods"] = big
             progress.step("kill -9 + clean")

@@ -93,3 +93,34 @@ def test_startup_p99_interval_is_over_rounds_and_the_table_says_where_the_time_w
     assert "queued" in text and "readiness" in text and "slow-start batches" in text
     line = next(l for l in text.splitlines() if "pod startup p99" in l)
     assert "n 3" in line and "MISSED" in line and "runtime RSS" not in text
+
+
+def test_each_cluster_waits_for_the_kernel_to_end_the_last_ones_namespaces(sc, monkeypatch):
+    """settle_kernel waits while a kworker runs the netns workqueue, stops after a second
+    without it, gives up at its timeout, and waits two seconds where no kworker is seen."""
+    clock = [0.0]
+    monkeypatch.setattr(sc.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(sc.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    states = iter([True] * 8 + [False, True] + [False] * 10)      # 2 s at it, a blip, then quiet
+    monkeypatch.setattr(sc, "netns_cleanup_running", lambda: next(states))
+    assert sc.settle_kernel(poll=0.25) == 2.5 + sc.SETTLE_QUIET_S - 0.25
+    monkeypatch.setattr(sc, "netns_cleanup_running", lambda: True)
+    clock[0] = 0.0
+    assert sc.settle_kernel(timeout=60) == 60
+    monkeypatch.setattr(sc, "netns_cleanup_running", lambda: None)
+    clock[0] = 0.0
+    assert sc.settle_kernel() == 2.0
+
+
+def test_a_kworker_at_the_netns_workqueue_is_seen(sc, monkeypatch, tmp_path):
+    import builtins
+    comms = {"1": "systemd\n", "7": "kworker/u8:1+netns\n", "9": "kworker/0:2-events\n"}
+    real_open = builtins.open
+    monkeypatch.setattr(sc.os, "listdir", lambda path: [*comms, "self"])
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: __import__("io").StringIO(comms[path.split("/")[2]])
+                        if str(path).startswith("/proc/") else real_open(path, *a, **k))
+    assert sc.netns_cleanup_running() is True
+    comms["7"] = "kworker/u8:1-netns\n"         # done with it: "-" is the last workqueue it ran
+    assert sc.netns_cleanup_running() is False
+    del comms["7"], comms["9"]
+    assert sc.netns_cleanup_running() is None
