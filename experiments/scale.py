@@ -21,7 +21,7 @@ figures move with the load.
 
     sudo python3 experiments/scale.py --quick            # 10 and 100 pods, host-gw: ~2 min
     sudo python3 experiments/scale.py                    # 10, 100, 1000 pods x 3 modes x 3 rounds
-    sudo python3 experiments/scale.py --startup-only --repeat 5   # pod startup latency alone: ~1 min
+    sudo python3 experiments/scale.py --startup-only --repeat 10  # pod startup latency alone: ~1 min
 """
 
 from __future__ import annotations
