@@ -39,7 +39,7 @@ NUD_PERMANENT = 0x80
 NUD_NOARP = 0x40
 NTF_SELF = 0x02
 RTPROT_STATIC = 4
-_SIOCGIFFLAGS, _SIOCSIFFLAGS, _SIOCGIFINDEX, _IFF_UP = 0x8913, 0x8914, 0x8933, 0x1
+_SIOCGIFINDEX = 0x8933
 _SIOCGIFMTU, _SIOCGIFHWADDR = 0x8921, 0x8927
 
 
@@ -152,13 +152,13 @@ class Netns:
         try:
             hw = fcntl.ioctl(self._sock, _SIOCGIFHWADDR, struct.pack("16s16x", name))[18:24]
             mtu = struct.unpack("16si12x", fcntl.ioctl(self._sock, _SIOCGIFMTU, struct.pack("16si12x", name, 0)))[1]
-            flags = struct.unpack("16sH14x", fcntl.ioctl(self._sock, _SIOCGIFFLAGS, struct.pack("16sH14x", name, 0)))[1]
+            flags = proc.if_flags(self._sock, ifname)
         except OSError as e:
             if e.errno in (errno.ENODEV, errno.ENXIO):
                 return None
             raise NetlinkError(f"look up {ifname} in {self.label}: {e.strerror}") from None
         return {"index": idx, "ifname": ifname, "mtu": mtu, "mac": ":".join(f"{b:02x}" for b in hw),
-                "up": bool(flags & _IFF_UP)}
+                "up": bool(flags & proc.IFF_UP)}
 
     def ensure_bridge(self, name: str, mtu: int | None = None) -> int:
         """Create bridge ``name`` (or accept the one there), set it up; return its index.
@@ -192,8 +192,7 @@ class Netns:
 
     def _is_up(self, ifname: str) -> bool:
         try:
-            req = struct.pack("16sH14x", ifname.encode(), 0)
-            return bool(struct.unpack("16sH14x", fcntl.ioctl(self._sock, _SIOCGIFFLAGS, req))[1] & _IFF_UP)
+            return bool(proc.if_flags(self._sock, ifname) & proc.IFF_UP)
         except OSError:
             return False
 
@@ -220,11 +219,8 @@ class Netns:
 
     def link_up(self, ifname: str | int) -> None:
         if isinstance(ifname, str):     # by name: two ioctls (SIOCGIFFLAGS, SIOCSIFFLAGS)
-            req = struct.pack("16sH14x", ifname.encode(), 0)
             try:
-                flags = struct.unpack("16sH14x", fcntl.ioctl(self._sock, _SIOCGIFFLAGS, req))[1]
-                if not flags & _IFF_UP:
-                    fcntl.ioctl(self._sock, _SIOCSIFFLAGS, struct.pack("16sH14x", ifname.encode(), flags | _IFF_UP))
+                proc.if_set_up(self._sock, ifname)
             except OSError as e:
                 if e.errno in (errno.ENODEV, errno.ENXIO, errno.EINVAL):
                     raise NetlinkError(f"no interface {ifname!r} in {self.label}") from None
@@ -595,7 +591,7 @@ class _Rtnl:
             peer += _rtattr(_IFLA_ADDRESS, bytes.fromhex(peer_mac.replace(":", "")))
         peer += _rtattr(_IFLA_NET_NS_FD, struct.pack("=I", peer_ns_fd))
         info = _rtattr(_IFLA_INFO_KIND, b"veth\0") + _rtattr(_IFLA_INFO_DATA, _rtattr(_VETH_INFO_PEER, peer))
-        flags = _IFF_UP if up else 0
+        flags = proc.IFF_UP if up else 0
         body = struct.pack("=BBHiII", socket.AF_UNSPEC, 0, 0, 0, flags, flags)
         body += _rtattr(_IFLA_IFNAME, ifname.encode() + b"\0")
         if mtu:

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import os
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import threading
 import time
@@ -350,18 +353,27 @@ def wait_listening(pid: int, port: int, timeout: float, what: str,
         time.sleep(0.02)
 
 
-_SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
+_SIOCGIFFLAGS, _SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+_IFREQ_FLAGS = struct.Struct("16sH14x")     # struct ifreq with ifr_flags
+
+
+def if_flags(sock: socket.socket, ifname: str) -> int:
+    """The flags of interface ``ifname`` (SIOCGIFFLAGS on ``sock``, a socket made in its
+    namespace); OSError (ENODEV) when there is none."""
+    return _IFREQ_FLAGS.unpack(fcntl.ioctl(sock, _SIOCGIFFLAGS, _IFREQ_FLAGS.pack(ifname.encode(), 0)))[1]
+
+
+def if_set_up(sock: socket.socket, ifname: str) -> None:
+    """Set ``ifname`` up unless it is (two ioctls on ``sock``, a socket of its namespace)."""
+    flags = if_flags(sock, ifname)
+    if not flags & IFF_UP:
+        fcntl.ioctl(sock, _SIOCSIFFLAGS, _IFREQ_FLAGS.pack(ifname.encode(), flags | IFF_UP))
 
 
 def loopback_up(netns_path: str) -> None:
-    """Set ``lo`` up in a namespace (what CNI's loopback plugin does), with one ioctl on a
+    """Set ``lo`` up in a namespace (what CNI's loopback plugin does), with ioctls on a
     socket made inside it: no netlink socket, no process."""
-    import fcntl
-    import socket
-    import struct
     with netns(netns_path):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with s:
-        req = struct.pack("16sH14x", b"lo", 0)
-        flags = struct.unpack("16sH14x", fcntl.ioctl(s, _SIOCGIFFLAGS, req))[1]
-        fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | _IFF_UP))
+        if_set_up(s, "lo")
