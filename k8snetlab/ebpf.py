@@ -72,10 +72,10 @@ def _ipv4(text: str, what: str) -> ipaddress.IPv4Address:
             from None
 
 
-def pack_tunnel_key(cidr: str) -> bytes:
+def pack_tunnel_key(cidr: str | ipaddress.IPv4Network) -> bytes:
     """LPM trie key for a pod CIDR: prefix length in host order, network in network order."""
     try:
-        net = ipaddress.IPv4Network(cidr, strict=True)
+        net = cidr if isinstance(cidr, ipaddress.IPv4Network) else ipaddress.IPv4Network(cidr, strict=True)
     except ValueError as e:
         raise SpecError(f"invalid pod CIDR {cidr!r} for the IPIP tunnel map: {e}") from None
     return TUNNEL_KEY.pack(net.prefixlen, net.network_address.packed)
@@ -517,7 +517,7 @@ class IpipTcDatapath:
         local = _ipv4(self.local_ip, "local node IP").packed
         for cidr, remote in tunnels:
             peers.update(remote.packed, PEER_VALUE)
-            tunnels_map.update(TUNNEL_KEY.pack(cidr.prefixlen, cidr.network_address.packed), remote.packed + local)
+            tunnels_map.update(pack_tunnel_key(cidr), TUNNEL_VALUE.pack(remote.packed, local))
 
     def del_tunnel(self, cidr: str) -> None:
         if self._tunnels().delete(pack_tunnel_key(cidr)):
