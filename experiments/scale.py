@@ -306,8 +306,6 @@ def measure_pods(rec: Recorder, quick: bool, startup_rounds: int = 1, startup_on
     return out
 
 
-
-
 def measure_startup(c: Any, rec: Recorder, scenario: str, replicas: int, rounds: int,
                     out: dict[str, Any]) -> list[Any]:
     """Pod startup latency as the SLI defines it (the pod asked for -> all its containers
